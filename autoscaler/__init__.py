@@ -1,0 +1,1 @@
+"""The bazaar autoscaler: signals, the scaling policy, scaler backends, the simulator."""

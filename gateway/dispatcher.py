@@ -1,0 +1,413 @@
+"""The per-model dispatcher: requests wait here, not in the pods, and leave as batches.
+
+``submit`` admits a request (or refuses it at once: 503 with ``Retry-After`` when the queue
+is full, 400 for a bad priority) and returns a future for its outputs. One collector task,
+``run``, forms batches:
+
+* Requests queue by priority level (1 is highest), FIFO within a level. A batch takes
+  requests in that order, counting rows, never more than ``max_batch_size``; it stops at the
+  first request that does not fit, or whose non-batch dimensions differ from the first
+  one's (their tensors could not be concatenated), so nothing overtakes within a level.
+* A batch leaves when the pool has a free slot and either it is full, or it reaches a
+  preferred size (the largest preferred size that fits leaves), or its oldest request has
+  waited ``max_queue_delay_s``. With delay 0 it is work-conserving: a free endpoint takes
+  whatever is queued at once, so batches grow exactly as fast as the pods are busy.
+* A request whose deadline passes while queued is answered 504 and never computed; a
+  request whose caller went away (cancelled future) is dropped without computing.
+* Each batch runs as its own task: inputs are concatenated along the batch dimension, the
+  pool sends them (with one retry elsewhere), and the outputs are sliced back so every
+  caller gets exactly its own rows. A failure fails only that batch's requests.
+
+Every admitted future is resolved exactly once: with its rows, or an error. If the collector
+itself dies, every waiter gets the error, and ``close`` fails whatever is still queued.
+The loop's clock is the only clock (``loop.time()``), so tests run it on virtual time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from gateway.errors import (
+    BazaarError,
+    DeadlineExceeded,
+    InvalidRequest,
+    ModelNotReady,
+    Overloaded,
+    UpstreamError,
+)
+from gateway.metrics import ModelMetrics
+from gateway.router import Endpoint, EndpointPool, Tensors
+
+log = logging.getLogger(__name__)
+
+# asyncio fires a timer up to its clock resolution early; a due time this close counts as
+# reached, or the collector would re-arm the same timer and spin.
+TIMER_SLACK_S = 1e-6
+
+
+@dataclass(frozen=True, slots=True)
+class BatchPolicy:
+    """How one model's requests are batched and bounded (from its pod's config)."""
+
+    max_batch_size: int
+    """Rows per batch; 0 = the model does not batch (one request per call)."""
+    max_queue_delay_s: float = 0.0
+    """How long the oldest request may wait for a fuller batch; 0 = work-conserving."""
+    preferred_batch_sizes: tuple[int, ...] = ()
+    """Batch sizes that leave at once when reached (ascending)."""
+    max_queue_size: int = 1024
+    """Requests queued at most; beyond it requests are refused with 503."""
+    default_timeout_s: float | None = None
+    """Queue deadline of a request that sets none; None = no deadline."""
+    priority_levels: int = 1
+    """Levels 1..priority_levels, 1 highest."""
+    default_priority_level: int = 1
+    """Level of requests that set priority 0 or none."""
+
+
+@dataclass(slots=True, eq=False)
+class Pending:
+    """One admitted request."""
+
+    inputs: Tensors
+    rows: int
+    arrived: float
+    deadline: float | None
+    future: asyncio.Future[Tensors]
+    signature: tuple[tuple[int, ...], ...]
+    """Non-batch dimensions of every input; requests batch together only when equal."""
+    queued: bool = True
+
+
+@dataclass(slots=True)
+class DispatcherStats:
+    queued: int
+    queued_rows: int
+    inflight_batches: int
+    inflight_rows: int
+
+
+@dataclass(slots=True)
+class _Drain:
+    """Rows completed per second, smoothed: the basis of ``Retry-After``."""
+
+    rate: float = 0.0
+    last: float | None = None
+    pending_rows: int = 0
+
+    def record(self, rows: int, now: float) -> None:
+        if self.last is None:
+            self.last = now
+        self.pending_rows += rows
+        elapsed = now - self.last
+        if elapsed >= 0.25:
+            sample = self.pending_rows / elapsed
+            self.rate = sample if self.rate == 0 else 0.7 * self.rate + 0.3 * sample
+            self.pending_rows = 0
+            self.last = now
+
+
+@dataclass(slots=True)
+class _Queue:
+    """Priority levels of FIFO deques, plus a deadline heap for prompt expiry."""
+
+    levels: list[deque[Pending]]
+    deadlines: list[tuple[float, int, Pending]] = field(default_factory=list)
+    size: int = 0
+    rows: int = 0
+
+
+class Dispatcher:
+    def __init__(
+        self, model: str, policy: BatchPolicy, pool: EndpointPool, metrics: ModelMetrics
+    ) -> None:
+        self.model = model
+        self.policy = policy
+        self.pool = pool
+        self.metrics = metrics
+        self._queue = _Queue([deque() for _ in range(policy.priority_levels)])
+        self._sequence = itertools.count()
+        self._inflight: set[asyncio.Task[None]] = set()
+        self._inflight_rows = 0
+        self._drain = _Drain()
+        self._waiter: asyncio.Future[None] | None = None
+        self._closed: BazaarError | None = None
+        pool.on_capacity(self._wakeup)
+
+    # -- admission -------------------------------------------------------------------------
+
+    def submit(
+        self, inputs: Tensors, rows: int, priority: int = 0, timeout_s: float | None = None
+    ) -> asyncio.Future[Tensors]:
+        """Admit a request; its future resolves to its own output rows."""
+        if self._closed is not None:
+            raise self._closed
+        policy = self.policy
+        if not 0 <= priority <= policy.priority_levels:
+            raise InvalidRequest(
+                f"priority {priority} is out of range: model '{self.model}' has levels "
+                f"1..{policy.priority_levels} (0 = default)"
+            )
+        if self._queue.size >= policy.max_queue_size:
+            self.metrics.shed.inc()
+            raise Overloaded(
+                f"model '{self.model}' has {self._queue.size} requests queued, "
+                f"its limit (max_queue_size)",
+                self._retry_after_s(),
+            )
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if policy.default_timeout_s is not None:
+            # A request may lower the model's queue timeout, never raise it (Triton).
+            timeout_s = (
+                min(timeout_s, policy.default_timeout_s) if timeout_s else policy.default_timeout_s
+            )
+        pending = Pending(
+            inputs=inputs,
+            rows=rows,
+            arrived=now,
+            deadline=now + timeout_s if timeout_s else None,
+            future=loop.create_future(),
+            signature=tuple(a.shape[1:] for a in inputs.values()) if policy.max_batch_size else (),
+        )
+        level = (priority or policy.default_priority_level) - 1
+        self._queue.levels[level].append(pending)
+        self._queue.size += 1
+        self._queue.rows += rows
+        if pending.deadline is not None:
+            heapq.heappush(self._queue.deadlines, (pending.deadline, next(self._sequence), pending))
+        self._wakeup()
+        return pending.future
+
+    def stats(self) -> DispatcherStats:
+        return DispatcherStats(
+            queued=self._queue.size,
+            queued_rows=self._queue.rows,
+            inflight_batches=len(self._inflight),
+            inflight_rows=self._inflight_rows,
+        )
+
+    # -- the collector ---------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Form and send batches until cancelled; a dying collector fails every waiter."""
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                now = loop.time()
+                self._expire(now)
+                wake_at = self._dispatch(now)
+                if self._queue.deadlines:
+                    first_deadline = self._queue.deadlines[0][0]
+                    wake_at = first_deadline if wake_at is None else min(wake_at, first_deadline)
+                self._waiter = loop.create_future()
+                timer = loop.call_at(wake_at, self._wakeup) if wake_at is not None else None
+                try:
+                    await self._waiter
+                finally:
+                    self._waiter = None
+                    if timer is not None:
+                        timer.cancel()
+        except asyncio.CancelledError:
+            self._fail_queued(ModelNotReady(self.model, "shutting down"))
+            raise
+        except BaseException as exc:
+            log.exception("%s: dispatcher failed", self.model)
+            self._fail_queued(ModelNotReady(self.model, f"failing: {exc}"))
+            raise
+
+    async def drain(self) -> None:
+        """Refuse new requests, then wait until everything admitted has been answered."""
+        self._closed = ModelNotReady(self.model, "shutting down")
+        while self._queue.size or self._inflight:
+            if self._inflight:
+                await asyncio.wait(set(self._inflight))
+            else:
+                await asyncio.sleep(0.01)
+
+    def close(self) -> None:
+        self._closed = ModelNotReady(self.model, "shutting down")
+        self._fail_queued(self._closed)
+
+    def _wakeup(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def _dispatch(self, now: float) -> float | None:
+        """Send every batch that may leave now; returns when the next one may, if known."""
+        policy = self.policy
+        while self._queue.size and self.pool.has_capacity():
+            batch, rows, full = self._candidate()
+            if not batch:
+                self._purge()  # only abandoned requests were left
+                return None
+            if not full and policy.max_batch_size:
+                preferred = [p for p in policy.preferred_batch_sizes if p <= rows]
+                head, head_rows = _prefix(batch, preferred[-1]) if preferred else ([], 0)
+                if head:
+                    batch, rows = head, head_rows
+                else:
+                    leave_at = min(p.arrived for p in batch) + policy.max_queue_delay_s
+                    if leave_at > now + TIMER_SLACK_S:
+                        return leave_at
+            endpoint = self.pool.acquire(rows)
+            if endpoint is None:
+                return None
+            self._take(len(batch))
+            for pending in batch:
+                self.metrics.queue_wait.observe(now - pending.arrived)
+            self.metrics.batch_size.observe(rows)
+            task = asyncio.create_task(self._execute(endpoint, batch, rows))
+            self._inflight.add(task)
+            self._inflight_rows += rows
+            task.add_done_callback(self._inflight.discard)
+        return None
+
+    def _candidate(self) -> tuple[list[Pending], int, bool]:
+        """The next batch in queue order, its rows, and whether it can grow no further."""
+        limit = self.policy.max_batch_size
+        batch: list[Pending] = []
+        rows = 0
+        for level in self._queue.levels:
+            for pending in level:
+                if pending.future.done():
+                    continue  # the caller is gone; dropped when taken
+                if not limit:
+                    return [pending], pending.rows, True
+                if batch and (
+                    rows + pending.rows > limit or pending.signature != batch[0].signature
+                ):
+                    return batch, rows, True
+                batch.append(pending)
+                rows += pending.rows
+                if rows == limit:
+                    return batch, rows, True
+        return batch, rows, False
+
+    def _take(self, count: int) -> None:
+        """Dequeue the first ``count`` live requests, and abandoned ones among them.
+
+        A batch is always the live head of the queue in priority order, so this is a pop
+        from the front of each level.
+        """
+        for level in self._queue.levels:
+            while count and level:
+                pending = level.popleft()
+                self._unqueue(pending)
+                if not pending.future.done():
+                    count -= 1
+
+    def _unqueue(self, pending: Pending) -> None:
+        pending.queued = False
+        self._queue.size -= 1
+        self._queue.rows -= pending.rows
+
+    def _expire(self, now: float) -> None:
+        deadlines = self._queue.deadlines
+        expired = False
+        while deadlines and deadlines[0][0] <= now + TIMER_SLACK_S:
+            _, _, pending = heapq.heappop(deadlines)
+            if pending.queued and not pending.future.done():
+                self.metrics.expired.inc()
+                waited_ms = (now - pending.arrived) * 1000
+                pending.future.set_exception(
+                    DeadlineExceeded(
+                        f"request to model '{self.model}' waited {waited_ms:.0f} ms in the "
+                        "queue, past its deadline"
+                    )
+                )
+                expired = True
+        if expired:
+            self._purge()
+
+    def _purge(self) -> None:
+        """Drop answered or abandoned requests from anywhere in the queue."""
+        for index, level in enumerate(self._queue.levels):
+            if any(p.future.done() for p in level):
+                for pending in level:
+                    if pending.future.done():
+                        self._unqueue(pending)
+                self._queue.levels[index] = deque(p for p in level if p.queued)
+
+    # -- a batch in flight -----------------------------------------------------------------
+
+    async def _execute(self, endpoint: Endpoint, batch: list[Pending], rows: int) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            inputs = _concatenate(batch) if len(batch) > 1 else batch[0].inputs
+            deadlines = [p.deadline for p in batch if p.deadline is not None]
+            started = loop.time()
+            outputs = await self.pool.call(endpoint, inputs, rows, min(deadlines, default=None))
+            self.metrics.pod_seconds.observe(loop.time() - started)
+            _split(self.model, batch, rows, outputs)
+            self._drain.record(rows, loop.time())
+        except BaseException as exc:
+            error = exc if isinstance(exc, BazaarError) else _unexpected(self.model, exc)
+            for pending in batch:
+                if not pending.future.done():
+                    pending.future.set_exception(error)
+            if not isinstance(exc, Exception):
+                raise
+        finally:
+            self._inflight_rows -= rows
+            self._wakeup()
+
+    def _retry_after_s(self) -> float:
+        if self._drain.rate <= 0:
+            return 1.0
+        return self._queue.rows / self._drain.rate
+
+    def _fail_queued(self, error: BazaarError) -> None:
+        for level in self._queue.levels:
+            for pending in level:
+                if not pending.future.done():
+                    pending.future.set_exception(error)
+                self._unqueue(pending)
+            level.clear()
+        self._queue.deadlines.clear()
+
+
+def _prefix(batch: list[Pending], size: int) -> tuple[list[Pending], int]:
+    """The longest head of ``batch`` with at most ``size`` rows."""
+    rows = 0
+    for index, pending in enumerate(batch):
+        if rows + pending.rows > size:
+            return batch[:index], rows
+        rows += pending.rows
+    return batch, rows
+
+
+def _concatenate(batch: list[Pending]) -> Tensors:
+    names = batch[0].inputs.keys()
+    return {name: np.concatenate([p.inputs[name] for p in batch]) for name in names}
+
+
+def _split(model: str, batch: list[Pending], rows: int, outputs: Tensors) -> None:
+    if len(batch) > 1:
+        for name, out in outputs.items():
+            if out.ndim == 0 or out.shape[0] != rows:
+                raise UpstreamError(
+                    f"a pod of model '{model}' answered a batch of {rows} rows with output "
+                    f"'{name}' of shape {list(out.shape)}"
+                )
+    offset = 0
+    for pending in batch:
+        end = offset + pending.rows
+        if not pending.future.done():
+            if len(batch) == 1:
+                pending.future.set_result(outputs)
+            else:
+                pending.future.set_result({name: out[offset:end] for name, out in outputs.items()})
+        offset += pending.rows
+
+
+def _unexpected(model: str, exc: BaseException) -> BazaarError:
+    log.error("%s: batch failed unexpectedly", model, exc_info=exc)
+    return BazaarError(f"internal error while running a batch of model '{model}': {exc}")

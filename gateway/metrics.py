@@ -1,0 +1,147 @@
+"""The gateway's Prometheus metrics, declared once, on a registry the app is given.
+
+The hot path updates pre-bound children (``ModelMetrics``), so a request costs no label
+lookups. Queue depth and in-flight counts describe the present and are read from the live
+dispatchers at scrape time (``QueueCollector``), never kept in a second copy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from gateway.dispatcher import Dispatcher
+
+LATENCY_BUCKETS = (
+    0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0,
+)  # fmt: skip
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+OUTCOMES = ("200", "4xx", "503", "504", "5xx")
+
+
+def outcome_of(status: int) -> str:
+    if status == 200:
+        return "200"
+    if status in (503, 504):
+        return str(status)
+    return "4xx" if status < 500 else "5xx"
+
+
+@dataclass(frozen=True, slots=True)
+class ModelMetrics:
+    """One model's metric children, bound once."""
+
+    requests: Mapping[str, Counter]
+    """By outcome: 200, 4xx, 503, 504, 5xx."""
+    request_seconds: Histogram
+    queue_wait: Histogram
+    pod_seconds: Histogram
+    batch_size: Histogram
+    expired: Counter
+    shed: Counter
+
+
+class GatewayMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self._requests = Counter(
+            "bazaar_gateway_requests",
+            "Inference requests answered, by model and outcome (200, 4xx, 503, 504, 5xx).",
+            ["model", "outcome"],
+            registry=registry,
+        )
+        self._request_seconds = Histogram(
+            "bazaar_gateway_request_seconds",
+            "End-to-end time of an inference request in the gateway.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self._queue_wait = Histogram(
+            "bazaar_gateway_queue_wait_seconds",
+            "Time a request waited in the gateway's queue before its batch left.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self._pod_seconds = Histogram(
+            "bazaar_gateway_pod_seconds",
+            "Time from sending a batch to a pod until its answer arrived.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self._batch_size = Histogram(
+            "bazaar_gateway_batch_size",
+            "Rows per batch sent to a pod.",
+            ["model"],
+            buckets=BATCH_SIZE_BUCKETS,
+            registry=registry,
+        )
+        self._expired = Counter(
+            "bazaar_gateway_expired_requests",
+            "Requests whose deadline passed while queued (answered 504, never computed).",
+            ["model"],
+            registry=registry,
+        )
+        self._shed = Counter(
+            "bazaar_gateway_shed_requests",
+            "Requests refused because the model's queue was full (answered 503).",
+            ["model"],
+            registry=registry,
+        )
+
+    def for_model(self, model: str) -> ModelMetrics:
+        return ModelMetrics(
+            requests={o: self._requests.labels(model, o) for o in OUTCOMES},
+            request_seconds=self._request_seconds.labels(model),
+            queue_wait=self._queue_wait.labels(model),
+            pod_seconds=self._pod_seconds.labels(model),
+            batch_size=self._batch_size.labels(model),
+            expired=self._expired.labels(model),
+            shed=self._shed.labels(model),
+        )
+
+    def watch(self, dispatchers: Callable[[], Mapping[str, Dispatcher]]) -> None:
+        """Export queue depth and in-flight counts of the dispatchers at scrape time."""
+        self.registry.register(QueueCollector(dispatchers))
+
+
+class QueueCollector(Collector):
+    def __init__(self, dispatchers: Callable[[], Mapping[str, Dispatcher]]) -> None:
+        self._dispatchers = dispatchers
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        depth = GaugeMetricFamily(
+            "bazaar_gateway_queue_depth", "Requests queued in the gateway.", labels=["model"]
+        )
+        rows = GaugeMetricFamily(
+            "bazaar_gateway_queue_rows", "Rows queued in the gateway.", labels=["model"]
+        )
+        inflight = GaugeMetricFamily(
+            "bazaar_gateway_inflight_batches",
+            "Batches sent to an endpoint and not yet answered.",
+            labels=["model", "endpoint"],
+        )
+        endpoints = GaugeMetricFamily(
+            "bazaar_gateway_ready_endpoints",
+            "Endpoints taking batches (not ejected).",
+            labels=["model"],
+        )
+        for model, dispatcher in sorted(self._dispatchers().items()):
+            stats = dispatcher.stats()
+            depth.add_metric([model], stats.queued)
+            rows.add_metric([model], stats.queued_rows)
+            endpoints.add_metric([model], dispatcher.pool.ready_endpoints)
+            for endpoint in dispatcher.pool.endpoints:
+                inflight.add_metric([model, endpoint.url], endpoint.inflight_batches)
+        yield depth
+        yield rows
+        yield inflight
+        yield endpoints

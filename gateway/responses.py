@@ -1,0 +1,91 @@
+"""HTTP responses shared by the gateway and the pods: JSON bodies and the error table.
+
+Every error leaves as ``{"error": "..."}``. A ``BazaarError`` carries its own status and
+headers; anything else is a bug, logged with its traceback and answered 500 so the client
+still gets exactly one answer.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import orjson
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+
+from gateway.errors import BazaarError, InvalidRequest
+
+log = logging.getLogger(__name__)
+
+HEADER_LENGTH = "inference-header-content-length"
+
+
+def json_response(
+    data: Any, status: int = 200, headers: Mapping[str, str] | None = None
+) -> Response:
+    return Response(orjson.dumps(data), status, headers, media_type="application/json")
+
+
+def tensor_response(body: bytes, header_length: int | None) -> Response:
+    """An inference response; with binary outputs the JSON header length travels in a header."""
+    if header_length is None:
+        return Response(body, media_type="application/json")
+    return Response(
+        body,
+        headers={"Inference-Header-Content-Length": str(header_length)},
+        media_type="application/octet-stream",
+    )
+
+
+def error_response(exc: Exception) -> Response:
+    if isinstance(exc, BazaarError):
+        return json_response({"error": exc.message}, exc.status, exc.headers())
+    log.exception("unhandled error", exc_info=exc)
+    return json_response({"error": f"internal error: {type(exc).__name__}: {exc}"}, 500)
+
+
+async def _handle_error(request: Request, exc: Exception) -> Response:
+    return error_response(exc)
+
+
+async def _handle_http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    return json_response({"error": exc.detail}, exc.status_code, exc.headers)
+
+
+# Starlette's own 404/405 become v2 error bodies too.
+EXCEPTION_HANDLERS = {
+    HTTPException: _handle_http_error,
+    BazaarError: _handle_error,
+    Exception: _handle_error,
+}
+
+
+def header_length(request: Request) -> int | None:
+    """The binary extension's ``Inference-Header-Content-Length``, validated."""
+    value = request.headers.get(HEADER_LENGTH)
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise InvalidRequest(
+            f"Inference-Header-Content-Length must be an integer, got {value!r}"
+        ) from None
+
+
+async def json_body(request: Request) -> dict[str, Any]:
+    """A small JSON object body (control endpoints); empty means ``{}``."""
+    body = await request.body()
+    if not body.strip():
+        return {}
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise InvalidRequest("request body must be a JSON object")
+    return data

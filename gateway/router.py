@@ -1,0 +1,215 @@
+"""Which pod takes a batch: least outstanding work, a cap per endpoint, retries, ejection.
+
+``choose_endpoint`` is the decision, a pure function: among healthy endpoints with room for
+another batch, the one with the fewest rows in flight (ties broken at random). For large
+pools it samples two candidates and keeps the less loaded (power of two choices), which
+costs O(1) and stays within a small factor of the best choice; its failure mode is the
+same as least-loaded's with stale counts, herding, which cannot happen here because the
+counts are the gateway's own, updated before the batch is sent.
+
+``EndpointPool`` is one model's set of endpoints. ``acquire`` reserves a slot on the chosen
+endpoint; ``call`` sends the batch and releases it. A connection failure or a 5xx is
+retried once on another endpoint while the deadline allows. An endpoint that fails
+``eject_after`` times in a row is ejected: it takes no batches until a background probe of
+its readiness succeeds, with the probe interval doubling up to ``max_eject_s``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from gateway.errors import BazaarError, DeadlineExceeded
+
+log = logging.getLogger(__name__)
+
+Tensors = dict[str, np.ndarray[Any, Any]]
+
+POWER_OF_TWO_ABOVE = 8
+"""Pools larger than this sample two candidates instead of scanning every endpoint."""
+
+
+class ModelClient(Protocol):
+    """How the gateway talks to a pod (HTTP in production, a fake in tests)."""
+
+    async def infer(self, url: str, model: str, inputs: Tensors, timeout_s: float) -> Tensors: ...
+
+    async def ready(self, url: str, model: str) -> bool: ...
+
+
+@dataclass(slots=True, eq=False)
+class Endpoint:
+    url: str
+    inflight_batches: int = 0
+    inflight_rows: int = 0
+    failures: int = 0
+    """Consecutive failed calls."""
+    ejected: bool = False
+    removed: bool = False
+
+
+def choose_endpoint(
+    endpoints: Sequence[Endpoint], max_batches: int, rng: random.Random
+) -> Endpoint | None:
+    """The healthy endpoint with room and the least rows in flight, or None."""
+    candidates = [
+        e for e in endpoints if not e.ejected and not e.removed and e.inflight_batches < max_batches
+    ]
+    if not candidates:
+        return None
+    if len(candidates) > POWER_OF_TWO_ABOVE:
+        first, second = rng.sample(candidates, 2)
+        return first if first.inflight_rows <= second.inflight_rows else second
+    least = min(e.inflight_rows for e in candidates)
+    return rng.choice([e for e in candidates if e.inflight_rows == least])
+
+
+class EndpointPool:
+    def __init__(
+        self,
+        model: str,
+        client: ModelClient,
+        *,
+        max_batches_per_endpoint: int = 2,
+        eject_after: int = 3,
+        min_eject_s: float = 0.5,
+        max_eject_s: float = 30.0,
+        call_timeout_s: float = 60.0,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.model = model
+        self.max_batches_per_endpoint = max_batches_per_endpoint
+        self.eject_after = eject_after
+        self.min_eject_s = min_eject_s
+        self.max_eject_s = max_eject_s
+        self.call_timeout_s = call_timeout_s
+        self.endpoints: list[Endpoint] = []
+        self._client = client
+        self._rng = rng or random.Random()
+        self._listeners: list[Callable[[], None]] = []
+        self._probes: dict[str, asyncio.Task[None]] = {}
+
+    def on_capacity(self, listener: Callable[[], None]) -> None:
+        """Call ``listener`` whenever a slot frees or an endpoint (re)joins."""
+        self._listeners.append(listener)
+
+    def set_endpoints(self, urls: Sequence[str]) -> None:
+        """Replace the endpoint set (discovery); batches in flight on removed ones finish."""
+        current = {e.url: e for e in self.endpoints}
+        for endpoint in self.endpoints:
+            if endpoint.url not in urls:
+                endpoint.removed = True
+                probe = self._probes.pop(endpoint.url, None)
+                if probe is not None:
+                    probe.cancel()
+        self.endpoints = [current.get(url) or Endpoint(url) for url in dict.fromkeys(urls)]
+        self._notify()
+
+    @property
+    def ready_endpoints(self) -> int:
+        return sum(1 for e in self.endpoints if not e.ejected)
+
+    def has_capacity(self) -> bool:
+        return any(
+            not e.ejected and e.inflight_batches < self.max_batches_per_endpoint
+            for e in self.endpoints
+        )
+
+    def acquire(self, rows: int, exclude: Endpoint | None = None) -> Endpoint | None:
+        """Reserve a slot for a batch of ``rows``; None when every endpoint is full or down."""
+        candidates = [e for e in self.endpoints if e is not exclude]
+        endpoint = choose_endpoint(candidates, self.max_batches_per_endpoint, self._rng)
+        if endpoint is not None:
+            endpoint.inflight_batches += 1
+            endpoint.inflight_rows += rows
+        return endpoint
+
+    async def call(
+        self, endpoint: Endpoint, inputs: Tensors, rows: int, deadline: float | None
+    ) -> Tensors:
+        """Send a batch on an acquired endpoint; retried once elsewhere on a retryable failure.
+
+        Releases every slot it used. Raises what the pod answered (a 4xx passes through),
+        ``UpstreamError`` when no endpoint could answer, ``DeadlineExceeded`` when the
+        deadline passed before the retry could start.
+        """
+        loop = asyncio.get_running_loop()
+        try:
+            return await self._call_once(endpoint, inputs, rows)
+        except BazaarError as exc:
+            if not exc.retryable:
+                raise
+            first_error = exc
+        if deadline is not None and loop.time() >= deadline:
+            raise DeadlineExceeded(f"deadline passed after a failed call to {endpoint.url}")
+        retry = self.acquire(rows, exclude=endpoint)
+        if retry is None:
+            raise first_error
+        log.info("%s: retrying a batch on %s after: %s", self.model, retry.url, first_error)
+        return await self._call_once(retry, inputs, rows)
+
+    async def close(self) -> None:
+        for probe in self._probes.values():
+            probe.cancel()
+        for probe in self._probes.values():
+            with contextlib.suppress(asyncio.CancelledError):
+                await probe
+        self._probes.clear()
+
+    async def _call_once(self, endpoint: Endpoint, inputs: Tensors, rows: int) -> Tensors:
+        try:
+            outputs = await self._client.infer(
+                endpoint.url, self.model, inputs, self.call_timeout_s
+            )
+        except BazaarError as exc:
+            if exc.retryable or exc.status >= 500:
+                self._failed(endpoint, exc)
+            raise
+        else:
+            endpoint.failures = 0
+            return outputs
+        finally:
+            endpoint.inflight_batches -= 1
+            endpoint.inflight_rows -= rows
+            self._notify()
+
+    def _failed(self, endpoint: Endpoint, exc: BazaarError) -> None:
+        endpoint.failures += 1
+        if endpoint.failures >= self.eject_after and not endpoint.ejected and not endpoint.removed:
+            endpoint.ejected = True
+            log.warning(
+                "%s: ejected %s after %d failures in a row: %s",
+                self.model,
+                endpoint.url,
+                endpoint.failures,
+                exc,
+            )
+            self._probes[endpoint.url] = asyncio.create_task(self._probe(endpoint))
+
+    async def _probe(self, endpoint: Endpoint) -> None:
+        delay = self.min_eject_s
+        while not endpoint.removed:
+            await asyncio.sleep(delay)
+            try:
+                healthy = await self._client.ready(endpoint.url, self.model)
+            except BazaarError:
+                healthy = False
+            if healthy:
+                endpoint.ejected = False
+                endpoint.failures = 0
+                self._probes.pop(endpoint.url, None)
+                log.info("%s: %s is back", self.model, endpoint.url)
+                self._notify()
+                return
+            delay = min(delay * 2, self.max_eject_s)
+
+    def _notify(self) -> None:
+        for listener in self._listeners:
+            listener()

@@ -1,0 +1,223 @@
+"""One tensor's data between its two wire forms and numpy, for the v2 codec.
+
+A tensor travels either as JSON ``data`` (nested or flat lists, row-major) or as a chunk of the
+binary extension (little-endian, row-major; BYTES elements each a uint32 LE length and the raw
+bytes). Every function is pure and raises ``InvalidRequest`` naming the tensor (``what``, e.g.
+``input 'x'``) with what was expected and what came.
+
+Speed is the point of the shapes below. JSON data is flattened a row at a time, its element
+types are collected in one C-level pass (``set(map(type, flat))``), integer ranges are checked
+with ``min``/``max``, and numpy converts the list in one call; binary data becomes an
+``np.frombuffer`` view of the request body, without a copy (so it is read-only). Only BYTES
+elements are handled one at a time, since each becomes its own ``bytes`` object.
+
+JSON has no NaN or infinity: orjson writes them as ``null``, which the reader refuses, so
+clients that need them ask for binary outputs.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from collections.abc import Sequence
+from itertools import chain
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from gateway.errors import InvalidRequest
+from gateway.schema import DATATYPES, datatype_of
+
+Array = npt.NDArray[Any]
+
+_LENGTH = struct.Struct("<I")
+# JSON names of the Python types orjson produces, for messages a client can act on.
+_JSON_TYPES = {
+    bool: "boolean",
+    int: "integer",
+    float: "number",
+    str: "string",
+    list: "array",
+    dict: "object",
+    type(None): "null",
+}
+
+
+def format_shape(shape: Sequence[int]) -> str:
+    return "[" + ",".join(map(str, shape)) + "]"
+
+
+def json_type(value: object) -> str:
+    return _JSON_TYPES.get(type(value), type(value).__name__)
+
+
+def check_datatype(what: str, datatype: str) -> None:
+    """Refuse datatypes we cannot hold: BF16 has no numpy dtype, others are unknown."""
+    if datatype == "BF16":
+        raise InvalidRequest(f"{what}: BF16 is not supported")
+    if datatype not in DATATYPES:
+        known = ", ".join(DATATYPES)
+        raise InvalidRequest(f"{what}: unknown datatype '{datatype}', expected one of {known}")
+
+
+def from_json(what: str, datatype: str, shape: Sequence[int], data: object) -> Array:
+    """The array for JSON ``data`` of a known ``datatype``, checked against ``shape``."""
+    flat = _flatten(what, data)
+    _check_count(what, shape, len(flat))
+    dtype = DATATYPES[datatype]
+    types = set(map(type, flat))
+    if datatype == "BYTES":
+        _check_types(what, datatype, types, {str}, "strings")
+        array = np.empty(len(flat), dtype=object)
+        array[:] = [text.encode() for text in flat]
+    elif datatype == "BOOL":
+        _check_types(what, datatype, types, {bool}, "true or false")
+        array = np.array(flat, dtype=dtype)
+    elif dtype.kind in "iu":
+        _check_types(what, datatype, types, {int}, "integers")
+        if flat:
+            _check_range(what, datatype, min(flat), max(flat))
+        array = np.array(flat, dtype=dtype)
+    else:
+        _check_types(what, datatype, types, {int, float}, "numbers")
+        try:
+            with np.errstate(over="raise"):
+                array = np.array(flat, dtype=dtype)
+        except FloatingPointError:
+            bad, limit = max(flat, key=abs), float(np.finfo(dtype).max)
+            raise InvalidRequest(
+                f"{what}: value {bad} is out of range for {datatype} (largest {limit:g})"
+            ) from None
+    return _shaped(what, array, shape)
+
+
+def from_binary(what: str, datatype: str, shape: Sequence[int], chunk: memoryview) -> Array:
+    """The array for a binary chunk of a known ``datatype``, checked against ``shape``."""
+    if datatype == "BYTES":
+        return _shaped(what, _bytes_elements(what, shape, chunk), shape)
+    dtype = DATATYPES[datatype]
+    if len(chunk) % dtype.itemsize:
+        raise InvalidRequest(
+            f"{what}: binary_data_size {len(chunk)} is not a multiple of the "
+            f"{datatype} element size {dtype.itemsize}"
+        )
+    _check_count(what, shape, len(chunk) // dtype.itemsize)
+    if datatype == "BOOL":
+        raw = np.frombuffer(chunk, dtype=np.uint8)
+        if raw.size and raw.max() > 1:
+            raise InvalidRequest(f"{what}: BOOL bytes must be 0 or 1, got {int(raw.max())}")
+        return _shaped(what, raw.view(np.bool_), shape)
+    return _shaped(what, np.frombuffer(chunk, dtype=dtype), shape)
+
+
+def json_data(what: str, array: Array) -> Any:
+    """``array`` as JSON ``data`` (flat), in a form ``orjson.OPT_SERIALIZE_NUMPY`` takes."""
+    datatype = datatype_of(array)
+    if datatype == "BYTES":
+        try:
+            return [_as_text(element) for element in array.ravel().tolist()]
+        except UnicodeDecodeError:
+            raise InvalidRequest(
+                f"{what}: BYTES data is not UTF-8 text, so it cannot be JSON; ask for binary data"
+            ) from None
+    # orjson serialises only native-order, contiguous arrays, and not every release takes FP16.
+    dtype = np.dtype(np.float32) if datatype == "FP16" else DATATYPES[datatype]
+    return np.ascontiguousarray(array, dtype=dtype).ravel()
+
+
+def binary_data(array: Array) -> bytes | memoryview:
+    """``array`` as a binary-extension chunk; fixed-size types without a copy."""
+    datatype = datatype_of(array)
+    if datatype == "BYTES":
+        parts: list[bytes] = []
+        for element in array.ravel().tolist():
+            raw = _as_bytes(element)
+            parts += (_LENGTH.pack(len(raw)), raw)
+        return b"".join(parts)
+    contiguous = np.ascontiguousarray(array, dtype=DATATYPES[datatype])
+    return contiguous.reshape(-1).view(np.uint8).data
+
+
+def _flatten(what: str, data: object) -> list[Any]:
+    # Nesting is flattened level by level, so the per-element work stays in C; like Triton,
+    # only the element count has to match the shape, not the nesting.
+    if not isinstance(data, list):
+        raise InvalidRequest(f"{what}: 'data' must be an array, got {json_type(data)}")
+    flat: list[Any] = data
+    while flat and type(flat[0]) is list:
+        if not all(type(item) is list for item in flat):
+            raise InvalidRequest(f"{what}: 'data' mixes arrays and values at the same level")
+        flat = list(chain.from_iterable(flat))
+    return flat
+
+
+def _check_count(what: str, shape: Sequence[int], count: int) -> None:
+    needed = math.prod(shape)
+    if count != needed:
+        raise InvalidRequest(
+            f"{what}: shape {format_shape(shape)} needs {needed} elements, got {count}"
+        )
+
+
+def _check_types(
+    what: str, datatype: str, types: set[type], allowed: set[type], expected: str
+) -> None:
+    wrong = types - allowed
+    if wrong:
+        got = ", ".join(sorted(_JSON_TYPES.get(t, t.__name__) for t in wrong))
+        raise InvalidRequest(f"{what}: {datatype} data must be {expected}, got {got}")
+
+
+def _check_range(what: str, datatype: str, low: int, high: int) -> None:
+    info = np.iinfo(DATATYPES[datatype])
+    bad = high if high > info.max else low if low < info.min else None
+    if bad is not None:
+        raise InvalidRequest(
+            f"{what}: value {bad} is out of range for {datatype} [{info.min}, {info.max}]"
+        )
+
+
+def _bytes_elements(what: str, shape: Sequence[int], chunk: memoryview) -> Array:
+    needed = math.prod(shape)
+    elements: list[bytes] = []
+    offset, end = 0, len(chunk)
+    while offset < end:
+        if len(elements) == needed:
+            raise InvalidRequest(
+                f"{what}: shape {format_shape(shape)} needs {needed} elements, "
+                f"but {end - offset} bytes follow the last one"
+            )
+        if end - offset < _LENGTH.size:
+            raise InvalidRequest(f"{what}: BYTES element {len(elements)} has a truncated length")
+        (length,) = _LENGTH.unpack_from(chunk, offset)
+        offset += _LENGTH.size
+        if length > end - offset:
+            raise InvalidRequest(
+                f"{what}: BYTES element {len(elements)} of {length} bytes overruns the "
+                f"{end - offset} bytes left in binary_data_size"
+            )
+        elements.append(bytes(chunk[offset : offset + length]))
+        offset += length
+    _check_count(what, shape, len(elements))
+    array = np.empty(len(elements), dtype=object)
+    array[:] = elements
+    return array
+
+
+def _shaped(what: str, array: Array, shape: Sequence[int]) -> Array:
+    try:
+        return array.reshape(shape)
+    except ValueError:
+        # Only an empty tensor gets here (the element count already matched): a shape such as
+        # [0, 2**62] is empty but still too large for numpy to describe.
+        raise InvalidRequest(f"{what}: shape {format_shape(shape)} is too large") from None
+
+
+def _as_text(element: object) -> str:
+    return element.decode() if isinstance(element, bytes) else str(element)
+
+
+def _as_bytes(element: object) -> bytes:
+    # As tritonclient's serialize_byte_tensor: bytes as they are, anything else as UTF-8 text.
+    return element if isinstance(element, bytes) else str(element).encode()

@@ -1,0 +1,195 @@
+"""The model-serving pod's HTTP server: the Open Inference Protocol v2 REST API.
+
+Handlers only decode, call, encode: the codec validates the body against the model's
+metadata (400 on any mismatch, before the runtime sees it), the runtime executes the batch
+in a worker thread, the codec encodes the answer. Models load in the background after
+start-up, so liveness answers at once and readiness turns true when every model is in.
+
+Routes: ``/v2``, ``/v2/health/{live,ready}``, ``/v2/models/{m}[/versions/{v}]`` with
+``/ready``, ``/config`` and ``POST /infer``, the repository extension
+(``/v2/repository/index``, ``/v2/repository/models/{m}/{load,unload}``) and ``/metrics``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from gateway.codec import InferenceResponse, decode_request, encode_response
+from gateway.errors import BazaarError, InvalidRequest
+from gateway.responses import (
+    EXCEPTION_HANDLERS,
+    header_length,
+    json_body,
+    json_response,
+    tensor_response,
+)
+from models.metrics import PodMetrics
+from models.store import ModelStore
+from models.utilisation import GpuMonitor
+
+log = logging.getLogger(__name__)
+
+SERVER_NAME = "bazaar-model-server"
+SERVER_VERSION = "0.1.0"
+EXTENSIONS = ["binary_tensor_data", "model_repository"]
+
+
+def create_app(store: ModelStore, registry: CollectorRegistry | None = None) -> Starlette:
+    registry = registry if registry is not None else CollectorRegistry()
+    metrics = PodMetrics(registry, store, GpuMonitor())
+
+    async def server_metadata(request: Request) -> Response:
+        return json_response(
+            {"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": EXTENSIONS}
+        )
+
+    async def live(request: Request) -> Response:
+        return json_response({"live": True})
+
+    async def ready(request: Request) -> Response:
+        is_ready = store.ready()
+        return json_response({"ready": is_ready}, 200 if is_ready else 503)
+
+    async def model_metadata(request: Request) -> Response:
+        name, version = _model_path(request)
+        runtime = store.get(name, version)
+        versions = [str(v) for v in sorted(store.models[name].versions)]
+        return json_response(runtime.metadata.to_json(versions if version is None else None))
+
+    async def model_ready(request: Request) -> Response:
+        name, version = _model_path(request)
+        try:
+            store.get(name, version)
+        except BazaarError as exc:
+            if exc.status == 404:
+                raise
+            return json_response({"name": name, "ready": False}, 503)
+        return json_response({"name": name, "ready": True})
+
+    async def model_config(request: Request) -> Response:
+        name, version = _model_path(request)
+        runtime = store.get(name, version)
+        config = runtime.config.to_json()
+        config["max_batch_size"] = runtime.metadata.max_batch_size
+        return json_response({"name": name, **config})
+
+    async def infer(request: Request) -> Response:
+        name, version = _model_path(request)
+        runtime = store.get(name, version)
+        outcome = "server_error"
+        try:
+            body = await request.body()
+            inference = decode_request(body, header_length(request), runtime.metadata)
+            names = (
+                [o.name for o in inference.outputs]
+                if inference.outputs is not None
+                else [spec.name for spec in runtime.metadata.outputs]
+            )
+            rows = inference.rows(runtime.metadata.max_batch_size)
+            try:
+                outputs, compute_s = await runtime.infer(inference.inputs, names)
+            except BaseException:
+                metrics.batches.labels(name, "failure").inc()
+                raise
+            metrics.batches.labels(name, "success").inc()
+            metrics.batch_size.labels(name).observe(rows)
+            metrics.compute_seconds.labels(name).observe(compute_s)
+            response = InferenceResponse(
+                model_name=name,
+                model_version=runtime.metadata.version,
+                id=inference.id,
+                parameters={},
+                outputs=outputs,
+            )
+            encoded, length = encode_response(response, inference.outputs, inference.binary_output)
+            outcome = "success"
+            return tensor_response(encoded, length)
+        except BazaarError as exc:
+            outcome = "client_error" if exc.status < 500 else "server_error"
+            raise
+        finally:
+            metrics.requests.labels(name, outcome).inc()
+
+    async def repository_index(request: Request) -> Response:
+        body = await json_body(request)
+        ready_only = body.get("ready", False)
+        if not isinstance(ready_only, bool):
+            raise InvalidRequest("'ready' must be a boolean")
+        return json_response(store.index(ready_only))
+
+    async def repository_load(request: Request) -> Response:
+        name = request.path_params["model"]
+        await store.load(name, _config_override(await json_body(request)))
+        return json_response({})
+
+    async def repository_unload(request: Request) -> Response:
+        await store.unload(request.path_params["model"])
+        return json_response({})
+
+    async def prometheus(request: Request) -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        # Load after the socket is open: liveness answers during long loads.
+        loading = asyncio.create_task(store.load_all())
+        try:
+            yield
+        finally:
+            loading.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await loading
+            await asyncio.to_thread(store.close)
+
+    model = "/v2/models/{model}"
+    versioned = "/v2/models/{model}/versions/{version}"
+    routes = [
+        Route("/v2", server_metadata),
+        Route("/v2/health/live", live),
+        Route("/v2/health/ready", ready),
+        Route("/metrics", prometheus),
+        Route("/v2/repository/index", repository_index, methods=["POST"]),
+        Route("/v2/repository/models/{model}/load", repository_load, methods=["POST"]),
+        Route("/v2/repository/models/{model}/unload", repository_unload, methods=["POST"]),
+    ]
+    for prefix in (model, versioned):
+        routes += [
+            Route(prefix, model_metadata),
+            Route(prefix + "/ready", model_ready),
+            Route(prefix + "/config", model_config),
+            Route(prefix + "/infer", infer, methods=["POST"]),
+        ]
+    return Starlette(routes=routes, exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan)
+
+
+def _model_path(request: Request) -> tuple[str, str | None]:
+    return request.path_params["model"], request.path_params.get("version")
+
+
+def _config_override(body: dict[str, Any]) -> dict[str, Any] | None:
+    """Triton's load API: ``parameters.config`` is a model config as a JSON string."""
+    parameters = body.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise InvalidRequest("'parameters' must be an object")
+    config = parameters.get("config")
+    if config is None:
+        return None
+    if isinstance(config, str):
+        try:
+            config = orjson.loads(config)
+        except orjson.JSONDecodeError as exc:
+            raise InvalidRequest(f"parameters.config is not valid JSON: {exc}") from None
+    if not isinstance(config, dict):
+        raise InvalidRequest("parameters.config must be a JSON object")
+    return config

@@ -1,0 +1,295 @@
+"""Batch formation, priorities, deadlines and bounds, on virtual loop time (looptime)."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+
+import numpy as np
+import pytest
+
+from gateway.dispatcher import BatchPolicy, Dispatcher
+from gateway.errors import BazaarError, DeadlineExceeded, InvalidRequest, Overloaded, UpstreamError
+from gateway.metrics import GatewayMetrics
+from gateway.router import EndpointPool
+from tests.gateway.fakes import Call, FakePods, rows_of
+
+pytestmark = pytest.mark.looptime
+
+MakeDispatcher = Callable[..., Dispatcher]
+
+
+@pytest.fixture
+async def make(metrics: GatewayMetrics) -> AsyncIterator[MakeDispatcher]:
+    """Builds running dispatchers over fake pods; stops them after the test."""
+    running: list[tuple[Dispatcher, asyncio.Task[None]]] = []
+
+    def build(
+        pods: FakePods, endpoints: int = 1, max_batches: int = 1, **policy: object
+    ) -> Dispatcher:
+        pool = EndpointPool("m", pods, max_batches_per_endpoint=max_batches, rng=random.Random(0))
+        pool.set_endpoints([f"http://pod-{i}" for i in range(endpoints)])
+        dispatcher = Dispatcher("m", BatchPolicy(**policy), pool, metrics.for_model("m"))  # type: ignore[arg-type]
+        running.append((dispatcher, asyncio.create_task(dispatcher.run())))
+        return dispatcher
+
+    yield build
+    for dispatcher, task in running:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await dispatcher.pool.close()
+
+
+def batches(pods: FakePods) -> list[tuple[float, int]]:
+    """(start time in ms, rows) of every call."""
+    return [(round(c.started * 1000, 3), c.rows) for c in pods.calls]
+
+
+async def test_work_conserving_sends_at_once_then_batches_what_queued(make: MakeDispatcher) -> None:
+    pods = FakePods(latency_s=0.010)
+    dispatcher = make(pods, max_batch_size=8)
+    first = dispatcher.submit(rows_of(1), 1)
+    await asyncio.sleep(0.001)
+    rest = [dispatcher.submit(rows_of(v), 1) for v in (2, 3, 4, 5, 6)]
+    await asyncio.gather(first, *rest)
+    assert batches(pods) == [(0.0, 1), (10.0, 5)]
+
+
+async def test_full_batch_leaves_at_once_and_the_rest_waits_for_the_delay(
+    make: MakeDispatcher,
+) -> None:
+    pods = FakePods(latency_s=0.001)
+    dispatcher = make(pods, endpoints=2, max_batch_size=4, max_queue_delay_s=0.1)
+    futures = [dispatcher.submit(rows_of(v), 1) for v in range(6)]
+    await asyncio.gather(*futures)
+    assert batches(pods) == [(0.0, 4), (100.0, 2)]
+
+
+async def test_delay_holds_a_partial_batch_exactly_that_long(make: MakeDispatcher) -> None:
+    pods = FakePods(latency_s=0.001)
+    dispatcher = make(pods, max_batch_size=8, max_queue_delay_s=0.005)
+    first = dispatcher.submit(rows_of(1), 1)
+    await asyncio.sleep(0.002)
+    second = dispatcher.submit(rows_of(2), 1)
+    await asyncio.gather(first, second)
+    assert batches(pods) == [(5.0, 2)]
+
+
+async def test_preferred_size_leaves_before_the_delay(make: MakeDispatcher) -> None:
+    pods = FakePods(latency_s=0.001)
+    dispatcher = make(
+        pods, endpoints=2, max_batch_size=8, max_queue_delay_s=0.1, preferred_batch_sizes=(2, 4)
+    )
+    futures = [dispatcher.submit(rows_of(v), 1) for v in range(3)]
+    await asyncio.gather(*futures)
+    assert batches(pods) == [(0.0, 2), (100.0, 1)]
+
+
+async def test_rows_are_counted_and_never_exceed_max_batch_size(make: MakeDispatcher) -> None:
+    pods = FakePods(latency_s=0.010)
+    dispatcher = make(pods, max_batch_size=8)
+    busy = dispatcher.submit(rows_of(0), 1)
+    await asyncio.sleep(0)
+    futures = [dispatcher.submit(rows_of(*[float(i)] * 3), 3) for i in range(3)]
+    await asyncio.gather(busy, *futures)
+    assert [rows for _, rows in batches(pods)] == [1, 6, 3]
+    for i, future in enumerate(futures):
+        np.testing.assert_array_equal(future.result()["out"], rows_of(*[float(i)] * 3)["x"] * 2)
+
+
+async def test_requests_with_other_inner_shapes_do_not_share_a_batch(make: MakeDispatcher) -> None:
+    pods = FakePods(latency_s=0.001)
+    dispatcher = make(pods, endpoints=3, max_batch_size=8)
+    a = dispatcher.submit({"x": np.ones((1, 2), np.float32)}, 1)
+    b = dispatcher.submit({"x": np.ones((1, 3), np.float32)}, 1)
+    c = dispatcher.submit({"x": np.ones((1, 2), np.float32)}, 1)
+    await asyncio.gather(a, b, c)
+    assert sorted(rows for _, rows in batches(pods)) == [1, 1, 1]
+    assert b.result()["out"].shape == (1, 3)
+
+
+async def test_higher_priority_goes_first_and_fifo_within_a_level(make: MakeDispatcher) -> None:
+    pods = FakePods(latency_s=0.010)
+    dispatcher = make(pods, max_batch_size=1, priority_levels=3, default_priority_level=2)
+    busy = dispatcher.submit(rows_of(0), 1)
+    await asyncio.sleep(0)
+    low_a = dispatcher.submit(rows_of(1), 1, priority=3)
+    default = dispatcher.submit(rows_of(2), 1)
+    low_b = dispatcher.submit(rows_of(3), 1, priority=3)
+    high = dispatcher.submit(rows_of(4), 1, priority=1)
+    await asyncio.gather(busy, low_a, default, low_b, high)
+    order = [float(c.inputs["x"][0, 0]) for c in pods.calls]
+    assert order == [0, 4, 2, 1, 3]
+
+
+async def test_priority_out_of_range_is_refused(make: MakeDispatcher) -> None:
+    dispatcher = make(FakePods(), max_batch_size=4, priority_levels=2)
+    with pytest.raises(InvalidRequest, match=r"1\.\.2"):
+        dispatcher.submit(rows_of(1), 1, priority=3)
+
+
+async def test_expired_request_gets_504_and_is_never_computed(
+    make: MakeDispatcher, metrics: GatewayMetrics
+) -> None:
+    pods = FakePods(latency_s=0.020)
+    dispatcher = make(pods, max_batch_size=4)
+    busy = dispatcher.submit(rows_of(0), 1)
+    await asyncio.sleep(0)
+    doomed = dispatcher.submit(rows_of(1), 1, timeout_s=0.005)
+    survivor = dispatcher.submit(rows_of(2), 1, timeout_s=0.050)
+    loop = asyncio.get_running_loop()
+    with pytest.raises(DeadlineExceeded, match="past its deadline"):
+        await doomed
+    assert loop.time() == pytest.approx(0.005)  # answered at its deadline, not later
+    await asyncio.gather(busy, survivor)
+    computed = [float(v) for c in pods.calls for v in c.inputs["x"][:, 0]]
+    assert computed == [0, 2]
+    assert dispatcher.stats().queued == 0
+    assert (
+        metrics.registry.get_sample_value("bazaar_gateway_expired_requests_total", {"model": "m"})
+        == 1
+    )
+
+
+async def test_request_may_lower_but_not_raise_the_default_timeout(make: MakeDispatcher) -> None:
+    pods = FakePods(latency_s=0.100)
+    dispatcher = make(pods, max_batch_size=1, default_timeout_s=0.010)
+    busy = dispatcher.submit(rows_of(0), 1)
+    await asyncio.sleep(0)
+    raised = dispatcher.submit(rows_of(1), 1, timeout_s=10.0)
+    loop = asyncio.get_running_loop()
+    with pytest.raises(DeadlineExceeded):
+        await raised
+    assert loop.time() == pytest.approx(0.010)
+    await busy
+
+
+async def test_full_queue_refuses_with_retry_after(
+    make: MakeDispatcher, metrics: GatewayMetrics
+) -> None:
+    pods = FakePods(latency_s=0.5)
+    dispatcher = make(pods, max_batch_size=1, max_queue_size=3)
+    futures = [dispatcher.submit(rows_of(0), 1)]
+    await asyncio.sleep(0)  # the first leaves; three queue
+    futures += [dispatcher.submit(rows_of(v), 1) for v in (1, 2, 3)]
+    with pytest.raises(Overloaded, match="max_queue_size") as refused:
+        dispatcher.submit(rows_of(9), 1)
+    assert refused.value.status == 503
+    assert int(refused.value.headers()["Retry-After"]) >= 1
+    await asyncio.gather(*futures)
+    assert (
+        metrics.registry.get_sample_value("bazaar_gateway_shed_requests_total", {"model": "m"}) == 1
+    )
+
+
+async def test_retry_after_follows_the_drain_rate(make: MakeDispatcher) -> None:
+    pods = FakePods(latency_s=0.1)  # one row per 100 ms: 10 rows/s
+    dispatcher = make(pods, max_batch_size=1, max_queue_size=20)
+    first = [dispatcher.submit(rows_of(v), 1) for v in range(8)]
+    await asyncio.gather(*first)
+    queued = [dispatcher.submit(rows_of(0), 1)]
+    await asyncio.sleep(0)  # the first leaves; twenty queue
+    queued += [dispatcher.submit(rows_of(v), 1) for v in range(20)]
+    with pytest.raises(Overloaded) as refused:
+        dispatcher.submit(rows_of(9), 1)
+    # 20 rows queued at 10 rows/s: about 2 s.
+    assert refused.value.retry_after_s == pytest.approx(2.0, rel=0.2)
+    await asyncio.gather(*queued)
+
+
+async def test_a_failing_batch_fails_only_its_own_requests(make: MakeDispatcher) -> None:
+    def fail(call: Call) -> BazaarError | None:
+        return UpstreamError("pod crashed") if 13.0 in call.inputs["x"] else None
+
+    pods = FakePods(latency_s=0.010, fail=fail)
+    dispatcher = make(pods, max_batch_size=2)
+    busy = dispatcher.submit(rows_of(0), 1)
+    await asyncio.sleep(0)
+    doomed = [dispatcher.submit(rows_of(v), 1) for v in (13, 1)]
+    fine = [dispatcher.submit(rows_of(v), 1) for v in (2, 3)]
+    results = await asyncio.gather(busy, *doomed, *fine, return_exceptions=True)
+    assert [type(r) for r in results[1:3]] == [UpstreamError, UpstreamError]
+    assert [r["out"][0, 0] for r in (results[0], *results[3:])] == [0, 4, 6]  # type: ignore[index]
+
+
+async def test_abandoned_requests_are_not_computed(make: MakeDispatcher) -> None:
+    pods = FakePods(latency_s=0.010)
+    dispatcher = make(pods, max_batch_size=4)
+    busy = dispatcher.submit(rows_of(0), 1)
+    await asyncio.sleep(0)
+    gone = dispatcher.submit(rows_of(1), 1)
+    kept = dispatcher.submit(rows_of(2), 1)
+    gone.cancel()  # the client disconnected
+    await asyncio.gather(busy, kept)
+    assert [float(v) for c in pods.calls for v in c.inputs["x"][:, 0]] == [0, 2]
+    assert dispatcher.stats().queued == 0
+
+
+async def test_every_request_is_answered_exactly_once_with_its_own_rows(
+    make: MakeDispatcher,
+) -> None:
+    rng = random.Random(7)
+
+    def fail(call: Call) -> BazaarError | None:
+        return UpstreamError("flaky pod") if rng.random() < 0.1 else None
+
+    pods = FakePods(latency_s=0.003, fail=fail)
+    dispatcher = make(
+        pods, endpoints=3, max_batches=2, max_batch_size=16, max_queue_delay_s=0.002,
+        preferred_batch_sizes=(4, 8), priority_levels=2, max_queue_size=10_000,
+    )  # fmt: skip
+    futures: list[tuple[float, int, asyncio.Future[dict[str, np.ndarray]]]] = []
+    for i in range(2000):
+        rows = rng.choice((1, 1, 1, 2, 5))
+        value = float(i)
+        futures.append(
+            (
+                value,
+                rows,
+                dispatcher.submit(
+                    rows_of(*[value] * rows),
+                    rows,
+                    priority=rng.choice((0, 1, 2)),
+                    timeout_s=rng.choice((None, 0.05, 0.5)),
+                ),
+            )
+        )
+        if rng.random() < 0.3:
+            await asyncio.sleep(rng.random() * 0.002)
+    results = await asyncio.gather(*(f for _, _, f in futures), return_exceptions=True)
+    outcomes = {"ok": 0, "upstream": 0, "expired": 0}
+    for (value, rows, _), result in zip(futures, results, strict=True):
+        if isinstance(result, UpstreamError):
+            outcomes["upstream"] += 1
+        elif isinstance(result, DeadlineExceeded):
+            outcomes["expired"] += 1
+        else:
+            assert isinstance(result, dict)
+            np.testing.assert_array_equal(result["out"], np.full((rows, 1), value * 2, np.float32))
+            outcomes["ok"] += 1
+    assert sum(outcomes.values()) == 2000
+    assert outcomes["ok"] > 1000
+    assert outcomes["upstream"] > 0
+    assert all(rows <= 16 for _, rows in batches(pods))
+    # A request is computed at most twice (a failed call and its one retry).
+    computed = Counter(float(v) for c in pods.calls for v in np.unique(c.inputs["x"]))
+    assert max(computed.values()) <= 2
+    assert dispatcher.stats().queued == 0
+
+
+async def test_close_fails_everything_queued(make: MakeDispatcher) -> None:
+    pods = FakePods(latency_s=1.0)
+    dispatcher = make(pods, max_batch_size=1)
+    running = dispatcher.submit(rows_of(0), 1)
+    await asyncio.sleep(0)
+    queued = [dispatcher.submit(rows_of(v), 1) for v in (1, 2)]
+    dispatcher.close()
+    for future in queued:
+        with pytest.raises(BazaarError, match="shutting down"):
+            await future
+    with pytest.raises(BazaarError, match="shutting down"):
+        dispatcher.submit(rows_of(3), 1)
+    await running

@@ -1,0 +1,108 @@
+"""ONNX Runtime sessions: providers, warm-up sizes, load errors, dtypes through a real session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from gateway.errors import ConfigError
+from models.config import ModelConfig
+from models.runtime import ModelRuntime, select_providers, warmup_batch_sizes
+
+
+@pytest.mark.parametrize(
+    "device,available,expected",
+    [
+        ("cpu", ["CPUExecutionProvider"], ["CPUExecutionProvider"]),
+        ("cpu", ["CUDAExecutionProvider", "CPUExecutionProvider"], ["CPUExecutionProvider"]),
+        ("auto", ["CPUExecutionProvider"], ["CPUExecutionProvider"]),
+        (
+            "auto",
+            ["CUDAExecutionProvider", "CPUExecutionProvider"],
+            ["CUDAExecutionProvider", "CPUExecutionProvider"],
+        ),
+        (
+            "cuda",
+            ["CUDAExecutionProvider", "CPUExecutionProvider"],
+            ["CUDAExecutionProvider", "CPUExecutionProvider"],
+        ),
+    ],
+)
+def test_providers_for_each_device(device: str, available: list[str], expected: list[str]) -> None:
+    assert select_providers(device, available) == expected
+
+
+def test_cuda_without_its_provider_is_a_clear_error() -> None:
+    with pytest.raises(ConfigError, match="CUDAExecutionProvider"):
+        select_providers("cuda", ["CPUExecutionProvider"])
+
+
+def test_warmup_covers_every_power_of_two_the_maximum_and_preferred_sizes() -> None:
+    assert warmup_batch_sizes(32, ()) == [1, 2, 4, 8, 16, 32]
+    assert warmup_batch_sizes(24, (3, 24)) == [1, 2, 3, 4, 8, 16, 24]
+    assert warmup_batch_sizes(0, ()) == [0]
+
+
+def test_a_file_that_is_not_onnx_fails_naming_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "model.onnx"
+    path.write_bytes(b"definitely not a protobuf")
+    with pytest.raises(ConfigError) as failure:
+        ModelRuntime("broken", 1, path, ModelConfig())
+    assert str(path) in str(failure.value)
+    assert "cannot load" in str(failure.value)
+
+
+def _mixed_types_model(path: Path) -> None:
+    """flags BOOL [N,2] -> Not; counts INT32 [N,3] -> Add 1; names STRING [N] -> Identity."""
+    graph = helper.make_graph(
+        [
+            helper.make_node("Not", ["flags"], ["not_flags"]),
+            helper.make_node("Add", ["counts", "one"], ["next_counts"]),
+            helper.make_node("Identity", ["names"], ["same_names"]),
+        ],
+        "mixed",
+        [
+            helper.make_tensor_value_info("flags", TensorProto.BOOL, ["n", 2]),
+            helper.make_tensor_value_info("counts", TensorProto.INT32, ["n", 3]),
+            helper.make_tensor_value_info("names", TensorProto.STRING, ["n"]),
+        ],
+        [
+            helper.make_tensor_value_info("not_flags", TensorProto.BOOL, ["n", 2]),
+            helper.make_tensor_value_info("next_counts", TensorProto.INT32, ["n", 3]),
+            helper.make_tensor_value_info("same_names", TensorProto.STRING, ["n"]),
+        ],
+        [helper.make_tensor("one", TensorProto.INT32, [], [1])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, path)
+
+
+async def test_bool_int_and_bytes_tensors_through_a_real_session(tmp_path: Path) -> None:
+    path = tmp_path / "model.onnx"
+    _mixed_types_model(path)
+    runtime = ModelRuntime("mixed", 1, path, ModelConfig())
+    try:
+        assert [(s.name, s.datatype, s.shape) for s in runtime.metadata.inputs] == [
+            ("flags", "BOOL", (-1, 2)),
+            ("counts", "INT32", (-1, 3)),
+            ("names", "BYTES", (-1,)),
+        ]
+        assert runtime.metadata.max_batch_size == 32
+        inputs = {
+            "flags": np.array([[True, False], [False, False]]),
+            "counts": np.array([[1, 2, 3], [4, 5, 6]], dtype=np.int32),
+            "names": np.array([b"caf\xc3\xa9", b"x"], dtype=object),
+        }
+        outputs, compute_s = await runtime.infer(inputs, ["not_flags", "next_counts", "same_names"])
+        np.testing.assert_array_equal(outputs["not_flags"], ~inputs["flags"])
+        np.testing.assert_array_equal(outputs["next_counts"], inputs["counts"] + 1)
+        assert list(outputs["same_names"]) == [b"caf\xc3\xa9", b"x"]
+        assert compute_s > 0
+        assert runtime.busy.busy_seconds() > 0
+    finally:
+        runtime.close()

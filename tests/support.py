@@ -1,0 +1,73 @@
+"""Helpers for tests that run real processes on loopback."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_until(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
+    """Poll ``condition`` until it holds; fail with ``what`` after the deadline."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+def http_ok(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=1.0).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+@contextlib.contextmanager
+def bazaar_process(
+    args: Sequence[str], log_path: Path, ready_url: str, timeout_s: float = 60.0
+) -> Iterator[subprocess.Popen[bytes]]:
+    """Run ``bazaar ARGS`` until ``ready_url`` answers 200; stop it (SIGTERM) afterwards.
+
+    Its output goes to ``log_path``, which is printed when start-up fails.
+    """
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "gateway.cli", *args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+    try:
+        try:
+            wait_until(
+                lambda: process.poll() is None and http_ok(ready_url),
+                timeout_s,
+                f"{ready_url} (bazaar {' '.join(args)})",
+            )
+        except AssertionError:
+            raise AssertionError(
+                f"bazaar {' '.join(args)} did not become ready; its log:\n{log_path.read_text()}"
+            ) from None
+        yield process
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
