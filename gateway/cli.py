@@ -24,6 +24,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     server.add_argument("--model-repository", type=Path, required=True, metavar="DIR")
     server.add_argument("--host", default="127.0.0.1")
     server.add_argument("--port", type=int, default=8001)
+    server.add_argument(
+        "--model",
+        action="append",
+        dest="models",
+        metavar="NAME",
+        help="load only this model (repeatable; default: every model in the repository)",
+    )
     server.set_defaults(run=_model_server)
 
     models = commands.add_parser("models", help="model repository tools")
@@ -54,7 +61,7 @@ def _model_server(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         logging.getLogger("bazaar").error("%s", exc)
         return 2
-    app = create_app(ModelStore(repository))
+    app = create_app(ModelStore(repository, args.models))
     logging.getLogger("bazaar").info(
         "model server for %s on http://%s:%d", repository.root, args.host, args.port
     )

@@ -47,16 +47,17 @@ class ModelState:
 
 
 class ModelStore:
-    def __init__(self, repository: ModelRepository) -> None:
+    def __init__(self, repository: ModelRepository, names: list[str] | None = None) -> None:
         self.repository = repository
+        self.names = names  # loaded at start-up; None = every model in the repository
         self.models: dict[str, LoadedModel] = {}
         self.states: dict[str, ModelState] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._started = False
 
     async def load_all(self) -> None:
-        """Load every model in the repository; failures are recorded, not raised."""
-        names = self.repository.model_names()
+        """Load the start-up models; failures are recorded, not raised."""
+        names = self.names if self.names is not None else self.repository.model_names()
         for name in names:
             self.states[name] = ModelState("LOADING")
         self._started = True
