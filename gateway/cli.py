@@ -8,9 +8,16 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from gateway.config import GatewayConfig
+
+DEMO_REPOSITORY = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "bazaar" / "demo"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -33,6 +40,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     server.set_defaults(run=_model_server)
 
+    serve = commands.add_parser(
+        "serve", help="the whole system on this machine: gateway and model workers"
+    )
+    serve.add_argument(
+        "--model-repository",
+        type=Path,
+        metavar="DIR",
+        help=f"default: the demo repository, built in {DEMO_REPOSITORY} when missing",
+    )
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--workers-per-model", type=int, default=1, metavar="N")
+    _gateway_options(serve)
+    serve.set_defaults(run=_serve)
+
+    gateway = commands.add_parser("gateway", help="the gateway in front of listed endpoints")
+    gateway.add_argument(
+        "--endpoints",
+        type=Path,
+        required=True,
+        metavar="FILE",
+        help="YAML: models: {name: [http://host:port, ...]}",
+    )
+    gateway.add_argument("--host", default="127.0.0.1")
+    gateway.add_argument("--port", type=int, default=8000)
+    _gateway_options(gateway)
+    gateway.set_defaults(run=_gateway)
+
     models = commands.add_parser("models", help="model repository tools")
     models_commands = models.add_subparsers(dest="models_command", required=True, metavar="COMMAND")
     build = models_commands.add_parser("build-demo", help="build the demo repository offline")
@@ -46,6 +81,72 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
     )
     return int(args.run(args))
+
+
+def _gateway_options(parser: argparse.ArgumentParser) -> None:
+    from gateway.config import GatewayConfig
+
+    defaults = GatewayConfig()
+    parser.add_argument(
+        "--max-batches-per-endpoint",
+        type=int,
+        default=defaults.max_batches_per_endpoint,
+        metavar="N",
+        help="batches in flight per endpoint (default %(default)s)",
+    )
+    parser.add_argument(
+        "--max-queue-time",
+        type=float,
+        default=defaults.max_queue_time_s,
+        metavar="SECONDS",
+        help="longest any request waits in the gateway's queue (default %(default)s)",
+    )
+
+
+def _gateway_config(args: argparse.Namespace) -> GatewayConfig:
+    from gateway.config import GatewayConfig
+
+    return GatewayConfig(
+        max_batches_per_endpoint=args.max_batches_per_endpoint,
+        max_queue_time_s=args.max_queue_time,
+    )
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from gateway.server import LocalWorkers, run
+
+    repository = args.model_repository
+    if repository is None:
+        repository = _demo_repository()
+    source = LocalWorkers(repository, args.workers_per_model, args.log_level)
+    _run_async(run(source, args.host, args.port, _gateway_config(args), args.log_level))
+    return 0
+
+
+def _gateway(args: argparse.Namespace) -> int:
+    from gateway.server import StaticEndpoints, run
+
+    source = StaticEndpoints(args.endpoints)
+    _run_async(run(source, args.host, args.port, _gateway_config(args), args.log_level))
+    return 0
+
+
+def _demo_repository() -> Path:
+    """The demo repository, built once; a marker written last tells a finished build."""
+    from models.demo import build_demo_repository
+
+    marker = DEMO_REPOSITORY / ".complete"
+    if not marker.exists():
+        logging.getLogger("bazaar").info("building the demo repository in %s", DEMO_REPOSITORY)
+        build_demo_repository(DEMO_REPOSITORY)
+        marker.touch()
+    return DEMO_REPOSITORY
+
+
+def _run_async(main: Coroutine[Any, Any, None]) -> None:
+    import uvloop
+
+    uvloop.run(main)
 
 
 def _model_server(args: argparse.Namespace) -> int:

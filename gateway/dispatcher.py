@@ -70,6 +70,9 @@ class BatchPolicy:
     """Levels 1..priority_levels, 1 highest."""
     default_priority_level: int = 1
     """Level of requests that set priority 0 or none."""
+    max_queue_time_s: float = 30.0
+    """Cap on any request's time in the queue, so nothing waits forever (for an endpoint,
+    say, while a model has none)."""
 
 
 @dataclass(slots=True, eq=False)
@@ -79,7 +82,7 @@ class Pending:
     inputs: Tensors
     rows: int
     arrived: float
-    deadline: float | None
+    deadline: float
     future: asyncio.Future[Tensors]
     signature: tuple[tuple[int, ...], ...]
     """Non-batch dimensions of every input; requests batch together only when equal."""
@@ -92,6 +95,8 @@ class DispatcherStats:
     queued_rows: int
     inflight_batches: int
     inflight_rows: int
+    admitted: int
+    """Requests admitted since start (a counter: its rate is the arrival rate)."""
 
 
 @dataclass(slots=True)
@@ -136,6 +141,7 @@ class Dispatcher:
         self._sequence = itertools.count()
         self._inflight: set[asyncio.Task[None]] = set()
         self._inflight_rows = 0
+        self._admitted = 0
         self._drain = _Drain()
         self._waiter: asyncio.Future[None] | None = None
         self._closed: BazaarError | None = None
@@ -164,16 +170,14 @@ class Dispatcher:
             )
         loop = asyncio.get_running_loop()
         now = loop.time()
-        if policy.default_timeout_s is not None:
-            # A request may lower the model's queue timeout, never raise it (Triton).
-            timeout_s = (
-                min(timeout_s, policy.default_timeout_s) if timeout_s else policy.default_timeout_s
-            )
+        # A request may lower the model's queue timeout, never raise it (Triton).
+        limits = [t for t in (timeout_s, policy.default_timeout_s) if t]
+        timeout_s = min([*limits, policy.max_queue_time_s])
         pending = Pending(
             inputs=inputs,
             rows=rows,
             arrived=now,
-            deadline=now + timeout_s if timeout_s else None,
+            deadline=now + timeout_s,
             future=loop.create_future(),
             signature=tuple(a.shape[1:] for a in inputs.values()) if policy.max_batch_size else (),
         )
@@ -181,8 +185,8 @@ class Dispatcher:
         self._queue.levels[level].append(pending)
         self._queue.size += 1
         self._queue.rows += rows
-        if pending.deadline is not None:
-            heapq.heappush(self._queue.deadlines, (pending.deadline, next(self._sequence), pending))
+        self._admitted += 1
+        heapq.heappush(self._queue.deadlines, (pending.deadline, next(self._sequence), pending))
         self._wakeup()
         return pending.future
 
@@ -192,6 +196,7 @@ class Dispatcher:
             queued_rows=self._queue.rows,
             inflight_batches=len(self._inflight),
             inflight_rows=self._inflight_rows,
+            admitted=self._admitted,
         )
 
     # -- the collector ---------------------------------------------------------------------
@@ -222,15 +227,6 @@ class Dispatcher:
             log.exception("%s: dispatcher failed", self.model)
             self._fail_queued(ModelNotReady(self.model, f"failing: {exc}"))
             raise
-
-    async def drain(self) -> None:
-        """Refuse new requests, then wait until everything admitted has been answered."""
-        self._closed = ModelNotReady(self.model, "shutting down")
-        while self._queue.size or self._inflight:
-            if self._inflight:
-                await asyncio.wait(set(self._inflight))
-            else:
-                await asyncio.sleep(0.01)
 
     def close(self) -> None:
         self._closed = ModelNotReady(self.model, "shutting down")
@@ -342,9 +338,9 @@ class Dispatcher:
         loop = asyncio.get_running_loop()
         try:
             inputs = _concatenate(batch) if len(batch) > 1 else batch[0].inputs
-            deadlines = [p.deadline for p in batch if p.deadline is not None]
             started = loop.time()
-            outputs = await self.pool.call(endpoint, inputs, rows, min(deadlines, default=None))
+            deadline = min(p.deadline for p in batch)
+            outputs = await self.pool.call(endpoint, inputs, rows, deadline)
             self.metrics.pod_seconds.observe(loop.time() - started)
             _split(self.model, batch, rows, outputs)
             self._drain.record(rows, loop.time())

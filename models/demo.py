@@ -57,9 +57,9 @@ _MLP_CONFIG = """\
 # input FP32 [-1, 256] -> output FP32 [-1, 10]
 max_batch_size: 32
 dynamic_batching:
-  # A row takes well under a millisecond: waiting longer for company would cost more
-  # latency than the batch saves.
-  max_queue_delay_ms: 0.5
+  # A row takes well under a millisecond: waiting for company would cost more latency
+  # than the batch saves. Work-conserving: batches grow exactly as fast as the pods are busy.
+  max_queue_delay_ms: 0
 """
 
 _MLP_WIDE_CONFIG = """\

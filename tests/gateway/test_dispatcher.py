@@ -293,3 +293,26 @@ async def test_close_fails_everything_queued(make: MakeDispatcher) -> None:
     with pytest.raises(BazaarError, match="shutting down"):
         dispatcher.submit(rows_of(3), 1)
     await running
+
+
+async def test_without_endpoints_a_request_waits_at_most_the_queue_time_cap(
+    make: MakeDispatcher,
+) -> None:
+    pods = FakePods()
+    dispatcher = make(pods, endpoints=0, max_batch_size=4, max_queue_time_s=30.0)
+    loop = asyncio.get_running_loop()
+    with pytest.raises(DeadlineExceeded):
+        await dispatcher.submit(rows_of(1), 1)
+    assert loop.time() == pytest.approx(30.0)
+    assert pods.calls == []
+
+
+async def test_a_request_held_without_endpoints_leaves_when_one_joins(make: MakeDispatcher) -> None:
+    pods = FakePods(latency_s=0.001)
+    dispatcher = make(pods, endpoints=0, max_batch_size=4)
+    held = dispatcher.submit(rows_of(5), 1)
+    await asyncio.sleep(2.0)
+    dispatcher.pool.set_endpoints(["http://pod-new"])
+    result = await held
+    assert result["out"][0, 0] == 10
+    assert batches(pods) == [(2000.0, 1)]

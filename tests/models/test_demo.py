@@ -109,9 +109,9 @@ def test_metadata_as_the_runtime_will_resolve_it(
     assert metadata == ModelMetadata(name, "1", "onnxruntime_onnx", inputs, outputs, max_batch_size)
 
 
-def test_the_mlp_configs_wait_briefly_for_batches(demo_repository: Path) -> None:
+def test_mlp_is_work_conserving_and_mlp_wide_waits_for_batches(demo_repository: Path) -> None:
     repository = ModelRepository(demo_repository)
-    assert repository.load_config("mlp").dynamic_batching.max_queue_delay_ms == 0.5
+    assert repository.load_config("mlp").dynamic_batching.max_queue_delay_ms == 0
     assert repository.load_config("mlp_wide").dynamic_batching.max_queue_delay_ms == 2.0
 
 

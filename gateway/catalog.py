@@ -1,0 +1,129 @@
+"""The models the gateway serves, learned from their endpoints.
+
+Endpoint sources (the static file, the local supervisor, later Kubernetes EndpointSlices)
+call ``set_endpoints(model, urls)``; that is the whole seam. The first time a model has an
+endpoint, the catalog reads its metadata and batching config from it (``GET
+/v2/models/{m}`` and ``.../config``), then creates its ``EndpointPool`` and ``Dispatcher``
+and starts the collector. It keeps them when the endpoints go away: a model at zero
+endpoints still validates and queues requests, which wait (bounded by their deadline and
+the queue) until an endpoint joins.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+
+from gateway.client import HttpModelClient
+from gateway.config import GatewayConfig, batch_policy
+from gateway.dispatcher import BatchPolicy, Dispatcher
+from gateway.errors import BazaarError, ModelNotFound, ModelNotReady
+from gateway.metrics import GatewayMetrics, ModelMetrics
+from gateway.router import EndpointPool
+from gateway.schema import ModelMetadata
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class ServedModel:
+    metadata: ModelMetadata
+    dispatcher: Dispatcher
+    metrics: ModelMetrics
+    collector: asyncio.Task[None]
+
+
+class ModelCatalog:
+    def __init__(
+        self, client: HttpModelClient, metrics: GatewayMetrics, config: GatewayConfig
+    ) -> None:
+        self.client = client
+        self.metrics = metrics
+        self.config = config
+        self.models: dict[str, ServedModel] = {}
+        self._endpoints: dict[str, list[str]] = {}
+        self._learning: dict[str, asyncio.Task[None]] = {}
+        metrics.watch(lambda: {name: m.dispatcher for name, m in self.models.items()})
+
+    def set_endpoints(self, model: str, urls: list[str]) -> None:
+        self._endpoints[model] = list(urls)
+        served = self.models.get(model)
+        if served is not None:
+            served.dispatcher.pool.set_endpoints(urls)
+        elif urls and model not in self._learning:
+            self._learning[model] = asyncio.create_task(self._learn(model))
+
+    def get(self, name: str, version: str | None = None) -> ServedModel:
+        served = self.models.get(name)
+        if served is None:
+            if name in self._endpoints:
+                raise ModelNotReady(name, "waiting for its first endpoint")
+            raise ModelNotFound(name)
+        if version is not None and version != served.metadata.version:
+            raise ModelNotFound(name, version)
+        return served
+
+    def names(self) -> list[str]:
+        return sorted(self._endpoints)
+
+    def ready(self) -> bool:
+        """Every known model is learned and has an endpoint taking batches."""
+        return all(
+            name in self.models and self.models[name].dispatcher.pool.ready_endpoints > 0
+            for name in self._endpoints
+        )
+
+    async def close(self) -> None:
+        tasks = [*self._learning.values(), *(m.collector for m in self.models.values())]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for served in self.models.values():
+            await served.dispatcher.pool.close()
+
+    async def _learn(self, model: str) -> None:
+        """Read metadata and config from an endpoint, retrying while the model has any."""
+        delay = 0.2
+        while self._endpoints.get(model):
+            for url in self._endpoints[model]:
+                try:
+                    metadata_json = await self.client.get_json(url, f"/v2/models/{model}")
+                    config_json = await self.client.get_json(url, f"/v2/models/{model}/config")
+                except BazaarError as exc:
+                    log.info("%s: cannot read metadata from %s yet: %s", model, url, exc)
+                    continue
+                policy = batch_policy(config_json, self.config)
+                metadata = ModelMetadata.from_json(
+                    {**metadata_json, "parameters": {"max_batch_size": policy.max_batch_size}}
+                )
+                self._serve(model, metadata, policy)
+                return
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+    def _serve(self, model: str, metadata: ModelMetadata, policy: BatchPolicy) -> None:
+        pool = EndpointPool(
+            model,
+            self.client,
+            max_batches_per_endpoint=self.config.max_batches_per_endpoint,
+            call_timeout_s=self.config.call_timeout_s,
+        )
+        pool.set_endpoints(self._endpoints.get(model, []))
+        metrics = self.metrics.for_model(model)
+        dispatcher = Dispatcher(model, policy, pool, metrics)
+        collector = asyncio.create_task(dispatcher.run(), name=f"dispatcher-{model}")
+        self.models[model] = ServedModel(metadata, dispatcher, metrics, collector)
+        self._learning.pop(model, None)
+        log.info(
+            "serving %s version %s: max_batch_size %d, delay %.1f ms, queue %d, %d endpoint(s)",
+            model,
+            metadata.version,
+            policy.max_batch_size,
+            policy.max_queue_delay_s * 1000,
+            policy.max_queue_size,
+            len(pool.endpoints),
+        )

@@ -1,0 +1,102 @@
+"""The gateway's HTTP client for model pods (any Open Inference Protocol v2 server).
+
+One pooled aiohttp session for the whole gateway, keep-alive connections per pod. Batches
+travel as binary tensors both ways, so a batch costs one JSON header and a memcpy per tensor
+instead of formatting thousands of floats.
+
+What a pod's answer means to the router: 200 is the outputs; 400 is the client's fault
+(``InvalidRequest``, passed through, not retried); anything else, a refused connection or
+a timeout is ``UpstreamError``, which the router retries once on another endpoint.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import aiohttp
+import orjson
+
+from gateway.codec import InferenceRequest, decode_response, encode_request
+from gateway.errors import InvalidRequest, UpstreamError
+from gateway.router import Tensors
+
+HEADER_LENGTH = "Inference-Header-Content-Length"
+
+
+class HttpModelClient:
+    """Implements ``router.ModelClient`` over HTTP; create it inside the running loop."""
+
+    def __init__(self, connect_timeout_s: float = 2.0) -> None:
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60),
+            timeout=aiohttp.ClientTimeout(sock_connect=connect_timeout_s),
+            json_serialize=lambda data: orjson.dumps(data).decode(),
+        )
+
+    async def infer(self, url: str, model: str, inputs: Tensors, timeout_s: float) -> Tensors:
+        request = InferenceRequest(
+            id=None, parameters={}, inputs=inputs, outputs=None, binary_output=True
+        )
+        body, header_length = encode_request(request, binary=True)
+        headers = {"Content-Type": "application/octet-stream"}
+        if header_length is not None:
+            headers[HEADER_LENGTH] = str(header_length)
+        target = f"{url}/v2/models/{model}/infer"
+        try:
+            async with self._session.post(
+                target, data=body, headers=headers, timeout=aiohttp.ClientTimeout(total=timeout_s)
+            ) as response:
+                payload = await response.read()
+                status = response.status
+                length = response.headers.get(HEADER_LENGTH)
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            raise UpstreamError(f"pod {url} failed: {type(exc).__name__}: {exc}") from None
+        if status != 200:
+            message = _error_message(payload)
+            if status == 400:
+                raise InvalidRequest(f"the pod refused the request: {message}")
+            raise UpstreamError(f"pod {url} answered {status}: {message}")
+        try:
+            header_length = int(length) if length is not None else None
+        except ValueError:
+            raise UpstreamError(f"pod {url} sent {HEADER_LENGTH}: {length!r}") from None
+        return decode_response(payload, header_length).outputs
+
+    async def ready(self, url: str, model: str) -> bool:
+        try:
+            async with self._session.get(
+                f"{url}/v2/models/{model}/ready", timeout=aiohttp.ClientTimeout(total=2.0)
+            ) as response:
+                return response.status == 200
+        except (TimeoutError, aiohttp.ClientError, OSError):
+            return False
+
+    async def get_json(self, url: str, path: str) -> Any:
+        """A control-plane GET (metadata, config); ``UpstreamError`` unless 200 with JSON."""
+        try:
+            async with self._session.get(
+                f"{url}{path}", timeout=aiohttp.ClientTimeout(total=10.0)
+            ) as response:
+                payload = await response.read()
+                status = response.status
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            raise UpstreamError(f"pod {url} failed: {type(exc).__name__}: {exc}") from None
+        if status != 200:
+            raise UpstreamError(f"GET {url}{path} answered {status}: {_error_message(payload)}")
+        try:
+            return orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            raise UpstreamError(f"GET {url}{path} did not answer JSON") from None
+
+    async def close(self) -> None:
+        await self._session.close()
+
+
+def _error_message(payload: bytes) -> str:
+    try:
+        data = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return payload[:200].decode("utf-8", "replace")
+    if isinstance(data, dict) and isinstance(data.get("error"), str):
+        return str(data["error"])
+    return str(data)[:200]
