@@ -4,7 +4,6 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
-DEMO := .bazaar/demo-repository
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
@@ -16,14 +15,17 @@ $(INSTALLED): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(INSTALLED)
 
-$(DEMO): | $(INSTALLED)
-	$(BIN)/bazaar models build-demo $(DEMO)
-
-serve: $(INSTALLED) $(DEMO)
-	$(BIN)/bazaar model-server --model-repository $(DEMO) --host $(HOST) --port $(PORT)
+# The gateway on $(HOST):$(PORT) with one worker per demo model (the demo repository is
+# built on first use); Ctrl-C drains and stops everything.
+serve: $(INSTALLED)
+	$(BIN)/bazaar serve --host $(HOST) --port $(PORT)
 
 test: $(INSTALLED)
 	$(BIN)/python -m pytest
+
+# Throughput and latency against raw ONNX Runtime and two reference servers (BENCHMARKS.md).
+bench: $(INSTALLED)
+	$(BIN)/python -m loadtests.bench
 
 check: $(INSTALLED)
 	$(BIN)/ruff format --check .

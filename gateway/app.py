@@ -103,6 +103,8 @@ def create_app(catalog: ModelCatalog) -> Starlette:
 
     async def repository_index(request: Request) -> Response:
         ready_only = (await json_body(request)).get("ready", False)
+        if not isinstance(ready_only, bool):
+            raise InvalidRequest("'ready' must be a boolean")
         entries = []
         for name in catalog.names():
             served = catalog.models.get(name)

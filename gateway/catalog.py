@@ -76,6 +76,8 @@ class ModelCatalog:
         )
 
     async def close(self) -> None:
+        for served in self.models.values():
+            served.dispatcher.close()
         tasks = [*self._learning.values(), *(m.collector for m in self.models.values())]
         for task in tasks:
             task.cancel()

@@ -97,6 +97,10 @@ class DispatcherStats:
     inflight_rows: int
     admitted: int
     """Requests admitted since start (a counter: its rate is the arrival rate)."""
+    admitted_rows: int
+    """Rows admitted since start."""
+    completed_rows: int
+    """Rows answered by pods since start (the rate is the throughput)."""
 
 
 @dataclass(slots=True)
@@ -142,6 +146,8 @@ class Dispatcher:
         self._inflight: set[asyncio.Task[None]] = set()
         self._inflight_rows = 0
         self._admitted = 0
+        self._admitted_rows = 0
+        self._completed_rows = 0
         self._drain = _Drain()
         self._waiter: asyncio.Future[None] | None = None
         self._closed: BazaarError | None = None
@@ -186,6 +192,7 @@ class Dispatcher:
         self._queue.size += 1
         self._queue.rows += rows
         self._admitted += 1
+        self._admitted_rows += rows
         heapq.heappush(self._queue.deadlines, (pending.deadline, next(self._sequence), pending))
         self._wakeup()
         return pending.future
@@ -197,6 +204,8 @@ class Dispatcher:
             inflight_batches=len(self._inflight),
             inflight_rows=self._inflight_rows,
             admitted=self._admitted,
+            admitted_rows=self._admitted_rows,
+            completed_rows=self._completed_rows,
         )
 
     # -- the collector ---------------------------------------------------------------------
@@ -251,7 +260,8 @@ class Dispatcher:
                     batch, rows = head, head_rows
                 else:
                     leave_at = min(p.arrived for p in batch) + policy.max_queue_delay_s
-                    if leave_at > now + TIMER_SLACK_S:
+                    # Waiting for company must not outlast a member's deadline.
+                    if now + TIMER_SLACK_S < leave_at < min(p.deadline for p in batch):
                         return leave_at
             endpoint = self.pool.acquire(rows)
             if endpoint is None:
@@ -263,7 +273,6 @@ class Dispatcher:
             task = asyncio.create_task(self._execute(endpoint, batch, rows))
             self._inflight.add(task)
             self._inflight_rows += rows
-            task.add_done_callback(self._inflight.discard)
         return None
 
     def _candidate(self) -> tuple[list[Pending], int, bool]:
@@ -344,6 +353,7 @@ class Dispatcher:
             self.metrics.pod_seconds.observe(loop.time() - started)
             _split(self.model, batch, rows, outputs)
             self._drain.record(rows, loop.time())
+            self._completed_rows += rows
         except BaseException as exc:
             error = exc if isinstance(exc, BazaarError) else _unexpected(self.model, exc)
             for pending in batch:
@@ -352,6 +362,9 @@ class Dispatcher:
             if not isinstance(exc, Exception):
                 raise
         finally:
+            # Now, not in a done-callback: the callers resume before callbacks run, and
+            # /stats must not show a batch in flight that has already answered them.
+            self._inflight.discard(asyncio.current_task())  # type: ignore[arg-type]
             self._inflight_rows -= rows
             self._wakeup()
 

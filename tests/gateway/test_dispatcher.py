@@ -316,3 +316,11 @@ async def test_a_request_held_without_endpoints_leaves_when_one_joins(make: Make
     result = await held
     assert result["out"][0, 0] == 10
     assert batches(pods) == [(2000.0, 1)]
+
+
+async def test_waiting_for_a_fuller_batch_never_outlasts_a_deadline(make: MakeDispatcher) -> None:
+    pods = FakePods(latency_s=0.001)
+    dispatcher = make(pods, max_batch_size=8, max_queue_delay_s=0.005)
+    result = await dispatcher.submit(rows_of(3), 1, timeout_s=0.002)
+    assert result["out"][0, 0] == 6
+    assert batches(pods) == [(0.0, 1)]  # left at once instead of expiring in the wait

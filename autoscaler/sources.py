@@ -1,0 +1,334 @@
+"""Where the autoscaler's signals come from, over HTTP with short timeouts.
+
+- ``GatewayStats``: demand. ``GET /stats`` on every gateway replica, summed. A gateway URL
+  whose host name resolves to several addresses (a headless Service) counts as one gateway
+  per address, so every replica is read, not one picked by a load balancer. Rates are
+  computed per gateway from its counters' deltas between two reads (the reader's clock),
+  then summed; a gateway read for the first time, or whose counters went back (a restart),
+  gives no rate until its next read.
+- ``PodMetrics``: capacity in use. Each ready pod's ``/metrics``: the model's busy ratio
+  (the busiest of its versions in that pod) and the pod's mean GPU utilisation, each
+  averaged over the pods that reported it.
+- ``PrometheusQuery``: GPU utilisation from DCGM through a Prometheus server's
+  ``/api/v1/query`` (optional); when it answers it wins over the pods' NVML readings.
+- ``Signals`` puts the three together into the policy's ``Sample``.
+
+A source that cannot answer (connection refused, timeout, bad body) gives missing
+signals, None, never zero: a model whose gateways are all down has no known demand, which
+is not the same as no demand. Failures are logged when a source goes from answering to
+failing and back, not on every tick.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import socket
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
+
+from autoscaler.loop import ScaleTarget
+from autoscaler.policy import Sample
+
+log = logging.getLogger(__name__)
+
+BUSY_RATIO = "bazaar_model_busy_ratio"
+GPU_UTILIZATION = "bazaar_gpu_utilization_ratio"
+DCGM_QUERY = 'avg(DCGM_FI_DEV_GPU_UTIL{pod=~"bazaar-model-{model}-.*"}) / 100'
+"""The default PromQL: DCGM's utilisation (percent) of the model's pods' GPUs, as 0..1."""
+
+_FAILURES = (aiohttp.ClientError, TimeoutError, ValueError, KeyError, TypeError, AttributeError)
+"""What a source that cannot answer raises: network, timeout, or an unexpected body."""
+
+
+@dataclass(frozen=True, slots=True)
+class Demand:
+    """One model's work in the gateways, summed over those that answered; None: none did."""
+
+    queued: float | None
+    inflight: float | None
+    arrival_rate: float | None
+    completion_rate: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class Load:
+    """One model's pods' load, averaged over those that reported; None: none did."""
+
+    busy_ratio: float | None
+    gpu_utilization: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class _Counters:
+    time_s: float
+    admitted_rows: float
+    completed_rows: float
+
+
+@dataclass(frozen=True, slots=True)
+class _ModelStats:
+    queued_rows: float
+    inflight_rows: float
+    counters: _Counters
+
+
+class _Reachability:
+    """Logs a source once when it starts failing and once when it answers again."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.failing: set[str] = set()
+
+    def ok(self, url: str) -> None:
+        if url in self.failing:
+            self.failing.discard(url)
+            log.info("%s %s answers again", self.what, url)
+
+    def failed(self, url: str, exc: BaseException) -> None:
+        if url not in self.failing:
+            self.failing.add(url)
+            log.warning("%s %s does not answer; its signals are missing: %r", self.what, url, exc)
+
+
+class GatewayStats:
+    def __init__(
+        self,
+        urls: Sequence[str],
+        *,
+        session: aiohttp.ClientSession,
+        clock: Callable[[], float] = time.monotonic,
+        timeout_s: float = 1.0,
+    ) -> None:
+        self.urls = [url.rstrip("/") for url in urls]
+        self.session = session
+        self.clock = clock
+        self.timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self._previous: dict[tuple[str, str], _Counters] = {}
+        self._reachability = _Reachability("gateway")
+
+    async def read(self, model: str) -> Demand:
+        replicas = [url for urls in await asyncio.gather(*map(_resolve, self.urls)) for url in urls]
+        answers = await asyncio.gather(*(self._stats(url) for url in replicas))
+        queued = inflight = arrival = completion = 0.0
+        reported = rated = False
+        for url, answer in zip(replicas, answers, strict=True):
+            if answer is None or model not in answer:
+                continue
+            stats = answer[model]
+            reported = True
+            queued += stats.queued_rows
+            inflight += stats.inflight_rows
+            previous = self._previous.get((url, model))
+            self._previous[url, model] = stats.counters
+            if previous is None or not _advanced(previous, stats.counters):
+                continue
+            elapsed = stats.counters.time_s - previous.time_s
+            arrival += (stats.counters.admitted_rows - previous.admitted_rows) / elapsed
+            completion += (stats.counters.completed_rows - previous.completed_rows) / elapsed
+            rated = True
+        if not reported:
+            return Demand(None, None, None, None)
+        if not rated:
+            return Demand(queued, inflight, None, None)
+        return Demand(queued, inflight, arrival, completion)
+
+    async def _stats(self, url: str) -> dict[str, _ModelStats] | None:
+        """One gateway's stats by model; None when it did not answer or answered nonsense."""
+        try:
+            async with self.session.get(f"{url}/stats", timeout=self.timeout) as response:
+                response.raise_for_status()
+                body = await response.json()
+            now = self.clock()
+            models = {
+                str(name): _ModelStats(
+                    float(stats["queued_rows"]),
+                    float(stats["inflight_rows"]),
+                    _Counters(now, float(stats["admitted_rows"]), float(stats["completed_rows"])),
+                )
+                for name, stats in body["models"].items()
+            }
+        except _FAILURES as exc:
+            self._reachability.failed(url, exc)
+            return None
+        self._reachability.ok(url)
+        return models
+
+
+def _advanced(previous: _Counters, counters: _Counters) -> bool:
+    """Whether two reads of one gateway give a rate: time went on and no counter went back."""
+    return (
+        counters.time_s > previous.time_s
+        and counters.admitted_rows >= previous.admitted_rows
+        and counters.completed_rows >= previous.completed_rows
+    )
+
+
+async def _resolve(url: str) -> list[str]:
+    """One URL per address the host resolves to (every replica of a headless Service)."""
+    parts = urlsplit(url)
+    if parts.hostname is None:
+        return [url]
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(
+            parts.hostname, port, type=socket.SOCK_STREAM
+        )
+    except OSError:
+        return [url]  # the request fails too, and says why
+    addresses = sorted({str(info[4][0]) for info in infos})
+    if len(addresses) <= 1:
+        return [url]
+    return [
+        f"{parts.scheme}://{f'[{address}]' if ':' in address else address}:{port}{parts.path}"
+        for address in addresses
+    ]
+
+
+class PodMetrics:
+    def __init__(self, *, session: aiohttp.ClientSession, timeout_s: float = 1.0) -> None:
+        self.session = session
+        self.timeout = aiohttp.ClientTimeout(total=timeout_s)
+
+    async def read(self, model: str, pod_urls: Iterable[str]) -> Load:
+        texts = await asyncio.gather(*(self._scrape(url) for url in pod_urls))
+        busy: list[float] = []
+        gpu: list[float] = []
+        for text in texts:
+            if text is None:
+                continue
+            pod_busy, pod_gpu = _pod_load(text, model)
+            if pod_busy is not None:
+                busy.append(pod_busy)
+            if pod_gpu is not None:
+                gpu.append(pod_gpu)
+        return Load(_mean(busy), _mean(gpu))
+
+    async def _scrape(self, url: str) -> str | None:
+        try:
+            async with self.session.get(f"{url}/metrics", timeout=self.timeout) as response:
+                response.raise_for_status()
+                return await response.text()
+        except _FAILURES as exc:
+            # Pods come and go (a terminating pod stops answering): not worth a warning.
+            log.debug("pod %s: no metrics: %r", url, exc)
+            return None
+
+
+def _pod_load(text: str, model: str) -> tuple[float | None, float | None]:
+    """The pod's busy ratio for ``model`` (its busiest version) and its mean GPU use."""
+    busy: list[float] = []
+    gpu: list[float] = []
+    try:
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == BUSY_RATIO and sample.labels.get("model") == model:
+                    busy.append(sample.value)
+                elif sample.name == GPU_UTILIZATION:
+                    gpu.append(sample.value)
+    except ValueError as exc:
+        log.debug("unreadable metrics text: %s", exc)
+        return None, None
+    busy = [value for value in busy if math.isfinite(value)]
+    return (max(busy) if busy else None), _mean(gpu)
+
+
+class PrometheusQuery:
+    """An instant PromQL query per model (``{model}`` in it is replaced by the model's name).
+
+    The query must yield a 0..1 ratio; the default, ``DCGM_QUERY``, scales DCGM's percent.
+    A vector result is averaged over its series; an empty result is a missing signal.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        query: str = DCGM_QUERY,
+        *,
+        session: aiohttp.ClientSession,
+        timeout_s: float = 2.0,
+    ) -> None:
+        self.url = url.rstrip("/")
+        self.query = query
+        self.session = session
+        self.timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self._reachability = _Reachability("prometheus")
+
+    async def read(self, model: str) -> float | None:
+        query = self.query.replace("{model}", model)
+        try:
+            async with self.session.get(
+                f"{self.url}/api/v1/query", params={"query": query}, timeout=self.timeout
+            ) as response:
+                response.raise_for_status()
+                body = await response.json()
+            values = _query_values(body)
+        except _FAILURES as exc:
+            self._reachability.failed(self.url, exc)
+            return None
+        self._reachability.ok(self.url)
+        return _mean(values)
+
+
+def _query_values(body: Any) -> list[float]:
+    """The numbers in a ``/api/v1/query`` answer (vector or scalar)."""
+    if body["status"] != "success":
+        raise ValueError(f"query failed: {body.get('error')}")
+    data = body["data"]
+    if data["resultType"] == "scalar":
+        return [float(data["result"][1])]
+    if data["resultType"] != "vector":
+        raise ValueError(f"expected a vector or scalar result, got {data['resultType']}")
+    return [float(series["value"][1]) for series in data["result"]]
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    finite = [value for value in values if math.isfinite(value)]
+    return sum(finite) / len(finite) if finite else None
+
+
+class Signals:
+    """The ``SignalReader`` of the loop: gateway demand, pod load and optionally DCGM."""
+
+    def __init__(
+        self,
+        gateway: GatewayStats,
+        pods: PodMetrics,
+        gpu: PrometheusQuery | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.gateway = gateway
+        self.pods = pods
+        self.gpu = gpu
+        self.clock = clock
+
+    async def read(self, target: ScaleTarget) -> Sample:
+        now = self.clock()
+        demand, load, dcgm = await asyncio.gather(
+            self.gateway.read(target.model),
+            self.pods.read(target.model, target.pod_urls),
+            self._dcgm(target.model),
+        )
+        return Sample(
+            time_s=now,
+            replicas=target.replicas,
+            ready_replicas=target.ready_replicas,
+            starting_replicas=target.starting_replicas,
+            queued=demand.queued,
+            inflight=demand.inflight,
+            arrival_rate=demand.arrival_rate,
+            completion_rate=demand.completion_rate,
+            busy_ratio=load.busy_ratio,
+            gpu_utilization=dcgm if dcgm is not None else load.gpu_utilization,
+        )
+
+    async def _dcgm(self, model: str) -> float | None:
+        return None if self.gpu is None else await self.gpu.read(model)

@@ -1,0 +1,1 @@
+"""Load tests and the benchmark that compares bazaar with raw ONNX Runtime and reference servers."""

@@ -1,0 +1,98 @@
+"""Servers under test as pinned subprocesses that never outlive the benchmark.
+
+``PinnedServer`` starts a command under ``taskset -c CORE`` (its children, such as the
+workers of ``bazaar serve``, inherit the affinity) in a session of its own, polls a readiness
+URL until it answers 200 or a deadline passes, and on exit sends SIGTERM, waits, then kills
+whatever is left of its process group, so a crashed or hung server leaves nothing behind.
+Output goes to a log file next to the results, where a failed start can be read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from types import TracebackType
+
+from loadtests.wrk import BenchError
+
+TERMINATE_GRACE_S = 15.0
+
+
+def free_port() -> int:
+    """A loopback port free now (bound to 0, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def http_get(url: str, timeout_s: float = 2.0) -> bytes:
+    with urllib.request.urlopen(url, timeout=timeout_s) as response:
+        return bytes(response.read())
+
+
+class PinnedServer:
+    """A server process pinned to one core; a context manager that always stops it."""
+
+    def __init__(
+        self, name: str, command: list[str], core: int, ready_url: str, log_dir: Path
+    ) -> None:
+        self.name = name
+        self.command = ["taskset", "-c", str(core), *command]
+        self.ready_url = ready_url
+        self.log_path = log_dir / f"{name}.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, deadline_s: float) -> None:
+        with self.log_path.open("wb") as log:
+            self.process = subprocess.Popen(
+                self.command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        give_up = time.monotonic() + deadline_s
+        while time.monotonic() < give_up:
+            if self.process.poll() is not None:
+                raise BenchError(
+                    f"{self.name} exited with {self.process.returncode}; see {self.log_path}"
+                )
+            with contextlib.suppress(urllib.error.URLError, OSError):
+                http_get(self.ready_url, timeout_s=1.0)
+                return
+            time.sleep(0.1)
+        raise BenchError(f"{self.name} not ready within {deadline_s:g} s; see {self.log_path}")
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        # SIGTERM to the leader alone: bazaar serve drains, then retires its own workers.
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(TERMINATE_GRACE_S)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        # Whatever is left of the session (a worker that missed the news) is killed.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+
+    def __enter__(self) -> PinnedServer:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        trace: TracebackType | None,
+    ) -> None:
+        self.stop()
