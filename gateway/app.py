@@ -23,27 +23,27 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+from starlette.types import ASGIApp
 
 from gateway.catalog import ModelCatalog
 from gateway.codec import InferenceResponse, decode_request, encode_response
 from gateway.dispatcher import DispatcherStats
 from gateway.errors import BazaarError, InvalidRequest
+from gateway.fastpath import Answer, Headers, header_length, with_infer_route
 from gateway.metrics import outcome_of
 from gateway.responses import (
     EXCEPTION_HANDLERS,
-    header_length,
     json_body,
     json_response,
-    tensor_response,
 )
 
 SERVER_NAME = "bazaar"
 SERVER_VERSION = "0.1.0"
 EXTENSIONS = ["binary_tensor_data", "model_repository", "schedule_policy", "parameters"]
-TIMEOUT_HEADER = "x-request-timeout-ms"
+TIMEOUT_HEADER = b"x-request-timeout-ms"
 
 
-def create_app(catalog: ModelCatalog) -> Starlette:
+def create_app(catalog: ModelCatalog) -> ASGIApp:
     async def server_metadata(request: Request) -> Response:
         return json_response(
             {"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": EXTENSIONS}
@@ -71,15 +71,14 @@ def create_app(catalog: ModelCatalog) -> Starlette:
         is_ready = served.dispatcher.pool.ready_endpoints > 0
         return json_response({"name": name, "ready": is_ready}, 200 if is_ready else 503)
 
-    async def infer(request: Request) -> Response:
+    async def infer(model: str, version: str | None, body: bytes, headers: Headers) -> Answer:
         started = time.perf_counter()
-        served = catalog.get(*_model_path(request))
+        served = catalog.get(model, version)
         status = 500
         try:
             metadata = served.metadata
-            body = await request.body()
-            inference = decode_request(body, header_length(request), metadata)
-            priority, timeout_s = _schedule(inference.parameters, request.headers)
+            inference = decode_request(body, header_length(headers), metadata)
+            priority, timeout_s = _schedule(inference.parameters, headers)
             future = served.dispatcher.submit(
                 inference.inputs, inference.rows(metadata.max_batch_size), priority, timeout_s
             )
@@ -91,9 +90,9 @@ def create_app(catalog: ModelCatalog) -> Starlette:
                 parameters={},
                 outputs=outputs,
             )
-            encoded, length = encode_response(response, inference.outputs, inference.binary_output)
+            answer = encode_response(response, inference.outputs, inference.binary_output)
             status = 200
-            return tensor_response(encoded, length)
+            return answer
         except BazaarError as exc:
             status = exc.status
             raise
@@ -143,18 +142,15 @@ def create_app(catalog: ModelCatalog) -> Starlette:
         routes += [
             Route(prefix, model_metadata),
             Route(prefix + "/ready", model_ready),
-            Route(prefix + "/infer", infer, methods=["POST"]),
         ]
-    return Starlette(routes=routes, exception_handlers=EXCEPTION_HANDLERS)
+    return with_infer_route(Starlette(routes=routes, exception_handlers=EXCEPTION_HANDLERS), infer)
 
 
 def _model_path(request: Request) -> tuple[str, str | None]:
     return request.path_params["model"], request.path_params.get("version")
 
 
-def _schedule(
-    parameters: Mapping[str, Any], headers: Mapping[str, str]
-) -> tuple[int, float | None]:
+def _schedule(parameters: Mapping[str, Any], headers: Headers) -> tuple[int, float | None]:
     """Triton's schedule parameters: ``priority`` (1 highest, 0 default), ``timeout`` (µs)."""
     priority = parameters.get("priority", 0)
     if not isinstance(priority, int) or isinstance(priority, bool) or priority < 0:
@@ -175,8 +171,9 @@ def _schedule(
         except ValueError:
             header_s = -1.0
         if not header_s >= 0:  # also refuses NaN
+            shown = header.decode(errors="replace")
             raise InvalidRequest(
-                f"header X-Request-Timeout-Ms must be a number >= 0, got {header!r}"
+                f"header X-Request-Timeout-Ms must be a number >= 0, got {shown!r}"
             )
         if header_s:
             timeout_s = min(timeout_s, header_s) if timeout_s else header_s

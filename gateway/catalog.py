@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from gateway.client import HttpModelClient
@@ -25,6 +26,9 @@ from gateway.router import EndpointPool
 from gateway.schema import ModelMetadata
 
 log = logging.getLogger(__name__)
+
+EndpointListener = Callable[[str, list[str]], None]
+"""An endpoint source's only call into the gateway: a model and its ready endpoint URLs."""
 
 
 @dataclass(slots=True)

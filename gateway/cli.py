@@ -51,7 +51,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--workers-per-model", type=int, default=1, metavar="N")
+    serve.add_argument(
+        "--workers-per-model",
+        type=int,
+        default=1,
+        metavar="N",
+        help="workers each model starts with, and the fewest it keeps (default %(default)s)",
+    )
+    serve.add_argument(
+        "--max-workers-per-model",
+        type=int,
+        metavar="N",
+        help="the most the autoscaler may start (default: the number of CPUs)",
+    )
+    serve.add_argument(
+        "--scale-down-window",
+        type=float,
+        default=120.0,
+        metavar="SECONDS",
+        help="workers are removed only when not needed for this long (default %(default)s)",
+    )
+    serve.add_argument(
+        "--no-autoscale", action="store_true", help="keep --workers-per-model workers per model"
+    )
     _gateway_options(serve)
     serve.set_defaults(run=_serve)
 
@@ -113,12 +135,29 @@ def _gateway_config(args: argparse.Namespace) -> GatewayConfig:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from gateway.server import LocalWorkers, run
+    from autoscaler.policy import ScaleConfig
+    from gateway.local import LocalWorkers
+    from gateway.server import run
 
     repository = args.model_repository
     if repository is None:
         repository = _demo_repository()
-    source = LocalWorkers(repository, args.workers_per_model, args.log_level)
+    autoscale = None
+    if not args.no_autoscale:
+        most = args.max_workers_per_model or max(args.workers_per_model, os.cpu_count() or 1)
+        autoscale = ScaleConfig(
+            min_replicas=args.workers_per_model,
+            max_replicas=most,
+            scale_down_window_s=args.scale_down_window,
+        )
+    host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+    source = LocalWorkers(
+        repository,
+        f"http://{host}:{args.port}",
+        min_workers=args.workers_per_model,
+        autoscale=autoscale,
+        log_level=args.log_level,
+    )
     _run_async(run(source, args.host, args.port, _gateway_config(args), args.log_level))
     return 0
 

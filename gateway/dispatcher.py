@@ -364,7 +364,7 @@ class Dispatcher:
         finally:
             # Now, not in a done-callback: the callers resume before callbacks run, and
             # /stats must not show a batch in flight that has already answered them.
-            self._inflight.discard(asyncio.current_task())  # type: ignore[arg-type]
+            self._inflight.discard(asyncio.current_task())
             self._inflight_rows -= rows
             self._wakeup()
 

@@ -20,24 +20,11 @@ from gateway.errors import BazaarError, InvalidRequest
 
 log = logging.getLogger(__name__)
 
-HEADER_LENGTH = "inference-header-content-length"
-
 
 def json_response(
     data: Any, status: int = 200, headers: Mapping[str, str] | None = None
 ) -> Response:
     return Response(orjson.dumps(data), status, headers, media_type="application/json")
-
-
-def tensor_response(body: bytes, header_length: int | None) -> Response:
-    """An inference response; with binary outputs the JSON header length travels in a header."""
-    if header_length is None:
-        return Response(body, media_type="application/json")
-    return Response(
-        body,
-        headers={"Inference-Header-Content-Length": str(header_length)},
-        media_type="application/octet-stream",
-    )
 
 
 def error_response(exc: Exception) -> Response:
@@ -62,19 +49,6 @@ EXCEPTION_HANDLERS = {
     BazaarError: _handle_error,
     Exception: _handle_error,
 }
-
-
-def header_length(request: Request) -> int | None:
-    """The binary extension's ``Inference-Header-Content-Length``, validated."""
-    value = request.headers.get(HEADER_LENGTH)
-    if value is None:
-        return None
-    try:
-        return int(value)
-    except ValueError:
-        raise InvalidRequest(
-            f"Inference-Header-Content-Length must be an integer, got {value!r}"
-        ) from None
 
 
 async def json_body(request: Request) -> dict[str, Any]:

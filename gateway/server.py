@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Protocol
 
@@ -25,20 +25,19 @@ import uvicorn
 from prometheus_client import CollectorRegistry
 
 from gateway.app import create_app
-from gateway.catalog import ModelCatalog
+from gateway.catalog import EndpointListener, ModelCatalog
 from gateway.client import HttpModelClient
 from gateway.config import GatewayConfig, load_static_endpoints
 from gateway.metrics import GatewayMetrics
 
 log = logging.getLogger(__name__)
 
-EndpointListener = Callable[[str, list[str]], None]
-
 
 class EndpointSource(Protocol):
     """Where endpoints come from; it reports them through ``catalog.set_endpoints``."""
 
-    async def start(self, listener: EndpointListener) -> None: ...
+    async def start(self, listener: EndpointListener, registry: CollectorRegistry) -> None:
+        """Begin reporting endpoints; ``registry`` is the gateway's, for the source's metrics."""
 
     async def stop(self) -> None: ...
 
@@ -49,38 +48,12 @@ class StaticEndpoints:
     def __init__(self, path: Path) -> None:
         self.endpoints = load_static_endpoints(path)
 
-    async def start(self, listener: EndpointListener) -> None:
+    async def start(self, listener: EndpointListener, registry: CollectorRegistry) -> None:
         for model, urls in self.endpoints.items():
             listener(model, urls)
 
     async def stop(self) -> None:
         return None
-
-
-class LocalWorkers:
-    """``bazaar model-server`` worker processes on this machine, ``workers`` per model."""
-
-    def __init__(self, repository: Path, workers: int, log_level: str) -> None:
-        from gateway.supervisor import WorkerSupervisor
-        from models.repository import ModelRepository
-
-        self.repository = repository
-        self.models = ModelRepository(repository).model_names()
-        self.workers = workers
-        self.log_level = log_level
-        self.supervisor: WorkerSupervisor | None = None
-
-    async def start(self, listener: EndpointListener) -> None:
-        from gateway.supervisor import WorkerSupervisor
-
-        self.supervisor = WorkerSupervisor(self.repository, listener, log_level=self.log_level)
-        for model in self.models:
-            listener(model, [])  # known at once: requests wait for a worker instead of 404
-            await self.supervisor.scale(model, self.workers)
-
-    async def stop(self) -> None:
-        if self.supervisor is not None:
-            await self.supervisor.stop()
 
 
 async def run(
@@ -128,9 +101,10 @@ class _Server(uvicorn.Server):
 @contextlib.asynccontextmanager
 async def _gateway(source: EndpointSource, config: GatewayConfig) -> AsyncIterator[ModelCatalog]:
     client = HttpModelClient()
-    catalog = ModelCatalog(client, GatewayMetrics(CollectorRegistry()), config)
+    registry = CollectorRegistry()
+    catalog = ModelCatalog(client, GatewayMetrics(registry), config)
     try:
-        await source.start(catalog.set_endpoints)
+        await source.start(catalog.set_endpoints, registry)
         yield catalog
     finally:
         await catalog.close()

@@ -38,10 +38,10 @@ from pathlib import Path
 
 import aiohttp
 
+from gateway.catalog import EndpointListener
+
 log = logging.getLogger(__name__)
 
-EndpointListener = Callable[[str, list[str]], None]
-"""Called with a model and the URLs of its ready workers whenever that set changes."""
 
 READY_POLL_S = 0.05
 READY_PROBE_TIMEOUT_S = 1.0

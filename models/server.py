@@ -24,15 +24,15 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+from starlette.types import ASGIApp
 
 from gateway.codec import InferenceResponse, decode_request, encode_response
 from gateway.errors import BazaarError, InvalidRequest
+from gateway.fastpath import Answer, Headers, header_length, with_infer_route
 from gateway.responses import (
     EXCEPTION_HANDLERS,
-    header_length,
     json_body,
     json_response,
-    tensor_response,
 )
 from models.metrics import PodMetrics
 from models.store import ModelStore
@@ -45,7 +45,7 @@ SERVER_VERSION = "0.1.0"
 EXTENSIONS = ["binary_tensor_data", "model_repository"]
 
 
-def create_app(store: ModelStore, registry: CollectorRegistry | None = None) -> Starlette:
+def create_app(store: ModelStore, registry: CollectorRegistry | None = None) -> ASGIApp:
     registry = registry if registry is not None else CollectorRegistry()
     metrics = PodMetrics(registry, store, GpuMonitor())
 
@@ -84,13 +84,11 @@ def create_app(store: ModelStore, registry: CollectorRegistry | None = None) -> 
         config["max_batch_size"] = runtime.metadata.max_batch_size
         return json_response({"name": name, **config})
 
-    async def infer(request: Request) -> Response:
-        name, version = _model_path(request)
-        runtime = store.get(name, version)
+    async def infer(model: str, version: str | None, body: bytes, headers: Headers) -> Answer:
+        runtime = store.get(model, version)
         outcome = "server_error"
         try:
-            body = await request.body()
-            inference = decode_request(body, header_length(request), runtime.metadata)
+            inference = decode_request(body, header_length(headers), runtime.metadata)
             names = (
                 [o.name for o in inference.outputs]
                 if inference.outputs is not None
@@ -100,26 +98,26 @@ def create_app(store: ModelStore, registry: CollectorRegistry | None = None) -> 
             try:
                 outputs, compute_s = await runtime.infer(inference.inputs, names)
             except BaseException:
-                metrics.batches.labels(name, "failure").inc()
+                metrics.batches.labels(model, "failure").inc()
                 raise
-            metrics.batches.labels(name, "success").inc()
-            metrics.batch_size.labels(name).observe(rows)
-            metrics.compute_seconds.labels(name).observe(compute_s)
+            metrics.batches.labels(model, "success").inc()
+            metrics.batch_size.labels(model).observe(rows)
+            metrics.compute_seconds.labels(model).observe(compute_s)
             response = InferenceResponse(
-                model_name=name,
+                model_name=model,
                 model_version=runtime.metadata.version,
                 id=inference.id,
                 parameters={},
                 outputs=outputs,
             )
-            encoded, length = encode_response(response, inference.outputs, inference.binary_output)
+            answer = encode_response(response, inference.outputs, inference.binary_output)
             outcome = "success"
-            return tensor_response(encoded, length)
+            return answer
         except BazaarError as exc:
             outcome = "client_error" if exc.status < 500 else "server_error"
             raise
         finally:
-            metrics.requests.labels(name, outcome).inc()
+            metrics.requests.labels(model, outcome).inc()
 
     async def repository_index(request: Request) -> Response:
         body = await json_body(request)
@@ -168,9 +166,9 @@ def create_app(store: ModelStore, registry: CollectorRegistry | None = None) -> 
             Route(prefix, model_metadata),
             Route(prefix + "/ready", model_ready),
             Route(prefix + "/config", model_config),
-            Route(prefix + "/infer", infer, methods=["POST"]),
         ]
-    return Starlette(routes=routes, exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan)
+    app = Starlette(routes=routes, exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan)
+    return with_infer_route(app, infer)
 
 
 def _model_path(request: Request) -> tuple[str, str | None]:

@@ -1,0 +1,44 @@
+"""The local scaler: ``bazaar serve``'s worker processes are its replicas.
+
+Each model's replicas are ``bazaar model-server --model NAME`` workers kept by the
+``WorkerSupervisor``; scaling asks it for a new count, which starts workers (they join the
+gateway once ready) or retires the newest (they leave the gateway first, then drain).
+Workers that are starting count as starting replicas, so the policy does not ask twice for
+capacity that is already on its way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from autoscaler.loop import ScaleTarget
+from autoscaler.policy import ScaleConfig
+from gateway.supervisor import WorkerSupervisor
+
+
+class LocalScaler:
+    """Implements ``loop.Scaler`` over local worker processes."""
+
+    def __init__(self, supervisor: WorkerSupervisor, configs: Mapping[str, ScaleConfig]) -> None:
+        self.supervisor = supervisor
+        self.configs = dict(configs)
+
+    async def targets(self) -> list[ScaleTarget]:
+        targets = []
+        for model, config in self.configs.items():
+            workers = self.supervisor.workers(model)
+            ready = self.supervisor.endpoints(model)
+            targets.append(
+                ScaleTarget(
+                    model=model,
+                    config=config,
+                    replicas=workers,
+                    ready_replicas=len(ready),
+                    starting_replicas=max(0, workers - len(ready)),
+                    pod_urls=tuple(ready),
+                )
+            )
+        return targets
+
+    async def scale(self, model: str, replicas: int, reason: str) -> None:
+        await self.supervisor.scale(model, replicas)

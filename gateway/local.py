@@ -1,0 +1,79 @@
+"""``bazaar serve``'s endpoint source: local model workers, autoscaled.
+
+Every model in the repository gets ``min_workers`` ``bazaar model-server`` processes from
+the ``WorkerSupervisor``. With autoscaling on (the default), the same control loop the
+Kubernetes autoscaler runs reads the gateway's own ``/stats`` and the workers' ``/metrics``
+every second and scales each model between ``min_workers`` and ``max_workers`` through
+the local scaler; its metrics join the gateway's ``/metrics``. Stopping ends the loop
+first, so nothing scales while the workers are being stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from pathlib import Path
+
+import aiohttp
+from prometheus_client import CollectorRegistry
+
+from autoscaler.local import LocalScaler
+from autoscaler.loop import Autoscaler
+from autoscaler.metrics import AutoscalerMetrics
+from autoscaler.policy import ScaleConfig
+from autoscaler.sources import GatewayStats, PodMetrics, Signals
+from gateway.catalog import EndpointListener
+from gateway.supervisor import WorkerSupervisor
+from models.repository import ModelRepository
+
+log = logging.getLogger(__name__)
+
+
+class LocalWorkers:
+    def __init__(
+        self,
+        repository: Path,
+        gateway_url: str,
+        *,
+        min_workers: int,
+        autoscale: ScaleConfig | None,
+        log_level: str,
+    ) -> None:
+        self.repository = repository
+        self.models = ModelRepository(repository).model_names()
+        self.gateway_url = gateway_url
+        self.min_workers = min_workers
+        self.autoscale = autoscale
+        self.log_level = log_level
+        self.supervisor: WorkerSupervisor | None = None
+        self._autoscaler: asyncio.Task[None] | None = None
+
+    async def start(self, listener: EndpointListener, registry: CollectorRegistry) -> None:
+        self.supervisor = WorkerSupervisor(self.repository, listener, log_level=self.log_level)
+        for model in self.models:
+            listener(model, [])  # known at once: requests wait for a worker instead of 404
+            await self.supervisor.scale(model, self.min_workers)
+        if self.autoscale is not None:
+            scaler = LocalScaler(self.supervisor, dict.fromkeys(self.models, self.autoscale))
+            self._autoscaler = asyncio.create_task(self._run_autoscaler(scaler, registry))
+            log.info(
+                "autoscaling each model between %d and %d workers",
+                self.autoscale.min_replicas,
+                self.autoscale.max_replicas,
+            )
+
+    async def stop(self) -> None:
+        if self._autoscaler is not None:
+            self._autoscaler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._autoscaler
+        if self.supervisor is not None:
+            await self.supervisor.stop()
+
+    async def _run_autoscaler(self, scaler: LocalScaler, registry: CollectorRegistry) -> None:
+        async with aiohttp.ClientSession() as session:
+            signals = Signals(
+                GatewayStats([self.gateway_url], session=session), PodMetrics(session=session)
+            )
+            await Autoscaler(scaler, signals, AutoscalerMetrics(registry)).run()

@@ -1,0 +1,81 @@
+"""``bazaar serve`` autoscales its workers: up under a burst, back down after the window."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from gateway.codec import InferenceRequest, encode_request
+from tests.support import bazaar_process, free_port, wait_until
+
+
+@pytest.fixture(scope="module")
+def wide_repository(demo_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("wide-repository")
+    shutil.copytree(demo_repository / "mlp_wide", root / "mlp_wide")
+    return root
+
+
+def _workers(url: str) -> tuple[int, int]:
+    """(endpoints, ready endpoints) of mlp_wide, from the gateway's /stats."""
+    stats = httpx.get(f"{url}/stats", timeout=5).json()["models"].get("mlp_wide", {})
+    return int(stats.get("endpoints", 0)), int(stats.get("ready_endpoints", 0))
+
+
+def test_a_burst_adds_workers_and_the_quiet_after_it_removes_them(
+    wide_repository: Path, tmp_path: Path
+) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    args = [
+        "serve",
+        "--model-repository",
+        str(wide_repository),
+        "--port",
+        str(port),
+        "--workers-per-model",
+        "1",
+        "--max-workers-per-model",
+        "3",
+        "--scale-down-window",
+        "5",
+    ]
+    rows = np.random.default_rng(1).standard_normal((32, 1024), dtype=np.float32)
+    body, header_length = encode_request(
+        InferenceRequest(
+            id=None, parameters={}, inputs={"input": rows}, outputs=None, binary_output=True
+        )
+    )
+    headers = {"Inference-Header-Content-Length": str(header_length)}
+    statuses: list[int] = []
+    stop = threading.Event()
+
+    def client() -> None:
+        with httpx.Client(timeout=60) as http:
+            while not stop.is_set():
+                response = http.post(
+                    f"{url}/v2/models/mlp_wide/infer", content=body, headers=headers
+                )
+                statuses.append(response.status_code)
+
+    with bazaar_process(args, tmp_path / "serve.log", f"{url}/v2/health/ready"):
+        assert _workers(url) == (1, 1)
+        with ThreadPoolExecutor(12) as pool:
+            clients = [pool.submit(client) for _ in range(12)]
+            try:
+                wait_until(lambda: _workers(url)[1] >= 2, 90, "a second worker under the burst")
+            finally:
+                stop.set()
+            for future in clients:
+                future.result(timeout=120)
+        wait_until(lambda: _workers(url) == (1, 1), 90, "back to one worker after the window")
+        log = (tmp_path / "serve.log").read_text()
+    assert statuses and set(statuses) == {200}, {s: statuses.count(s) for s in set(statuses)}
+    assert "scale_up" in log or "panic" in log
+    assert "scale_down" in log
