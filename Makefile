@@ -7,7 +7,7 @@ INSTALLED := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: serve test check bench clean
+.PHONY: serve test check bench loadtest simulate clean
 
 $(INSTALLED): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,14 @@ test: $(INSTALLED)
 # Throughput and latency against raw ONNX Runtime and two reference servers (BENCHMARKS.md).
 bench: $(INSTALLED)
 	$(BIN)/python -m loadtests.bench
+
+# A Locust run against `make serve` (another terminal): verdict, report and plot in results/.
+loadtest: $(INSTALLED)
+	$(BIN)/bazaar loadtest --host http://$(HOST):$(PORT) --scenario steady --duration 30s
+
+# The autoscaling benchmark: bazaar's policy against HPA, KEDA and Knative on five traces.
+simulate: $(INSTALLED)
+	$(BIN)/bazaar simulate
 
 check: $(INSTALLED)
 	$(BIN)/ruff format --check .

@@ -17,9 +17,11 @@ with a per-request timeout. Failures:
   with that permission succeeds again; the scaler then does without (no targets, no pod
   URLs, no scaling) and never raises for it.
 - 409, 429, 5xx, timeouts, connection errors: retried with exponential backoff, a bounded
-  number of attempts per call; after the last one the call raises ``KubernetesError`` (a
-  ``ScalerError``), which the loop logs before going on with the next tick. urllib3's own
-  retries are off, so this is the only retry policy.
+  number of attempts per call; urllib3's own retries are off, so this is the only retry
+  policy. When the last attempt fails: listing the Deployments or patching raises
+  ``KubernetesError`` (a ``ScalerError``), which the loop logs before going on; reading one
+  Deployment's scale skips that model for the tick; listing its pods leaves its pod
+  signals missing.
 - A Deployment with bad annotations, or a model label on two Deployments, is skipped and
   logged once per distinct problem.
 """
@@ -80,20 +82,23 @@ class _Forbidden(Exception):
     """RBAC refused a call; already logged."""
 
 
-def load_configuration(kubeconfig: str | None = None) -> Configuration:
-    """The in-cluster configuration inside a pod, else the kubeconfig (``kubeconfig`` or the
-    default ``~/.kube/config``). Raises ``kubernetes.config.ConfigException`` when neither works.
-    """
+def connect(kubeconfig: str | None = None) -> ApiClient:
+    """A client configured in-cluster inside a pod, else from the kubeconfig (``kubeconfig``
+    or ``~/.kube/config``); ``ConfigError`` when neither works."""
     configuration = Configuration()
-    if kubeconfig is None:
-        try:
-            _load_incluster_config(client_configuration=configuration)
-        except config.ConfigException:
-            _load_kube_config(client_configuration=configuration)
-    else:
-        _load_kube_config(config_file=kubeconfig, client_configuration=configuration)
+    try:
+        if kubeconfig is None:
+            try:
+                _load_incluster_config(client_configuration=configuration)
+            except config.ConfigException:
+                _load_kube_config(client_configuration=configuration)
+        else:
+            _load_kube_config(config_file=kubeconfig, client_configuration=configuration)
+    except (config.ConfigException, OSError) as exc:
+        where = kubeconfig or "kubernetes configuration (in-cluster, else ~/.kube/config)"
+        raise ConfigError(where, None, str(exc)) from None
     configuration.retries = False  # our backoff is the one retry policy
-    return configuration
+    return ApiClient(configuration)
 
 
 class KubernetesScaler:
@@ -114,7 +119,7 @@ class KubernetesScaler:
         self.namespace = namespace
         self.selector = selector
         """The label key whose value names the model."""
-        self.client = api_client if api_client is not None else ApiClient(load_configuration())
+        self.client = api_client if api_client is not None else connect()
         self.request_timeout_s = request_timeout_s
         self.attempts = attempts
         self.backoff_s = backoff_s
@@ -181,7 +186,7 @@ class KubernetesScaler:
             )
         except _Forbidden:
             return
-        log.info("scaled deployment %s/%s to %d: %s", self.namespace, name, replicas, reason)
+        log.debug("scaled deployment %s/%s to %d: %s", self.namespace, name, replicas, reason)
 
     async def _target(
         self, model: str, deployment: V1Deployment, problems: set[str]
@@ -202,6 +207,9 @@ class KubernetesScaler:
                 ),
             )
         except _Forbidden:
+            return None
+        except KubernetesError as exc:
+            log.warning("%s; model %s is skipped this tick", exc, model)
             return None
         replicas = (scale.spec and scale.spec.replicas) or 0
         ready = (deployment.status and deployment.status.ready_replicas) or 0
@@ -234,6 +242,9 @@ class KubernetesScaler:
                 ),
             )
         except _Forbidden:
+            return ()
+        except KubernetesError as exc:
+            log.warning("%s; the pods' signals are missing this tick", exc)
             return ()
         urls = []
         for pod in pods.items:

@@ -102,9 +102,7 @@ class Autoscaler:
         try:
             targets = await self.scaler.targets()
         except Exception as exc:
-            log.warning(
-                "cannot list the models to scale: %s", exc, exc_info=_traceback_helps(exc)
-            )
+            log.warning("cannot list the models to scale: %s", exc, exc_info=_traceback_helps(exc))
             return []
         for gone in self._states.keys() - {target.model for target in targets}:
             del self._states[gone]

@@ -11,6 +11,7 @@ never a stale value or a zero. ``forget(model)`` drops a model that no longer ex
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -79,10 +80,8 @@ class AutoscalerMetrics:
     def forget(self, model: str) -> None:
         self._last.pop(model, None)
         for kind in KINDS:
-            try:
+            with contextlib.suppress(KeyError):  # never decided this kind for this model
                 self._decisions.remove(model, kind)
-            except KeyError:
-                pass  # never decided this kind for this model
 
 
 class _LastObservation(Collector):

@@ -1,11 +1,49 @@
 """The scaling policy: a pure function from a snapshot of signals to a replica count.
 
-(Interface fixed; the algorithm is being written.)
+``decide(sample, state, config, now)`` reads no clock and no network; everything it remembers is
+in the :class:`PolicyState` it returns, so the control loop, the simulator and the tests drive the
+very same function.
+
+The algorithm, one decision per sample:
+
+1. **Size from demand.** A replica answers ``μ`` rows/s at full batch. ``μ`` is learned from
+   saturated samples (a backlog of at least a full batch per ready replica waits, so every replica
+   runs full batches: ``μ = completion_rate / (ready x busy_ratio)``), else taken from
+   ``replica_throughput_rps``. Serving the arrival rate ``λ`` at the target takes
+   ``ceil(λ / (μ x target_utilization))`` replicas; draining the backlog within
+   ``backlog_drain_s`` takes ``ceil(backlog / (μ x backlog_drain_s))`` more, where the backlog is
+   the queue projected to the moment starting replicas are ready. Without ``μ`` the count is
+   ``ceil(outstanding / (target_queue_per_replica x target_utilization))``.
+2. **Count what is coming.** The comparison is against ``sample.replicas``, which includes
+   replicas still pending or loading, so a burst is not answered twice while pods start.
+3. **Up at once, down slowly.** Scale-up goes straight to the need in one step (bounded by
+   ``max_scale_up_rate``): the panic window is the source's short rate window plus the live queue.
+   Scale-down goes only to the highest serving need of the last window and at
+   most halves per step, so noise and short dips cause no reversals; replicas added only to drain
+   a backlog leave as soon as it is drained.
+4. **Zero.** From zero, the first queued row brings the need at once (the gateway holds the
+   request meanwhile). To zero only after ``scale_to_zero_after_s`` with no queued, in-flight or
+   arriving rows, and only when ``min_replicas`` is 0.
+
+Busy ratio and GPU utilisation saturate at 1 as soon as a batching replica has a queue (a
+replica at a quarter of its throughput already looks fully busy), so they cannot size; they feed
+the capacity estimate, and size only when every demand signal is missing (HPA-style
+``ceil(ready x utilisation / target)``, which can at most grow by ``1 / target`` per step).
+
+Missing signals are never zeros: without the queue, in-flight rows and arrival rate the policy
+never scales down, never counts the time as idle, and never leaves zero. Failure modes: a
+learned ``μ`` that is too high under-provisions until the next saturated sample corrects it; a
+rate window much longer than the cold start delays the reaction to bursts by that window.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
+
+SATURATED_FOR_S = 10.0
+"""Saturation must last this long before it says what a replica can do: the rate window has to
+cover saturated time only."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,11 +94,46 @@ class ScaleConfig:
     scale_to_zero_after_s: float | None = None
     """Idle time after which the model may go to zero replicas; None = never
     (``bazaar.dev/scale-to-zero-after``)."""
+    replica_throughput_rps: float | None = None
+    """Rows per second one replica answers at full batch; None = learn it from saturated samples
+    (sizing by outstanding rows until then). A learned value replaces this one."""
+    backlog_drain_s: float = 10.0
+    """Time within which extra replicas should drain a backlog, seconds."""
+    replica_startup_s: float = 30.0
+    """Expected time from asking for a replica to it serving (schedule + model load), seconds;
+    used to project the backlog new replicas will find."""
+    scale_down_window_s: float = 120.0
+    """Scale down only to the highest serving need seen over this window, seconds. The window
+    doubles (up to ``max_scale_down_window_s``) each time demand comes back within five windows
+    of a scale-down, and returns to this value when it does not."""
+    max_scale_down_window_s: float = 960.0
+    """Longest the scale-down window grows to under recurring bursts, seconds."""
+    max_scale_up_rate: float = 10.0
+    """At most this many times the current replicas (or +4) per step."""
+    max_scale_down_rate: float = 2.0
+    """At most divide the current replicas by this (or -1) per step."""
 
 
 @dataclass(frozen=True, slots=True)
 class PolicyState:
     """What the policy remembers between decisions (opaque to callers)."""
+
+    started_s: float | None = None
+    """Time of the first decision: no scale-down before a full window of history."""
+    needs: tuple[tuple[float, int], ...] = ()
+    """(time, serving need) over the last ``scale_down_window_s``."""
+    last_active_s: float | None = None
+    """Last time demand was seen (or could not be ruled out)."""
+    capacity_rps: float | None = None
+    """Learned rows per second of one replica at full batch."""
+    starting_since_s: float | None = None
+    """When the oldest scale-up still starting was asked for."""
+    down_window_s: float | None = None
+    """The scale-down window now in force; None = ``scale_down_window_s``."""
+    last_down_s: float | None = None
+    """When the policy last scaled down."""
+    saturated_since_s: float | None = None
+    """Start of the current run of saturated samples (capacity is learned after 10 s of it)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,4 +145,157 @@ class Decision:
 
 
 def decide(sample: Sample, state: PolicyState, config: ScaleConfig, now: float) -> Decision:
-    raise NotImplementedError
+    """The replica count for ``sample``, the state to pass next time, and why."""
+    current = sample.replicas
+    saturated = _saturated(sample, config)
+    saturated_since = None
+    if saturated:
+        saturated_since = now if state.saturated_since_s is None else state.saturated_since_s
+    learned = state.capacity_rps
+    if saturated_since is not None and now - saturated_since >= SATURATED_FOR_S:
+        learned = _observed_capacity(sample, learned)
+    capacity = learned if learned is not None else config.replica_throughput_rps
+    queued, inflight, rate = sample.queued, sample.inflight, sample.arrival_rate
+    demand_known = queued is not None and inflight is not None and rate is not None
+    active = not demand_known or bool(queued or inflight or rate)
+    started = state.started_s if state.started_s is not None else now
+    last_active = now if active or state.last_active_s is None else state.last_active_s
+    starting_since = state.starting_since_s if sample.starting_replicas > 0 else None
+    serving, backlog, why = _need(sample, config, capacity, starting_since, now)
+    window = state.down_window_s or config.scale_down_window_s
+    needs = tuple((t, n) for t, n in state.needs if t > now - config.max_scale_down_window_s)
+    if serving is not None:
+        needs += ((now, serving),)
+    state = replace(
+        state,
+        started_s=started,
+        needs=needs,
+        last_active_s=last_active,
+        capacity_rps=learned,
+        starting_since_s=starting_since,
+        saturated_since_s=saturated_since,
+    )
+    may_idle = config.min_replicas == 0 and config.scale_to_zero_after_s is not None
+    floor = config.min_replicas if may_idle else max(1, config.min_replicas)
+
+    if serving is None:
+        return Decision(current, state, f"hold {current}: {why}")
+    need = serving + backlog
+    if current == 0:
+        if not (queued or rate):
+            return Decision(0, state, f"stay at 0: {why}")
+        wanted = min(config.max_replicas, max(1, floor, need))
+        return _up(current, wanted, state, config, now, f"scale from zero: {why}")
+    if (
+        may_idle
+        and not active
+        and config.scale_to_zero_after_s is not None
+        and now - last_active >= config.scale_to_zero_after_s
+    ):
+        idle_s = now - last_active
+        return Decision(0, replace(state, needs=()), f"scale to zero: idle for {idle_s:.0f} s")
+    floor = max(floor, 1)
+    need = max(need, floor)
+    if need > current:
+        limit = max(current + 4, math.ceil(current * config.max_scale_up_rate))
+        wanted = min(need, limit, config.max_replicas)
+        if wanted > current:
+            panic = "panic " if need >= 2 * max(1, sample.ready_replicas) else ""
+            return _up(
+                current, wanted, state, config, now, f"{panic}scale up {current} → {wanted}: {why}"
+            )
+    held = max(n for t, n in needs if t > now - window)
+    target = max(floor, min(config.max_replicas, max(need, held)))
+    if target >= current:
+        return Decision(current, state, f"hold {current}: {why}")
+    if not demand_known:
+        return Decision(current, state, f"hold {current}: demand unknown, no scale-down; {why}")
+    if now - started < window:
+        return Decision(current, state, f"hold {current}: history shorter than the window")
+    if sample.starting_replicas or backlog:
+        # Replicas asked for a burst are not cancelled mid-start, nor drain replicas before the
+        # backlog is gone: either would be a reversal the moment the burst is seen again.
+        return Decision(current, state, f"hold {current}: replicas starting or backlog; {why}")
+    wanted = max(
+        target, current - max(1, current - math.ceil(current / config.max_scale_down_rate))
+    )
+    return Decision(
+        wanted,
+        replace(state, last_down_s=now),
+        f"scale down {current} → {wanted}: highest need over {window:.0f} s; {why}",
+    )
+
+
+def _up(
+    current: int, wanted: int, state: PolicyState, config: ScaleConfig, now: float, reason: str
+) -> Decision:
+    since = state.starting_since_s if state.starting_since_s is not None else now
+    window = state.down_window_s or config.scale_down_window_s
+    # Demand back soon after capacity was released: the release was a reversal in the making,
+    # so hold capacity longer next time. Flap damping, as the HPA velocity KEP discusses.
+    if state.last_down_s is not None and now - state.last_down_s < 5 * window:
+        window = min(2 * window, config.max_scale_down_window_s)
+        reason += f" (demand back {now - state.last_down_s:.0f} s after a scale-down: "
+        reason += f"scale-down window now {window:.0f} s)"
+    else:
+        window = config.scale_down_window_s
+    return Decision(wanted, replace(state, starting_since_s=since, down_window_s=window), reason)
+
+
+def _saturated(sample: Sample, config: ScaleConfig) -> bool:
+    """Every ready replica runs full batches: a batch per replica waits behind the busy ones."""
+    return (
+        sample.queued is not None
+        and sample.busy_ratio is not None
+        and sample.completion_rate is not None
+        and sample.ready_replicas > 0
+        and sample.starting_replicas == 0
+        and sample.busy_ratio >= 0.9
+        and sample.queued >= sample.ready_replicas * config.target_queue_per_replica
+    )
+
+
+def _observed_capacity(sample: Sample, learned: float | None) -> float | None:
+    """Rows/s per busy replica, smoothed into what was learned before."""
+    if not sample.completion_rate or not sample.busy_ratio:
+        return learned
+    observed = sample.completion_rate / (sample.ready_replicas * sample.busy_ratio)
+    return observed if learned is None else 0.8 * learned + 0.2 * observed
+
+
+def _need(
+    sample: Sample,
+    config: ScaleConfig,
+    capacity: float | None,
+    starting_since: float | None,
+    now: float,
+) -> tuple[int | None, int, str]:
+    """(serving need, extra replicas for the backlog, explanation); need None if unknowable."""
+    u = config.target_utilization
+    queued, inflight, rate = sample.queued, sample.inflight, sample.arrival_rate
+    if capacity is not None and rate is not None:
+        serving = math.ceil(rate / (capacity * u))
+        why = f"arrival {rate:.0f} rows/s at {capacity * u:.0f} rows/s per replica"
+        if queued is None:
+            return serving, 0, why + ", queue unknown"
+        # The queue keeps growing by the shortfall of ready capacity until the starting
+        # replicas serve; size the drain for the queue they will find.
+        left_s = config.replica_startup_s
+        if starting_since is not None:
+            left_s = max(0.0, left_s - (now - starting_since))
+        shortfall = max(0.0, rate - sample.ready_replicas * capacity)
+        # Rows waiting for the next free batch slot are normal; only the excess is a backlog.
+        excess = max(0.0, queued - sample.ready_replicas * config.target_queue_per_replica)
+        backlog = excess + shortfall * left_s
+        extra = math.ceil(backlog / (capacity * config.backlog_drain_s)) if backlog >= 1 else 0
+        return serving, extra, f"{why}, backlog {backlog:.0f} rows (+{extra})"
+    if queued is not None and inflight is not None:
+        outstanding = queued + inflight
+        per_replica = config.target_queue_per_replica * u
+        serving = math.ceil(outstanding / per_replica)
+        return serving, 0, f"{outstanding:.0f} rows outstanding at {per_replica:.1f} per replica"
+    utilisation = [v for v in (sample.busy_ratio, sample.gpu_utilization) if v is not None]
+    if utilisation and sample.ready_replicas:
+        serving = math.ceil(sample.ready_replicas * max(utilisation) / u)
+        return serving, 0, f"demand unknown, busy {max(utilisation):.2f} of target {u:.2f}"
+    return None, 0, "no demand or utilisation signal"

@@ -8,7 +8,7 @@ The model (AUTOSCALING.md): the gateway holds one FIFO of requests, bounded at `
 (arrivals beyond it are rejected) and dropping requests that waited longer than
 ``queue_timeout_s``; at zero replicas requests simply wait there. A replica is ``pending``
 (``pending_s``), then ``loading`` (``cold_start_s``, no metrics), then ``ready``: an idle ready
-replica takes ``b = min(queue, max_batch)`` requests and is busy ``20 ms + 5 ms × b``. A removed
+replica takes ``b = min(queue, max_batch)`` requests and is busy ``20 ms + 5 ms x b``. A removed
 replica that is running a batch drains (finishes it, takes nothing new); pending and loading
 replicas are cancelled first, then idle ready ones, newest first.
 
@@ -256,8 +256,7 @@ def simulate(
             remove(t, r)
 
     for _ in range(initial if initial is not None else initial_replicas(trace)):
-        r = add(0, READY)
-        idle.append(r)
+        idle.append(add(0, READY))
 
     seconds = end_ms // 1000 + 1
     queued_s = [0] * seconds

@@ -1,4 +1,4 @@
-"""Workload traces for the simulator: an arrival intensity per second and the arrivals drawn from it.
+"""Workload traces for the simulator: an intensity per second and the arrivals drawn from it.
 
 A trace is generated once per (trace, seed) and shared by every policy, so policies are compared
 on byte-identical input. Arrivals are Poisson within each second: the count of second ``s`` is
@@ -51,7 +51,9 @@ class Trace:
     def truncated(self, duration_s: int) -> Trace:
         """The first ``duration_s`` seconds of this trace."""
         end = int(np.searchsorted(self.arrivals_ms, duration_s * 1000, side="left"))
-        step = self.step_at_s if self.step_at_s is not None and self.step_at_s < duration_s else None
+        step = (
+            self.step_at_s if self.step_at_s is not None and self.step_at_s < duration_s else None
+        )
         return Trace(
             self.name,
             self.rate_per_s[:duration_s],

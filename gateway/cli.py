@@ -21,7 +21,11 @@ DEMO_REPOSITORY = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="bazaar", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="bazaar",
+        description="bazaar: an inference serving gateway for ONNX models "
+        "(Open Inference Protocol v2).",
+    )
     parser.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"]
     )
@@ -89,6 +93,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     gateway.add_argument("--port", type=int, default=8000)
     _gateway_options(gateway)
     gateway.set_defaults(run=_gateway)
+
+    from autoscaler.command import add_parser as add_autoscaler
+    from autoscaler.simulate import add_parser as add_simulate
+    from loadtests.loadtest import add_parser as add_loadtest
+
+    add_autoscaler(commands)
+    add_simulate(commands)
+    add_loadtest(commands)
+    bench = commands.add_parser(
+        "bench",
+        help="throughput and latency against raw ONNX Runtime (python -m loadtests.bench)",
+        add_help=False,
+    )
+    bench.add_argument("arguments", nargs=argparse.REMAINDER)
+    bench.set_defaults(run=_bench)
 
     models = commands.add_parser("models", help="model repository tools")
     models_commands = models.add_subparsers(dest="models_command", required=True, metavar="COMMAND")
@@ -207,6 +226,12 @@ def _model_server(args: argparse.Namespace) -> int:
     )
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
     return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from loadtests.bench import main as bench
+
+    return bench(args.arguments)
 
 
 def _build_demo(args: argparse.Namespace) -> int:

@@ -38,13 +38,14 @@ import random
 import time
 import urllib.request
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import gevent
 import gevent.pool
-from locust import FastHttpUser, LoadTestShape, constant, events, task
+from locust import FastHttpUser, LoadTestShape, User, constant, events, task
 from locust.contrib.fasthttp import FastHttpSession
 from locust.env import Environment
 from locust.runners import MasterRunner, WorkerRunner
@@ -183,7 +184,7 @@ def send(client: FastHttpSession, rng: random.Random) -> None:
     request = WORKLOAD.pick(rng)
     with client.post(
         f"/v2/models/{request.model}/infer",
-        data=request.payload.body,
+        data=request.payload.body,  # type: ignore[arg-type]  # bytes go through as they are
         headers=dict(request.payload.headers),
         name=request.name,
         catch_response=True,
@@ -249,11 +250,11 @@ class OpenLoopUser(FastHttpUser):
 class ScenarioShape(LoadTestShape):
     """Plays ``--scenario`` for ``--scenario-duration`` seconds, then stops the test."""
 
-    def tick(self) -> tuple[int, float, list[type[FastHttpUser]]] | None:
-        options = self.runner.environment.parsed_options  # type: ignore[union-attr]
-        users = users_at(
-            options.scenario, self.get_run_time(), options.scenario_duration, options.peak_users
-        )
+    def tick(self) -> tuple[int, float, list[type[User]] | None] | None:
+        assert self.runner is not None
+        options: Any = self.runner.environment.parsed_options
+        elapsed_s = time.perf_counter() - self.start_time  # get_run_time(), which is untyped
+        users = users_at(options.scenario, elapsed_s, options.scenario_duration, options.peak_users)
         if users is None:
             return None
         user_class = OpenLoopUser if options.scenario == OPEN_LOOP else InferenceUser
@@ -261,7 +262,6 @@ class ScenarioShape(LoadTestShape):
         return users, float(max(100, users)), [user_class]
 
 
-@events.init_command_line_parser.add_listener
 def _arguments(parser: Any) -> None:
     group = parser.add_argument_group("bazaar", "the v2 inference workload (loadtests/)")
     group.add_argument("--scenario", choices=list(SCENARIOS), default="steady")
@@ -290,7 +290,6 @@ def _arguments(parser: Any) -> None:
     )
 
 
-@events.init.add_listener
 def _init(environment: Environment, **_: Any) -> None:
     options = environment.parsed_options
     if options is not None and options.scenario == OPEN_LOOP:
@@ -298,17 +297,19 @@ def _init(environment: Environment, **_: Any) -> None:
         keepers = max(1, options.peak_users)
         OpenLoopUser.concurrency = max(1, options.max_outstanding // keepers)
     if isinstance(environment.runner, WorkerRunner):
-        environment.events.report_to_master.add_listener(
-            lambda client_id, data: data.__setitem__(TALLY_KEY, TALLY.drain())
+        _on(
+            environment.events.report_to_master,
+            lambda client_id, data: data.__setitem__(TALLY_KEY, TALLY.drain()),
         )
     if isinstance(environment.runner, MasterRunner):
-        environment.events.worker_report.add_listener(
-            lambda client_id, data: TALLY.merge(data[TALLY_KEY]) if TALLY_KEY in data else None
+        _on(
+            environment.events.worker_report,
+            lambda client_id, data: TALLY.merge(data[TALLY_KEY]) if TALLY_KEY in data else None,
         )
 
 
 def _write_timeline(environment: Environment, path: Path) -> None:
-    """Every second, the load and what came of it (Locust's windowed rates and percentiles)."""
+    """Every second: users, totals so far and Locust's percentiles over the last 10 s."""
     runner = environment.runner
     assert runner is not None
     with path.open("a") as timeline:
@@ -317,8 +318,6 @@ def _write_timeline(environment: Environment, path: Path) -> None:
             point = {
                 "t": time.time(),
                 "users": runner.user_count,
-                "rps": total.current_rps,
-                "fail_per_s": total.current_fail_per_sec,
                 "p50_ms": total.get_current_response_time_percentile(0.5),
                 "p99_ms": total.get_current_response_time_percentile(0.99),
                 "requests": total.num_requests,
@@ -332,7 +331,6 @@ def _write_timeline(environment: Environment, path: Path) -> None:
 _timeline: gevent.Greenlet | None = None
 
 
-@events.test_start.add_listener
 def _start(environment: Environment, **_: Any) -> None:
     global WORKLOAD, _timeline
     TALLY.started = time.time()
@@ -343,7 +341,7 @@ def _start(environment: Environment, **_: Any) -> None:
     if isinstance(environment.runner, MasterRunner):
         return
     try:
-        models, _ = parse_mix(options.model_mix)
+        models = parse_mix(options.model_mix)[0]
         specs = {model: fetch_spec(environment.host, model) for model in models}
         WORKLOAD = Workload(options, specs, random.Random())
     except Exception as exc:
@@ -353,16 +351,26 @@ def _start(environment: Environment, **_: Any) -> None:
         environment.runner.quit()
 
 
-@events.test_stop.add_listener
 def _stop(environment: Environment, **_: Any) -> None:
     TALLY.stopped = time.time()
     if _timeline is not None:
         _timeline.kill()
 
 
-@events.quitting.add_listener
 def _write_tally(environment: Environment, **_: Any) -> None:
     options = environment.parsed_options
     if options is None or not options.tally_file or isinstance(environment.runner, WorkerRunner):
         return
     Path(options.tally_file).write_text(json.dumps(TALLY.to_json(), indent=1))
+
+
+def _on(hook: Any, listener: Callable[..., None]) -> None:
+    """``hook.add_listener(listener)``, for Locust's untyped event hooks."""
+    hook.add_listener(listener)
+
+
+_on(events.init_command_line_parser, _arguments)
+_on(events.init, _init)
+_on(events.test_start, _start)
+_on(events.test_stop, _stop)
+_on(events.quitting, _write_tally)

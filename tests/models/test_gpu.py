@@ -6,13 +6,17 @@ series at all. Here the readings come from the real device.
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import aiohttp
 import httpx
 import pytest
 
+from autoscaler.sources import Load, PodMetrics
 from gateway.errors import ConfigError
 from models.config import ModelConfig
 from models.runtime import ModelRuntime
@@ -53,9 +57,20 @@ def test_pod_exports_gpu_series_that_follow_load(demo_repository: Path, tmp_path
         load = subprocess.Popen([sys.executable, "-c", GPU_LOAD.format(seconds=20)])
         try:
             wait_until(lambda: _gpu_utilization(url) > 0.5, 30, "GPU utilisation > 50 % under load")
+            # The autoscaler's pod source reads the same signal into its Sample.
+            with ThreadPoolExecutor(1) as thread:  # its own event loop, off pytest's
+                pod_load = thread.submit(asyncio.run, _autoscaler_reading(url)).result()
+            assert pod_load.gpu_utilization is not None
+            assert pod_load.gpu_utilization > 0.5
+            assert pod_load.busy_ratio is not None
         finally:
             load.kill()
             load.wait()
+
+
+async def _autoscaler_reading(url: str) -> Load:
+    async with aiohttp.ClientSession() as session:
+        return await PodMetrics(session=session).read("mlp", [url])
 
 
 def _gpu_utilization(url: str) -> float:

@@ -1,0 +1,154 @@
+"""``bazaar loadtest``: the command line of the load-test harness.
+
+``add_parser`` registers the subcommand; what it runs (``loadtests.runner``, which draws with
+matplotlib) is imported only when it runs, so the rest of the ``bazaar`` command pays nothing
+for it. Arguments are checked here and become one frozen ``LoadTestConfig``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+from loadtests.shapes import SCENARIOS
+
+_DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s?)?$")
+
+
+def parse_duration(text: str) -> float:
+    """``90``, ``90s``, ``1m30s``, ``2m``, ``1h`` -> seconds (more than 0)."""
+    match = _DURATION.match(text.strip())
+    if not text.strip() or match is None:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (e.g. 30s, 2m, 1m30s)")
+    hours, minutes, seconds = (float(part) if part else 0.0 for part in match.groups())
+    total = hours * 3600 + minutes * 60 + seconds
+    if total <= 0:
+        raise argparse.ArgumentTypeError(f"the duration must be more than 0, got {text!r}")
+    return total
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction between 0 and 1, got {text}")
+    return value
+
+
+def _positive(kind: type[int] | type[float]) -> Any:
+    def parse(text: str) -> int | float:
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"expected a number above 0, got {text}")
+        return value
+
+    return parse
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``loadtest`` on ``subparsers`` (from ``ArgumentParser.add_subparsers``)."""
+    scenarios = "; ".join(f"{name}: {what}" for name, what in SCENARIOS.items())
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        "loadtest",
+        help="load-test any v2 server with Locust and judge an SLO",
+        description=f"Scenarios — {scenarios}. Exit status: 0 SLO met, 1 missed, 2 run failed.",
+    )
+    parser.add_argument("--host", default="http://127.0.0.1:8000", help="default %(default)s")
+    parser.add_argument("--scenario", choices=list(SCENARIOS), default="steady")
+    parser.add_argument(
+        "--duration", type=parse_duration, default=30.0, help="e.g. 30s, 2m (default 30s)"
+    )
+    parser.add_argument(
+        "--users",
+        type=_positive(int),
+        default=10,
+        help="peak concurrent users; in open loop, schedule keepers (default %(default)s)",
+    )
+    parser.add_argument(
+        "--rate",
+        type=_positive(float),
+        default=50.0,
+        help="open loop: requests per second offered (default %(default)s)",
+    )
+    parser.add_argument(
+        "--models",
+        default="",
+        metavar="NAME[:WEIGHT],...",
+        help="model mix, e.g. digits:3,mlp:1 (default: every ready model, equally)",
+    )
+    parser.add_argument("--slo-p99-ms", type=_positive(float), default=250.0, metavar="MS")
+    parser.add_argument(
+        "--max-error-rate",
+        type=_fraction,
+        default=0.01,
+        metavar="FRACTION",
+        help="of due requests that did not succeed (default %(default)s)",
+    )
+    parser.add_argument(
+        "--binary-ratio",
+        type=_fraction,
+        default=0.5,
+        help="fraction sent as binary tensors, the rest JSON (default %(default)s)",
+    )
+    parser.add_argument(
+        "--priorities", default="", metavar="N,...", help="request priorities to pick from"
+    )
+    parser.add_argument(
+        "--timeout-ms", type=float, default=0.0, help="request timeout parameter (0 = none)"
+    )
+    parser.add_argument("--rows", type=_positive(int), default=1, help="batch rows per request")
+    parser.add_argument(
+        "--wrong-shape-ratio",
+        type=_fraction,
+        default=0.0,
+        help="fraction sent with a wrong shape, to see 400s counted (default 0)",
+    )
+    parser.add_argument(
+        "--max-outstanding",
+        type=_positive(int),
+        default=1000,
+        help="open loop: requests in flight before a due one is missed (default %(default)s)",
+    )
+    parser.add_argument(
+        "--results",
+        type=Path,
+        metavar="DIR",
+        help="default: results/loadtest/<time>-<scenario>",
+    )
+    parser.set_defaults(run=run)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    from loadtests.runner import LoadTestConfig
+    from loadtests.runner import run as run_loadtest
+    from loadtests.verdict import Slo
+
+    priorities = [p.strip() for p in args.priorities.split(",") if p.strip()]
+    if not all(p.isdigit() for p in priorities):
+        print(f"loadtest: --priorities {args.priorities!r}: expected integers like 1,2")
+        return 2
+    results = args.results or Path("results", "loadtest", _stamp() + f"-{args.scenario}")
+    config = LoadTestConfig(
+        host=args.host,
+        scenario=args.scenario,
+        duration_s=args.duration,
+        users=args.users,
+        arrival_rate=args.rate,
+        models=args.models,
+        slo=Slo(p99_ms=args.slo_p99_ms, max_error_rate=args.max_error_rate),
+        results=results,
+        binary_ratio=args.binary_ratio,
+        priorities=",".join(priorities),
+        timeout_ms=args.timeout_ms,
+        rows=args.rows,
+        wrong_shape_ratio=args.wrong_shape_ratio,
+        max_outstanding=args.max_outstanding,
+    )
+    return run_loadtest(config)
+
+
+def _stamp() -> str:
+    return time.strftime("%Y%m%d-%H%M%S")

@@ -1,0 +1,284 @@
+"""The Kubernetes scaler: the real ``kubernetes`` client against an in-process fake API."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+from kubernetes.client import ApiClient, Configuration
+from prometheus_client import CollectorRegistry
+
+from autoscaler.kubernetes import REQUIRED_RBAC, KubernetesError, KubernetesScaler
+from autoscaler.loop import Autoscaler, ScaleTarget
+from autoscaler.metrics import AutoscalerMetrics
+from autoscaler.policy import Decision, PolicyState, Sample, ScaleConfig
+from tests.autoscaler.fake_kubernetes import FakeKubernetes, serving
+
+LIST_DEPLOYMENTS = ("apps", "deployments", "list")
+GET_SCALE = ("apps", "deployments/scale", "get")
+PATCH_SCALE = ("apps", "deployments/scale", "patch")
+LIST_PODS = ("", "pods", "list")
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeKubernetes]:
+    fake = FakeKubernetes()
+    fake.add_deployment(
+        "bazaar-model-mlp",
+        "mlp",
+        replicas=3,
+        ready_replicas=2,
+        annotations={
+            "bazaar.dev/min-replicas": "0",
+            "bazaar.dev/max-replicas": "8",
+            "bazaar.dev/scale-to-zero-after": "5m",
+            "deployment.kubernetes.io/revision": "4",
+        },
+    )
+    fake.add_pod("mlp-a", "mlp", "10.0.0.1")
+    fake.add_pod("mlp-b", "mlp", "10.0.0.2")
+    fake.add_pod("mlp-c", "mlp", "10.0.0.3", ready=False)
+    fake.add_pod("mlp-d", "mlp", "10.0.0.4", terminating=True)
+    fake.add_deployment("bazaar-model-digits", "digits", replicas=1, ready_replicas=1)
+    yield fake
+
+
+@pytest.fixture
+async def api_url(fake: FakeKubernetes) -> AsyncIterator[str]:
+    async with serving(fake) as url:
+        yield url
+
+
+class Sleeps:
+    """The scaler's backoff sleeps, recorded instead of slept."""
+
+    def __init__(self) -> None:
+        self.delays: list[float] = []
+
+    async def __call__(self, delay: float) -> None:
+        self.delays.append(delay)
+
+
+@pytest.fixture
+def sleeps() -> Sleeps:
+    return Sleeps()
+
+
+@pytest.fixture
+def scaler(api_url: str, sleeps: Sleeps) -> Iterator[KubernetesScaler]:
+    configuration = Configuration(host=api_url)
+    configuration.retries = False  # as autoscaler.kubernetes.connect() sets it
+    scaler = KubernetesScaler(
+        "default", api_client=ApiClient(configuration), request_timeout_s=0.3, sleep=sleeps
+    )
+    yield scaler
+    scaler.close()
+
+
+def by_model(targets: list[ScaleTarget]) -> dict[str, ScaleTarget]:
+    return {target.model: target for target in targets}
+
+
+def rbac_errors(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.getMessage().startswith("RBAC")]
+
+
+async def test_targets_read_annotations_scale_and_ready_pods(
+    scaler: KubernetesScaler, fake: FakeKubernetes
+) -> None:
+    targets = by_model(await scaler.targets())
+
+    assert set(targets) == {"mlp", "digits"}
+    mlp = targets["mlp"]
+    assert mlp.config == ScaleConfig(min_replicas=0, max_replicas=8, scale_to_zero_after_s=300.0)
+    assert (mlp.replicas, mlp.ready_replicas, mlp.starting_replicas) == (3, 2, 1)
+    # Ready, not terminating, on the container port named "http".
+    assert mlp.pod_urls == ("http://10.0.0.1:8001", "http://10.0.0.2:8001")
+    assert targets["digits"].config == ScaleConfig()
+    assert targets["digits"].pod_urls == ()
+    lists = [r for r in fake.requests if r.permission == LIST_DEPLOYMENTS]
+    assert lists[0].path == "/apis/apps/v1/namespaces/default/deployments"
+    assert lists[0].query["labelSelector"] == "bazaar.dev/model"
+    pods = [r for r in fake.requests if r.permission == LIST_PODS]
+    assert {r.query["labelSelector"] for r in pods} == {
+        "app=bazaar-model-mlp",
+        "app=bazaar-model-digits",
+    }
+
+
+async def test_scale_patches_the_scale_subresource(
+    scaler: KubernetesScaler, fake: FakeKubernetes
+) -> None:
+    await scaler.targets()
+    await scaler.scale("mlp", 5, "queue 80 rows > 16 per replica")
+
+    [patch] = [r for r in fake.requests if r.method == "PATCH"]
+    assert patch.path == "/apis/apps/v1/namespaces/default/deployments/bazaar-model-mlp/scale"
+    assert patch.content_type == "application/merge-patch+json"
+    assert patch.body == {"spec": {"replicas": 5}}
+    assert fake.replicas("bazaar-model-mlp") == 5
+    assert by_model(await scaler.targets())["mlp"].replicas == 5
+
+
+async def test_the_calls_made_are_exactly_the_required_rbac(
+    scaler: KubernetesScaler, fake: FakeKubernetes
+) -> None:
+    await scaler.targets()
+    await scaler.scale("digits", 2, "test")
+    assert fake.permissions() == {(p.api_group, p.resource, p.verb) for p in REQUIRED_RBAC}
+
+
+async def test_bad_annotations_skip_the_model_and_are_logged_once(
+    scaler: KubernetesScaler, fake: FakeKubernetes, caplog: pytest.LogCaptureFixture
+) -> None:
+    fake.add_deployment("bazaar-model-wide", "wide", annotations={"bazaar.dev/max-replicas": "ten"})
+    with caplog.at_level(logging.ERROR, "autoscaler.kubernetes"):
+        for _ in range(3):
+            assert set(by_model(await scaler.targets())) == {"mlp", "digits"}
+    [message] = [r.getMessage() for r in caplog.records]
+    assert message.startswith(
+        "deployment default/bazaar-model-wide: bazaar.dev/max-replicas: "
+        "must be an integer >= 1, got 'ten'"
+    )
+
+
+async def test_a_model_on_two_deployments_is_not_scaled(
+    scaler: KubernetesScaler, fake: FakeKubernetes, caplog: pytest.LogCaptureFixture
+) -> None:
+    fake.add_deployment("bazaar-model-mlp-copy", "mlp")
+    with caplog.at_level(logging.ERROR, "autoscaler.kubernetes"):
+        assert set(by_model(await scaler.targets())) == {"digits"}
+        await scaler.targets()
+    [message] = [r.getMessage() for r in caplog.records]
+    assert "bazaar-model-mlp, bazaar-model-mlp-copy" in message
+    with pytest.raises(KubernetesError, match="no Deployment for model 'mlp'"):
+        await scaler.scale("mlp", 2, "test")
+
+
+async def test_forbidden_patch_is_logged_once_with_the_permission(
+    scaler: KubernetesScaler, fake: FakeKubernetes, caplog: pytest.LogCaptureFixture
+) -> None:
+    await scaler.targets()
+    fake.fail(PATCH_SCALE, 403, 403)
+    with caplog.at_level(logging.ERROR, "autoscaler.kubernetes"):
+        await scaler.scale("mlp", 4, "test")
+        await scaler.scale("mlp", 4, "test")
+    assert rbac_errors(caplog) == [
+        "RBAC: cannot patch deployments/scale in namespace default; grant verbs [patch] on "
+        "deployments/scale (apiGroup apps) to the autoscaler's ServiceAccount"
+    ]
+    assert fake.replicas("bazaar-model-mlp") == 3
+    # Granted again, then refused again: said again.
+    await scaler.scale("mlp", 4, "test")
+    assert fake.replicas("bazaar-model-mlp") == 4
+    fake.fail(PATCH_SCALE, 403)
+    with caplog.at_level(logging.ERROR, "autoscaler.kubernetes"):
+        await scaler.scale("mlp", 5, "test")
+    assert len(rbac_errors(caplog)) == 2
+
+
+async def test_forbidden_reads_degrade_without_raising(
+    scaler: KubernetesScaler, fake: FakeKubernetes, caplog: pytest.LogCaptureFixture
+) -> None:
+    fake.fail(LIST_DEPLOYMENTS, 403, 403)
+    with caplog.at_level(logging.ERROR, "autoscaler.kubernetes"):
+        assert await scaler.targets() == []
+        assert await scaler.targets() == []
+        fake.fail(LIST_PODS, 403, 403)
+        targets = by_model(await scaler.targets())
+    assert targets["mlp"].pod_urls == () and targets["digits"].pod_urls == ()
+    assert rbac_errors(caplog) == [
+        "RBAC: cannot list deployments in namespace default; grant verbs [list] on "
+        "deployments (apiGroup apps) to the autoscaler's ServiceAccount",
+        'RBAC: cannot list pods in namespace default; grant verbs [list] on pods (apiGroup "" '
+        "(core)) to the autoscaler's ServiceAccount",
+    ]
+
+
+async def test_conflict_and_server_errors_are_retried_with_backoff(
+    scaler: KubernetesScaler, fake: FakeKubernetes, sleeps: Sleeps
+) -> None:
+    await scaler.targets()
+    fake.fail(PATCH_SCALE, 409, 500)
+    await scaler.scale("mlp", 6, "test")
+    assert [r.method for r in fake.requests if r.permission == PATCH_SCALE] == ["PATCH"] * 3
+    assert sleeps.delays == [0.2, 0.4]
+    assert fake.replicas("bazaar-model-mlp") == 6
+
+
+async def test_errors_that_outlast_the_retries_raise_a_scaler_error(
+    scaler: KubernetesScaler, fake: FakeKubernetes, sleeps: Sleeps
+) -> None:
+    fake.fail(LIST_DEPLOYMENTS, 503, 500, 502)
+    with pytest.raises(KubernetesError, match="cannot list deployments in namespace default: 502"):
+        await scaler.targets()
+    assert sleeps.delays == [0.2, 0.4]
+    await scaler.targets()  # and the next call starts afresh
+
+
+async def test_a_failing_deployment_does_not_hide_the_others(
+    scaler: KubernetesScaler, fake: FakeKubernetes, caplog: pytest.LogCaptureFixture
+) -> None:
+    fake.fail(GET_SCALE, 404)  # not retried: it cannot help
+    fake.fail(LIST_PODS, 500, 500, 500)
+    with caplog.at_level(logging.WARNING, "autoscaler.kubernetes"):
+        targets = await scaler.targets()
+    assert len(targets) == 1  # the other model, without pod URLs
+    assert targets[0].pod_urls == ()
+    assert len([r for r in fake.requests if r.permission == GET_SCALE]) == 2
+    assert sorted(r.getMessage().split(": ")[1][:3] for r in caplog.records) == ["404", "500"]
+
+
+async def test_a_timeout_is_retried(scaler: KubernetesScaler, fake: FakeKubernetes) -> None:
+    fake.fail(LIST_DEPLOYMENTS, 5.0)  # longer than the client's 0.3 s timeout
+    assert set(by_model(await scaler.targets())) == {"mlp", "digits"}
+    assert len([r for r in fake.requests if r.permission == LIST_DEPLOYMENTS]) == 2
+
+
+def sample_of(target: ScaleTarget) -> Sample:
+    return Sample(
+        time_s=0.0,
+        replicas=target.replicas,
+        ready_replicas=target.ready_replicas,
+        starting_replicas=target.starting_replicas,
+        queued=None,
+        inflight=None,
+        arrival_rate=None,
+        completion_rate=None,
+        busy_ratio=None,
+        gpu_utilization=None,
+    )
+
+
+class NoSignals:
+    async def read(self, target: ScaleTarget) -> Sample:
+        return sample_of(target)
+
+
+def four_replicas(sample: Sample, state: PolicyState, config: ScaleConfig, now: float) -> Decision:
+    return Decision(4, state, "four, always")
+
+
+async def test_the_loop_survives_timeouts_and_errors_of_the_api(
+    scaler: KubernetesScaler, fake: FakeKubernetes, caplog: pytest.LogCaptureFixture
+) -> None:
+    autoscaler = Autoscaler(
+        scaler, NoSignals(), AutoscalerMetrics(CollectorRegistry()), decide=four_replicas
+    )
+    fake.fail(LIST_DEPLOYMENTS, 5.0, 5.0, 5.0)  # every attempt times out
+    with caplog.at_level(logging.WARNING, "autoscaler.loop"):
+        assert await autoscaler.run_once() == []
+    [warning] = caplog.records
+    assert "cannot list deployments in namespace default" in warning.getMessage()
+    assert not warning.exc_info  # a ScalerError explains itself
+
+    fake.fail(PATCH_SCALE, *[500] * 6)  # both models' patches fail for good
+    with caplog.at_level(logging.WARNING, "autoscaler.loop"):
+        assert await autoscaler.run_once() == []
+    assert fake.replicas("bazaar-model-mlp") == 3
+    assert len(caplog.records) == 3
+
+    decisions = dict(await autoscaler.run_once())
+    assert {model: d.replicas for model, d in decisions.items()} == {"digits": 4, "mlp": 4}
+    assert fake.replicas("bazaar-model-mlp") == fake.replicas("bazaar-model-digits") == 4

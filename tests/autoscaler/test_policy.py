@@ -1,0 +1,155 @@
+"""bazaar's policy over table-driven sequences of samples, on an injected clock."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from autoscaler.policy import Decision, PolicyState, Sample, ScaleConfig, decide
+
+CONFIG = ScaleConfig(min_replicas=1, max_replicas=64, replica_throughput_rps=160.0)
+"""Full batch answers 160 rows/s; 70 % of it is 112 rows/s per replica."""
+
+
+def sample(
+    replicas: int = 2,
+    *,
+    ready: int | None = None,
+    starting: int = 0,
+    queued: float | None = 0.0,
+    inflight: float | None = 8.0,
+    rate: float | None = 200.0,
+    done: float | None = 200.0,
+    busy: float | None = 1.0,
+) -> Sample:
+    ready = replicas - starting if ready is None else ready
+    return Sample(0.0, replicas, ready, starting, queued, inflight, rate, done, busy, busy)
+
+
+def run(
+    steps: list[tuple[float, Sample]], config: ScaleConfig = CONFIG, follow: bool = True
+) -> list[Decision]:
+    """Decide each (time, sample) in turn; with ``follow`` the replicas track the decisions."""
+    state, decisions, current = PolicyState(), [], None
+    for now, s in steps:
+        if follow and current is not None and s.replicas == current.replicas:
+            s = replace(s, replicas=current.replicas)
+        if follow and current is not None:
+            s = replace(s, replicas=current.replicas, ready_replicas=current.replicas)
+        current = decide(replace(s, time_s=now), state, config, now)
+        state = current.state
+        decisions.append(current)
+    return decisions
+
+
+def test_steady_load_holds_without_flapping() -> None:
+    # 200 rows/s with Poisson-like wobble needs 2 replicas at 112 rows/s each.
+    rates = [200, 215, 190, 223, 181, 205, 199, 220, 186, 210] * 30
+    decisions = run([(float(t), sample(rate=r, done=r)) for t, r in enumerate(rates)])
+    assert {d.replicas for d in decisions} == {2}
+    assert all(d.reason for d in decisions)
+
+
+def test_burst_panics_up_to_the_need_in_one_step() -> None:
+    calm = sample(replicas=4, rate=400.0, done=400.0)
+    burst = replace(calm, arrival_rate=1600.0, queued=1300.0, inflight=64.0)
+    decisions = run([(0.0, calm), (1.0, burst)], follow=False)
+    # 1600 / 112 = 15 to serve; the backlog the new replicas will find (1300 - 4 x 16 rows
+    # now, growing by 1600 - 4 x 160 rows/s for the 30 s start) takes 19 more within 10 s.
+    assert decisions[0].replicas == 4
+    assert decisions[1].replicas == 15 + 19
+    assert decisions[1].reason.startswith("panic scale up 4 → 34")
+
+
+def test_up_step_is_bounded() -> None:
+    config = replace(CONFIG, max_scale_up_rate=2.0)
+    decisions = run([(0.0, sample(replicas=4, rate=3000.0))], config)
+    assert decisions[0].replicas == 8
+
+
+def test_starting_replicas_are_counted() -> None:
+    # 300 rows/s needs 3; 2 ready + 1 loading already make 3, so nothing more is asked for.
+    covered = sample(replicas=3, starting=1, rate=300.0, done=300.0)
+    assert run([(0.0, covered)], follow=False)[0].replicas == 3
+    # ...and replicas asked for a burst that already passed are not cancelled mid-start.
+    passed = sample(replicas=15, starting=13, rate=200.0, done=200.0)
+    steps = [(float(t), passed) for t in range(200)]
+    assert {d.replicas for d in run(steps, follow=False)} == {15}
+
+
+def test_scale_down_only_after_its_window() -> None:
+    high = sample(replicas=15, rate=1600.0, done=1600.0)
+    low = sample(replicas=15, rate=200.0, done=200.0)
+    steps = [(float(t), high) for t in range(200)] + [(float(t), low) for t in range(200, 400)]
+    decisions = run(steps)
+    first_down = next(t for (t, _), d in zip(steps, decisions, strict=True) if d.replicas < 15)
+    assert first_down == 199 + CONFIG.scale_down_window_s  # the last high need was at 199
+    assert decisions[-1].replicas == 2
+    assert "highest need over 120 s" in decisions[int(first_down)].reason
+
+
+def test_no_scale_down_before_a_window_of_history() -> None:
+    decisions = run([(float(t), sample(replicas=10)) for t in range(130)])
+    assert [d.replicas for d in decisions[:120]] == [10] * 120
+    assert decisions[-1].replicas < 10
+
+
+@pytest.mark.parametrize("missing", ["queued", "inflight", "arrival_rate"])
+def test_a_missing_demand_signal_never_scales_down(missing: str) -> None:
+    s = replace(sample(replicas=10), **{missing: None})
+    decisions = run([(float(t), s) for t in range(300)])
+    assert {d.replicas for d in decisions} == {10}
+
+
+def test_without_demand_utilisation_sizes_up_only() -> None:
+    s = sample(replicas=4, queued=None, inflight=None, rate=None, done=None, busy=1.0)
+    decision = run([(0.0, s)], follow=False)[0]
+    assert decision.replicas == 6  # ceil(4 x 1.0 / 0.7)
+    assert "demand unknown" in decision.reason
+
+
+def test_no_signal_at_all_holds() -> None:
+    s = sample(replicas=3, queued=None, inflight=None, rate=None, done=None, busy=None)
+    decision = run([(0.0, s)], follow=False)[0]
+    assert (decision.replicas, decision.reason) == (3, "hold 3: no demand or utilisation signal")
+
+
+ZERO = replace(CONFIG, min_replicas=0, scale_to_zero_after_s=60.0)
+
+
+def test_scale_to_zero_after_the_idle_period() -> None:
+    idle = sample(replicas=1, queued=0.0, inflight=0.0, rate=0.0, done=0.0, busy=0.0)
+    decisions = run([(float(t), idle) for t in range(0, 130)], ZERO)
+    zero_at = next(t for t, d in enumerate(decisions) if d.replicas == 0)
+    assert zero_at == 60
+    assert decisions[zero_at].reason == "scale to zero: idle for 60 s"
+
+
+def test_idle_is_not_assumed_when_signals_are_missing() -> None:
+    unknown = sample(replicas=1, queued=None, inflight=None, rate=None, done=None, busy=None)
+    decisions = run([(float(t), unknown) for t in range(0, 400)], ZERO)
+    assert {d.replicas for d in decisions} == {1}
+
+
+def test_scale_from_zero_on_the_first_queued_request() -> None:
+    at_zero = sample(replicas=0, ready=0, queued=0.0, inflight=0.0, rate=0.0, busy=None)
+    first = replace(at_zero, queued=1.0)
+    decisions = run([(0.0, at_zero), (1.0, first)], ZERO, follow=False)
+    assert decisions[0].replicas == 0
+    assert decisions[1].replicas == 1
+    assert decisions[1].reason.startswith("scale from zero")
+
+
+def test_bounds_hold() -> None:
+    config = replace(CONFIG, min_replicas=3, max_replicas=5)
+    assert run([(0.0, sample(replicas=1, rate=10.0))], config)[0].replicas == 3
+    assert run([(0.0, sample(replicas=4, rate=9000.0))], config)[0].replicas == 5
+
+
+def test_capacity_is_learned_from_sustained_saturation() -> None:
+    config = replace(CONFIG, replica_throughput_rps=None)
+    saturated = sample(replicas=2, queued=500.0, inflight=32.0, rate=400.0, done=300.0, busy=1.0)
+    decisions = run([(float(t), saturated) for t in range(12)], config, follow=False)
+    assert decisions[0].state.capacity_rps is None
+    assert decisions[-1].state.capacity_rps == pytest.approx(150.0)

@@ -1,0 +1,143 @@
+"""The simulator: reproducible, fast on tiny traces, faithful to its metric paths and drops."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from autoscaler import report, traces
+from autoscaler.policy import Sample
+from autoscaler.simulate import Bazaar, main, make_policy
+from autoscaler.simulator import Outcome, SimConfig, simulate
+
+
+@dataclass(frozen=True, slots=True)
+class Fixed:
+    """Always the same count; records nothing."""
+
+    replicas: int
+    name: str = "fixed"
+    interval_s: int = 1
+
+    def initial_state(self) -> None:
+        return None
+
+    def decide(self, sample: Sample, state: None, now: float) -> Outcome[None]:
+        return Outcome(self.replicas, None, "fixed")
+
+
+@dataclass(frozen=True, slots=True)
+class UpOnQueue:
+    """Asks for 4 replicas the first time it sees a queue; remembers when."""
+
+    name: str = "up-on-queue"
+    interval_s: int = 1
+
+    def initial_state(self) -> float | None:
+        return None
+
+    def decide(self, sample: Sample, state: float | None, now: float) -> Outcome[float | None]:
+        if state is None and sample.queued is not None and sample.queued > 100:
+            return Outcome(4, now, "queue")
+        return Outcome(sample.replicas, state, "hold")
+
+
+def tiny_step(seed: int = 7) -> traces.Trace:
+    rates = np.concatenate([np.full(20, 100.0), np.full(40, 400.0)])
+    return traces.from_rates("tiny", rates, seed, step_at_s=20.0, step_rate=400.0)
+
+
+def test_same_seed_same_json(tmp_path: Path) -> None:
+    csv = tmp_path / "tiny.csv"
+    csv.write_text("rate_per_s\n" + "\n".join(["100"] * 20 + ["400"] * 40) + "\n")
+    outputs = []
+    for name in ("a", "b"):
+        args = ["--trace", str(csv), "--policy", "bazaar", "--policy", "kpa", "--jobs", "1"]
+        args += ["--seed", "3", "--cold-start-s", "10", "--out", str(tmp_path / name)]
+        assert main(args) == 0
+        outputs.append((tmp_path / name / "results.json").read_bytes())
+    assert outputs[0] == outputs[1]
+    runs = json.loads(outputs[0])["runs"]
+    assert [r["policy"] for r in runs] == ["bazaar", "kpa"]
+    assert (tmp_path / "a" / "tiny.png").stat().st_size > 0
+
+
+def test_a_different_seed_gives_different_arrivals() -> None:
+    assert not np.array_equal(tiny_step(1).arrivals_ms, tiny_step(2).arrivals_ms)
+
+
+def test_service_model_at_fixed_capacity() -> None:
+    trace = traces.from_rates("flat", np.full(30, 100.0), 1)
+    run = simulate(trace, Fixed(2), SimConfig(), initial=2)
+    summary = report.summarize(run, trace, 500)
+    assert summary["dropped_queue_full"] == summary["dropped_timeout"] == 0
+    assert summary["slo_attainment"] == 1.0
+    assert 25 <= summary["p50_ms"] <= 60  # one small batch, 20 ms + 5 ms per row
+    assert summary["replica_seconds"] == 60.0
+    assert summary["scaling_actions"] == 0
+
+
+def test_metric_lag_delays_the_reaction() -> None:
+    trace = tiny_step()
+    reacted = {}
+    for path, lag in (("direct", 0), ("prometheus", 0), ("prometheus", 15)):
+        config = SimConfig(cold_start_s=10, metrics=path, lag_s=lag)
+        run = simulate(trace, UpOnQueue(), config, initial=1)
+        reacted[(path, lag)] = run.actions[0].time_s
+    assert reacted[("direct", 0)] == 21.0  # the first second with a queue after the step
+    assert reacted[("prometheus", 0)] == 30.0  # the next 15 s scrape
+    assert reacted[("prometheus", 15)] == 45.0  # that scrape, seen 15 s later
+
+
+def test_drops_are_counted_by_cause() -> None:
+    # 1000 rows/s against one replica (160 rows/s) with a small queue: both causes happen.
+    trace = traces.from_rates("flood", np.full(20, 1000.0), 1)
+    config = SimConfig(queue_bound=3000, queue_timeout_s=5)
+    run = simulate(trace, Fixed(1), config, initial=1)
+    summary = report.summarize(run, trace, 500)
+    assert summary["dropped_queue_full"] > 0
+    assert summary["dropped_timeout"] > 0
+    finished = int(np.sum(run.finished_ms >= 0))
+    total = finished + summary["dropped_queue_full"] + summary["dropped_timeout"]
+    assert total == len(trace.arrivals_ms)
+    # Nothing waits longer than the timeout before it is served.
+    served = run.finished_ms >= 0
+    assert np.max(run.finished_ms[served] - run.admitted_ms[served]) <= 5000 + 100
+
+
+def test_requests_wait_at_zero_and_scale_from_zero() -> None:
+    rates = np.concatenate([np.zeros(10), np.full(5, 20.0), np.zeros(80)])
+    trace = traces.from_rates("sparse", rates, 1, min_replicas=0)
+    config = SimConfig(cold_start_s=10)
+    run = simulate(trace, make_policy("bazaar", trace, config), config, initial=0)
+    assert run.actions[0].before == 0 and run.actions[0].after >= 1
+    assert run.actions[0].reason.startswith("scale from zero")
+    assert run.actions[-1].after == 0
+    assert int(np.sum(run.finished_ms < 0)) == len(run.rejected_ms) == 0  # all waited, none lost
+
+
+def test_bazaar_adapter_runs_the_policy() -> None:
+    trace = tiny_step()
+    config = SimConfig(cold_start_s=10)
+    policy = make_policy("bazaar", trace, config)
+    assert isinstance(policy, Bazaar)
+    run = simulate(trace, policy, config)
+    summary = report.summarize(run, trace, 500)
+    assert summary["react_s"] is not None and summary["react_s"] <= 2
+    assert all(a.reason for a in run.actions)
+
+
+def test_reversals() -> None:
+    assert report.reversals([1, 2, -1, 0, -3, 4]) == 2
+    assert report.reversals([]) == 0
+
+
+def test_trace_file_of_timestamps(tmp_path: Path) -> None:
+    path = tmp_path / "ts.csv"
+    path.write_text("timestamp_s\n10.0\n10.5\n11.2\n13.0\n")
+    trace = traces.load(str(path), 1)
+    assert trace.arrivals_ms.tolist() == [0, 500, 1200, 3000]
+    assert trace.rate_per_s.tolist() == [2.0, 1.0, 0.0, 1.0]

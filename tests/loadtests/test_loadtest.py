@@ -1,0 +1,246 @@
+"""``bazaar loadtest`` end to end: real Locust runs against a real ``bazaar serve`` on loopback.
+
+The gateway serves copies of the demo models digits and mlp (mlp_wide is slow to load). Its
+own ``/metrics`` counters are the referee of the harness's accounting, so they are scraped
+here, independently of the runner. A small v2 server of the test's own stands for "any other
+v2 server": it answers in a fixed cycle of statuses and records them, so the harness's count
+of each outcome must match exactly, and it has no bazaar metrics, so the gateway panel and
+counts must be absent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, ClassVar
+
+import httpx
+import pytest
+
+from loadtests.loadtest import add_parser
+from loadtests.payloads import ModelSpec, build_payload
+from loadtests.runner import scrape
+from tests.support import bazaar_process, free_port
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def gateway(demo_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """``bazaar serve`` over digits and mlp; yields its URL."""
+    root = tmp_path_factory.mktemp("loadtest-repository")
+    for model in ("digits", "mlp"):
+        shutil.copytree(demo_repository / model, root / model)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = tmp_path_factory.mktemp("logs") / "serve.log"
+    args = ["serve", "--model-repository", str(root), "--port", str(port)]
+    with bazaar_process(args, log, f"{url}/v2/health/ready"):
+        yield url
+
+
+def loadtest(*argv: str) -> int:
+    parser = argparse.ArgumentParser(prog="bazaar")
+    add_parser(parser.add_subparsers())
+    args = parser.parse_args(["loadtest", *argv])
+    return int(args.run(args))
+
+
+def gateway_counts(url: str) -> Counter[tuple[str, str]]:
+    sample = scrape(url)
+    assert sample is not None, "bazaar serve exposes its request counters"
+    return Counter({key: int(value) for key, value in sample.requests.items()})
+
+
+def summary_of(results: Path) -> dict[str, Any]:
+    return dict(json.loads((results / "summary.json").read_text()))
+
+
+@pytest.mark.parametrize("model", ["digits", "mlp"])
+def test_the_server_accepts_every_payload_and_refuses_a_wrong_shape(
+    gateway: str, model: str
+) -> None:
+    with httpx.Client(base_url=gateway, timeout=10) as client:
+        spec = ModelSpec.from_metadata(client.get(f"/v2/models/{model}").json())
+        rng = random.Random(3)
+        for binary in (False, True):
+            for rows in (1, 3):
+                payload = build_payload(
+                    spec, rng, binary=binary, rows=rows, parameters={"priority": 1}
+                )
+                answer = client.post(
+                    f"/v2/models/{model}/infer", content=payload.body, headers=payload.headers
+                )
+                assert answer.status_code == 200, answer.text
+            wrong = build_payload(spec, rng, binary=binary, wrong_shape=True)
+            answer = client.post(
+                f"/v2/models/{model}/infer", content=wrong.body, headers=wrong.headers
+            )
+            assert answer.status_code == 400
+            assert "shape" in answer.json()["error"]
+
+
+def test_a_short_run_writes_the_report_and_counts_what_the_gateway_counted(
+    gateway: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    before = gateway_counts(gateway)
+    code = loadtest(
+        "--host", gateway, "--duration", "3s", "--users", "3", "--models", "digits:2,mlp:1",
+        "--slo-p99-ms", "5000", "--max-error-rate", "0.01", "--results", str(tmp_path),
+    )  # fmt: skip
+    output = capsys.readouterr().out
+    assert code == 0, output
+    for name in ("stats_stats.csv", "stats_stats_history.csv", "report.html", "summary.json"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    assert (tmp_path / "plot.png").read_bytes().startswith(PNG_MAGIC)
+    summary = summary_of(tmp_path)
+    counted = gateway_counts(gateway) - before
+    requests = summary["requests"]
+    assert requests["ok"] > 0
+    assert requests["sent"] == requests["ok"] == sum(counted.values())
+    assert {m: summary["by_model"][m]["ok"] for m in ("digits", "mlp")} == {
+        m: counted[(m, "200")] for m in ("digits", "mlp")
+    }
+    assert summary["gateway"]["total"] == requests["sent"]
+    # Locust rewrites its CSV once a second, so it can miss the last requests of the stop.
+    aggregated = (tmp_path / "stats_stats.csv").read_text().splitlines()[-1].split(",")
+    assert aggregated[1] == "Aggregated"
+    assert 0 < int(aggregated[2]) <= requests["sent"]
+    assert "SLO MET" in output and "p99 latency of successes" in output
+
+
+def test_a_tight_slo_on_the_slow_model_fails(
+    gateway: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = loadtest(
+        "--host", gateway, "--duration", "2s", "--users", "2", "--models", "mlp",
+        "--slo-p99-ms", "0.5", "--results", str(tmp_path),
+    )  # fmt: skip
+    output = capsys.readouterr().out
+    assert code == 1, output
+    checks = {c["name"]: c["passed"] for c in summary_of(tmp_path)["checks"]}
+    assert checks == {"p99 latency of successes": False, "error rate": True}
+    assert "SLO MISSED" in output
+
+
+def test_wrong_shapes_are_counted_as_client_errors(
+    gateway: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    before = gateway_counts(gateway)
+    code = loadtest(
+        "--host", gateway, "--duration", "2s", "--users", "2", "--models", "digits",
+        "--wrong-shape-ratio", "1", "--results", str(tmp_path),
+    )  # fmt: skip
+    capsys.readouterr()
+    assert code == 1
+    requests = summary_of(tmp_path)["requests"]
+    counted = gateway_counts(gateway) - before
+    assert requests["sent"] > 0
+    assert requests["client_error"] == requests["sent"] == counted[("digits", "4xx")]
+    assert sum(counted.values()) == requests["sent"]
+
+
+def test_the_open_loop_offers_its_rate(
+    gateway: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = loadtest(
+        "--host", gateway, "--scenario", "open", "--rate", "100", "--users", "2",
+        "--duration", "3s", "--models", "digits", "--slo-p99-ms", "5000",
+        "--max-error-rate", "0.05", "--results", str(tmp_path),
+    )  # fmt: skip
+    capsys.readouterr()
+    assert code == 0
+    requests = summary_of(tmp_path)["requests"]
+    # 100/s for 3 s, give or take the keepers' start-up and the last tick.
+    assert 240 <= requests["due"] <= 320, requests
+
+
+ECHO_METADATA = {
+    "name": "echo",
+    "versions": ["1"],
+    "platform": "fake",
+    "inputs": [{"name": "x", "datatype": "INT32", "shape": [-1, 2]}],
+    "outputs": [{"name": "x", "datatype": "INT32", "shape": [-1, 2]}],
+}
+
+
+class CyclingV2Server(BaseHTTPRequestHandler):
+    """A v2 server with one model that answers inferences in a cycle of statuses."""
+
+    CYCLE = (200, 503, 429, 504, 400, 500)
+    lock = threading.Lock()
+    answered: ClassVar[Counter[int]] = Counter()
+    served: ClassVar[int] = 0
+
+    def do_GET(self) -> None:
+        if self.path == "/v2/health/ready":
+            self.reply(200, {})
+        elif self.path == "/v2/models/echo":
+            self.reply(200, ECHO_METADATA)
+        else:
+            self.reply(404, {"error": "not found"})
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["Content-Length"]))
+        with self.lock:
+            status = self.CYCLE[CyclingV2Server.served % len(self.CYCLE)]
+            CyclingV2Server.served += 1
+            self.answered[status] += 1
+        body = {"model_name": "echo", "outputs": []} if status == 200 else {"error": "no"}
+        self.reply(status, body)
+
+    def reply(self, status: int, body: object) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args: object) -> None:
+        """Quiet: the test reads the counts, not a log."""
+
+
+@pytest.fixture
+def other_server() -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), CyclingV2Server)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def test_another_v2_server_gets_each_outcome_counted_by_name(
+    other_server: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = loadtest(
+        "--host", other_server, "--duration", "2s", "--users", "2", "--models", "echo",
+        "--max-error-rate", "0.5", "--results", str(tmp_path),
+    )  # fmt: skip
+    output = capsys.readouterr().out
+    summary = summary_of(tmp_path)
+    requests = summary["requests"]
+    answered = CyclingV2Server.answered
+    assert answered[200] > 0
+    assert requests["sent"] == sum(answered.values())
+    assert requests["ok"] == answered[200]
+    assert requests["shed"] == answered[503] + answered[429]
+    assert requests["expired"] == answered[504]
+    assert requests["client_error"] == answered[400]
+    assert requests["server_error"] == answered[500]
+    assert requests["transport_error"] == requests["missed_schedule"] == 0
+    # Five of every six fail, over the 50% allowed.
+    assert code == 1, output
+    assert summary["gateway"] is None
+    assert (tmp_path / "plot.png").read_bytes().startswith(PNG_MAGIC)
