@@ -19,7 +19,13 @@ from typing import Any
 from autoscaler import report
 from autoscaler.baselines import Hpa, Keda, Kpa, Oracle, Ray, StaticPeak, replicas_for
 from autoscaler.policy import PolicyState, Sample, ScaleConfig, decide
-from autoscaler.simulator import MAX_BATCH_THROUGHPUT_RPS, Outcome, ScalePolicy, SimConfig
+from autoscaler.simulator import (
+    MAX_BATCH_THROUGHPUT_RPS,
+    Outcome,
+    ScalePolicy,
+    SimConfig,
+    initial_replicas,
+)
 from autoscaler.simulator import simulate as run_one
 from autoscaler.traces import BUILTIN, Trace, TraceError, load
 
@@ -76,12 +82,13 @@ def make_policy(name: str, trace: Trace, sim: SimConfig) -> ScalePolicy[Any]:
 
 def _job(trace: Trace, policy: str, sim: SimConfig, slo_ms: int) -> dict[str, Any]:
     chosen = make_policy(policy, trace, sim)
-    # The references start as they mean to go on; the autoscalers start at the common count.
-    initial = (
-        chosen.decide(_EMPTY, chosen.initial_state(), 0.0).replicas
-        if policy in ("static-peak", "oracle")
-        else None
-    )
+    # The references start as they mean to go on; the autoscalers start at the common count,
+    # HPA at its floor of one (it cannot leave zero).
+    initial = initial_replicas(trace)
+    if policy in ("static-peak", "oracle"):
+        initial = chosen.decide(_EMPTY, chosen.initial_state(), 0.0).replicas
+    elif policy == "hpa":
+        initial = max(1, initial)
     run = run_one(trace, chosen, sim, initial)
     return report.summarize(run, trace, slo_ms) | {"series": report.series(run, slo_ms)}
 

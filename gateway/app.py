@@ -35,33 +35,22 @@ from gateway.responses import (
     EXCEPTION_HANDLERS,
     json_body,
     json_response,
+    model_path,
+    server_routes,
 )
 
 SERVER_NAME = "bazaar"
-SERVER_VERSION = "0.1.0"
 EXTENSIONS = ["binary_tensor_data", "model_repository", "schedule_policy", "parameters"]
 TIMEOUT_HEADER = b"x-request-timeout-ms"
 
 
 def create_app(catalog: ModelCatalog) -> ASGIApp:
-    async def server_metadata(request: Request) -> Response:
-        return json_response(
-            {"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": EXTENSIONS}
-        )
-
-    async def live(request: Request) -> Response:
-        return json_response({"live": True})
-
-    async def ready(request: Request) -> Response:
-        is_ready = catalog.ready()
-        return json_response({"ready": is_ready}, 200 if is_ready else 503)
-
     async def model_metadata(request: Request) -> Response:
-        served = catalog.get(*_model_path(request))
+        served = catalog.get(*model_path(request))
         return json_response(served.metadata.to_json())
 
     async def model_ready(request: Request) -> Response:
-        name, version = _model_path(request)
+        name, version = model_path(request)
         try:
             served = catalog.get(name, version)
         except BazaarError as exc:
@@ -131,9 +120,7 @@ def create_app(catalog: ModelCatalog) -> ASGIApp:
         return Response(generate_latest(catalog.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     routes = [
-        Route("/v2", server_metadata),
-        Route("/v2/health/live", live),
-        Route("/v2/health/ready", ready),
+        *server_routes(SERVER_NAME, EXTENSIONS, catalog.ready),
         Route("/v2/repository/index", repository_index, methods=["POST"]),
         Route("/metrics", prometheus),
         Route("/stats", stats),
@@ -144,10 +131,6 @@ def create_app(catalog: ModelCatalog) -> ASGIApp:
             Route(prefix + "/ready", model_ready),
         ]
     return with_infer_route(Starlette(routes=routes, exception_handlers=EXCEPTION_HANDLERS), infer)
-
-
-def _model_path(request: Request) -> tuple[str, str | None]:
-    return request.path_params["model"], request.path_params.get("version")
 
 
 def _schedule(parameters: Mapping[str, Any], headers: Headers) -> tuple[int, float | None]:

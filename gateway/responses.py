@@ -8,14 +8,16 @@ still gets exactly one answer.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import orjson
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.routing import Route
 
+from gateway import __version__
 from gateway.errors import BazaarError, InvalidRequest
 
 log = logging.getLogger(__name__)
@@ -63,3 +65,32 @@ async def json_body(request: Request) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise InvalidRequest("request body must be a JSON object")
     return data
+
+
+def server_routes(name: str, extensions: list[str], ready: Callable[[], bool]) -> list[Route]:
+    """``/v2``, ``/v2/health/live`` and ``/v2/health/ready``: the same on gateway and pods.
+
+    Readiness answers 503 as well as ``{"ready": false}``, so both kinds of client (those
+    that read the status, like Kubernetes probes, and those that read the body) agree.
+    """
+
+    async def metadata(request: Request) -> Response:
+        return json_response({"name": name, "version": __version__, "extensions": extensions})
+
+    async def live(request: Request) -> Response:
+        return json_response({"live": True})
+
+    async def is_ready(request: Request) -> Response:
+        ok = ready()
+        return json_response({"ready": ok}, 200 if ok else 503)
+
+    return [
+        Route("/v2", metadata),
+        Route("/v2/health/live", live),
+        Route("/v2/health/ready", is_ready),
+    ]
+
+
+def model_path(request: Request) -> tuple[str, str | None]:
+    """(model, version) from a ``/v2/models/{model}[/versions/{version}]`` route."""
+    return request.path_params["model"], request.path_params.get("version")

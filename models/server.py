@@ -33,6 +33,8 @@ from gateway.responses import (
     EXCEPTION_HANDLERS,
     json_body,
     json_response,
+    model_path,
+    server_routes,
 )
 from models.metrics import PodMetrics
 from models.store import ModelStore
@@ -41,7 +43,6 @@ from models.utilisation import GpuMonitor
 log = logging.getLogger(__name__)
 
 SERVER_NAME = "bazaar-model-server"
-SERVER_VERSION = "0.1.0"
 EXTENSIONS = ["binary_tensor_data", "model_repository"]
 
 
@@ -49,26 +50,14 @@ def create_app(store: ModelStore, registry: CollectorRegistry | None = None) -> 
     registry = registry if registry is not None else CollectorRegistry()
     metrics = PodMetrics(registry, store, GpuMonitor())
 
-    async def server_metadata(request: Request) -> Response:
-        return json_response(
-            {"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": EXTENSIONS}
-        )
-
-    async def live(request: Request) -> Response:
-        return json_response({"live": True})
-
-    async def ready(request: Request) -> Response:
-        is_ready = store.ready()
-        return json_response({"ready": is_ready}, 200 if is_ready else 503)
-
     async def model_metadata(request: Request) -> Response:
-        name, version = _model_path(request)
+        name, version = model_path(request)
         runtime = store.get(name, version)
         versions = [str(v) for v in sorted(store.models[name].versions)]
         return json_response(runtime.metadata.to_json(versions if version is None else None))
 
     async def model_ready(request: Request) -> Response:
-        name, version = _model_path(request)
+        name, version = model_path(request)
         try:
             store.get(name, version)
         except BazaarError as exc:
@@ -78,7 +67,7 @@ def create_app(store: ModelStore, registry: CollectorRegistry | None = None) -> 
         return json_response({"name": name, "ready": True})
 
     async def model_config(request: Request) -> Response:
-        name, version = _model_path(request)
+        name, version = model_path(request)
         runtime = store.get(name, version)
         config = runtime.config.to_json()
         config["max_batch_size"] = runtime.metadata.max_batch_size
@@ -153,9 +142,7 @@ def create_app(store: ModelStore, registry: CollectorRegistry | None = None) -> 
     model = "/v2/models/{model}"
     versioned = "/v2/models/{model}/versions/{version}"
     routes = [
-        Route("/v2", server_metadata),
-        Route("/v2/health/live", live),
-        Route("/v2/health/ready", ready),
+        *server_routes(SERVER_NAME, EXTENSIONS, store.ready),
         Route("/metrics", prometheus),
         Route("/v2/repository/index", repository_index, methods=["POST"]),
         Route("/v2/repository/models/{model}/load", repository_load, methods=["POST"]),
@@ -169,10 +156,6 @@ def create_app(store: ModelStore, registry: CollectorRegistry | None = None) -> 
         ]
     app = Starlette(routes=routes, exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan)
     return with_infer_route(app, infer)
-
-
-def _model_path(request: Request) -> tuple[str, str | None]:
-    return request.path_params["model"], request.path_params.get("version")
 
 
 def _config_override(body: dict[str, Any]) -> dict[str, Any] | None:
