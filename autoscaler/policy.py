@@ -20,7 +20,10 @@ The algorithm, one decision per sample:
    ``max_scale_up_rate``): the panic window is the source's short rate window plus the live queue.
    Scale-down goes only to the highest serving need of the last window and at
    most halves per step, so noise and short dips cause no reversals; replicas added only to drain
-   a backlog leave as soon as it is drained.
+   a backlog leave as soon as it is drained. Nothing is removed while replicas are starting or a
+   backlog waits. When demand returns within five windows of a scale-down, the window doubles
+   (up to ``max_scale_down_window_s``): recurring bursts keep their capacity, and a one-off step
+   still releases it after ``scale_down_window_s``.
 4. **Zero.** From zero, the first queued row brings the need at once (the gateway holds the
    request meanwhile). To zero only after ``scale_to_zero_after_s`` with no queued, in-flight or
    arriving rows, and only when ``min_replicas`` is 0.
