@@ -204,7 +204,21 @@ def _demo_repository() -> Path:
 def _run_async(main: Coroutine[Any, Any, None]) -> None:
     import uvloop
 
+    _freeze_startup_objects()
     uvloop.run(main)
+
+
+def _freeze_startup_objects() -> None:
+    """Move everything imported so far out of the collector's sight.
+
+    Without it, every full collection walks the hundreds of thousands of objects that numpy,
+    ONNX Runtime and the web stack leave behind: measured at 50 to 240 ms pauses under
+    load, which set the gateway's p99.
+    """
+    import gc
+
+    gc.collect()
+    gc.freeze()
 
 
 def _model_server(args: argparse.Namespace) -> int:
@@ -224,6 +238,7 @@ def _model_server(args: argparse.Namespace) -> int:
     logging.getLogger("bazaar").info(
         "model server for %s on http://%s:%d", repository.root, args.host, args.port
     )
+    _freeze_startup_objects()
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
     return 0
 

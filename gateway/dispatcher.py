@@ -193,7 +193,14 @@ class Dispatcher:
         self._queue.rows += rows
         self._admitted += 1
         self._admitted_rows += rows
-        heapq.heappush(self._queue.deadlines, (pending.deadline, next(self._sequence), pending))
+        deadlines = self._queue.deadlines
+        heapq.heappush(deadlines, (pending.deadline, next(self._sequence), pending))
+        if len(deadlines) > 2 * self._queue.size + 64:
+            # Entries of requests that already left stay until their deadline would pass;
+            # under load that is every request of the last max_queue_time_s, inputs and
+            # all. Compacting here keeps the heap within twice the queue, amortised O(1).
+            deadlines[:] = [entry for entry in deadlines if entry[2].queued]
+            heapq.heapify(deadlines)
         self._wakeup()
         return pending.future
 

@@ -278,6 +278,8 @@ async def test_every_request_is_answered_exactly_once_with_its_own_rows(
     computed = Counter(float(v) for c in pods.calls for v in np.unique(c.inputs["x"]))
     assert max(computed.values()) <= 2
     assert dispatcher.stats().queued == 0
+    # Requests that left do not linger (with their inputs) in the deadline heap.
+    assert len(dispatcher._queue.deadlines) <= 64
 
 
 async def test_close_fails_everything_queued(make: MakeDispatcher) -> None:
