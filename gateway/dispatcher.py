@@ -10,8 +10,11 @@ is full, 400 for a bad priority) and returns a future for its outputs. One colle
   one's (their tensors could not be concatenated), so nothing overtakes within a level.
 * A batch leaves when the pool has a free slot and either it is full, or it reaches a
   preferred size (the largest preferred size that fits leaves), or its oldest request has
-  waited ``max_queue_delay_s``. With delay 0 it is work-conserving: a free endpoint takes
-  whatever is queued at once, so batches grow exactly as fast as the pods are busy.
+  waited ``max_queue_delay_s``. With delay 0 it is work-conserving: an idle endpoint takes
+  whatever is queued at once, so batches grow exactly as fast as the pods are busy. A batch
+  that could still grow goes only to an idle endpoint; the further slots an endpoint has
+  (``max_batches_per_endpoint``) pipeline full batches, so the pod never waits for the next
+  one to arrive and is never handed a small one while it is busy anyway.
 * A request whose deadline passes while queued is answered 504 and never computed; a
   request whose caller went away (cancelled future) is dropped without computing.
 * Each batch runs as its own task: inputs are concatenated along the batch dimension, the
@@ -260,17 +263,21 @@ class Dispatcher:
             if not batch:
                 self._purge()  # only abandoned requests were left
                 return None
-            if not full and policy.max_batch_size:
+            # A batch that could still grow leaves only for an idle endpoint; the extra
+            # slots per endpoint pipeline batches that are as big as they will get, so a
+            # busy pod is not handed small batches while company is on its way.
+            grown = full or not policy.max_batch_size
+            if not grown:
                 preferred = [p for p in policy.preferred_batch_sizes if p <= rows]
                 head, head_rows = _prefix(batch, preferred[-1]) if preferred else ([], 0)
                 if head:
-                    batch, rows = head, head_rows
+                    batch, rows, grown = head, head_rows, True
                 else:
                     leave_at = min(p.arrived for p in batch) + policy.max_queue_delay_s
                     # Waiting for company must not outlast a member's deadline.
                     if now + TIMER_SLACK_S < leave_at < min(p.deadline for p in batch):
                         return leave_at
-            endpoint = self.pool.acquire(rows)
+            endpoint = self.pool.acquire(rows, idle_only=not grown)
             if endpoint is None:
                 return None
             self._take(len(batch))

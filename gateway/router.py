@@ -122,10 +122,17 @@ class EndpointPool:
             for e in self.endpoints
         )
 
-    def acquire(self, rows: int, exclude: Endpoint | None = None) -> Endpoint | None:
-        """Reserve a slot for a batch of ``rows``; None when every endpoint is full or down."""
+    def acquire(
+        self, rows: int, exclude: Endpoint | None = None, *, idle_only: bool = False
+    ) -> Endpoint | None:
+        """Reserve a slot for a batch of ``rows``; None when every endpoint is full or down.
+
+        ``idle_only`` takes only an endpoint with nothing in flight: the extra slots are
+        for batches worth queueing behind another at the pod.
+        """
         candidates = [e for e in self.endpoints if e is not exclude]
-        endpoint = choose_endpoint(candidates, self.max_batches_per_endpoint, self._rng)
+        limit = 1 if idle_only else self.max_batches_per_endpoint
+        endpoint = choose_endpoint(candidates, limit, self._rng)
         if endpoint is not None:
             endpoint.inflight_batches += 1
             endpoint.inflight_rows += rows
