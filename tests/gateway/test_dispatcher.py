@@ -326,3 +326,18 @@ async def test_waiting_for_a_fuller_batch_never_outlasts_a_deadline(make: MakeDi
     result = await dispatcher.submit(rows_of(3), 1, timeout_s=0.002)
     assert result["out"][0, 0] == 6
     assert batches(pods) == [(0.0, 1)]  # left at once instead of expiring in the wait
+
+
+async def test_a_busy_endpoint_gets_full_batches_only(make: MakeDispatcher) -> None:
+    pods = FakePods(latency_s=0.010)
+    dispatcher = make(pods, max_batches=2, max_batch_size=4)
+    first = dispatcher.submit(rows_of(0), 1)
+    await asyncio.sleep(0)
+    # A partial batch waits for the endpoint to go idle, growing meanwhile...
+    partial = dispatcher.submit(rows_of(1), 1)
+    await asyncio.sleep(0.005)
+    assert batches(pods) == [(0.0, 1)]
+    # ...but a full one takes the second slot at once, queued behind the first at the pod.
+    full = [dispatcher.submit(rows_of(v), 1) for v in (2, 3, 4)]
+    await asyncio.gather(first, partial, *full)
+    assert batches(pods) == [(0.0, 1), (5.0, 4)]
