@@ -73,11 +73,10 @@ class ModelCatalog:
         return sorted(self._endpoints)
 
     def ready(self) -> bool:
-        """Every known model is learned and has an endpoint taking batches."""
-        return all(
-            name in self.models and self.models[name].dispatcher.pool.ready_endpoints > 0
-            for name in self._endpoints
-        )
+        """Every known model is learned: its requests are validated and queued, and served
+        as soon as it has an endpoint (a model scaled to zero still counts as ready here;
+        its own ``/ready`` says whether an endpoint takes batches now)."""
+        return all(name in self.models for name in self._endpoints)
 
     async def close(self) -> None:
         for served in self.models.values():

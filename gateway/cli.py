@@ -60,7 +60,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         type=int,
         default=1,
         metavar="N",
-        help="workers each model starts with, and the fewest it keeps (default %(default)s)",
+        help="workers each model starts with, and the fewest it keeps unless "
+        "--scale-to-zero-after (default %(default)s)",
     )
     serve.add_argument(
         "--max-workers-per-model",
@@ -74,6 +75,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=120.0,
         metavar="SECONDS",
         help="workers are removed only when not needed for this long (default %(default)s)",
+    )
+    serve.add_argument(
+        "--scale-to-zero-after",
+        type=float,
+        metavar="SECONDS",
+        help="stop every worker of a model idle this long; its next request is held until "
+        "a worker is back (default: never)",
     )
     serve.add_argument(
         "--no-autoscale", action="store_true", help="keep --workers-per-model workers per model"
@@ -165,15 +173,16 @@ def _serve(args: argparse.Namespace) -> int:
     if not args.no_autoscale:
         most = args.max_workers_per_model or max(args.workers_per_model, os.cpu_count() or 1)
         autoscale = ScaleConfig(
-            min_replicas=args.workers_per_model,
+            min_replicas=0 if args.scale_to_zero_after is not None else args.workers_per_model,
             max_replicas=most,
             scale_down_window_s=args.scale_down_window,
+            scale_to_zero_after_s=args.scale_to_zero_after,
         )
     host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
     source = LocalWorkers(
         repository,
         f"http://{host}:{args.port}",
-        min_workers=args.workers_per_model,
+        workers=args.workers_per_model,
         autoscale=autoscale,
         log_level=args.log_level,
     )

@@ -1,10 +1,12 @@
 """``bazaar serve``'s endpoint source: local model workers, autoscaled.
 
-Every model in the repository gets ``min_workers`` ``bazaar model-server`` processes from
-the ``WorkerSupervisor``. With autoscaling on (the default), the same control loop the
+Every model in the repository starts with ``workers`` ``bazaar model-server`` processes
+from the ``WorkerSupervisor``. With autoscaling on (the default), the same control loop the
 Kubernetes autoscaler runs reads the gateway's own ``/stats`` and the workers' ``/metrics``
-every second and scales each model between ``min_workers`` and ``max_workers`` through
-the local scaler; its metrics join the gateway's ``/metrics``. Stopping ends the loop
+every second and scales each model within the ``ScaleConfig``'s bounds through the local
+scaler; its metrics join the gateway's ``/metrics``. A model scaled to zero keeps its
+metadata in the gateway, so its next request is validated and held in the queue, where the
+autoscaler sees it and starts a worker. Stopping ends the loop
 first, so nothing scales while the workers are being stopped.
 """
 
@@ -36,14 +38,14 @@ class LocalWorkers:
         repository: Path,
         gateway_url: str,
         *,
-        min_workers: int,
+        workers: int,
         autoscale: ScaleConfig | None,
         log_level: str,
     ) -> None:
         self.repository = repository
         self.models = ModelRepository(repository).model_names()
         self.gateway_url = gateway_url
-        self.min_workers = min_workers
+        self.workers = workers
         self.autoscale = autoscale
         self.log_level = log_level
         self.supervisor: WorkerSupervisor | None = None
@@ -53,7 +55,7 @@ class LocalWorkers:
         self.supervisor = WorkerSupervisor(self.repository, listener, log_level=self.log_level)
         for model in self.models:
             listener(model, [])  # known at once: requests wait for a worker instead of 404
-            await self.supervisor.scale(model, self.min_workers)
+            await self.supervisor.scale(model, self.workers)
         if self.autoscale is not None:
             scaler = LocalScaler(self.supervisor, dict.fromkeys(self.models, self.autoscale))
             self._autoscaler = asyncio.create_task(self._run_autoscaler(scaler, registry))

@@ -79,3 +79,34 @@ def test_a_burst_adds_workers_and_the_quiet_after_it_removes_them(
     assert statuses and set(statuses) == {200}, {s: statuses.count(s) for s in set(statuses)}
     assert "scale_up" in log or "panic" in log
     assert "scale_down" in log
+
+
+def test_an_idle_model_goes_to_zero_and_its_next_request_brings_a_worker_back(
+    wide_repository: Path, tmp_path: Path
+) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    args = [
+        "serve",
+        "--model-repository",
+        str(wide_repository),
+        "--port",
+        str(port),
+        "--scale-to-zero-after",
+        "2",
+        "--scale-down-window",
+        "2",
+    ]
+    rows = np.zeros((1, 1024), dtype=np.float32)
+    body = {
+        "inputs": [
+            {"name": "input", "shape": [1, 1024], "datatype": "FP32", "data": rows.ravel().tolist()}
+        ]
+    }
+    with bazaar_process(args, tmp_path / "serve.log", f"{url}/v2/health/ready"):
+        wait_until(lambda: _workers(url) == (0, 0), 60, "mlp_wide to scale to zero")
+        # Held in the gateway's queue while the autoscaler starts a worker, then answered.
+        response = httpx.post(f"{url}/v2/models/mlp_wide/infer", json=body, timeout=60)
+        assert response.status_code == 200, response.text
+        assert response.json()["outputs"][0]["shape"] == [1, 1024]
+        assert _workers(url)[1] == 1
