@@ -14,11 +14,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-
-import matplotlib.pyplot as plt
 import numpy as np
 import numpy.typing as npt
 
@@ -159,6 +154,13 @@ def write_json(path: Path, settings: dict[str, Any], results: list[dict[str, Any
 
 def plot(path: Path, trace: Trace, runs: list[dict[str, Any]], slo_ms: int) -> None:
     """Load, replicas and p99 latency over time, one column per policy."""
+    # Imported here: matplotlib costs half a second, and every ``bazaar`` command builds
+    # this module's parser.
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     fig, axes = plt.subplots(
         3, len(runs), figsize=(3.2 * len(runs), 7), sharex=True, sharey="row", squeeze=False
     )

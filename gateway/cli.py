@@ -1,7 +1,7 @@
 """The ``bazaar`` command: one entry point, a subcommand per process or tool.
 
-Each subcommand imports what it needs when it runs, so ``bazaar model-server`` in a pod
-never loads the gateway's or the autoscaler's dependencies.
+Subcommands import their heavy dependencies (ONNX Runtime, the Kubernetes client, Locust,
+matplotlib) when they run, not when the parser is built, so every command starts quickly.
 """
 
 from __future__ import annotations
@@ -12,12 +12,9 @@ import os
 import sys
 from collections.abc import Coroutine, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from gateway.config import GatewayConfig
-
-DEMO_REPOSITORY = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "bazaar" / "demo"
+from gateway.config import DEMO_REPOSITORY, GatewayConfig
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -133,8 +130,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _gateway_options(parser: argparse.ArgumentParser) -> None:
-    from gateway.config import GatewayConfig
-
     defaults = GatewayConfig()
     parser.add_argument(
         "--max-batches-per-endpoint",
@@ -153,8 +148,6 @@ def _gateway_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _gateway_config(args: argparse.Namespace) -> GatewayConfig:
-    from gateway.config import GatewayConfig
-
     return GatewayConfig(
         max_batches_per_endpoint=args.max_batches_per_endpoint,
         max_queue_time_s=args.max_queue_time,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +12,9 @@ import yaml
 
 from gateway.dispatcher import BatchPolicy
 from gateway.errors import ConfigError
+
+DEMO_REPOSITORY = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "bazaar" / "demo"
+"""Where ``bazaar serve`` builds the demo repository when it is given none."""
 
 
 @dataclass(frozen=True, slots=True)
