@@ -38,7 +38,7 @@ simulate: $(INSTALLED)
 check: $(INSTALLED)
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
-	$(BIN)/mypy gateway models autoscaler
+	$(BIN)/mypy gateway models autoscaler loadtests
 
 clean:
 	rm -rf $(VENV) .bazaar .pytest_cache .mypy_cache .ruff_cache
