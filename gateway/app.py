@@ -62,7 +62,7 @@ def create_app(catalog: ModelCatalog) -> ASGIApp:
 
     async def infer(model: str, version: str | None, body: bytes, headers: Headers) -> Answer:
         started = time.perf_counter()
-        served = catalog.get(model, version)
+        served = await catalog.serving(model, version, catalog.config.max_queue_time_s)
         status = 500
         try:
             metadata = served.metadata
@@ -107,7 +107,17 @@ def create_app(catalog: ModelCatalog) -> ASGIApp:
 
     async def stats(request: Request) -> Response:
         models = {}
-        for name, served in sorted(catalog.models.items()):
+        for name in catalog.names():
+            served = catalog.models.get(name)
+            if served is None:
+                # Not learned yet: the requests held for it are its whole demand.
+                held = catalog.waiting.get(name, 0)
+                models[name] = {
+                    **_asdict(DispatcherStats(held, held, 0, 0, 0, 0, 0)),
+                    "endpoints": 0,
+                    "ready_endpoints": 0,
+                }
+                continue
             pool = served.dispatcher.pool
             models[name] = {
                 **_asdict(served.dispatcher.stats()),

@@ -49,10 +49,14 @@ class ModelCatalog:
         self.models: dict[str, ServedModel] = {}
         self._endpoints: dict[str, list[str]] = {}
         self._learning: dict[str, asyncio.Task[None]] = {}
+        self._learned: dict[str, asyncio.Event] = {}
+        self.waiting: dict[str, int] = {}
+        """Requests held per model while it has never had an endpoint (its queue demand)."""
         metrics.watch(lambda: {name: m.dispatcher for name, m in self.models.items()})
 
     def set_endpoints(self, model: str, urls: list[str]) -> None:
         self._endpoints[model] = list(urls)
+        self._learned.setdefault(model, asyncio.Event())
         served = self.models.get(model)
         if served is not None:
             served.dispatcher.pool.set_endpoints(urls)
@@ -68,6 +72,25 @@ class ModelCatalog:
         if version is not None and version != served.metadata.version:
             raise ModelNotFound(name, version)
         return served
+
+    async def serving(self, name: str, version: str | None, timeout_s: float) -> ServedModel:
+        """``get``, but a known model not learned yet is waited for, up to ``timeout_s``.
+
+        Such a model has never had an endpoint since the gateway started (scaled to zero
+        before it, say): its requests cannot be validated yet, so they wait here, counted in
+        ``waiting``, which ``/stats`` reports as queued so the autoscaler starts a replica.
+        """
+        learned = self._learned.get(name)
+        if name in self.models or learned is None:
+            return self.get(name, version)
+        self.waiting[name] = self.waiting.get(name, 0) + 1
+        try:
+            await asyncio.wait_for(learned.wait(), timeout_s)
+        except TimeoutError:
+            raise ModelNotReady(name, f"without an endpoint for {timeout_s:g} s") from None
+        finally:
+            self.waiting[name] -= 1
+        return self.get(name, version)
 
     def names(self) -> list[str]:
         return sorted(self._endpoints)
@@ -123,6 +146,7 @@ class ModelCatalog:
         collector = asyncio.create_task(dispatcher.run(), name=f"dispatcher-{model}")
         self.models[model] = ServedModel(metadata, dispatcher, metrics, collector)
         self._learning.pop(model, None)
+        self._learned[model].set()
         log.info(
             "serving %s version %s: max_batch_size %d, delay %.1f ms, queue %d, %d endpoint(s)",
             model,

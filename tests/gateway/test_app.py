@@ -469,17 +469,41 @@ async def test_unknown_model_or_version_is_404(gateway: Gateway) -> None:
         assert (answer.status_code, answer.json()) == (404, {"error": message}), path
 
 
-async def test_a_model_without_an_endpoint_yet_is_503(gateway: Gateway) -> None:
+async def test_a_model_without_an_endpoint_yet_holds_requests_then_503s(
+    make_gateway: MakeGateway,
+) -> None:
+    gateway = await make_gateway(config=GatewayConfig(max_queue_time_s=0.5))
     gateway.catalog.set_endpoints("ghost", [])
-    answer = await gateway.http.post("/v2/models/ghost/infer", json=json_body(mlp_rows(1)))
-    assert answer.status_code == 503
-    assert answer.json() == {"error": "model 'ghost' is waiting for its first endpoint"}
+    held = asyncio.create_task(
+        gateway.http.post("/v2/models/ghost/infer", json=json_body(mlp_rows(1)))
+    )
+    await until(lambda: gateway.catalog.waiting.get("ghost") == 1, 5.0, "the request held")
+    stats = (await gateway.http.get("/stats")).json()["models"]["ghost"]
+    assert (stats["queued"], stats["ready_endpoints"]) == (1, 0)  # demand the autoscaler sees
     ready = await gateway.http.get("/v2/models/ghost/ready")
     assert (ready.status_code, ready.json()) == (503, {"name": "ghost", "ready": False})
     health = await gateway.http.get("/v2/health/ready")
     assert (health.status_code, health.json()) == (503, {"ready": False})
     served = await gateway.http.post("/v2/models/mlp/infer", json=json_body(mlp_rows(1)))
     assert served.status_code == 200  # the others still serve
+    answer = await held
+    assert answer.status_code == 503
+    assert answer.json() == {"error": "model 'ghost' is without an endpoint for 0.5 s"}
+    assert gateway.catalog.waiting["ghost"] == 0
+
+
+async def test_a_held_request_is_answered_when_its_model_gets_an_endpoint(
+    make_gateway: MakeGateway, model_server: str
+) -> None:
+    gateway = await make_gateway(models=("mlp",))
+    gateway.catalog.set_endpoints("digits", [])  # scaled to zero before the gateway started
+    body = {"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": [0.0] * 64}]}
+    held = asyncio.create_task(gateway.http.post("/v2/models/digits/infer", json=body))
+    await until(lambda: gateway.catalog.waiting.get("digits") == 1, 5.0, "the request held")
+    gateway.catalog.set_endpoints("digits", [model_server])  # a replica came up
+    answer = await held
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["outputs"][0]["name"] == "label"
 
 
 # -- many at once ----------------------------------------------------------------------------
