@@ -86,13 +86,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     _gateway_options(serve)
     serve.set_defaults(run=_serve)
 
-    gateway = commands.add_parser("gateway", help="the gateway in front of listed endpoints")
-    gateway.add_argument(
+    gateway = commands.add_parser(
+        "gateway", help="the gateway in front of listed or discovered endpoints"
+    )
+    source = gateway.add_mutually_exclusive_group(required=True)
+    source.add_argument(
         "--endpoints",
         type=Path,
-        required=True,
         metavar="FILE",
         help="YAML: models: {name: [http://host:port, ...]}",
+    )
+    source.add_argument(
+        "--kubernetes-namespace",
+        metavar="NS",
+        help="discover the ready pods of the Services labelled bazaar.dev/model in NS "
+        "through their EndpointSlices",
+    )
+    gateway.add_argument(
+        "--kubeconfig",
+        metavar="FILE",
+        help="with --kubernetes-namespace: the kubeconfig to use (default: in-cluster, "
+        "else ~/.kube/config)",
     )
     gateway.add_argument("--host", default="127.0.0.1")
     gateway.add_argument("--port", type=int, default=8000)
@@ -184,9 +198,25 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _gateway(args: argparse.Namespace) -> int:
-    from gateway.server import StaticEndpoints, run
+    from gateway.server import EndpointSource, StaticEndpoints, run
 
-    source = StaticEndpoints(args.endpoints)
+    source: EndpointSource
+    if args.endpoints is not None:
+        if args.kubeconfig is not None:
+            logging.getLogger("bazaar").error("--kubeconfig goes with --kubernetes-namespace")
+            return 2
+        source = StaticEndpoints(args.endpoints)
+    else:
+        from autoscaler.kubernetes import connect
+        from gateway.errors import ConfigError
+        from gateway.kubernetes import EndpointSlices
+
+        try:
+            client = connect(args.kubeconfig)
+        except ConfigError as exc:
+            logging.getLogger("bazaar").error("%s", exc)
+            return 2
+        source = EndpointSlices(args.kubernetes_namespace, api_client=client)
     _run_async(run(source, args.host, args.port, _gateway_config(args), args.log_level))
     return 0
 

@@ -7,6 +7,8 @@ namespaces:
 - ``GET  /apis/apps/v1/namespaces/{ns}/deployments/{name}/scale``
 - ``PATCH /apis/apps/v1/namespaces/{ns}/deployments/{name}/scale`` (JSON merge patch)
 - ``GET  /api/v1/namespaces/{ns}/pods?labelSelector=...``
+- ``GET  /api/v1/namespaces/{ns}/services?labelSelector=...``
+- ``GET  /apis/discovery.k8s.io/v1/namespaces/{ns}/endpointslices?labelSelector=...``
 
 Every request is recorded (method, path, query, content type, body) with the RBAC
 permission it needs, and faults can be queued per permission: a status (403, 409, 500...)
@@ -47,6 +49,8 @@ class Recorded:
 class FakeKubernetes:
     deployments: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
     pods: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+    services: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+    endpoint_slices: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
     requests: list[Recorded] = field(default_factory=list)
     faults: dict[tuple[str, str, str], deque[int | float]] = field(default_factory=dict)
     """Per permission, what the next requests get: an int status, or a float stall in s."""
@@ -79,6 +83,32 @@ class FakeKubernetes:
     ) -> None:
         self.pods[namespace, name] = pod(name, model, namespace, ip, ready, terminating)
 
+    def add_service(
+        self,
+        name: str,
+        labels: dict[str, str],
+        *,
+        namespace: str = "default",
+        ports: dict[str, int] | None = None,
+    ) -> None:
+        self.services[namespace, name] = service(name, namespace, labels, ports or {"http": 8001})
+
+    def set_slice(
+        self,
+        name: str,
+        service_name: str,
+        endpoints: list[tuple[str, bool | None]],
+        *,
+        namespace: str = "default",
+        ports: dict[str, int] | None = None,
+        address_type: str = "IPv4",
+    ) -> None:
+        """Add or replace an EndpointSlice of ``service_name``: ``(address, ready)`` pairs
+        (``ready=None`` leaves the condition unset)."""
+        self.endpoint_slices[namespace, name] = endpoint_slice(
+            name, namespace, service_name, endpoints, ports or {"http": 8001}, address_type
+        )
+
     def fail(self, permission: tuple[str, str, str], *outcomes: int | float) -> None:
         """The next requests needing ``permission`` get these statuses (int) or stalls (s)."""
         self.faults.setdefault(permission, deque()).extend(outcomes)
@@ -96,6 +126,11 @@ class FakeKubernetes:
                 Route(prefix, self._list_deployments),
                 Route(prefix + "/{name}/scale", self._scale, methods=["GET", "PATCH"]),
                 Route("/api/v1/namespaces/{namespace}/pods", self._list_pods),
+                Route("/api/v1/namespaces/{namespace}/services", self._list_services),
+                Route(
+                    "/apis/discovery.k8s.io/v1/namespaces/{namespace}/endpointslices",
+                    self._list_endpoint_slices,
+                ),
             ]
         )
 
@@ -145,6 +180,24 @@ class FakeKubernetes:
         ]
         return JSONResponse({"apiVersion": "v1", "kind": "PodList", "items": items})
 
+    async def _list_services(self, request: Request) -> Response:
+        namespace = request.path_params["namespace"]
+        if (fault := await self._record(request, ("", "services", "list"))) is not None:
+            return fault
+        items = _selected(self.services, namespace, request.query_params.get("labelSelector"))
+        return JSONResponse({"apiVersion": "v1", "kind": "ServiceList", "items": items})
+
+    async def _list_endpoint_slices(self, request: Request) -> Response:
+        namespace = request.path_params["namespace"]
+        permission = ("discovery.k8s.io", "endpointslices", "list")
+        if (fault := await self._record(request, permission)) is not None:
+            return fault
+        selector = request.query_params.get("labelSelector")
+        items = _selected(self.endpoint_slices, namespace, selector)
+        return JSONResponse(
+            {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSliceList", "items": items}
+        )
+
     async def _record(self, request: Request, permission: tuple[str, str, str]) -> Response | None:
         raw = await request.body()
         self.requests.append(
@@ -176,6 +229,61 @@ def matches(labels: dict[str, str], selector: str) -> bool:
         if key not in labels or (value and labels[key] != value):
             return False
     return True
+
+
+def _selected(
+    objects: dict[tuple[str, str], dict[str, Any]], namespace: str, selector: str | None
+) -> list[dict[str, Any]]:
+    return [
+        item
+        for (item_namespace, _), item in sorted(objects.items())
+        if item_namespace == namespace and matches(item["metadata"]["labels"], selector or "")
+    ]
+
+
+def service(
+    name: str, namespace: str, labels: dict[str, str], ports: dict[str, int]
+) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": name, "namespace": namespace, "labels": labels},
+        "spec": {
+            "selector": {"app": name},
+            "ports": [
+                {"name": port_name, "port": port, "targetPort": port_name, "protocol": "TCP"}
+                for port_name, port in ports.items()
+            ],
+        },
+    }
+
+
+def endpoint_slice(
+    name: str,
+    namespace: str,
+    service_name: str,
+    endpoints: list[tuple[str, bool | None]],
+    ports: dict[str, int],
+    address_type: str,
+) -> dict[str, Any]:
+    return {
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "labels": {"kubernetes.io/service-name": service_name},
+        },
+        "addressType": address_type,
+        "endpoints": [
+            {"addresses": [address], "conditions": {} if ready is None else {"ready": ready}}
+            for address, ready in endpoints
+        ],
+        "ports": [
+            {"name": port_name, "port": port, "protocol": "TCP"}
+            for port_name, port in ports.items()
+        ],
+    }
 
 
 def deployment(

@@ -26,8 +26,10 @@ import yaml
 
 from autoscaler.annotations import scale_config
 from autoscaler.command import add_parser
-from autoscaler.kubernetes import REQUIRED_RBAC
-from gateway.config import load_static_endpoints
+from autoscaler.kubernetes import REQUIRED_RBAC as AUTOSCALER_RBAC
+from autoscaler.kubernetes import Permission
+from gateway.kubernetes import REQUIRED_RBAC as GATEWAY_RBAC
+from gateway.kubernetes import EndpointSlices
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -206,22 +208,33 @@ def test_probes_use_declared_ports(rendered: list[Resource]) -> None:
                 assert container[probe]["httpGet"]["port"] in declared, (container["name"], probe)
 
 
-def test_gateway_endpoints_name_model_services(rendered: list[Resource], tmp_path: Path) -> None:
-    config_map = find(rendered, "ConfigMap", "bazaar-gateway-endpoints")
-    path = tmp_path / "endpoints.yaml"
-    path.write_text(config_map["data"]["endpoints.yaml"])
-    endpoints = load_static_endpoints(path)  # the gateway's own parser
-    models = {d["metadata"]["labels"].get(MODEL_LABEL) for d in of_kind(rendered, "Deployment")}
-    assert set(endpoints) <= models
-    for model, urls in endpoints.items():
-        for url in urls:
-            service = service_port(rendered, url)
-            assert (
-                selected(rendered, service["spec"]["selector"])[0]["metadata"]["labels"][
-                    MODEL_LABEL
-                ]
-                == model
-            )
+def test_the_gateway_discovers_every_model_through_a_labelled_service(
+    rendered: list[Resource],
+) -> None:
+    deployment = find(rendered, "Deployment", "bazaar-gateway")
+    [container] = deployment["spec"]["template"]["spec"]["containers"]
+    assert "--kubernetes-namespace=$(POD_NAMESPACE)" in container["args"]
+    assert not [arg for arg in container["args"] if arg.startswith(("--endpoints", "--max-b"))]
+    [env] = [env for env in container["env"] if env["name"] == "POD_NAMESPACE"]
+    assert env["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
+    assert not of_kind(rendered, "ConfigMap")
+
+    source = EndpointSlices.__init__.__kwdefaults__
+    label, port_name = source["label"], source["port_name"]
+    models = [d for d in of_kind(rendered, "Deployment") if label in d["metadata"]["labels"]]
+    assert models
+    for model_deployment in models:
+        model = model_deployment["metadata"]["labels"][label]
+        services = [
+            s
+            for s in of_kind(rendered, "Service")
+            if s["metadata"].get("labels", {}).get(label) == model
+        ]
+        assert services, f"model {model} has no Service labelled {label}={model}"
+        for service in services:
+            assert selected(rendered, service["spec"]["selector"]) == [model_deployment]
+            [port] = [p for p in service["spec"]["ports"] if p.get("name") == port_name]
+            assert port["targetPort"] in container_ports(model_deployment)
 
 
 def test_model_deployments_carry_valid_scaling_annotations(rendered: list[Resource]) -> None:
@@ -250,8 +263,13 @@ def test_autoscaler_arguments_parse_and_point_at_the_gateways(rendered: list[Res
     assert args.metrics_port in container_ports(deployment)
 
 
-def test_the_role_grants_exactly_what_the_code_calls(rendered: list[Resource]) -> None:
-    [role] = of_kind(rendered, "Role")
+@pytest.mark.parametrize(
+    ("name", "required"), [("bazaar-autoscaler", AUTOSCALER_RBAC), ("bazaar-gateway", GATEWAY_RBAC)]
+)
+def test_the_roles_grant_exactly_what_the_code_calls(
+    rendered: list[Resource], name: str, required: frozenset[Permission]
+) -> None:
+    role = find(rendered, "Role", name)
     granted = {
         (group, resource, verb)
         for rule in role["rules"]
@@ -259,10 +277,10 @@ def test_the_role_grants_exactly_what_the_code_calls(rendered: list[Resource]) -
         for resource in rule["resources"]
         for verb in rule["verbs"]
     }
-    assert granted == {(p.api_group, p.resource, p.verb) for p in REQUIRED_RBAC}
+    assert granted == {(p.api_group, p.resource, p.verb) for p in required}
     assert not of_kind(rendered, "ClusterRole") and not of_kind(rendered, "ClusterRoleBinding")
 
-    [binding] = of_kind(rendered, "RoleBinding")
+    [binding] = [b for b in of_kind(rendered, "RoleBinding") if b["roleRef"]["name"] == name]
     assert binding["roleRef"] == {
         "apiGroup": "rbac.authorization.k8s.io",
         "kind": "Role",
@@ -271,10 +289,20 @@ def test_the_role_grants_exactly_what_the_code_calls(rendered: list[Resource]) -
     [subject] = binding["subjects"]
     account = find(rendered, "ServiceAccount", subject["name"])
     assert subject["namespace"] == account["metadata"].get("namespace", "bazaar")
-    autoscaler = find(rendered, "Deployment", "bazaar-autoscaler")
-    assert autoscaler["spec"]["template"]["spec"]["serviceAccountName"] == subject["name"]
+    deployment = find(rendered, "Deployment", name)
+    assert deployment["spec"]["template"]["spec"]["serviceAccountName"] == subject["name"]
+
+
+def test_only_the_gateway_and_the_autoscaler_talk_to_the_api_server(
+    rendered: list[Resource],
+) -> None:
+    assert {r["metadata"]["name"] for r in of_kind(rendered, "Role")} == {
+        "bazaar-autoscaler",
+        "bazaar-gateway",
+    }
+    assert len(of_kind(rendered, "RoleBinding")) == 2
     for deployment in of_kind(rendered, "Deployment"):
-        if deployment is not autoscaler:  # nobody else talks to the API server
+        if deployment["metadata"]["name"] not in {"bazaar-autoscaler", "bazaar-gateway"}:
             assert deployment["spec"]["template"]["spec"]["automountServiceAccountToken"] is False
 
 
