@@ -24,7 +24,15 @@ MAX_REPLICAS = PREFIX + "max-replicas"
 TARGET_QUEUE = PREFIX + "target-queue-per-replica"
 TARGET_UTILIZATION = PREFIX + "target-utilization"
 SCALE_TO_ZERO_AFTER = PREFIX + "scale-to-zero-after"
-KNOWN = (MIN_REPLICAS, MAX_REPLICAS, TARGET_QUEUE, TARGET_UTILIZATION, SCALE_TO_ZERO_AFTER)
+SIGNAL_DELAY = PREFIX + "signal-delay"
+KNOWN = (
+    MIN_REPLICAS,
+    MAX_REPLICAS,
+    TARGET_QUEUE,
+    TARGET_UTILIZATION,
+    SCALE_TO_ZERO_AFTER,
+    SIGNAL_DELAY,
+)
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
 _UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -44,6 +52,8 @@ def scale_config(annotations: Mapping[str, str], where: str) -> ScaleConfig:
     if target_utilization > 1:
         raise values.error(TARGET_UTILIZATION, "must be a fraction in (0, 1], like 0.7")
     to_zero_after_s = values.duration(SCALE_TO_ZERO_AFTER)
+    # How far the signals may lag (a Prometheus scrape plus query lag, say).
+    signal_delay_s = values.duration(SIGNAL_DELAY)
     if max_replicas < min_replicas:
         raise values.error(MAX_REPLICAS, f"must be >= {MIN_REPLICAS} ({min_replicas})")
     if min_replicas == 0 and to_zero_after_s is None:
@@ -54,6 +64,7 @@ def scale_config(annotations: Mapping[str, str], where: str) -> ScaleConfig:
         target_queue_per_replica=target_queue,
         target_utilization=target_utilization,
         scale_to_zero_after_s=to_zero_after_s,
+        signal_delay_s=defaults.signal_delay_s if signal_delay_s is None else signal_delay_s,
     )
 
 

@@ -8,7 +8,8 @@ The algorithm, one decision per sample:
 
 1. **Size from demand.** A replica answers ``μ`` rows/s at full batch. ``μ`` is learned from
    saturated samples (a backlog of at least a full batch per ready replica waits, so every replica
-   runs full batches: ``μ = completion_rate / (ready x busy_ratio)``), else taken from
+   runs full batches: ``μ = completion_rate / (ready x busy_ratio)``) once the ready count has
+   held as long as the signals may lag behind it (below), else taken from
    ``replica_throughput_rps``. Serving the arrival rate ``λ`` at the target takes
    ``ceil(λ / (μ x target_utilization))`` replicas; draining the backlog within
    ``backlog_drain_s`` takes ``ceil(backlog / (μ x backlog_drain_s))`` more, where the backlog is
@@ -21,9 +22,10 @@ The algorithm, one decision per sample:
    Scale-down goes only to the highest serving need of the last window and at
    most halves per step, so noise and short dips cause no reversals; replicas added only to drain
    a backlog leave as soon as it is drained. Nothing is removed while replicas are starting or a
-   backlog waits. When demand returns within five windows of a scale-down, the window doubles
-   (up to ``max_scale_down_window_s``): recurring bursts keep their capacity, and a one-off step
-   still releases it after ``scale_down_window_s``.
+   backlog waits, nor before the signals can describe the ready count now serving. When demand
+   returns within five windows of a scale-down, the window doubles (up to
+   ``max_scale_down_window_s``): recurring bursts keep their capacity, and a one-off step still
+   releases it after ``scale_down_window_s``.
 4. **Zero.** From zero, the first queued row brings the need at once (the gateway holds the
    request meanwhile). To zero only after ``scale_to_zero_after_s`` with no queued, in-flight or
    arriving rows, and only when ``min_replicas`` is 0.
@@ -33,10 +35,20 @@ replica at a quarter of its throughput already looks fully busy), so they cannot
 the capacity estimate, and size only when every demand signal is missing (HPA-style
 ``ceil(ready x utilisation / target)``, which can at most grow by ``1 / target`` per step).
 
+**Stale signals.** Replica counts are live, but rates and the queue may come late (through
+Prometheus: a scrape interval, a rate window and the query lag). The signals may describe the
+replicas of ``signal_delay_s + 2 x refresh`` ago, where the refresh interval is inferred as the
+shortest gap between two changes of the demand signals (1 s read directly, the scrape interval
+through Prometheus). Until the ready count has held that long, completions are not divided by it
+and no replica is called spare: a lagged rate admitted through a full queue looks like a fall in
+demand, and lagged completions of 2 replicas over 50 live ones look like a slow replica.
+
 Missing signals are never zeros: without the queue, in-flight rows and arrival rate the policy
 never scales down, never counts the time as idle, and never leaves zero. Failure modes: a
 learned ``μ`` that is too high under-provisions until the next saturated sample corrects it; a
-rate window much longer than the cold start delays the reaction to bursts by that window.
+rate window much longer than the cold start delays the reaction to bursts by that window; a lag
+longer than ``signal_delay_s`` lets stale rates through again, and several pods scraped at
+different moments make the refresh look shorter than the scrape interval, with the same effect.
 """
 
 from __future__ import annotations
@@ -47,6 +59,11 @@ from dataclasses import dataclass, replace
 SATURATED_FOR_S = 10.0
 """Saturation must last this long before it says what a replica can do: the rate window has to
 cover saturated time only."""
+
+
+MAX_REFRESH_S = 60.0
+"""Longest refresh interval believed (Prometheus scrapes every 10 to 60 s): a longer gap between
+two changes of the signals is a load that held still, not a slow source."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +132,14 @@ class ScaleConfig:
     """At most this many times the current replicas (or +4) per step."""
     max_scale_down_rate: float = 2.0
     """At most divide the current replicas by this (or -1) per step."""
+    signal_delay_s: float = 15.0
+    """Age of the newest signals that the policy cannot see for itself, seconds: about 0 when
+    the gateways are read directly, the query lag through Prometheus. The policy adds two
+    refresh intervals (the scrape and the rate window), inferred as the shortest gap between
+    two changes of the demand signals. Until the ready count has held that long, the signals
+    may describe the replicas before the last change: no capacity is learned from them and no
+    scale-down is based on them. Too high only slows both; too low learns a wrong capacity and
+    scales down on a rate measured behind a full queue."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +162,16 @@ class PolicyState:
     """When the policy last scaled down."""
     saturated_since_s: float | None = None
     """Start of the current run of saturated samples (capacity is learned after 10 s of it)."""
+    ready_count: int | None = None
+    """Ready replicas at the last decision."""
+    ready_since_s: float | None = None
+    """Since when the ready count has been ``ready_count``."""
+    signals: tuple[float | None, ...] = ()
+    """Demand signals of the last decision, to tell when the source refreshes them."""
+    signals_changed_s: float | None = None
+    """When the demand signals last changed."""
+    refresh_s: float | None = None
+    """Shortest gap seen between two changes of the demand signals: the source's refresh."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,8 +189,21 @@ def decide(sample: Sample, state: PolicyState, config: ScaleConfig, now: float) 
     saturated_since = None
     if saturated:
         saturated_since = now if state.saturated_since_s is None else state.saturated_since_s
+    ready_since = state.ready_since_s
+    if ready_since is None or sample.ready_replicas != state.ready_count:
+        ready_since = now
+    signals = (sample.queued, sample.inflight, sample.arrival_rate, sample.completion_rate)
+    changed_s, refresh = state.signals_changed_s, state.refresh_s
+    if signals != state.signals:
+        gap = now - changed_s if changed_s is not None else MAX_REFRESH_S
+        if 0 < gap < MAX_REFRESH_S:
+            refresh = gap if refresh is None else min(refresh, gap)
+        changed_s = now
+    # Oldest moment the signals may describe: the lag, the scrape and a rate window behind.
+    signal_age_s = config.signal_delay_s + 2 * (refresh or 0.0)
+    current_signals = now - ready_since >= signal_age_s
     learned = state.capacity_rps
-    if saturated_since is not None and now - saturated_since >= SATURATED_FOR_S:
+    if saturated_since is not None and now - saturated_since >= SATURATED_FOR_S and current_signals:
         learned = _observed_capacity(sample, learned)
     capacity = learned if learned is not None else config.replica_throughput_rps
     queued, inflight, rate = sample.queued, sample.inflight, sample.arrival_rate
@@ -177,6 +225,11 @@ def decide(sample: Sample, state: PolicyState, config: ScaleConfig, now: float) 
         capacity_rps=learned,
         starting_since_s=starting_since,
         saturated_since_s=saturated_since,
+        ready_count=sample.ready_replicas,
+        ready_since_s=ready_since,
+        signals=signals,
+        signals_changed_s=changed_s,
+        refresh_s=refresh,
     )
     may_idle = config.min_replicas == 0 and config.scale_to_zero_after_s is not None
     floor = config.min_replicas if may_idle else max(1, config.min_replicas)
@@ -215,6 +268,12 @@ def decide(sample: Sample, state: PolicyState, config: ScaleConfig, now: float) 
         return Decision(current, state, f"hold {current}: demand unknown, no scale-down; {why}")
     if now - started < window:
         return Decision(current, state, f"hold {current}: history shorter than the window")
+    if not current_signals:
+        # The signals may still describe the replica count before the last change (a rate
+        # admitted through a full queue, a queue since drained): too early to call them spare.
+        return Decision(
+            current, state, f"hold {current}: signals up to {signal_age_s:.0f} s old; {why}"
+        )
     if sample.starting_replicas or backlog:
         # Replicas asked for a burst are not cancelled mid-start, nor drain replicas before the
         # backlog is gone: either would be a reversal the moment the burst is seen again.

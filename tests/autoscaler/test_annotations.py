@@ -38,6 +38,7 @@ WHERE = "deployment ns/bazaar-model-mlp"
             {"bazaar.dev/scale-to-zero-after": "90"},
             ScaleConfig(scale_to_zero_after_s=90.0),
         ),
+        ({"bazaar.dev/signal-delay": "45s"}, ScaleConfig(signal_delay_s=45.0)),
     ],
 )
 def test_good_annotations(annotations: dict[str, str], expected: ScaleConfig) -> None:
@@ -89,6 +90,11 @@ def test_good_annotations(annotations: dict[str, str], expected: ScaleConfig) ->
             "bazaar.dev/target-utilization: must be a fraction in (0, 1], like 0.7, got '70'",
         ),
         (
+            {"bazaar.dev/signal-delay": "-3s"},
+            'bazaar.dev/signal-delay: must be a duration > 0 like "300", "300s", "5m" or '
+            "\"1h30m\", got '-3s'",
+        ),
+        (
             {"bazaar.dev/scale-to-zero-after": "5 minutes"},
             'bazaar.dev/scale-to-zero-after: must be a duration > 0 like "300", "300s", "5m" or '
             "\"1h30m\", got '5 minutes'",
@@ -102,7 +108,8 @@ def test_good_annotations(annotations: dict[str, str], expected: ScaleConfig) ->
             {"bazaar.dev/max-replica": "4"},
             "bazaar.dev/max-replica: unknown annotation; known: bazaar.dev/min-replicas, "
             "bazaar.dev/max-replicas, bazaar.dev/target-queue-per-replica, "
-            "bazaar.dev/target-utilization, bazaar.dev/scale-to-zero-after",
+            "bazaar.dev/target-utilization, bazaar.dev/scale-to-zero-after, "
+            "bazaar.dev/signal-delay",
         ),
     ],
 )

@@ -79,9 +79,11 @@ def test_starting_replicas_are_counted() -> None:
 
 
 def test_scale_down_only_after_its_window() -> None:
-    high = sample(replicas=15, rate=1600.0, done=1600.0)
-    low = sample(replicas=15, rate=200.0, done=200.0)
-    steps = [(float(t), high) for t in range(200)] + [(float(t), low) for t in range(200, 400)]
+    # Rates wobble every second, as a gateway read directly reports them.
+    steps = [
+        (float(t), sample(replicas=15, rate=(1600.0 if t < 200 else 200.0) + t % 3, done=200.0))
+        for t in range(400)
+    ]
     decisions = run(steps)
     first_down = next(t for (t, _), d in zip(steps, decisions, strict=True) if d.replicas < 15)
     assert first_down == 199 + CONFIG.scale_down_window_s  # the last high need was at 199
@@ -150,6 +152,92 @@ def test_bounds_hold() -> None:
 def test_capacity_is_learned_from_sustained_saturation() -> None:
     config = replace(CONFIG, replica_throughput_rps=None)
     saturated = sample(replicas=2, queued=500.0, inflight=32.0, rate=400.0, done=300.0, busy=1.0)
-    decisions = run([(float(t), saturated) for t in range(12)], config, follow=False)
-    assert decisions[0].state.capacity_rps is None
+    decisions = run([(float(t), saturated) for t in range(16)], config, follow=False)
+    # Saturated for 10 s, and the ready count held for the signals' age (15 s: the signals
+    # never changed, so no refresh interval is added).
+    assert [d.state.capacity_rps for d in decisions[:15]] == [None] * 15
     assert decisions[-1].state.capacity_rps == pytest.approx(150.0)
+
+
+def _refreshing(t: int, refresh_s: int, base: float) -> float:
+    """A rate that a source refreshing every ``refresh_s`` seconds reports at second ``t``."""
+    return base + (t // refresh_s) % 3
+
+
+@pytest.mark.parametrize(
+    ("refresh_s", "signal_delay_s", "first_learned_s"),
+    [
+        (1, 15.0, 5 + 15 + 2 * 1),  # gateways read directly, default lag allowance
+        (15, 15.0, 5 + 15 + 2 * 15),  # Prometheus: 15 s scrape and rate window, 15 s lag
+        (1, 0.0, 10),  # no lag: 10 s of saturation is the longer wait
+    ],
+)
+def test_capacity_is_not_learned_from_rates_older_than_the_ready_count(
+    refresh_s: int, signal_delay_s: float, first_learned_s: int
+) -> None:
+    config = replace(CONFIG, replica_throughput_rps=None, signal_delay_s=signal_delay_s)
+    # A third replica turns ready at t=5 while a backlog waits: rates measured before it (or
+    # reported late) would divide two replicas' completions by three.
+    steps = [
+        (
+            float(t),
+            sample(
+                replicas=2 if t < 5 else 3,
+                queued=500.0,
+                inflight=48.0,
+                rate=_refreshing(t, refresh_s, 400.0),
+                done=_refreshing(t, refresh_s, 300.0),
+            ),
+        )
+        for t in range(80)
+    ]
+    decisions = run(steps, config, follow=False)
+    learned = [t for (t, _), d in zip(steps, decisions, strict=True) if d.state.capacity_rps]
+    assert learned[0] == first_learned_s
+    assert decisions[first_learned_s].state.capacity_rps == pytest.approx(
+        _refreshing(first_learned_s, refresh_s, 300.0) / 3
+    )
+
+
+@pytest.mark.parametrize(
+    ("refresh_s", "signal_delay_s", "first_down_s"),
+    [
+        (1, 15.0, 200 + 15 + 2 * 1),
+        (15, 15.0, 200 + 15 + 2 * 15),
+        (15, 30.0, 200 + 30 + 2 * 15),  # Prometheus with a 30 s lag
+        (1, 0.0, 200 + 2 * 1),
+    ],
+)
+def test_no_scale_down_on_signals_older_than_the_ready_count(
+    refresh_s: int, signal_delay_s: float, first_down_s: int
+) -> None:
+    config = replace(CONFIG, signal_delay_s=signal_delay_s)
+    # 10 replicas for 200 rows/s (2 needed); the last one turns ready at t=200. Until signals
+    # taken with it in service arrive, what they say (a rate admitted through a full queue,
+    # say) belongs to the count before.
+    steps = [
+        (
+            float(t),
+            sample(
+                replicas=10,
+                starting=1 if t < 200 else 0,
+                rate=_refreshing(t, refresh_s, 200.0),
+                done=_refreshing(t, refresh_s, 200.0),
+            ),
+        )
+        for t in range(300)
+    ]
+    decisions = run(steps, config, follow=False)
+    first_down = next(t for (t, _), d in zip(steps, decisions, strict=True) if d.replicas < 10)
+    assert first_down == first_down_s
+    assert decisions[first_down_s].state.refresh_s == refresh_s
+    assert "old" in decisions[first_down_s - 1].reason
+
+
+def test_a_long_still_stretch_is_not_taken_for_a_slow_source() -> None:
+    still = sample(replicas=10, rate=200.0, done=200.0)
+    moving = [(float(t), sample(replicas=10, rate=201.0 + t % 2, done=200.0)) for t in (90, 91)]
+    decisions = run([(float(t), still) for t in range(90)] + moving, follow=False)
+    assert decisions[89].state.refresh_s is None  # nothing changed yet
+    assert decisions[90].state.refresh_s is None  # 90 s still: load held, not a 90 s scrape
+    assert decisions[91].state.refresh_s == 1.0
