@@ -4,7 +4,9 @@ Handlers decode, submit, encode. ``infer`` validates the body against the model'
 (a bad request is answered 400 here and never reaches a pod), reads the schedule
 parameters (``priority``, ``timeout`` in µs as in Triton, or the ``X-Request-Timeout-Ms``
 header), waits on the dispatcher's future and encodes the caller's own rows as it asked
-(JSON or binary, only the outputs it named).
+(JSON or binary, only the outputs it named). A request for a model the gateway knows but has
+not yet seen an endpoint of (scaled to zero before the gateway started) is held until one
+appears, up to the queue time.
 
 Routes: ``/v2``, ``/v2/health/{live,ready}``, ``/v2/models/{m}[/versions/{v}]`` with
 ``/ready`` and ``POST /infer``, ``POST /v2/repository/index``, ``/metrics`` and ``/stats``

@@ -32,6 +32,15 @@ class InvalidRequest(BazaarError):
     status = 400
 
 
+class PayloadTooLarge(BazaarError):
+    """The request body exceeds what the server reads into memory (413)."""
+
+    status = 413
+
+    def __init__(self, limit_bytes: int) -> None:
+        super().__init__(f"request body is larger than the limit of {limit_bytes} bytes")
+
+
 class ConfigError(BazaarError):
     """A model repository or configuration value is invalid (400 when it came over the API)."""
 

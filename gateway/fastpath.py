@@ -16,7 +16,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from gateway.errors import InvalidRequest
+from gateway.errors import InvalidRequest, PayloadTooLarge
 from gateway.responses import error_response, json_response
 
 Headers = dict[bytes, bytes]
@@ -26,7 +26,13 @@ Answer = tuple[bytes, int | None]
 InferHandler = Callable[[str, str | None, bytes, Headers], Awaitable[Answer]]
 
 
-def with_infer_route(app: ASGIApp, handler: InferHandler) -> ASGIApp:
+MAX_BODY_BYTES = 256 * 1024 * 1024
+"""The largest inference body read into memory; a larger one is answered 413 part way."""
+
+
+def with_infer_route(
+    app: ASGIApp, handler: InferHandler, max_body_bytes: int = MAX_BODY_BYTES
+) -> ASGIApp:
     async def asgi(scope: Scope, receive: Receive, send: Send) -> None:
         target = infer_target(scope["path"]) if scope["type"] == "http" else None
         if target is None:
@@ -34,7 +40,7 @@ def with_infer_route(app: ASGIApp, handler: InferHandler) -> ASGIApp:
         elif scope["method"] != "POST":
             await _method_not_allowed(scope, receive, send)
         else:
-            await _infer(handler, target, scope, receive, send)
+            await _infer(handler, target, max_body_bytes, scope, receive, send)
 
     return asgi
 
@@ -68,16 +74,23 @@ def infer_target(path: str) -> tuple[str, str | None] | None:
 async def _infer(
     handler: InferHandler,
     target: tuple[str, str | None],
+    max_body_bytes: int,
     scope: Scope,
     receive: Receive,
     send: Send,
 ) -> None:
     chunks = []
+    size = 0
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
             return  # the client left before its request was complete: nothing to answer
-        chunks.append(message.get("body", b""))
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > max_body_bytes:
+            await error_response(PayloadTooLarge(max_body_bytes))(scope, receive, send)
+            return
+        chunks.append(chunk)
         if not message.get("more_body", False):
             break
     body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
