@@ -28,24 +28,25 @@ def _workers(url: str) -> tuple[int, int]:
     return int(stats.get("endpoints", 0)), int(stats.get("ready_endpoints", 0))
 
 
+def _serve(repository: Path, *options: str) -> tuple[str, list[str]]:
+    """The URL and arguments of a ``bazaar serve`` on a free port."""
+    port = free_port()
+    args = ["serve", "--model-repository", str(repository), "--port", str(port), *options]
+    return f"http://127.0.0.1:{port}", args
+
+
 def test_a_burst_adds_workers_and_the_quiet_after_it_removes_them(
     wide_repository: Path, tmp_path: Path
 ) -> None:
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    args = [
-        "serve",
-        "--model-repository",
-        str(wide_repository),
-        "--port",
-        str(port),
+    url, args = _serve(
+        wide_repository,
         "--workers-per-model",
         "1",
         "--max-workers-per-model",
         "3",
         "--scale-down-window",
         "5",
-    ]
+    )
     rows = np.random.default_rng(1).standard_normal((32, 1024), dtype=np.float32)
     body, header_length = encode_request(
         InferenceRequest(
@@ -84,19 +85,7 @@ def test_a_burst_adds_workers_and_the_quiet_after_it_removes_them(
 def test_an_idle_model_goes_to_zero_and_its_next_request_brings_a_worker_back(
     wide_repository: Path, tmp_path: Path
 ) -> None:
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    args = [
-        "serve",
-        "--model-repository",
-        str(wide_repository),
-        "--port",
-        str(port),
-        "--scale-to-zero-after",
-        "2",
-        "--scale-down-window",
-        "2",
-    ]
+    url, args = _serve(wide_repository, "--scale-to-zero-after", "2", "--scale-down-window", "2")
     rows = np.zeros((1, 1024), dtype=np.float32)
     body = {
         "inputs": [
