@@ -58,6 +58,7 @@ def decision_kind(current: int, desired: int) -> str:
 class _Observation:
     sample: Sample
     desired: int
+    reason: str
 
 
 class AutoscalerMetrics:
@@ -72,9 +73,9 @@ class AutoscalerMetrics:
         self._last: dict[str, _Observation] = {}
         registry.register(_LastObservation(self._last))
 
-    def observe(self, model: str, sample: Sample, desired: int, kind: str) -> None:
-        """Record one decision: what the policy saw, what it wants, and its kind."""
-        self._last[model] = _Observation(sample, desired)
+    def observe(self, model: str, sample: Sample, desired: int, kind: str, reason: str) -> None:
+        """Record one decision: what the policy saw, what it wants, its kind and why."""
+        self._last[model] = _Observation(sample, desired, reason)
         self._decisions.labels(model, kind).inc()
 
     def forget(self, model: str) -> None:
@@ -102,6 +103,13 @@ class _LastObservation(Collector):
         ready = GaugeMetricFamily(
             "bazaar_autoscaler_ready_replicas", "Replicas serving.", labels=["model"]
         )
+        # The last decision's reason, as Prometheus exports text: one series per model at a
+        # time, its label the sentence (it changes only when the reasoning does).
+        reason = GaugeMetricFamily(
+            "bazaar_autoscaler_last_decision",
+            "Always 1; the reason label says why the policy wants what it wants.",
+            labels=["model", "reason"],
+        )
         signals = {
             field: GaugeMetricFamily(name, help_text, labels=["model"])
             for field, (name, help_text) in _SIGNALS.items()
@@ -111,6 +119,7 @@ class _LastObservation(Collector):
             desired.add_metric([model], observation.desired)
             current.add_metric([model], sample.replicas)
             ready.add_metric([model], sample.ready_replicas)
+            reason.add_metric([model, observation.reason], 1)
             for field, family in signals.items():
                 value = getattr(sample, field)
                 if value is not None:  # a missing signal is absent, never zero
@@ -118,4 +127,5 @@ class _LastObservation(Collector):
         yield desired
         yield current
         yield ready
+        yield reason
         yield from signals.values()
