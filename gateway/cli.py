@@ -115,18 +115,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from autoscaler.command import add_parser as add_autoscaler
     from autoscaler.simulate import add_parser as add_simulate
+    from loadtests.bench import add_parser as add_bench
     from loadtests.loadtest import add_parser as add_loadtest
 
     add_autoscaler(commands)
     add_simulate(commands)
     add_loadtest(commands)
-    bench = commands.add_parser(
-        "bench",
-        help="throughput and latency against raw ONNX Runtime (python -m loadtests.bench)",
-        add_help=False,
-    )
-    bench.add_argument("arguments", nargs=argparse.REMAINDER)
-    bench.set_defaults(run=_bench)
+    add_bench(commands)
 
     models = commands.add_parser("models", help="model repository tools")
     models_commands = models.add_subparsers(dest="models_command", required=True, metavar="COMMAND")
@@ -273,12 +268,6 @@ def _model_server(args: argparse.Namespace) -> int:
     _freeze_startup_objects()
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
     return 0
-
-
-def _bench(args: argparse.Namespace) -> int:
-    from loadtests.bench import main as bench
-
-    return bench(args.arguments)
 
 
 def _build_demo(args: argparse.Namespace) -> int:

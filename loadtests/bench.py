@@ -302,6 +302,21 @@ def render(results: Results, targets: list[report.Target]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    _add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """The ``bazaar bench`` subcommand."""
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        "bench", help="throughput and latency against raw ONNX Runtime and reference servers"
+    )
+    _add_arguments(parser)
+    parser.set_defaults(run=run)
+    return parser
+
+
+def _add_arguments(parser: argparse.ArgumentParser) -> None:
     length = parser.add_mutually_exclusive_group()
     length.add_argument(
         "--duration",
@@ -321,7 +336,9 @@ def main(argv: list[str] | None = None) -> int:
         metavar="DIR",
         help="a demo repository to reuse (default: build one in a temp dir)",
     )
-    args = parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
     if args.quick:
         args.duration = 3.0
     if not {SERVER_CORE, CLIENT_CORE} <= os.sched_getaffinity(0):
