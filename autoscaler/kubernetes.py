@@ -78,8 +78,56 @@ _load_incluster_config: Callable[..., None] = config.load_incluster_config
 _load_kube_config: Callable[..., None] = config.load_kube_config
 
 
-class _Forbidden(Exception):
-    """RBAC refused a call; already logged."""
+class Forbidden(Exception):
+    """RBAC refused a call; already logged by ``PermissionLog``."""
+
+
+class PermissionLog:
+    """RBAC refusals, each logged once while it lasts (again if it comes back after working).
+
+    Shared by the autoscaler and the gateway's endpoint discovery: ``account`` names the
+    ServiceAccount to grant, ``logger`` the module speaking.
+    """
+
+    def __init__(self, namespace: str, account: str, logger: logging.Logger) -> None:
+        self.namespace = namespace
+        self.account = account
+        self.logger = logger
+        self._denied: set[Permission] = set()
+
+    async def call(self, permission: Permission, request: Callable[[], T]) -> T:
+        """``request()`` in a thread (the client blocks); a 403 is logged once and raised as
+        ``Forbidden``, any other failure raised as it is."""
+        try:
+            result = await asyncio.to_thread(request)
+        except ApiException as exc:
+            if exc.status == 403:
+                self._deny(permission)
+                raise Forbidden from None
+            raise
+        self._denied.discard(permission)
+        return result
+
+    def _deny(self, permission: Permission) -> None:
+        if permission in self._denied:
+            return
+        self._denied.add(permission)
+        self.logger.error(
+            "RBAC: cannot %s %s in namespace %s; grant verbs [%s] on %s (apiGroup %s) "
+            "to the %s's ServiceAccount",
+            permission.verb,
+            permission.resource,
+            self.namespace,
+            permission.verb,
+            permission.resource,
+            permission.api_group or '"" (core)',
+            self.account,
+        )
+
+
+def pod_url(ip: str, port: int) -> str:
+    """A pod's base URL (IPv6 addresses in brackets)."""
+    return f"http://[{ip}]:{port}" if ":" in ip else f"http://{ip}:{port}"
 
 
 def connect(kubeconfig: str | None = None) -> ApiClient:
@@ -128,7 +176,7 @@ class KubernetesScaler:
         self._core = CoreV1Api(self.client)
         self._deployments: dict[str, str] = {}
         """Model → Deployment name, from the last listing."""
-        self._denied: set[Permission] = set()
+        self._permissions = PermissionLog(namespace, "autoscaler", log)
         self._problems: set[str] = set()
 
     def close(self) -> None:
@@ -143,7 +191,7 @@ class KubernetesScaler:
                     self.namespace, label_selector=self.selector, _request_timeout=timeout
                 ),
             )
-        except _Forbidden:
+        except Forbidden:
             return []
         by_model: dict[str, list[V1Deployment]] = {}
         for deployment in listing.items:
@@ -184,7 +232,7 @@ class KubernetesScaler:
                     _request_timeout=timeout,
                 ),
             )
-        except _Forbidden:
+        except Forbidden:
             return
         log.debug("scaled deployment %s/%s to %d: %s", self.namespace, name, replicas, reason)
 
@@ -206,7 +254,7 @@ class KubernetesScaler:
                     name, self.namespace, _request_timeout=timeout
                 ),
             )
-        except _Forbidden:
+        except Forbidden:
             return None
         except KubernetesError as exc:
             log.warning("%s; model %s is skipped this tick", exc, model)
@@ -241,7 +289,7 @@ class KubernetesScaler:
                     _request_timeout=timeout,
                 ),
             )
-        except _Forbidden:
+        except Forbidden:
             return ()
         except KubernetesError as exc:
             log.warning("%s; the pods' signals are missing this tick", exc)
@@ -250,20 +298,18 @@ class KubernetesScaler:
         for pod in pods.items:
             ip = _ready_ip(pod)
             if ip is not None:
-                urls.append(f"http://[{ip}]:{port}" if ":" in ip else f"http://{ip}:{port}")
+                urls.append(pod_url(ip, port))
         return tuple(sorted(urls))
 
     async def _call(self, permission: Permission, request: Callable[[], T]) -> T:
-        """``request()`` in a thread, retried with backoff when a retry can help."""
+        """``request()`` through the permission log, retried with backoff when a retry can
+        help; ``KubernetesError`` when retries are spent or cannot help."""
         what = f"{permission.verb} {permission.resource} in namespace {self.namespace}"
         attempt = 1
         while True:
             try:
-                result = await asyncio.to_thread(request)
+                return await self._permissions.call(permission, request)
             except ApiException as exc:
-                if exc.status == 403:
-                    self._deny(permission)
-                    raise _Forbidden from None
                 problem = f"{exc.status} {exc.reason}"
                 if exc.status not in RETRYABLE_STATUS or attempt == self.attempts:
                     raise KubernetesError(f"cannot {what}: {problem}") from None
@@ -271,29 +317,10 @@ class KubernetesScaler:
                 problem = str(exc) or type(exc).__name__
                 if attempt == self.attempts:
                     raise KubernetesError(f"cannot {what}: {problem}") from None
-            else:
-                self._denied.discard(permission)
-                return result
             delay = self.backoff_s * 2 ** (attempt - 1)
             log.debug("%s failed (%s); attempt %d in %.2f s", what, problem, attempt + 1, delay)
             await self.sleep(delay)
             attempt += 1
-
-    def _deny(self, permission: Permission) -> None:
-        if permission in self._denied:
-            return
-        self._denied.add(permission)
-        group = permission.api_group or '"" (core)'
-        log.error(
-            "RBAC: cannot %s %s in namespace %s; grant verbs [%s] on %s (apiGroup %s) "
-            "to the autoscaler's ServiceAccount",
-            permission.verb,
-            permission.resource,
-            self.namespace,
-            permission.verb,
-            permission.resource,
-            group,
-        )
 
     def _report(self, problems: set[str]) -> None:
         """Log each problem once, while it lasts."""

@@ -1,7 +1,8 @@
 """Kubernetes endpoint discovery: each model's ready pods, from its Services' EndpointSlices.
 
 The second and last module that imports ``kubernetes`` (with ``autoscaler/kubernetes.py``,
-whose ``connect`` and ``Permission`` it reuses). Which Services are models: those in the
+whose ``connect``, ``Permission``, ``PermissionLog`` and ``pod_url`` it
+reuses). Which Services are models: those in the
 namespace labelled ``bazaar.dev/model=<model>``. A model's endpoints are the addresses of its
 Services' EndpointSlices (``discovery.k8s.io/v1``, label ``kubernetes.io/service-name``)
 whose ``conditions.ready`` is true (unset counts as ready, as the API documents), paired with
@@ -40,30 +41,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
-from typing import TypeVar
 
 from kubernetes.client import ApiClient, CoreV1Api, DiscoveryV1Api
 from kubernetes.client.exceptions import ApiException
 from kubernetes.client.models import V1EndpointSlice
 from prometheus_client import CollectorRegistry
 
-from autoscaler.kubernetes import Permission, connect
+from autoscaler.kubernetes import Forbidden, Permission, PermissionLog, connect, pod_url
 from gateway.catalog import EndpointListener
 
 log = logging.getLogger(__name__)
-
-T = TypeVar("T")
 
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 LIST_SERVICES = Permission("", "services", "list")
 LIST_ENDPOINT_SLICES = Permission("discovery.k8s.io", "endpointslices", "list")
 REQUIRED_RBAC = frozenset({LIST_SERVICES, LIST_ENDPOINT_SLICES})
 """Every (apiGroup, resource, verb) this module calls; the gateway's Role grants these."""
-
-
-class _Forbidden(Exception):
-    """RBAC refused a call; already logged."""
 
 
 class EndpointSlices:
@@ -93,7 +86,7 @@ class EndpointSlices:
         self._core = CoreV1Api(self.client)
         self._discovery = DiscoveryV1Api(self.client)
         self._reported: dict[str, list[str]] = {}
-        self._denied: set[Permission] = set()
+        self._permissions = PermissionLog(namespace, "gateway", log)
         self._failing: str | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -117,7 +110,7 @@ class EndpointSlices:
         """One listing, reported; returns how long to wait before the next one."""
         try:
             endpoints = await self._endpoints()
-        except _Forbidden:
+        except Forbidden:
             return self.resync_s
         except Exception as exc:  # the source outlives any failure of the API
             problem = f"{exc.status} {exc.reason}" if isinstance(exc, ApiException) else str(exc)
@@ -146,7 +139,7 @@ class EndpointSlices:
     async def _endpoints(self) -> dict[str, list[str]]:
         """Model → sorted ready endpoint URLs, for every model Service in the namespace."""
         timeout = self.request_timeout_s
-        services = await self._call(
+        services = await self._permissions.call(
             LIST_SERVICES,
             lambda: self._core.list_namespaced_service(
                 self.namespace, label_selector=self.label, _request_timeout=timeout
@@ -161,7 +154,7 @@ class EndpointSlices:
         if not models:
             return {}
         endpoints: dict[str, set[str]] = {model: set() for model in models.values()}
-        slices = await self._call(
+        slices = await self._permissions.call(
             LIST_ENDPOINT_SLICES,
             lambda: self._discovery.list_namespaced_endpoint_slice(
                 self.namespace, label_selector=SERVICE_NAME_LABEL, _request_timeout=timeout
@@ -189,33 +182,5 @@ class EndpointSlices:
             if conditions is not None and conditions.ready is False:
                 continue
             for ip in endpoint.addresses or []:
-                urls.add(f"http://[{ip}]:{port}" if ":" in ip else f"http://{ip}:{port}")
+                urls.add(pod_url(ip, port))
         return urls
-
-    async def _call(self, permission: Permission, request: Callable[[], T]) -> T:
-        """``request()`` in a thread; a 403 is logged once per permission and raised as
-        ``_Forbidden``, anything else raised as it is (``_sync`` backs off)."""
-        try:
-            result = await asyncio.to_thread(request)
-        except ApiException as exc:
-            if exc.status == 403:
-                self._deny(permission)
-                raise _Forbidden from None
-            raise
-        self._denied.discard(permission)
-        return result
-
-    def _deny(self, permission: Permission) -> None:
-        if permission in self._denied:
-            return
-        self._denied.add(permission)
-        log.error(
-            "RBAC: cannot %s %s in namespace %s; grant verbs [%s] on %s (apiGroup %s) to the "
-            "gateway's ServiceAccount; the gateway keeps its last endpoints and keeps trying",
-            permission.verb,
-            permission.resource,
-            self.namespace,
-            permission.verb,
-            permission.resource,
-            permission.api_group or '"" (core)',
-        )
