@@ -31,6 +31,14 @@ TARGET_PER_REPLICA = 16 * 0.7
 """Rows in flight per replica every baseline aims at: 70 % of a full batch."""
 
 
+def windowed(
+    samples: tuple[tuple[float, float], ...], now: float, window_s: float, load: float
+) -> tuple[tuple[tuple[float, float], ...], float]:
+    """The (time, load) samples of the last ``window_s`` with ``load`` added, and their mean."""
+    kept = (*(s for s in samples if s[0] > now - window_s), (now, load))
+    return kept, sum(c for _, c in kept) / len(kept)
+
+
 def outstanding(sample: Sample) -> float | None:
     """Queued plus in-flight rows, or None when either is missing."""
     if sample.queued is None or sample.inflight is None:
@@ -212,9 +220,7 @@ class Kpa:
         current, load = sample.replicas, outstanding(sample)
         if load is None:
             return Outcome(current, state, "no concurrency reported")
-        samples = tuple(s for s in state.samples if s[0] > now - self.stable_window_s)
-        samples += ((now, load),)
-        stable = sum(c for _, c in samples) / len(samples)
+        samples, stable = windowed(state.samples, now, self.stable_window_s, load)
         recent = [c for t, c in samples if t > now - self.panic_window_s]
         panic = sum(recent) / len(recent)
         n = max(1, sample.ready_replicas)
@@ -278,9 +284,7 @@ class Ray:
         current, load = sample.replicas, outstanding(sample)
         if load is None:
             return Outcome(current, state, "no metrics pushed")
-        samples = tuple(s for s in state.samples if s[0] > now - self.look_back_s)
-        samples += ((now, load),)
-        total = sum(c for _, c in samples) / len(samples)
+        samples, total = windowed(state.samples, now, self.look_back_s, load)
         if current == 0:
             wanted = math.ceil(self.upscaling_factor) if total > 0 else 0
             return Outcome(wanted, RayState(samples, 0), f"cold start: {total:.1f} ongoing")

@@ -1,9 +1,8 @@
 """Kubernetes endpoint discovery: each model's ready pods, from its Services' EndpointSlices.
 
 The second and last module that imports ``kubernetes`` (with ``autoscaler/kubernetes.py``,
-whose ``connect``, ``Permission``, ``PermissionLog`` and ``pod_url`` it
-reuses). Which Services are models: those in the
-namespace labelled ``bazaar.dev/model=<model>``. A model's endpoints are the addresses of its
+whose ``connect``, ``Permission``, ``PermissionLog`` and ``pod_url`` it reuses). Which
+Services are models: those in the namespace labelled ``bazaar.dev/model=<model>``. A model's endpoints are the addresses of its
 Services' EndpointSlices (``discovery.k8s.io/v1``, label ``kubernetes.io/service-name``)
 whose ``conditions.ready`` is true (unset counts as ready, as the API documents), paired with
 the slice's port named ``http``: ``http://10.0.0.7:8001``, ``http://[fd00::7]:8001``. One
