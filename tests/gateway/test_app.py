@@ -27,6 +27,7 @@ from gateway.client import HttpModelClient
 from gateway.config import GatewayConfig
 from gateway.metrics import GatewayMetrics
 from models.demo import digits_samples
+from tests.support import eventually
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 DTYPES: dict[str, np.dtype[Any]] = {"FP32": np.dtype("<f4"), "INT64": np.dtype("<i8")}
@@ -39,16 +40,6 @@ class Gateway:
 
 
 MakeGateway = Callable[..., Awaitable[Gateway]]
-
-
-async def until(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
-    """Poll ``condition`` on the loop until it holds; fail naming ``what`` after the deadline."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while not condition():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        await asyncio.sleep(0.005)
 
 
 @pytest.fixture
@@ -69,7 +60,7 @@ async def make_gateway(model_server: str) -> AsyncIterator[MakeGateway]:
         opened.append((http, catalog, client))
         for model in models:
             catalog.set_endpoints(model, [model_server])
-        await until(catalog.ready, 10.0, "the gateway to learn its models from the pod")
+        await eventually(catalog.ready, 10.0, "the gateway to learn its models from the pod")
         return Gateway(http, catalog)
 
     yield build
@@ -477,7 +468,7 @@ async def test_a_model_without_an_endpoint_yet_holds_requests_then_503s(
     held = asyncio.create_task(
         gateway.http.post("/v2/models/ghost/infer", json=json_body(mlp_rows(1)))
     )
-    await until(lambda: gateway.catalog.waiting.get("ghost") == 1, 5.0, "the request held")
+    await eventually(lambda: gateway.catalog.waiting.get("ghost") == 1, 5.0, "the request held")
     stats = (await gateway.http.get("/stats")).json()["models"]["ghost"]
     assert (stats["queued"], stats["ready_endpoints"]) == (1, 0)  # demand the autoscaler sees
     ready = await gateway.http.get("/v2/models/ghost/ready")
@@ -499,7 +490,7 @@ async def test_a_held_request_is_answered_when_its_model_gets_an_endpoint(
     gateway.catalog.set_endpoints("digits", [])  # scaled to zero before the gateway started
     body = {"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": [0.0] * 64}]}
     held = asyncio.create_task(gateway.http.post("/v2/models/digits/infer", json=body))
-    await until(lambda: gateway.catalog.waiting.get("digits") == 1, 5.0, "the request held")
+    await eventually(lambda: gateway.catalog.waiting.get("digits") == 1, 5.0, "the request held")
     gateway.catalog.set_endpoints("digits", [model_server])  # a replica came up
     answer = await held
     assert answer.status_code == 200, answer.text
@@ -584,7 +575,7 @@ async def test_a_request_whose_deadline_passes_in_the_queue_gets_504(
         )
         for body, headers in [binary_request(wide)] * 4
     ]
-    await until(
+    await eventually(
         lambda: gateway.catalog.models["mlp_wide"].dispatcher.stats().admitted == 4,
         10.0,
         "four full batches admitted",

@@ -8,7 +8,7 @@ import contextlib
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry
 
 from gateway.kubernetes import REQUIRED_RBAC, EndpointSlices
 from tests.autoscaler.fake_kubernetes import FakeKubernetes, serving
-from tests.support import bazaar_process, free_port
+from tests.support import bazaar_process, eventually, free_port
 
 LIST_SERVICES = ("", "services", "list")
 LIST_SLICES = ("discovery.k8s.io", "endpointslices", "list")
@@ -38,14 +38,6 @@ class Listener:
     def __call__(self, model: str, urls: list[str]) -> None:
         self.calls.append((model, urls))
         self.latest[model] = urls
-
-
-async def eventually(condition: Callable[[], bool], what: str, timeout_s: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 @pytest.fixture
@@ -111,16 +103,19 @@ async def test_slice_changes_reach_the_listener(
     assert listener.latest["mlp"] == []
 
     fake.set_slice("mlp-a", MLP, [("10.0.0.1", True)])
-    await eventually(lambda: listener.latest["mlp"] == ["http://10.0.0.1:8001"], "a pod added")
+    await eventually(lambda: listener.latest["mlp"] == ["http://10.0.0.1:8001"], 5.0, "a pod added")
     fake.set_slice("mlp-a", MLP, [("10.0.0.1", True), ("10.0.0.2", True)])
     await eventually(
         lambda: listener.latest["mlp"] == ["http://10.0.0.1:8001", "http://10.0.0.2:8001"],
+        5.0,
         "a second pod",
     )
     fake.set_slice("mlp-a", MLP, [("10.0.0.1", False), ("10.0.0.2", True)])
-    await eventually(lambda: listener.latest["mlp"] == ["http://10.0.0.2:8001"], "a pod not ready")
+    await eventually(
+        lambda: listener.latest["mlp"] == ["http://10.0.0.2:8001"], 5.0, "a pod not ready"
+    )
     fake.set_slice("mlp-a", MLP, [])
-    await eventually(lambda: listener.latest["mlp"] == [], "all pods gone")
+    await eventually(lambda: listener.latest["mlp"] == [], 5.0, "all pods gone")
 
     # Reported on change only: no call repeats the one before it for the same model.
     mlp = [urls for model, urls in listener.calls if model == "mlp"]
@@ -134,9 +129,9 @@ async def test_a_model_whose_service_is_removed_is_reported_empty_once(
     await source.start(listener, CollectorRegistry())
     assert listener.latest["mlp"]
     del fake.services["default", MLP]
-    await eventually(lambda: listener.latest["mlp"] == [], "mlp emptied")
+    await eventually(lambda: listener.latest["mlp"] == [], 5.0, "mlp emptied")
     requests = len(fake.requests)
-    await eventually(lambda: len(fake.requests) >= requests + 6, "three more listings")
+    await eventually(lambda: len(fake.requests) >= requests + 6, 5.0, "three more listings")
     assert listener.calls.count(("mlp", [])) == 1
 
 
@@ -148,7 +143,7 @@ async def test_forbidden_is_logged_once_and_the_source_keeps_going(
     with caplog.at_level(logging.ERROR, logger="gateway.kubernetes"):
         await source.start(listener, CollectorRegistry())
         assert listener.latest == {}
-        await eventually(lambda: "mlp" in listener.latest, "endpoints once RBAC allows")
+        await eventually(lambda: "mlp" in listener.latest, 5.0, "endpoints once RBAC allows")
     [record] = [r for r in caplog.records if "RBAC" in r.getMessage()]
     message = record.getMessage()
     assert "list endpointslices" in message and "discovery.k8s.io" in message
@@ -168,7 +163,9 @@ async def test_server_errors_back_off_and_keep_the_last_endpoints(
     fake.fail(LIST_SERVICES, 500, 503, 500)
     fake.set_slice("mlp-a", MLP, [])
     with caplog.at_level(logging.INFO, logger="gateway.kubernetes"):
-        await eventually(lambda: listener.latest["mlp"] == ["http://[fd00::1]:8001"], "recovery")
+        await eventually(
+            lambda: listener.latest["mlp"] == ["http://[fd00::1]:8001"], 5.0, "recovery"
+        )
     assert not fake.faults[LIST_SERVICES]
     assert listener.calls.count(("mlp", before["mlp"])) == 1  # kept, not cleared, meanwhile
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
@@ -182,7 +179,7 @@ async def test_stop_returns_promptly_with_a_call_in_flight(
     await source.start(Listener(), CollectorRegistry())
     fake.fail(LIST_SERVICES, 30.0)  # the next listing stalls
     requests = len(fake.requests)
-    await eventually(lambda: len(fake.requests) > requests, "the stalled listing")
+    await eventually(lambda: len(fake.requests) > requests, 5.0, "the stalled listing")
     started = time.monotonic()
     await source.stop()
     assert time.monotonic() - started < 0.5
@@ -229,7 +226,7 @@ async def test_a_gateway_process_serves_a_discovered_pod_and_holds_requests_at_z
     fake.add_service(MLP, {"bazaar.dev/model": "mlp"}, namespace="ns", ports={"http": pod_port})
 
     def pod(ready: bool | None) -> None:
-        endpoints = [] if ready is False else [("127.0.0.1", ready)]
+        endpoints: list[tuple[str, bool | None]] = [] if ready is False else [("127.0.0.1", ready)]
         fake.set_slice("mlp-x", MLP, endpoints, namespace="ns", ports={"http": pod_port})
 
     pod(True)

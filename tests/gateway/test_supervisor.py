@@ -11,13 +11,14 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
 import pytest
 
 from gateway.supervisor import WorkerSupervisor
+from tests.support import eventually
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="finds workers through /proc")
 
@@ -33,16 +34,6 @@ class Listener:
 
     def latest(self, model: str) -> list[str] | None:
         return next((e for m, e in reversed(self.calls) if m == model), None)
-
-
-async def eventually(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
-    """Poll ``condition`` on the running loop until it holds; fail after ``timeout_s``."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while not condition():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 def worker_pids(model: str) -> dict[str, int]:
