@@ -35,7 +35,7 @@ from gateway.fastpath import Answer, Headers, header_length, with_infer_route
 from gateway.metrics import outcome_of
 from gateway.responses import (
     EXCEPTION_HANDLERS,
-    json_body,
+    index_ready_only,
     json_response,
     model_path,
     server_routes,
@@ -92,9 +92,7 @@ def create_app(catalog: ModelCatalog) -> ASGIApp:
             served.metrics.request_seconds.observe(time.perf_counter() - started)
 
     async def repository_index(request: Request) -> Response:
-        ready_only = (await json_body(request)).get("ready", False)
-        if not isinstance(ready_only, bool):
-            raise InvalidRequest("'ready' must be a boolean")
+        ready_only = await index_ready_only(request)
         entries = []
         for name in catalog.names():
             served = catalog.models.get(name)

@@ -2,10 +2,10 @@
 
 The second and last module that imports ``kubernetes`` (with ``autoscaler/kubernetes.py``,
 whose ``connect``, ``Permission``, ``PermissionLog`` and ``pod_url`` it reuses). Which
-Services are models: those in the namespace labelled ``bazaar.dev/model=<model>``. A model's endpoints are the addresses of its
-Services' EndpointSlices (``discovery.k8s.io/v1``, label ``kubernetes.io/service-name``)
-whose ``conditions.ready`` is true (unset counts as ready, as the API documents), paired with
-the slice's port named ``http``: ``http://10.0.0.7:8001``, ``http://[fd00::7]:8001``. One
+Services are models: those in the namespace labelled ``bazaar.dev/model=<model>``. A
+model's endpoints are the addresses of its Services' EndpointSlices (``discovery.k8s.io/v1``,
+label ``kubernetes.io/service-name``) whose ``conditions.ready`` is true (unset counts as
+ready, as the API documents), paired with the slice's port named ``http``: ``http://10.0.0.7:8001``, ``http://[fd00::7]:8001``. One
 endpoint per ready pod, so the router's least-outstanding-work choice and per-endpoint
 limits see the pods themselves; a model scaled to zero has no endpoints, and the catalog
 holds its requests in the queue until a pod is ready and listed again.

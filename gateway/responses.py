@@ -67,6 +67,14 @@ async def json_body(request: Request) -> dict[str, Any]:
     return data
 
 
+async def index_ready_only(request: Request) -> bool:
+    """The repository index's ``{"ready": bool}`` body: list only ready models?"""
+    ready_only = (await json_body(request)).get("ready", False)
+    if not isinstance(ready_only, bool):
+        raise InvalidRequest("'ready' must be a boolean")
+    return ready_only
+
+
 def server_routes(name: str, extensions: list[str], ready: Callable[[], bool]) -> list[Route]:
     """``/v2``, ``/v2/health/live`` and ``/v2/health/ready``: the same on gateway and pods.
 

@@ -31,6 +31,7 @@ from gateway.errors import BazaarError, InvalidRequest
 from gateway.fastpath import Answer, Headers, header_length, with_infer_route
 from gateway.responses import (
     EXCEPTION_HANDLERS,
+    index_ready_only,
     json_body,
     json_response,
     model_path,
@@ -109,11 +110,7 @@ def create_app(store: ModelStore, registry: CollectorRegistry | None = None) -> 
             metrics.requests.labels(model, outcome).inc()
 
     async def repository_index(request: Request) -> Response:
-        body = await json_body(request)
-        ready_only = body.get("ready", False)
-        if not isinstance(ready_only, bool):
-            raise InvalidRequest("'ready' must be a boolean")
-        return json_response(store.index(ready_only))
+        return json_response(store.index(await index_ready_only(request)))
 
     async def repository_load(request: Request) -> Response:
         name = request.path_params["model"]

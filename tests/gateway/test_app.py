@@ -202,6 +202,8 @@ async def test_repository_index_lists_the_models_and_their_state(gateway: Gatewa
     ]
     ready = await gateway.http.post("/v2/repository/index", json={"ready": True})
     assert [entry["name"] for entry in ready.json()] == ["digits", "mlp"]
+    wrong = await gateway.http.post("/v2/repository/index", json={"ready": "no"})
+    assert (wrong.status_code, wrong.json()) == (400, {"error": "'ready' must be a boolean"})
 
 
 IDLE = {

@@ -269,6 +269,8 @@ def test_repository_index_unload_and_load(own_server: str) -> None:
     assert "unloaded" in response.json()["error"]
     ready_only = httpx.post(f"{own_server}/v2/repository/index", json={"ready": True}).json()
     assert "digits" not in {e["name"] for e in ready_only}
+    wrong = httpx.post(f"{own_server}/v2/repository/index", json={"ready": "no"})
+    assert (wrong.status_code, wrong.json()) == (400, {"error": "'ready' must be a boolean"})
     assert httpx.get(f"{own_server}/v2/health/ready").status_code == 200  # unloading is not failing
 
     assert httpx.post(f"{own_server}/v2/repository/models/digits/load").status_code == 200
