@@ -7,8 +7,9 @@ model's endpoints are the addresses of its Services' EndpointSlices (``discovery
 label ``kubernetes.io/service-name``) whose ``conditions.ready`` is true (unset counts as
 ready, as the API documents), paired with the slice's port named ``http``:
 ``http://10.0.0.7:8001``, ``http://[fd00::7]:8001``. One endpoint per ready pod, so the
-router's least-outstanding-work choice and per-endpoint limits see the pods themselves; a model scaled to zero has no endpoints, and the catalog
-holds its requests in the queue until a pod is ready and listed again.
+router's least-outstanding-work choice and per-endpoint limits see the pods themselves; a
+model scaled to zero has no endpoints, and the catalog holds its requests in the queue until
+a pod is ready and listed again.
 
 **Re-listing, not a watch.** Every ``resync_s`` (1 s) one task lists the model Services and
 the namespace's EndpointSlices (two calls, each in a thread: the client is blocking) and
