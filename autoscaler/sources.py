@@ -80,6 +80,13 @@ class _ModelStats:
     counters: _Counters
 
 
+_Answer = tuple[str, dict[str, _ModelStats] | None]
+"""A gateway replica's URL and its stats by model (None: it did not answer)."""
+
+SHARED_READ_S = 0.5
+"""Reads of the gateways this close together share one round of requests (a tick's models)."""
+
+
 class _Reachability:
     """Logs a source once when it starts failing and once when it answers again."""
 
@@ -113,13 +120,12 @@ class GatewayStats:
         self.timeout = aiohttp.ClientTimeout(total=timeout_s)
         self._previous: dict[tuple[str, str], _Counters] = {}
         self._reachability = _Reachability("gateway")
+        self._shared: tuple[float, asyncio.Future[list[_Answer]]] | None = None
 
     async def read(self, model: str) -> Demand:
-        replicas = [url for urls in await asyncio.gather(*map(_resolve, self.urls)) for url in urls]
-        answers = await asyncio.gather(*(self._stats(url) for url in replicas))
         queued = inflight = arrival = completion = 0.0
         reported = rated = False
-        for url, answer in zip(replicas, answers, strict=True):
+        for url, answer in await self._snapshot():
             if answer is None or model not in answer:
                 continue
             stats = answer[model]
@@ -139,6 +145,20 @@ class GatewayStats:
         if not rated:
             return Demand(queued, inflight, None, None)
         return Demand(queued, inflight, arrival, completion)
+
+    async def _snapshot(self) -> list[_Answer]:
+        """Every gateway replica's stats. One ``/stats`` document serves every model, so the
+        reads of one tick (one per model, concurrent) share a single round of requests."""
+        now = self.clock()
+        if self._shared is None or now - self._shared[0] >= SHARED_READ_S:
+            self._shared = (now, asyncio.ensure_future(self._read_all()))
+        # Shielded: one model's read being cancelled must not cancel the others' fetch.
+        return await asyncio.shield(self._shared[1])
+
+    async def _read_all(self) -> list[_Answer]:
+        replicas = [url for urls in await asyncio.gather(*map(_resolve, self.urls)) for url in urls]
+        answers = await asyncio.gather(*(self._stats(url) for url in replicas))
+        return list(zip(replicas, answers, strict=True))
 
     async def _stats(self, url: str) -> dict[str, _ModelStats] | None:
         """One gateway's stats by model; None when it did not answer or answered nonsense."""

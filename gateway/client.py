@@ -30,7 +30,6 @@ class HttpModelClient:
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60),
             timeout=aiohttp.ClientTimeout(sock_connect=connect_timeout_s),
-            json_serialize=lambda data: orjson.dumps(data).decode(),
         )
 
     async def infer(self, url: str, model: str, inputs: Tensors, timeout_s: float) -> Tensors:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -40,6 +41,7 @@ class FakeGateway:
 
     def __init__(self) -> None:
         self.models: dict[str, dict[str, int]] = {}
+        self.requests = 0
 
     def set(self, model: str, *, queued: int, inflight: int, admitted: int, completed: int) -> None:
         self.models[model] = {
@@ -56,6 +58,7 @@ class FakeGateway:
 
     def app(self) -> Starlette:
         async def stats(request: Request) -> Response:
+            self.requests += 1
             return JSONResponse({"models": self.models})
 
         return Starlette(routes=[Route("/stats", stats)])
@@ -130,7 +133,25 @@ async def test_gateway_that_is_down_is_missing_not_zero(session: aiohttp.ClientS
         a.set("mlp", queued=3, inflight=1, admitted=150, completed=140)
         assert await stats.read("mlp") == Demand(3.0, 1.0, 50.0, 50.0)
     # Every gateway down: nothing is known, which is not the same as nothing to do.
+    clock.now += 1.0
     assert await stats.read("mlp") == Demand(None, None, None, None)
+
+
+async def test_the_models_of_one_tick_share_one_read_of_each_gateway(
+    session: aiohttp.ClientSession,
+) -> None:
+    a = FakeGateway()
+    a.set("mlp", queued=4, inflight=0, admitted=10, completed=10)
+    a.set("digits", queued=1, inflight=2, admitted=20, completed=20)
+    clock = FakeClock()
+    async with serve(a.app()) as url:
+        stats = GatewayStats([url], session=session, clock=clock)
+        mlp, digits = await asyncio.gather(stats.read("mlp"), stats.read("digits"))
+        assert (mlp.queued, digits.queued, digits.inflight) == (4.0, 1.0, 2.0)
+        assert a.requests == 1
+        clock.now += 1.0  # the next tick reads again
+        await stats.read("mlp")
+        assert a.requests == 2
 
 
 async def test_gateway_restart_gives_no_rate_until_the_next_read(
