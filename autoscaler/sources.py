@@ -83,9 +83,6 @@ class _ModelStats:
 _Answer = tuple[str, dict[str, _ModelStats] | None]
 """A gateway replica's URL and its stats by model (None: it did not answer)."""
 
-SHARED_READ_S = 0.5
-"""Reads of the gateways this close together share one round of requests (a tick's models)."""
-
 
 class _Reachability:
     """Logs a source once when it starts failing and once when it answers again."""
@@ -120,7 +117,7 @@ class GatewayStats:
         self.timeout = aiohttp.ClientTimeout(total=timeout_s)
         self._previous: dict[tuple[str, str], _Counters] = {}
         self._reachability = _Reachability("gateway")
-        self._shared: tuple[float, asyncio.Future[list[_Answer]]] | None = None
+        self._shared: asyncio.Future[list[_Answer]] | None = None
 
     async def read(self, model: str) -> Demand:
         queued = inflight = arrival = completion = 0.0
@@ -148,12 +145,11 @@ class GatewayStats:
 
     async def _snapshot(self) -> list[_Answer]:
         """Every gateway replica's stats. One ``/stats`` document serves every model, so the
-        reads of one tick (one per model, concurrent) share a single round of requests."""
-        now = self.clock()
-        if self._shared is None or now - self._shared[0] >= SHARED_READ_S:
-            self._shared = (now, asyncio.ensure_future(self._read_all()))
+        reads of one tick (one per model, concurrent) join the round of requests in flight."""
+        if self._shared is None or self._shared.done():
+            self._shared = asyncio.ensure_future(self._read_all())
         # Shielded: one model's read being cancelled must not cancel the others' fetch.
-        return await asyncio.shield(self._shared[1])
+        return await asyncio.shield(self._shared)
 
     async def _read_all(self) -> list[_Answer]:
         replicas = [url for urls in await asyncio.gather(*map(_resolve, self.urls)) for url in urls]
