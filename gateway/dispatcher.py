@@ -228,8 +228,11 @@ class Dispatcher:
                 now = loop.time()
                 self._expire(now)
                 wake_at = self._dispatch(now)
-                if self._queue.deadlines:
-                    first_deadline = self._queue.deadlines[0][0]
+                deadlines = self._queue.deadlines
+                while deadlines and not deadlines[0][2].queued:
+                    heapq.heappop(deadlines)  # it left: no reason to wake at its deadline
+                if deadlines:
+                    first_deadline = deadlines[0][0]
                     wake_at = first_deadline if wake_at is None else min(wake_at, first_deadline)
                 self._waiter = loop.create_future()
                 timer = loop.call_at(wake_at, self._wakeup) if wake_at is not None else None

@@ -341,3 +341,11 @@ async def test_a_busy_endpoint_gets_full_batches_only(make: MakeDispatcher) -> N
     full = [dispatcher.submit(rows_of(v), 1) for v in (2, 3, 4)]
     await asyncio.gather(first, partial, *full)
     assert batches(pods) == [(0.0, 1), (5.0, 4)]
+
+
+async def test_an_answered_request_leaves_no_deadline_to_wake_for(make: MakeDispatcher) -> None:
+    pods = FakePods(latency_s=0.001)
+    dispatcher = make(pods, max_batch_size=4)
+    await dispatcher.submit(rows_of(1), 1)
+    await asyncio.sleep(0.001)  # the collector's next round
+    assert dispatcher._queue.deadlines == []
