@@ -25,7 +25,7 @@ test: $(INSTALLED)
 
 # Throughput and latency against raw ONNX Runtime and two reference servers (BENCHMARKS.md).
 bench: $(INSTALLED)
-	$(BIN)/python -m loadtests.bench
+	$(BIN)/bazaar bench
 
 # A Locust run against `make serve` (another terminal): verdict, report and plot in results/.
 loadtest: $(INSTALLED)
@@ -38,7 +38,8 @@ simulate: $(INSTALLED)
 check: $(INSTALLED)
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
-	$(BIN)/mypy gateway models autoscaler loadtests
+	$(BIN)/lint-imports
+	$(BIN)/mypy protocol cluster models gateway autoscaler loadtests bazaar
 
 clean:
-	rm -rf $(VENV) .bazaar .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .bazaar .pytest_cache .mypy_cache .ruff_cache .import_linter_cache

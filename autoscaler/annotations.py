@@ -16,7 +16,7 @@ import re
 from collections.abc import Mapping
 
 from autoscaler.policy import ScaleConfig
-from gateway.errors import ConfigError
+from protocol.errors import ConfigError
 
 PREFIX = "bazaar.dev/"
 MIN_REPLICAS = PREFIX + "min-replicas"

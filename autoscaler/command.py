@@ -3,12 +3,13 @@
 startup → run → shutdown:
 
 1. startup: the Kubernetes client (in-cluster configuration inside a pod, else the
-   kubeconfig), the metrics registry and its HTTP endpoint, one aiohttp session shared by
-   the signal sources;
+   kubeconfig), the metrics registry and its HTTP endpoint (``/metrics``, and ``/stats``
+   with each model's last decision in words), one aiohttp session shared by the signal
+   sources;
 2. run: one tick every ``--interval-s`` until SIGINT or SIGTERM;
 3. shutdown: the loop is cancelled between or within ticks (nothing it holds needs
    finishing: a scale patch either reached the API server or will be re-decided by the
-   next autoscaler), then the session, the metrics endpoint and the API client close.
+   next autoscaler), then the HTTP endpoint, the session and the API client close.
 
 Like every subcommand, it imports its dependencies when it runs, not when ``bazaar`` starts.
 """
@@ -17,21 +18,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 import signal
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from autoscaler.kubernetes import KubernetesScaler
+    from starlette.types import ASGIApp
+
+    from autoscaler.deployments import KubernetesScaler
     from autoscaler.metrics import AutoscalerMetrics
 
 log = logging.getLogger(__name__)
 
 
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from autoscaler.sources import DCGM_QUERY
-
     parser = subparsers.add_parser(
         "autoscaler", help="scale the model Deployments of a namespace (Kubernetes)"
     )
@@ -50,10 +50,9 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     )
     parser.add_argument(
         "--prometheus-query",
-        default=DCGM_QUERY,
         metavar="PROMQL",
         help="GPU utilisation of a model's pods as 0..1; {model} is replaced by the "
-        "model's name (default: %(default)s)",
+        "model's name (default: DCGM_FI_DEV_GPU_UTIL of the model's pods, averaged)",
     )
     parser.add_argument(
         "--interval-s",
@@ -79,57 +78,89 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
 
 def run(args: argparse.Namespace) -> int:
     import uvloop
-    from prometheus_client import CollectorRegistry, start_http_server
 
-    from autoscaler.kubernetes import KubernetesScaler, connect
-    from autoscaler.metrics import AutoscalerMetrics
-    from gateway.errors import ConfigError
+    from autoscaler.deployments import KubernetesScaler
+    from cluster.api import Cluster, connect
+    from protocol.errors import ConfigError
 
     try:
-        scaler = KubernetesScaler(args.namespace, api_client=connect(args.kubeconfig))
+        client = connect(args.kubeconfig)
     except ConfigError as exc:
         log.error("cannot reach Kubernetes: %s", exc)
         return 2
+    scaler = KubernetesScaler(
+        Cluster(args.namespace, "autoscaler", logging.getLogger("autoscaler.deployments"), client)
+    )
     try:
-        metrics = AutoscalerMetrics(CollectorRegistry())
-        server, _ = start_http_server(
-            args.metrics_port, addr=args.metrics_host, registry=metrics.registry
-        )
-        log.info(
-            "autoscaler for namespace %s; metrics on http://%s:%d/metrics",
-            args.namespace,
-            args.metrics_host,
-            args.metrics_port,
-        )
-        try:
-            uvloop.run(_serve(args, scaler, metrics))
-        finally:
-            server.shutdown()
-            server.server_close()
+        uvloop.run(_serve(args, scaler))
     finally:
         scaler.close()
     return 0
 
 
-async def _serve(
-    args: argparse.Namespace, scaler: KubernetesScaler, metrics: AutoscalerMetrics
-) -> None:
+async def _serve(args: argparse.Namespace, scaler: KubernetesScaler) -> None:
     import aiohttp
+    import uvicorn
+    from prometheus_client import CollectorRegistry
 
     from autoscaler.loop import Autoscaler
-    from autoscaler.sources import GatewayStats, PodMetrics, PrometheusQuery, Signals
+    from autoscaler.metrics import AutoscalerMetrics
+    from autoscaler.sources import DCGM_QUERY, GatewayStats, PodMetrics, PrometheusQuery, Signals
+    from protocol.support import ManagedServer, cancel_and_wait
 
+    metrics = AutoscalerMetrics(CollectorRegistry())
+    server = ManagedServer(
+        uvicorn.Config(
+            _app(metrics),
+            host=args.metrics_host,
+            port=args.metrics_port,
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
+        )
+    )
     async with aiohttp.ClientSession() as session:
         gpu = None
         if args.prometheus:
-            gpu = PrometheusQuery(args.prometheus, args.prometheus_query, session=session)
+            query = args.prometheus_query or DCGM_QUERY
+            gpu = PrometheusQuery(args.prometheus, query, session=session)
         signals = Signals(
             GatewayStats(args.gateways, session=session), PodMetrics(session=session), gpu
         )
         autoscaler = Autoscaler(scaler, signals, metrics, interval_s=args.interval_s)
         loop_task = asyncio.create_task(autoscaler.run())
+        http_task = asyncio.create_task(server.serve())
+        stopped = asyncio.Event()
         for signum in (signal.SIGINT, signal.SIGTERM):
-            asyncio.get_running_loop().add_signal_handler(signum, loop_task.cancel)
-        with contextlib.suppress(asyncio.CancelledError):
-            await loop_task
+            asyncio.get_running_loop().add_signal_handler(signum, stopped.set)
+        log.info(
+            "autoscaler for namespace %s; /metrics and /stats on http://%s:%d",
+            args.namespace,
+            args.metrics_host,
+            args.metrics_port,
+        )
+        await stopped.wait()
+        await cancel_and_wait(loop_task)
+        server.stop()
+        await http_task
         log.info("autoscaler stopped")
+
+
+def _app(metrics: AutoscalerMetrics) -> ASGIApp:
+    """``/metrics`` for Prometheus; ``/stats``: each model's last decision, its reason in
+    words (the metric carries only the reason's code)."""
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import Response
+    from starlette.routing import Route
+
+    from protocol.responses import json_response
+
+    async def prometheus(request: Request) -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    async def stats(request: Request) -> Response:
+        return json_response({"models": metrics.stats()})
+
+    return Starlette(routes=[Route("/metrics", prometheus), Route("/stats", stats)])

@@ -36,6 +36,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from autoscaler.loop import ScaleTarget
 from autoscaler.policy import Sample
+from protocol.support import ProblemLog
 
 log = logging.getLogger(__name__)
 
@@ -84,24 +85,6 @@ _Answer = tuple[str, dict[str, _ModelStats] | None]
 """A gateway replica's URL and its stats by model (None: it did not answer)."""
 
 
-class _Reachability:
-    """Logs a source once when it starts failing and once when it answers again."""
-
-    def __init__(self, what: str) -> None:
-        self.what = what
-        self.failing: set[str] = set()
-
-    def ok(self, url: str) -> None:
-        if url in self.failing:
-            self.failing.discard(url)
-            log.info("%s %s answers again", self.what, url)
-
-    def failed(self, url: str, exc: BaseException) -> None:
-        if url not in self.failing:
-            self.failing.add(url)
-            log.warning("%s %s does not answer; its signals are missing: %r", self.what, url, exc)
-
-
 class GatewayStats:
     def __init__(
         self,
@@ -116,7 +99,7 @@ class GatewayStats:
         self.clock = clock
         self.timeout = aiohttp.ClientTimeout(total=timeout_s)
         self._previous: dict[tuple[str, str], _Counters] = {}
-        self._reachability = _Reachability("gateway")
+        self._reachability = ProblemLog(log)
         self._shared: asyncio.Future[list[_Answer]] | None = None
 
     async def read(self, model: str) -> Demand:
@@ -172,9 +155,9 @@ class GatewayStats:
                 for name, stats in body["models"].items()
             }
         except _FAILURES as exc:
-            self._reachability.failed(url, exc)
+            self._reachability.failing(url, _unreachable("gateway", url, exc))
             return None
-        self._reachability.ok(url)
+        self._reachability.ok(url, f"gateway {url} answers again")
         return models
 
 
@@ -275,7 +258,7 @@ class PrometheusQuery:
         self.query = query
         self.session = session
         self.timeout = aiohttp.ClientTimeout(total=timeout_s)
-        self._reachability = _Reachability("prometheus")
+        self._reachability = ProblemLog(log)
 
     async def read(self, model: str) -> float | None:
         query = self.query.replace("{model}", model)
@@ -287,10 +270,14 @@ class PrometheusQuery:
                 body = await response.json()
             values = _query_values(body)
         except _FAILURES as exc:
-            self._reachability.failed(self.url, exc)
+            self._reachability.failing(self.url, _unreachable("prometheus", self.url, exc))
             return None
-        self._reachability.ok(self.url)
+        self._reachability.ok(self.url, f"prometheus {self.url} answers again")
         return _mean(values)
+
+
+def _unreachable(what: str, url: str, exc: BaseException) -> str:
+    return f"{what} {url} does not answer; its signals are missing: {exc!r}"
 
 
 def _query_values(body: Any) -> list[float]:

@@ -15,7 +15,6 @@ Routes: ``/v2``, ``/v2/health/{live,ready}``, ``/v2/models/{m}[/versions/{v}]`` 
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -28,16 +27,14 @@ from starlette.routing import Route
 from starlette.types import ASGIApp
 
 from gateway.catalog import ModelCatalog
-from gateway.codec import InferenceResponse, decode_request, encode_response
-from gateway.dispatcher import DispatcherStats
-from gateway.errors import BazaarError, InvalidRequest
-from gateway.fastpath import Answer, Headers, header_length, with_infer_route
 from gateway.metrics import outcome_of
-from gateway.responses import (
+from protocol.errors import BazaarError, InvalidRequest
+from protocol.fastpath import Answer, Headers, answer, decode, with_infer_route
+from protocol.responses import (
     EXCEPTION_HANDLERS,
     index_ready_only,
     json_response,
-    model_path,
+    model_routes,
     server_routes,
 )
 
@@ -47,20 +44,8 @@ TIMEOUT_HEADER = b"x-request-timeout-ms"
 
 
 def create_app(catalog: ModelCatalog) -> ASGIApp:
-    async def model_metadata(request: Request) -> Response:
-        served = catalog.get(*model_path(request))
-        return json_response(served.metadata.to_json())
-
-    async def model_ready(request: Request) -> Response:
-        name, version = model_path(request)
-        try:
-            served = catalog.get(name, version)
-        except BazaarError as exc:
-            if exc.status == 404:
-                raise
-            return json_response({"name": name, "ready": False}, 503)
-        is_ready = served.dispatcher.pool.ready_endpoints > 0
-        return json_response({"name": name, "ready": is_ready}, 200 if is_ready else 503)
+    def model_metadata(name: str, version: str | None) -> dict[str, Any]:
+        return catalog.get(name, version).metadata.to_json()
 
     async def infer(model: str, version: str | None, body: bytes, headers: Headers) -> Answer:
         started = time.perf_counter()
@@ -68,22 +53,14 @@ def create_app(catalog: ModelCatalog) -> ASGIApp:
         status = 500
         try:
             metadata = served.metadata
-            inference = decode_request(body, header_length(headers), metadata)
-            priority, timeout_s = _schedule(inference.parameters, headers)
+            request = decode(body, headers, metadata)
+            priority, timeout_s = _schedule(request.parameters, headers)
             future = served.dispatcher.submit(
-                inference.inputs, inference.rows(metadata.max_batch_size), priority, timeout_s
+                request.inputs, request.rows(metadata.max_batch_size), priority, timeout_s
             )
-            outputs = await future
-            response = InferenceResponse(
-                model_name=metadata.name,
-                model_version=metadata.version,
-                id=inference.id,
-                parameters={},
-                outputs=outputs,
-            )
-            answer = encode_response(response, inference.outputs, inference.binary_output)
+            response = answer(request, metadata, await future)
             status = 200
-            return answer
+            return response
         except BazaarError as exc:
             status = exc.status
             raise
@@ -92,54 +69,21 @@ def create_app(catalog: ModelCatalog) -> ASGIApp:
             served.metrics.request_seconds.observe(time.perf_counter() - started)
 
     async def repository_index(request: Request) -> Response:
-        ready_only = await index_ready_only(request)
-        entries = []
-        for name in catalog.names():
-            served = catalog.models.get(name)
-            is_ready = served is not None and served.dispatcher.pool.ready_endpoints > 0
-            if ready_only and not is_ready:
-                continue
-            entry = {"name": name, "state": "READY" if is_ready else "UNAVAILABLE"}
-            if served is not None:
-                entry["version"] = served.metadata.version
-            entries.append(entry)
-        return json_response(entries)
+        return json_response(catalog.index(await index_ready_only(request)))
 
     async def stats(request: Request) -> Response:
-        models = {}
-        for name in catalog.names():
-            served = catalog.models.get(name)
-            if served is None:
-                # Not learned yet: the requests held for it are its whole demand.
-                held = catalog.waiting.get(name, 0)
-                models[name] = {
-                    **_asdict(DispatcherStats(held, held, 0, 0, 0, 0, 0)),
-                    "endpoints": 0,
-                    "ready_endpoints": 0,
-                }
-                continue
-            pool = served.dispatcher.pool
-            models[name] = {
-                **_asdict(served.dispatcher.stats()),
-                "endpoints": len(pool.endpoints),
-                "ready_endpoints": pool.ready_endpoints,
-            }
-        return json_response({"models": models})
+        return json_response({"models": catalog.stats()})
 
     async def prometheus(request: Request) -> Response:
         return Response(generate_latest(catalog.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     routes = [
         *server_routes(SERVER_NAME, EXTENSIONS, catalog.ready),
+        *model_routes(model_metadata, catalog.is_ready),
         Route("/v2/repository/index", repository_index, methods=["POST"]),
         Route("/metrics", prometheus),
         Route("/stats", stats),
     ]
-    for prefix in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
-        routes += [
-            Route(prefix, model_metadata),
-            Route(prefix + "/ready", model_ready),
-        ]
     return with_infer_route(Starlette(routes=routes, exception_handlers=EXCEPTION_HANDLERS), infer)
 
 
@@ -171,7 +115,3 @@ def _schedule(parameters: Mapping[str, Any], headers: Headers) -> tuple[int, flo
         if header_s:
             timeout_s = min(timeout_s, header_s) if timeout_s else header_s
     return priority, timeout_s
-
-
-def _asdict(stats: DispatcherStats) -> dict[str, Any]:
-    return {field.name: getattr(stats, field.name) for field in dataclasses.fields(stats)}

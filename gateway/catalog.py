@@ -12,18 +12,19 @@ the queue) until an endpoint joins.
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import dataclasses
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import Any
 
 from gateway.client import HttpModelClient
 from gateway.config import GatewayConfig, batch_policy
-from gateway.dispatcher import BatchPolicy, Dispatcher
-from gateway.errors import BazaarError, ModelNotFound, ModelNotReady
+from gateway.dispatcher import BatchPolicy, Dispatcher, DispatcherStats
 from gateway.metrics import GatewayMetrics, ModelMetrics
 from gateway.router import EndpointPool
-from gateway.schema import ModelMetadata
+from protocol.errors import BazaarError, ModelNotFound, ModelNotReady
+from protocol.schema import ModelMetadata
+from protocol.support import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ EndpointListener = Callable[[str, list[str]], None]
 """An endpoint source's only call into the gateway: a model and its ready endpoint URLs."""
 
 
-@dataclass(slots=True)
+@dataclasses.dataclass(slots=True)
 class ServedModel:
     metadata: ModelMetadata
     dispatcher: Dispatcher
@@ -95,6 +96,50 @@ class ModelCatalog:
     def names(self) -> list[str]:
         return sorted(self._endpoints)
 
+    def is_ready(self, name: str, version: str | None = None) -> bool:
+        """The model takes batches now: learned, with an endpoint that is not ejected.
+        ``ModelNotFound`` for a model or version the gateway does not serve."""
+        try:
+            served = self.get(name, version)
+        except ModelNotReady:
+            return False
+        return served.dispatcher.pool.ready_endpoints > 0
+
+    def index(self, ready_only: bool = False) -> list[dict[str, str]]:
+        """The repository index: every known model, READY or UNAVAILABLE."""
+        entries = []
+        for name in self.names():
+            served = self.models.get(name)
+            is_ready = self.is_ready(name)
+            if ready_only and not is_ready:
+                continue
+            entry = {"name": name, "state": "READY" if is_ready else "UNAVAILABLE"}
+            if served is not None:
+                entry["version"] = served.metadata.version
+            entries.append(entry)
+        return entries
+
+    def stats(self) -> dict[str, dict[str, Any]]:
+        """Per model: its queue and work in flight, and its endpoints. A model not learned yet
+        shows the requests held for it as queued: they are its whole demand."""
+        models = {}
+        for name in self.names():
+            served = self.models.get(name)
+            if served is None:
+                held = self.waiting.get(name, 0)
+                work, urls, ready = DispatcherStats(queued=held, queued_rows=held), [], 0
+            else:
+                pool = served.dispatcher.pool
+                work, ready = served.dispatcher.stats(), pool.ready_endpoints
+                urls = [endpoint.url for endpoint in pool.endpoints]
+            models[name] = {
+                **dataclasses.asdict(work),
+                "endpoints": len(urls),
+                "ready_endpoints": ready,
+                "endpoint_urls": urls,
+            }
+        return models
+
     def ready(self) -> bool:
         """Every known model is learned: its requests are validated and queued, and served
         as soon as it has an endpoint (a model scaled to zero still counts as ready here;
@@ -104,12 +149,9 @@ class ModelCatalog:
     async def close(self) -> None:
         for served in self.models.values():
             served.dispatcher.close()
-        tasks = [*self._learning.values(), *(m.collector for m in self.models.values())]
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(
+            *self._learning.values(), *(m.collector for m in self.models.values())
+        )
         for served in self.models.values():
             await served.dispatcher.pool.close()
 

@@ -16,9 +16,9 @@ from typing import Any
 import aiohttp
 import orjson
 
-from gateway.codec import InferenceRequest, decode_response, encode_request
-from gateway.errors import InvalidRequest, UpstreamError
 from gateway.router import Tensors
+from protocol.codec import InferenceRequest, decode_response, encode_request
+from protocol.errors import InvalidRequest, UpstreamError
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 

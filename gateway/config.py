@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,10 +10,7 @@ from typing import Any
 import yaml
 
 from gateway.dispatcher import BatchPolicy
-from gateway.errors import ConfigError
-
-DEMO_REPOSITORY = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "bazaar" / "demo"
-"""Where ``bazaar serve`` builds the demo repository when it is given none."""
+from protocol.errors import ConfigError
 
 
 @dataclass(frozen=True, slots=True)

@@ -37,7 +37,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from gateway.errors import (
+from gateway.metrics import ModelMetrics
+from gateway.router import Endpoint, EndpointPool, Tensors
+from protocol.errors import (
     BazaarError,
     DeadlineExceeded,
     InvalidRequest,
@@ -45,8 +47,6 @@ from gateway.errors import (
     Overloaded,
     UpstreamError,
 )
-from gateway.metrics import ModelMetrics
-from gateway.router import Endpoint, EndpointPool, Tensors
 
 log = logging.getLogger(__name__)
 
@@ -94,15 +94,15 @@ class Pending:
 
 @dataclass(slots=True)
 class DispatcherStats:
-    queued: int
-    queued_rows: int
-    inflight_batches: int
-    inflight_rows: int
-    admitted: int
+    queued: int = 0
+    queued_rows: int = 0
+    inflight_batches: int = 0
+    inflight_rows: int = 0
+    admitted: int = 0
     """Requests admitted since start (a counter: its rate is the arrival rate)."""
-    admitted_rows: int
+    admitted_rows: int = 0
     """Rows admitted since start."""
-    completed_rows: int
+    completed_rows: int = 0
     """Rows answered by pods since start (the rate is the throughput)."""
 
 

@@ -126,8 +126,8 @@ class QueueCollector(Collector):
         )
         inflight = GaugeMetricFamily(
             "bazaar_gateway_inflight_batches",
-            "Batches sent to an endpoint and not yet answered.",
-            labels=["model", "endpoint"],
+            "Batches sent to the model's endpoints and not yet answered.",
+            labels=["model"],
         )
         endpoints = GaugeMetricFamily(
             "bazaar_gateway_ready_endpoints",
@@ -139,8 +139,9 @@ class QueueCollector(Collector):
             depth.add_metric([model], stats.queued)
             rows.add_metric([model], stats.queued_rows)
             endpoints.add_metric([model], dispatcher.pool.ready_endpoints)
-            for endpoint in dispatcher.pool.endpoints:
-                inflight.add_metric([model, endpoint.url], endpoint.inflight_batches)
+            # Per model, not per endpoint: pod URLs churn with every pod, and a label per URL
+            # would leave a series behind for each (per endpoint: /stats).
+            inflight.add_metric([model], stats.inflight_batches)
         yield depth
         yield rows
         yield inflight

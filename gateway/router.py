@@ -17,7 +17,6 @@ its readiness succeeds, with the probe interval doubling up to ``max_eject_s``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 from collections.abc import Callable, Sequence
@@ -26,7 +25,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from gateway.errors import BazaarError, DeadlineExceeded
+from protocol.errors import BazaarError, DeadlineExceeded
+from protocol.support import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -163,11 +163,7 @@ class EndpointPool:
         return await self._call_once(retry, inputs, rows)
 
     async def close(self) -> None:
-        for probe in self._probes.values():
-            probe.cancel()
-        for probe in self._probes.values():
-            with contextlib.suppress(asyncio.CancelledError):
-                await probe
+        await cancel_and_wait(*self._probes.values())
         self._probes.clear()
 
     async def _call_once(self, endpoint: Endpoint, inputs: Tensors, rows: int) -> Tensors:

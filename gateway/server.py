@@ -17,43 +17,20 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
-from typing import Protocol
+from collections.abc import AsyncIterator
 
 import uvicorn
 from prometheus_client import CollectorRegistry
 
 from gateway.app import create_app
-from gateway.catalog import EndpointListener, ModelCatalog
+from gateway.catalog import ModelCatalog
 from gateway.client import HttpModelClient
-from gateway.config import GatewayConfig, load_static_endpoints
+from gateway.config import GatewayConfig
+from gateway.discovery import EndpointSource
 from gateway.metrics import GatewayMetrics
+from protocol.support import ManagedServer
 
 log = logging.getLogger(__name__)
-
-
-class EndpointSource(Protocol):
-    """Where endpoints come from; it reports them through ``catalog.set_endpoints``."""
-
-    async def start(self, listener: EndpointListener, registry: CollectorRegistry) -> None:
-        """Begin reporting endpoints; ``registry`` is the gateway's, for the source's metrics."""
-
-    async def stop(self) -> None: ...
-
-
-class StaticEndpoints:
-    """Endpoints listed in a file, per model; they can be any v2 server (Triton, MLServer)."""
-
-    def __init__(self, path: Path) -> None:
-        self.endpoints = load_static_endpoints(path)
-
-    async def start(self, listener: EndpointListener, registry: CollectorRegistry) -> None:
-        for model, urls in self.endpoints.items():
-            listener(model, urls)
-
-    async def stop(self) -> None:
-        return None
 
 
 async def run(
@@ -64,7 +41,7 @@ async def run(
     log_level: str = "info",
 ) -> None:
     async with _gateway(source, config) as catalog:
-        server = _Server(
+        server = ManagedServer(
             uvicorn.Config(
                 create_app(catalog),
                 host=host,
@@ -78,24 +55,6 @@ async def run(
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, server.stop)
         await server.serve()
-
-
-class _Server(uvicorn.Server):
-    """uvicorn's server, minus its signal handling, which ``run`` owns.
-
-    uvicorn re-raises a caught SIGTERM once it has drained, which would end the process
-    before the shutdown step stops the workers.
-    """
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
-
-    def stop(self) -> None:
-        """First signal: drain and stop. A second one: stop without waiting."""
-        if self.should_exit:
-            self.force_exit = True
-        self.should_exit = True
 
 
 @contextlib.asynccontextmanager

@@ -28,6 +28,7 @@ import os
 import platform
 import re
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -37,12 +38,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from gateway.codec import InferenceRequest, encode_request
 from loadtests import report
 from loadtests.ortbench import OrtPoint, measure_ort, model_file, sample_rows
-from loadtests.procs import PinnedServer, free_port, http_get
+from loadtests.procs import PinnedServer, http_get
 from loadtests.report import BatchLatency, HttpPoint
 from loadtests.wrk import BenchError, Body, run_wrk
+from protocol.codec import InferenceRequest, encode_request
+from protocol.support import free_port
 
 SERVER_CORE = 0
 CLIENT_CORE = 1
@@ -91,13 +93,10 @@ def _labels(text: str) -> dict[str, str]:
     return dict(re.findall(r'(\w+)="([^"]*)"', text))
 
 
-def worker_urls(metrics: str) -> dict[str, str]:
-    """Each model's first endpoint, from ``bazaar_gateway_inflight_batches`` on /metrics."""
-    urls: dict[str, str] = {}
-    for match in re.finditer(r"^bazaar_gateway_inflight_batches\{([^}]*)\}", metrics, re.M):
-        labels = _labels(match.group(1))
-        urls.setdefault(labels["model"], labels["endpoint"])
-    return urls
+def worker_urls(base: str) -> dict[str, str]:
+    """Each model's first endpoint, from the gateway's ``/stats``."""
+    models = json.loads(http_get(f"{base}/stats"))["models"]
+    return {model: stats["endpoint_urls"][0] for model, stats in models.items()}
 
 
 def batch_rows(metrics: str, model: str) -> tuple[float, float]:
@@ -218,7 +217,7 @@ def run_bench(
                     "", connections, result.rps, result.p50_ms, result.p99_ms, result.requests
                 )
                 record(point, scenario, (rows_after - rows_before) / batches if batches else None)
-        workers = worker_urls(gateway_metrics(base))
+        workers = worker_urls(base)
         if "mlp" in models:
             say(f"mlp JSON at c=1 straight to the worker {workers['mlp']}")
             direct = measure(f"{workers['mlp']}/v2/models/mlp/infer", bodies["mlp"], 1, duration)
@@ -300,44 +299,6 @@ def render(results: Results, targets: list[report.Target]) -> str:
     return "\n\n".join(sections) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    _add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
-def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """The ``bazaar bench`` subcommand."""
-    parser: argparse.ArgumentParser = subparsers.add_parser(
-        "bench", help="throughput and latency against raw ONNX Runtime and reference servers"
-    )
-    _add_arguments(parser)
-    parser.set_defaults(run=run)
-    return parser
-
-
-def _add_arguments(parser: argparse.ArgumentParser) -> None:
-    length = parser.add_mutually_exclusive_group()
-    length.add_argument(
-        "--duration",
-        type=float,
-        default=10.0,
-        metavar="SECONDS",
-        help="measured seconds per point (default %(default)s)",
-    )
-    length.add_argument("--quick", action="store_true", help="3 s per point, for a smoke run")
-    parser.add_argument("--out", type=Path, default=Path("results/bench"), metavar="DIR")
-    parser.add_argument(
-        "--models", nargs="+", choices=sorted(DEMO_WIDTHS), default=["mlp", "digits", "mlp_wide"]
-    )
-    parser.add_argument(
-        "--repository",
-        type=Path,
-        metavar="DIR",
-        help="a demo repository to reuse (default: build one in a temp dir)",
-    )
-
-
 def run(args: argparse.Namespace) -> int:
     if args.quick:
         args.duration = 3.0
@@ -353,11 +314,13 @@ def run(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="bazaar-bench-") as scratch:
         repository = args.repository
         if repository is None:
-            from models.demo import build_demo_repository
-
             repository = Path(scratch) / "repository"
             say(f"building the demo repository in {repository}")
-            build_demo_repository(repository)
+            # The bazaar command builds it: the benchmark drives the product from outside.
+            subprocess.run(
+                [sys.executable, "-m", "bazaar", "models", "build-demo", str(repository)],
+                check=True,
+            )
         try:
             results = run_bench(args.out, repository, args.models, args.duration, say)
         except BenchError as exc:
@@ -370,7 +333,3 @@ def run(args: argparse.Namespace) -> int:
     (args.out / "BENCHMARKS-table.md").write_text(tables)
     print(tables)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import time
 import urllib.error
@@ -23,13 +22,6 @@ from types import TracebackType
 from loadtests.wrk import BenchError
 
 TERMINATE_GRACE_S = 15.0
-
-
-def free_port() -> int:
-    """A loopback port free now (bound to 0, then released)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def http_get(url: str, timeout_s: float = 2.0) -> bytes:

@@ -11,7 +11,7 @@ so that check is a separate pure function, ``resolve_metadata``, fed the graph's
 runtime. It also settles ``max_batch_size`` when the config leaves it out: 32 when every input
 and output has a variable first dimension, else 0 (the model does not batch).
 
-Shapes are full shapes, batch dimension included, as in ``gateway.schema.TensorSpec``.
+Shapes are full shapes, batch dimension included, as in ``protocol.schema.TensorSpec``.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from typing import Any, Literal, TypeGuard
 
 import yaml
 
-from gateway.errors import ConfigError
-from gateway.schema import DATATYPES, ModelMetadata, TensorSpec
+from protocol.errors import ConfigError
+from protocol.schema import DATATYPES, ModelMetadata, TensorSpec
 
 PLATFORM = "onnxruntime_onnx"
 

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gateway.errors import ConfigError, ModelNotFound
 from models.config import ModelConfig, load_config, parse_config
+from protocol.errors import ConfigError, ModelNotFound
 
 MODEL_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 """Characters allowed in a model name; names starting with '.' are refused as well. Use

@@ -28,10 +28,11 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from gateway.errors import ConfigError, InferenceFailed, InvalidRequest, ModelNotReady
-from gateway.schema import DATATYPES, ModelMetadata, TensorSpec
 from models.config import ModelConfig, resolve_metadata
 from models.utilisation import BusyTracker
+from protocol.errors import ConfigError, InferenceFailed, InvalidRequest, ModelNotReady
+from protocol.schema import DATATYPES, ModelMetadata, TensorSpec
+from protocol.tensors import as_bytes
 
 log = logging.getLogger(__name__)
 
@@ -209,13 +210,9 @@ def _to_ort(array: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
 def _from_ort(array: Any) -> np.ndarray[Any, Any]:
     result = np.asarray(array)
     if result.dtype == object or result.dtype.kind == "U":
-        return np.vectorize(_as_bytes, otypes=[object])(result) if result.size else result
+        return np.vectorize(as_bytes, otypes=[object])(result) if result.size else result
     return result
 
 
 def _as_str(value: Any) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
-
-
-def _as_bytes(value: Any) -> bytes:
-    return value if isinstance(value, bytes) else str(value).encode()

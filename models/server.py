@@ -26,20 +26,20 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
-from gateway.codec import InferenceResponse, decode_request, encode_response
-from gateway.errors import BazaarError, InvalidRequest
-from gateway.fastpath import Answer, Headers, header_length, with_infer_route
-from gateway.responses import (
+from models.metrics import PodMetrics
+from models.store import ModelStore
+from models.utilisation import GpuMonitor
+from protocol.errors import BazaarError, InvalidRequest
+from protocol.fastpath import Answer, Headers, answer, decode, with_infer_route
+from protocol.responses import (
     EXCEPTION_HANDLERS,
     index_ready_only,
     json_body,
     json_response,
-    model_path,
+    model_routes,
     server_routes,
 )
-from models.metrics import PodMetrics
-from models.store import ModelStore
-from models.utilisation import GpuMonitor
+from protocol.support import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -51,58 +51,39 @@ def create_app(store: ModelStore, registry: CollectorRegistry | None = None) -> 
     registry = registry if registry is not None else CollectorRegistry()
     metrics = PodMetrics(registry, store, GpuMonitor())
 
-    async def model_metadata(request: Request) -> Response:
-        name, version = model_path(request)
+    def model_metadata(name: str, version: str | None) -> dict[str, Any]:
         runtime = store.get(name, version)
         versions = [str(v) for v in sorted(store.models[name].versions)]
-        return json_response(runtime.metadata.to_json(versions if version is None else None))
+        return runtime.metadata.to_json(versions if version is None else None)
 
-    async def model_ready(request: Request) -> Response:
-        name, version = model_path(request)
-        try:
-            store.get(name, version)
-        except BazaarError as exc:
-            if exc.status == 404:
-                raise
-            return json_response({"name": name, "ready": False}, 503)
-        return json_response({"name": name, "ready": True})
-
-    async def model_config(request: Request) -> Response:
-        name, version = model_path(request)
+    def model_config(name: str, version: str | None) -> dict[str, Any]:
         runtime = store.get(name, version)
         config = runtime.config.to_json()
         config["max_batch_size"] = runtime.metadata.max_batch_size
-        return json_response({"name": name, **config})
+        return {"name": name, **config}
 
     async def infer(model: str, version: str | None, body: bytes, headers: Headers) -> Answer:
         runtime = store.get(model, version)
         outcome = "server_error"
         try:
-            inference = decode_request(body, header_length(headers), runtime.metadata)
+            request = decode(body, headers, runtime.metadata)
             names = (
-                [o.name for o in inference.outputs]
-                if inference.outputs is not None
+                [o.name for o in request.outputs]
+                if request.outputs is not None
                 else [spec.name for spec in runtime.metadata.outputs]
             )
-            rows = inference.rows(runtime.metadata.max_batch_size)
+            rows = request.rows(runtime.metadata.max_batch_size)
             try:
-                outputs, compute_s = await runtime.infer(inference.inputs, names)
+                outputs, compute_s = await runtime.infer(request.inputs, names)
             except BaseException:
                 metrics.batches.labels(model, "failure").inc()
                 raise
             metrics.batches.labels(model, "success").inc()
             metrics.batch_size.labels(model).observe(rows)
             metrics.compute_seconds.labels(model).observe(compute_s)
-            response = InferenceResponse(
-                model_name=model,
-                model_version=runtime.metadata.version,
-                id=inference.id,
-                parameters={},
-                outputs=outputs,
-            )
-            answer = encode_response(response, inference.outputs, inference.binary_output)
+            response = answer(request, runtime.metadata, outputs)
             outcome = "success"
-            return answer
+            return response
         except BazaarError as exc:
             outcome = "client_error" if exc.status < 500 else "server_error"
             raise
@@ -131,26 +112,17 @@ def create_app(store: ModelStore, registry: CollectorRegistry | None = None) -> 
         try:
             yield
         finally:
-            loading.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await loading
+            await cancel_and_wait(loading)
             await asyncio.to_thread(store.close)
 
-    model = "/v2/models/{model}"
-    versioned = "/v2/models/{model}/versions/{version}"
     routes = [
         *server_routes(SERVER_NAME, EXTENSIONS, store.ready),
+        *model_routes(model_metadata, store.is_ready, model_config),
         Route("/metrics", prometheus),
         Route("/v2/repository/index", repository_index, methods=["POST"]),
         Route("/v2/repository/models/{model}/load", repository_load, methods=["POST"]),
         Route("/v2/repository/models/{model}/unload", repository_unload, methods=["POST"]),
     ]
-    for prefix in (model, versioned):
-        routes += [
-            Route(prefix, model_metadata),
-            Route(prefix + "/ready", model_ready),
-            Route(prefix + "/config", model_config),
-        ]
     app = Starlette(routes=routes, exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan)
     return with_infer_route(app, infer)
 

@@ -19,10 +19,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from gateway.errors import BazaarError, ModelNotFound, ModelNotReady
 from models.config import ModelConfig
 from models.repository import ModelRepository
 from models.runtime import ModelRuntime
+from protocol.errors import BazaarError, ModelNotFound, ModelNotReady
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +114,15 @@ class ModelStore:
             return loaded.versions[int(version)]
         except (ValueError, KeyError):
             raise ModelNotFound(name, version) from None
+
+    def is_ready(self, name: str, version: str | None = None) -> bool:
+        """``name`` (at ``version``) serves now; ``ModelNotFound`` if the pod has no such
+        model or version."""
+        try:
+            self.get(name, version)
+        except ModelNotReady:
+            return False
+        return True
 
     def ready(self) -> bool:
         """Start-up began, no model is loading and none failed; unloaded ones do not count."""

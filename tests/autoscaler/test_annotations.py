@@ -4,7 +4,7 @@ import pytest
 
 from autoscaler.annotations import parse_duration, scale_config
 from autoscaler.policy import ScaleConfig
-from gateway.errors import ConfigError
+from protocol.errors import ConfigError
 
 WHERE = "deployment ns/bazaar-model-mlp"
 

@@ -24,8 +24,7 @@ from autoscaler.sources import (
     PrometheusQuery,
     Signals,
 )
-from tests.autoscaler.loopback import serve
-from tests.support import free_port
+from tests.support import free_port, serve
 
 
 class FakeClock:

@@ -26,10 +26,10 @@ import yaml
 
 from autoscaler.annotations import scale_config
 from autoscaler.command import add_parser
-from autoscaler.kubernetes import REQUIRED_RBAC as AUTOSCALER_RBAC
-from autoscaler.kubernetes import Permission
-from gateway.kubernetes import REQUIRED_RBAC as GATEWAY_RBAC
-from gateway.kubernetes import EndpointSlices
+from autoscaler.deployments import REQUIRED_RBAC as AUTOSCALER_RBAC
+from cluster.api import Permission
+from gateway.discovery import REQUIRED_RBAC as GATEWAY_RBAC
+from gateway.discovery import EndpointSlices
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"

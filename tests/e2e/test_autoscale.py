@@ -11,7 +11,7 @@ import httpx
 import numpy as np
 import pytest
 
-from gateway.codec import InferenceRequest, encode_request
+from protocol.codec import InferenceRequest, encode_request
 from tests.support import bazaar_process, free_port, wait_until
 
 

@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from gateway.errors import BazaarError, UpstreamError
 from gateway.router import Tensors
+from protocol.errors import BazaarError, UpstreamError
 
 
 @dataclass

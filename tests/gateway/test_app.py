@@ -37,6 +37,7 @@ DTYPES: dict[str, np.dtype[Any]] = {"FP32": np.dtype("<f4"), "INT64": np.dtype("
 class Gateway:
     http: httpx.AsyncClient
     catalog: ModelCatalog
+    model_server: str
 
 
 MakeGateway = Callable[..., Awaitable[Gateway]]
@@ -61,7 +62,7 @@ async def make_gateway(model_server: str) -> AsyncIterator[MakeGateway]:
         for model in models:
             catalog.set_endpoints(model, [model_server])
         await eventually(catalog.ready, 10.0, "the gateway to learn its models from the pod")
-        return Gateway(http, catalog)
+        return Gateway(http, catalog, model_server)
 
     yield build
     for http, catalog, client in opened:
@@ -219,9 +220,13 @@ IDLE = {
 }
 
 
+def idle(gateway: Gateway) -> dict[str, object]:
+    return {**IDLE, "endpoint_urls": [gateway.model_server]}
+
+
 async def test_stats_count_admitted_and_completed_work_per_model(gateway: Gateway) -> None:
     before = (await gateway.http.get("/stats")).json()
-    assert before == {"models": {"digits": IDLE, "mlp": IDLE}}
+    assert before == {"models": {"digits": idle(gateway), "mlp": idle(gateway)}}
     for _ in range(3):
         answer = await gateway.http.post("/v2/models/mlp/infer", json=json_body(mlp_rows(2)))
         assert answer.status_code == 200
@@ -229,7 +234,7 @@ async def test_stats_count_admitted_and_completed_work_per_model(gateway: Gatewa
     await asyncio.sleep(0)  # one loop turn: the last batch's task is reaped (see the next test)
     after = (await gateway.http.get("/stats")).json()
     counted = {"admitted": 3, "admitted_rows": 6, "completed_rows": 6}
-    assert after == {"models": {"digits": IDLE, "mlp": {**IDLE, **counted}}}
+    assert after == {"models": {"digits": idle(gateway), "mlp": {**idle(gateway), **counted}}}
 
 
 async def test_stats_show_no_batch_in_flight_once_its_answer_is_back(gateway: Gateway) -> None:
@@ -552,6 +557,8 @@ async def test_metrics_count_outcomes(gateway: Gateway) -> None:
         ]
     assert samples(text, "bazaar_gateway_queue_depth", model="digits") == [0]
     assert samples(text, "bazaar_gateway_inflight_batches", model="mlp") == [0]
+    # Labels are bounded: no series per pod URL (they churn with every pod; /stats has them).
+    assert gateway.model_server not in text
     assert samples(text, "bazaar_gateway_pod_seconds_bucket", model="mlp", le="+Inf") == [1]
     assert samples(text, "bazaar_gateway_queue_wait_seconds_bucket", model="mlp", le="+Inf") == [1]
 

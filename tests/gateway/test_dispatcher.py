@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from gateway.dispatcher import BatchPolicy, Dispatcher
-from gateway.errors import BazaarError, DeadlineExceeded, InvalidRequest, Overloaded, UpstreamError
 from gateway.metrics import GatewayMetrics
 from gateway.router import EndpointPool
+from protocol.errors import BazaarError, DeadlineExceeded, InvalidRequest, Overloaded, UpstreamError
 from tests.gateway.fakes import Call, FakePods, rows_of
 
 pytestmark = pytest.mark.looptime

@@ -11,8 +11,8 @@ from collections.abc import AsyncIterator, Callable
 import numpy as np
 import pytest
 
-from gateway.errors import BazaarError, DeadlineExceeded, InvalidRequest, UpstreamError
 from gateway.router import POWER_OF_TWO_ABOVE, Endpoint, EndpointPool, choose_endpoint
+from protocol.errors import BazaarError, DeadlineExceeded, InvalidRequest, UpstreamError
 from tests.gateway.fakes import Call, FakePods, connection_refused, rows_of
 
 pytestmark = pytest.mark.looptime

@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 import httpx
 import pytest
 
-from loadtests.loadtest import add_parser
+from loadtests.command import add_loadtest_parser
 from loadtests.payloads import ModelSpec, build_payload
 from loadtests.runner import scrape
 from tests.support import bazaar_process, free_port
@@ -48,7 +48,7 @@ def gateway(demo_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
 def loadtest(*argv: str) -> int:
     parser = argparse.ArgumentParser(prog="bazaar")
-    add_parser(parser.add_subparsers())
+    add_loadtest_parser(parser.add_subparsers())
     args = parser.parse_args(["loadtest", *argv])
     return int(args.run(args))
 

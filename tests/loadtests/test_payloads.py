@@ -1,6 +1,6 @@
 """Payload builders, load shapes and the verdict, checked without a server or Locust.
 
-Bodies are decoded by the gateway's own codec (``gateway.codec.decode_request``), the same
+Bodies are decoded by the gateway's own codec (``protocol.codec.decode_request``), the same
 wall every request meets in ``bazaar serve``; ``test_loadtest.py`` sends them to a real one.
 """
 
@@ -11,11 +11,6 @@ import struct
 
 import pytest
 
-from gateway.codec import decode_request
-from gateway.errors import InvalidRequest
-from gateway.schema import DATATYPES as GATEWAY_DATATYPES
-from gateway.schema import ModelMetadata
-from gateway.schema import TensorSpec as GatewayTensorSpec
 from loadtests.payloads import (
     DATATYPES,
     VARIABLE_DIM,
@@ -28,6 +23,11 @@ from loadtests.payloads import (
 from loadtests.payloads import TensorSpec as PayloadTensorSpec
 from loadtests.shapes import SCENARIOS, users_at
 from loadtests.verdict import RunResult, Slo, classify, judge, percentile, verdict_table
+from protocol.codec import decode_request
+from protocol.errors import InvalidRequest
+from protocol.schema import DATATYPES as GATEWAY_DATATYPES
+from protocol.schema import ModelMetadata
+from protocol.schema import TensorSpec as GatewayTensorSpec
 
 # BF16 is a v2 datatype the gateway refuses by name; it is checked byte by byte below.
 DECODABLE = [name for name in DATATYPES if name != "BF16"]

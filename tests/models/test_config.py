@@ -8,8 +8,6 @@ from typing import Any
 import pytest
 import yaml
 
-from gateway.errors import ConfigError
-from gateway.schema import ModelMetadata, TensorSpec
 from models.config import (
     DynamicBatching,
     ModelConfig,
@@ -18,6 +16,8 @@ from models.config import (
     parse_config,
     resolve_metadata,
 )
+from protocol.errors import ConfigError
+from protocol.schema import ModelMetadata, TensorSpec
 
 
 def write(tmp_path: Path, text: str) -> Path:

@@ -15,7 +15,6 @@ import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
-from gateway.schema import ModelMetadata, TensorSpec
 from models.config import resolve_metadata
 from models.demo import (
     MIN_DIGITS_ACCURACY,
@@ -25,6 +24,7 @@ from models.demo import (
     digits_samples,
 )
 from models.repository import ModelRepository
+from protocol.schema import ModelMetadata, TensorSpec
 
 ORT_DATATYPES = {"tensor(float)": "FP32", "tensor(int64)": "INT64"}
 

@@ -17,10 +17,10 @@ import httpx
 import pytest
 
 from autoscaler.sources import Load, PodMetrics
-from gateway.errors import ConfigError
 from models.config import ModelConfig
 from models.runtime import ModelRuntime
 from models.utilisation import GpuMonitor
+from protocol.errors import ConfigError
 from tests.support import bazaar_process, free_port, wait_until
 
 pytestmark = pytest.mark.skipif(not GpuMonitor().available, reason="needs an NVIDIA GPU and NVML")

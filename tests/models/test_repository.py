@@ -9,9 +9,9 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
-from gateway.errors import ConfigError, ModelNotFound
 from models.config import ModelConfig, VersionPolicy, parse_config
 from models.repository import ModelRepository, ModelVersionFiles
+from protocol.errors import ConfigError, ModelNotFound
 
 
 def write_model(path: Path) -> Path:

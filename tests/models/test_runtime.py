@@ -9,9 +9,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from gateway.errors import ConfigError
 from models.config import ModelConfig
 from models.runtime import ModelRuntime, select_providers, warmup_batch_sizes
+from protocol.errors import ConfigError
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,9 @@
 """The ``bazaar`` command: one entry point, a subcommand per process or tool.
 
-Subcommands import their heavy dependencies (ONNX Runtime, the Kubernetes client, Locust,
-matplotlib) when they run, not when the parser is built, so every command starts quickly.
+Building the parser imports the standard library only (each package's parser module is
+argparse and nothing else); a subcommand imports what it runs (ONNX Runtime, the Kubernetes
+client, Locust, numpy, matplotlib) when it runs, so ``bazaar --help`` and every command
+start quickly.
 """
 
 from __future__ import annotations
@@ -12,21 +14,46 @@ import os
 import sys
 from collections.abc import Coroutine, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from gateway.config import DEMO_REPOSITORY, GatewayConfig
+from autoscaler.command import add_parser as add_autoscaler_parser
+from autoscaler.simulation.command import add_parser as add_simulate_parser
+from loadtests.command import add_bench_parser, add_loadtest_parser
+from protocol import __version__
+
+if TYPE_CHECKING:
+    from gateway.config import GatewayConfig
+
+DEMO_REPOSITORY = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "bazaar" / "demo"
+"""Where ``bazaar serve`` builds the demo repository when it is given none."""
+
+log = logging.getLogger("bazaar")
+
+# GatewayConfig's defaults, repeated here so that building the parser imports nothing of the
+# gateway's; a test holds the two equal.
+MAX_BATCHES_PER_ENDPOINT = 2
+MAX_QUEUE_TIME_S = 30.0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    args = parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    return int(args.run(args))
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(
         prog="bazaar",
         description="bazaar: an inference serving gateway for ONNX models "
         "(Open Inference Protocol v2).",
     )
-    parser.add_argument(
-        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
-    )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    root.add_argument("--version", action="version", version=f"bazaar {__version__}")
+    root.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    commands = root.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     server = commands.add_parser("model-server", help="serve a model repository (one pod)")
     server.add_argument("--model-repository", type=Path, required=True, metavar="DIR")
@@ -113,59 +140,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     _gateway_options(gateway)
     gateway.set_defaults(run=_gateway)
 
-    from autoscaler.command import add_parser as add_autoscaler
-    from autoscaler.simulate import add_parser as add_simulate
-    from loadtests.bench import add_parser as add_bench
-    from loadtests.loadtest import add_parser as add_loadtest
-
-    add_autoscaler(commands)
-    add_simulate(commands)
-    add_loadtest(commands)
-    add_bench(commands)
+    add_autoscaler_parser(commands)
+    add_simulate_parser(commands)
+    add_loadtest_parser(commands)
+    add_bench_parser(commands)
 
     models = commands.add_parser("models", help="model repository tools")
     models_commands = models.add_subparsers(dest="models_command", required=True, metavar="COMMAND")
     build = models_commands.add_parser("build-demo", help="build the demo repository offline")
     build.add_argument("directory", type=Path, metavar="DIR")
     build.set_defaults(run=_build_demo)
-
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    return int(args.run(args))
+    return root
 
 
 def _gateway_options(parser: argparse.ArgumentParser) -> None:
-    defaults = GatewayConfig()
     parser.add_argument(
         "--max-batches-per-endpoint",
         type=int,
-        default=defaults.max_batches_per_endpoint,
+        default=MAX_BATCHES_PER_ENDPOINT,
         metavar="N",
         help="batches in flight per endpoint (default %(default)s)",
     )
     parser.add_argument(
         "--max-queue-time",
         type=float,
-        default=defaults.max_queue_time_s,
+        default=MAX_QUEUE_TIME_S,
         metavar="SECONDS",
         help="longest any request waits in the gateway's queue (default %(default)s)",
     )
 
 
-def _gateway_config(args: argparse.Namespace) -> GatewayConfig:
-    return GatewayConfig(
-        max_batches_per_endpoint=args.max_batches_per_endpoint,
-        max_queue_time_s=args.max_queue_time,
-    )
-
-
 def _serve(args: argparse.Namespace) -> int:
     from autoscaler.policy import ScaleConfig
-    from gateway.local import LocalWorkers
+    from bazaar.local import LocalWorkers
     from gateway.server import run
 
     repository = args.model_repository
@@ -193,27 +200,39 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _gateway(args: argparse.Namespace) -> int:
-    from gateway.server import EndpointSource, StaticEndpoints, run
+    from gateway.discovery import EndpointSlices, EndpointSource, StaticEndpoints
+    from gateway.server import run
 
     source: EndpointSource
     if args.endpoints is not None:
         if args.kubeconfig is not None:
-            logging.getLogger("bazaar").error("--kubeconfig goes with --kubernetes-namespace")
+            log.error("--kubeconfig goes with --kubernetes-namespace")
             return 2
         source = StaticEndpoints(args.endpoints)
     else:
-        from autoscaler.kubernetes import connect
-        from gateway.errors import ConfigError
-        from gateway.kubernetes import EndpointSlices
+        from cluster.api import Cluster, connect
+        from protocol.errors import ConfigError
 
         try:
             client = connect(args.kubeconfig)
         except ConfigError as exc:
-            logging.getLogger("bazaar").error("%s", exc)
+            log.error("%s", exc)
             return 2
-        source = EndpointSlices(args.kubernetes_namespace, api_client=client)
+        cluster = Cluster(
+            args.kubernetes_namespace, "gateway", logging.getLogger("gateway.discovery"), client
+        )
+        source = EndpointSlices(cluster)
     _run_async(run(source, args.host, args.port, _gateway_config(args), args.log_level))
     return 0
+
+
+def _gateway_config(args: argparse.Namespace) -> GatewayConfig:
+    from gateway.config import GatewayConfig
+
+    return GatewayConfig(
+        max_batches_per_endpoint=args.max_batches_per_endpoint,
+        max_queue_time_s=args.max_queue_time,
+    )
 
 
 def _demo_repository() -> Path:
@@ -222,7 +241,7 @@ def _demo_repository() -> Path:
 
     marker = DEMO_REPOSITORY / ".complete"
     if not marker.exists():
-        logging.getLogger("bazaar").info("building the demo repository in %s", DEMO_REPOSITORY)
+        log.info("building the demo repository in %s", DEMO_REPOSITORY)
         build_demo_repository(DEMO_REPOSITORY)
         marker.touch()
     return DEMO_REPOSITORY
@@ -251,20 +270,18 @@ def _freeze_startup_objects() -> None:
 def _model_server(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from gateway.errors import ConfigError
     from models.repository import ModelRepository
     from models.server import create_app
     from models.store import ModelStore
+    from protocol.errors import ConfigError
 
     try:
         repository = ModelRepository(args.model_repository)
     except ConfigError as exc:
-        logging.getLogger("bazaar").error("%s", exc)
+        log.error("%s", exc)
         return 2
     app = create_app(ModelStore(repository, args.models))
-    logging.getLogger("bazaar").info(
-        "model server for %s on http://%s:%d", repository.root, args.host, args.port
-    )
+    log.info("model server for %s on http://%s:%d", repository.root, args.host, args.port)
     _freeze_startup_objects()
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
     return 0
@@ -276,7 +293,3 @@ def _build_demo(args: argparse.Namespace) -> int:
     names = build_demo_repository(args.directory)
     print(f"built demo repository {args.directory}: {', '.join(names)}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from gateway.errors import InvalidRequest
+from protocol.errors import InvalidRequest
 
 # v2 datatype -> numpy dtype (little-endian, as the binary extension is). BYTES tensors are
 # object arrays of ``bytes``. BF16 has no numpy dtype and is refused by name.

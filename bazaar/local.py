@@ -13,21 +13,21 @@ first, so nothing scales while the workers are being stopped.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from pathlib import Path
 
 import aiohttp
 from prometheus_client import CollectorRegistry
 
-from autoscaler.local import LocalScaler
 from autoscaler.loop import Autoscaler
 from autoscaler.metrics import AutoscalerMetrics
 from autoscaler.policy import ScaleConfig
 from autoscaler.sources import GatewayStats, PodMetrics, Signals
+from bazaar.scaler import LocalScaler
+from bazaar.supervisor import WorkerSupervisor
 from gateway.catalog import EndpointListener
-from gateway.supervisor import WorkerSupervisor
 from models.repository import ModelRepository
+from protocol.support import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -66,10 +66,7 @@ class LocalWorkers:
             )
 
     async def stop(self) -> None:
-        if self._autoscaler is not None:
-            self._autoscaler.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._autoscaler
+        await cancel_and_wait(self._autoscaler)
         if self.supervisor is not None:
             await self.supervisor.stop()
 

@@ -17,8 +17,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from gateway import __version__
-from gateway.errors import BazaarError, InvalidRequest
+from protocol import __version__
+from protocol.errors import BazaarError, InvalidRequest
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +99,41 @@ def server_routes(name: str, extensions: list[str], ready: Callable[[], bool]) -
     ]
 
 
-def model_path(request: Request) -> tuple[str, str | None]:
+ModelView = Callable[[str, str | None], dict[str, Any]]
+"""A model's JSON view (metadata, config) by (model, version); raises ``BazaarError``."""
+
+
+def model_routes(
+    metadata: ModelView,
+    ready: Callable[[str, str | None], bool],
+    config: ModelView | None = None,
+) -> list[Route]:
+    """``/v2/models/{m}[/versions/{v}]`` and ``.../ready`` (and ``.../config``), both forms.
+
+    ``ready`` raises ``ModelNotFound`` for a model or version the server does not know;
+    a known model that is not ready answers 503 with ``{"ready": false}``.
+    """
+
+    async def model_metadata(request: Request) -> Response:
+        return json_response(metadata(*_model_path(request)))
+
+    async def model_ready(request: Request) -> Response:
+        name, version = _model_path(request)
+        ok = ready(name, version)
+        return json_response({"name": name, "ready": ok}, 200 if ok else 503)
+
+    async def model_config(request: Request) -> Response:
+        assert config is not None
+        return json_response(config(*_model_path(request)))
+
+    routes = []
+    for prefix in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
+        routes += [Route(prefix, model_metadata), Route(prefix + "/ready", model_ready)]
+        if config is not None:
+            routes.append(Route(prefix + "/config", model_config))
+    return routes
+
+
+def _model_path(request: Request) -> tuple[str, str | None]:
     """(model, version) from a ``/v2/models/{model}[/versions/{version}]`` route."""
     return request.path_params["model"], request.path_params.get("version")

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.cli import main
+from bazaar.cli import main, parser
+from gateway.config import GatewayConfig
+from protocol import __version__
 
 
 @pytest.mark.parametrize(
@@ -36,3 +38,17 @@ def test_gateway_needs_exactly_one_endpoint_source(capsys: pytest.CaptureFixture
         main(["gateway"])
     assert exited.value.code == 2
     assert "--endpoints" in capsys.readouterr().err
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["--version"])
+    assert exited.value.code == 0
+    assert capsys.readouterr().out == f"bazaar {__version__}\n"
+
+
+def test_the_gateway_options_default_to_the_gateway_config() -> None:
+    defaults = GatewayConfig()
+    args = parser().parse_args(["gateway", "--endpoints", "file.yaml"])
+    assert args.max_batches_per_endpoint == defaults.max_batches_per_endpoint
+    assert args.max_queue_time == defaults.max_queue_time_s

@@ -1,8 +1,11 @@
-"""``bazaar loadtest``: the command line of the load-test harness.
+"""``bazaar loadtest`` and ``bazaar bench``: the command lines of the load-test harness and
+the benchmark.
 
-``add_parser`` registers the subcommand; what it runs (``loadtests.runner``, which draws with
-matplotlib) is imported only when it runs, so the rest of the ``bazaar`` command pays nothing
-for it. Arguments are checked here and become one frozen ``LoadTestConfig``.
+``add_loadtest_parser`` and ``add_bench_parser`` register the subcommands; what they run
+(``loadtests.runner``, which draws with matplotlib; ``loadtests.bench``, which starts ONNX
+Runtime) is imported only when it runs, so the rest of the ``bazaar`` command pays nothing
+for it: this module imports the standard library only. Load-test arguments are checked here
+and become one frozen ``LoadTestConfig``.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from typing import Any
 
 from loadtests.shapes import SCENARIOS
 
+BENCH_MODELS = ("digits", "mlp", "mlp_wide")
+"""The demo models the benchmark knows the input width of."""
 _DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s?)?$")
 
 
@@ -47,7 +52,7 @@ def _positive(kind: type[int] | type[float]) -> Any:
     return parse
 
 
-def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+def add_loadtest_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``loadtest`` on ``subparsers`` (from ``ArgumentParser.add_subparsers``)."""
     scenarios = "; ".join(f"{name}: {what}" for name, what in SCENARIOS.items())
     parser: argparse.ArgumentParser = subparsers.add_parser(
@@ -117,13 +122,46 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         metavar="DIR",
         help="default: results/loadtest/<time>-<scenario>",
     )
-    parser.set_defaults(run=run)
+    parser.set_defaults(run=run_loadtest)
     return parser
 
 
-def run(args: argparse.Namespace) -> int:
-    from loadtests.runner import LoadTestConfig
-    from loadtests.runner import run as run_loadtest
+def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``bench``: throughput and latency against raw ONNX Runtime and references."""
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        "bench", help="throughput and latency against raw ONNX Runtime and reference servers"
+    )
+    length = parser.add_mutually_exclusive_group()
+    length.add_argument(
+        "--duration",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="measured seconds per point (default %(default)s)",
+    )
+    length.add_argument("--quick", action="store_true", help="3 s per point, for a smoke run")
+    parser.add_argument("--out", type=Path, default=Path("results/bench"), metavar="DIR")
+    parser.add_argument(
+        "--models", nargs="+", choices=BENCH_MODELS, default=["mlp", "digits", "mlp_wide"]
+    )
+    parser.add_argument(
+        "--repository",
+        type=Path,
+        metavar="DIR",
+        help="a demo repository to reuse (default: build one in a temp dir)",
+    )
+    parser.set_defaults(run=run_bench)
+    return parser
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    from loadtests.bench import run
+
+    return run(args)
+
+
+def run_loadtest(args: argparse.Namespace) -> int:
+    from loadtests.runner import LoadTestConfig, run
     from loadtests.verdict import Slo
 
     priorities = [p.strip() for p in args.priorities.split(",") if p.strip()]
@@ -147,7 +185,7 @@ def run(args: argparse.Namespace) -> int:
         wrong_shape_ratio=args.wrong_shape_ratio,
         max_outstanding=args.max_outstanding,
     )
-    return run_loadtest(config)
+    return run(config)
 
 
 def _stamp() -> str:

@@ -30,7 +30,6 @@ import contextlib
 import ctypes
 import logging
 import signal
-import socket
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,6 +38,7 @@ from pathlib import Path
 import aiohttp
 
 from gateway.catalog import EndpointListener
+from protocol.support import free_port
 
 log = logging.getLogger(__name__)
 
@@ -191,13 +191,13 @@ class WorkerSupervisor:
                 await _terminate(worker.process)
 
     async def _start(self, worker: _Worker) -> None:
-        port = _free_port(self._host)
+        port = free_port(self._host)  # lost before it binds: it exits and restarts
         worker.url = f"http://{self._host}:{port}"
         # If this await is cancelled, asyncio kills the half-started child itself.
         worker.process = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "gateway.cli",
+            "bazaar",
             "--log-level",
             self._log_level,
             "model-server",
@@ -276,10 +276,3 @@ async def _terminate(process: asyncio.subprocess.Process) -> None:
             with contextlib.suppress(ProcessLookupError):
                 process.kill()
     await process.wait()
-
-
-def _free_port(host: str) -> int:
-    # The port is free now; the worker may lose it before binding (then it exits and restarts).
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from gateway.codec import (
+from protocol.codec import (
     InferenceRequest,
     InferenceResponse,
     RequestedOutput,
@@ -23,9 +23,9 @@ from gateway.codec import (
     encode_request,
     encode_response,
 )
-from gateway.errors import BazaarError, InvalidRequest, UpstreamError
-from gateway.schema import DATATYPES, ModelMetadata, TensorSpec
-from gateway.tensors import Array
+from protocol.errors import BazaarError, InvalidRequest, UpstreamError
+from protocol.schema import DATATYPES, ModelMetadata, TensorSpec
+from protocol.tensors import Array
 
 ALL_DATATYPES = list(DATATYPES)
 

@@ -18,8 +18,9 @@ import yaml
 from kubernetes.client import ApiClient, Configuration
 from prometheus_client import CollectorRegistry
 
-from gateway.kubernetes import REQUIRED_RBAC, EndpointSlices
-from tests.autoscaler.fake_kubernetes import FakeKubernetes, serving
+from cluster.api import Cluster
+from gateway.discovery import REQUIRED_RBAC, EndpointSlices
+from tests.cluster.fake_kubernetes import FakeKubernetes, serving
 from tests.support import bazaar_process, eventually, free_port
 
 LIST_SERVICES = ("", "services", "list")
@@ -67,10 +68,15 @@ async def api_url(fake: FakeKubernetes) -> AsyncIterator[str]:
 @pytest.fixture
 async def source(api_url: str) -> AsyncIterator[EndpointSlices]:
     configuration = Configuration(host=api_url)
-    configuration.retries = False  # as autoscaler.kubernetes.connect() sets it
-    source = EndpointSlices(
-        "default", api_client=ApiClient(configuration), resync_s=RESYNC_S, request_timeout_s=1.0
+    configuration.retries = False  # as cluster.api.connect() sets it
+    cluster = Cluster(
+        "default",
+        "gateway",
+        logging.getLogger("gateway.discovery"),
+        ApiClient(configuration),
+        request_timeout_s=1.0,
     )
+    source = EndpointSlices(cluster, resync_s=RESYNC_S)
     yield source
     await source.stop()
 
@@ -140,7 +146,7 @@ async def test_forbidden_is_logged_once_and_the_source_keeps_going(
 ) -> None:
     fake.fail(LIST_SLICES, 403, 403, 403)
     listener = Listener()
-    with caplog.at_level(logging.ERROR, logger="gateway.kubernetes"):
+    with caplog.at_level(logging.ERROR, logger="gateway.discovery"):
         await source.start(listener, CollectorRegistry())
         assert listener.latest == {}
         await eventually(lambda: "mlp" in listener.latest, 5.0, "endpoints once RBAC allows")
@@ -162,7 +168,7 @@ async def test_server_errors_back_off_and_keep_the_last_endpoints(
     before = dict(listener.latest)
     fake.fail(LIST_SERVICES, 500, 503, 500)
     fake.set_slice("mlp-a", MLP, [])
-    with caplog.at_level(logging.INFO, logger="gateway.kubernetes"):
+    with caplog.at_level(logging.INFO, logger="gateway.discovery"):
         await eventually(
             lambda: listener.latest["mlp"] == ["http://[fd00::1]:8001"], 5.0, "recovery"
         )

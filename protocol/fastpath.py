@@ -6,7 +6,8 @@ CPU per request as decoding, batching and encoding together, so this route skips
 matches the path itself, reads the body from ``receive`` and answers with two ``send``
 calls. The semantics stay those of every other route: the handler raises ``BazaarError``
 and the same error table answers (``responses.error_response``). Everything else goes to
-the Starlette app unchanged.
+the Starlette app unchanged. Gateway and pods alike write their handler as
+``decode`` → run → ``answer``.
 """
 
 from __future__ import annotations
@@ -16,8 +17,11 @@ from typing import Any
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from gateway.errors import InvalidRequest, PayloadTooLarge
-from gateway.responses import error_response, json_response
+from protocol.codec import InferenceRequest, InferenceResponse, decode_request, encode_response
+from protocol.errors import InvalidRequest, PayloadTooLarge
+from protocol.responses import error_response, json_response
+from protocol.schema import ModelMetadata
+from protocol.tensors import Array
 
 Headers = dict[bytes, bytes]
 """Request headers by lower-case name (the last value wins)."""
@@ -43,6 +47,23 @@ def with_infer_route(
             await _infer(handler, target, max_body_bytes, scope, receive, send)
 
     return asgi
+
+
+def decode(body: bytes, headers: Headers, metadata: ModelMetadata) -> InferenceRequest:
+    """The request body, validated against ``metadata`` (``InvalidRequest`` on any fault)."""
+    return decode_request(body, header_length(headers), metadata)
+
+
+def answer(request: InferenceRequest, metadata: ModelMetadata, outputs: dict[str, Array]) -> Answer:
+    """The response to ``request``: its id echoed, the outputs it asked for, as it asked."""
+    response = InferenceResponse(
+        model_name=metadata.name,
+        model_version=metadata.version,
+        id=request.id,
+        parameters={},
+        outputs=outputs,
+    )
+    return encode_response(response, request.outputs, request.binary_output)
 
 
 def header_length(headers: Headers) -> int | None:

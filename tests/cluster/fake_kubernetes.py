@@ -31,7 +31,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from tests.autoscaler.loopback import serve
+from tests.support import serve
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from gateway.supervisor import WorkerSupervisor
+from bazaar.supervisor import WorkerSupervisor
 from tests.support import eventually
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="finds workers through /proc")
@@ -175,7 +175,7 @@ async def test_a_worker_that_cannot_start_is_retried_with_growing_backoff(
     supervisors: list[WorkerSupervisor],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.INFO, logger="gateway.supervisor")
+    caplog.set_level(logging.INFO, logger="bazaar.supervisor")
     # Not a repository: the model server exits with code 2 as soon as it starts.
     supervisor = WorkerSupervisor(
         tmp_path / "missing", listener, min_restart_delay_s=0.05, max_restart_delay_s=0.1
@@ -186,7 +186,7 @@ async def test_a_worker_that_cannot_start_is_retried_with_growing_backoff(
         return [
             r.getMessage()
             for r in caplog.records
-            if r.name == "gateway.supervisor" and "restarting in" in r.getMessage()
+            if r.name == "bazaar.supervisor" and "restarting in" in r.getMessage()
         ]
 
     await supervisor.scale("mlp", 1)

@@ -1,4 +1,5 @@
-"""The Kubernetes scaler: the real ``kubernetes`` client against an in-process fake API."""
+"""The Kubernetes scaler, through the seam: the real ``kubernetes`` client against an in-process
+fake API."""
 
 from __future__ import annotations
 
@@ -9,11 +10,12 @@ import pytest
 from kubernetes.client import ApiClient, Configuration
 from prometheus_client import CollectorRegistry
 
-from autoscaler.kubernetes import REQUIRED_RBAC, KubernetesError, KubernetesScaler
-from autoscaler.loop import Autoscaler, ScaleTarget
+from autoscaler.deployments import REQUIRED_RBAC, KubernetesScaler
+from autoscaler.loop import Autoscaler, ScalerError, ScaleTarget
 from autoscaler.metrics import AutoscalerMetrics
 from autoscaler.policy import Decision, PolicyState, Sample, ScaleConfig
-from tests.autoscaler.fake_kubernetes import FakeKubernetes, serving
+from cluster.api import Cluster
+from tests.cluster.fake_kubernetes import FakeKubernetes, serving
 
 LIST_DEPLOYMENTS = ("apps", "deployments", "list")
 GET_SCALE = ("apps", "deployments/scale", "get")
@@ -68,10 +70,16 @@ def sleeps() -> Sleeps:
 @pytest.fixture
 def scaler(api_url: str, sleeps: Sleeps) -> Iterator[KubernetesScaler]:
     configuration = Configuration(host=api_url)
-    configuration.retries = False  # as autoscaler.kubernetes.connect() sets it
-    scaler = KubernetesScaler(
-        "default", api_client=ApiClient(configuration), request_timeout_s=0.3, sleep=sleeps
+    configuration.retries = False  # as cluster.api.connect() sets it
+    cluster = Cluster(
+        "default",
+        "autoscaler",
+        logging.getLogger("autoscaler.deployments"),
+        ApiClient(configuration),
+        request_timeout_s=0.3,
+        sleep=sleeps,
     )
+    scaler = KubernetesScaler(cluster)
     yield scaler
     scaler.close()
 
@@ -133,7 +141,7 @@ async def test_bad_annotations_skip_the_model_and_are_logged_once(
     scaler: KubernetesScaler, fake: FakeKubernetes, caplog: pytest.LogCaptureFixture
 ) -> None:
     fake.add_deployment("bazaar-model-wide", "wide", annotations={"bazaar.dev/max-replicas": "ten"})
-    with caplog.at_level(logging.ERROR, "autoscaler.kubernetes"):
+    with caplog.at_level(logging.ERROR, "autoscaler.deployments"):
         for _ in range(3):
             assert set(by_model(await scaler.targets())) == {"mlp", "digits"}
     [message] = [r.getMessage() for r in caplog.records]
@@ -147,12 +155,12 @@ async def test_a_model_on_two_deployments_is_not_scaled(
     scaler: KubernetesScaler, fake: FakeKubernetes, caplog: pytest.LogCaptureFixture
 ) -> None:
     fake.add_deployment("bazaar-model-mlp-copy", "mlp")
-    with caplog.at_level(logging.ERROR, "autoscaler.kubernetes"):
+    with caplog.at_level(logging.ERROR, "autoscaler.deployments"):
         assert set(by_model(await scaler.targets())) == {"digits"}
         await scaler.targets()
     [message] = [r.getMessage() for r in caplog.records]
     assert "bazaar-model-mlp, bazaar-model-mlp-copy" in message
-    with pytest.raises(KubernetesError, match="no Deployment for model 'mlp'"):
+    with pytest.raises(ScalerError, match="no Deployment for model 'mlp'"):
         await scaler.scale("mlp", 2, "test")
 
 
@@ -161,7 +169,7 @@ async def test_forbidden_patch_is_logged_once_with_the_permission(
 ) -> None:
     await scaler.targets()
     fake.fail(PATCH_SCALE, 403, 403)
-    with caplog.at_level(logging.ERROR, "autoscaler.kubernetes"):
+    with caplog.at_level(logging.ERROR, "autoscaler.deployments"):
         await scaler.scale("mlp", 4, "test")
         await scaler.scale("mlp", 4, "test")
     assert rbac_errors(caplog) == [
@@ -173,7 +181,7 @@ async def test_forbidden_patch_is_logged_once_with_the_permission(
     await scaler.scale("mlp", 4, "test")
     assert fake.replicas("bazaar-model-mlp") == 4
     fake.fail(PATCH_SCALE, 403)
-    with caplog.at_level(logging.ERROR, "autoscaler.kubernetes"):
+    with caplog.at_level(logging.ERROR, "autoscaler.deployments"):
         await scaler.scale("mlp", 5, "test")
     assert len(rbac_errors(caplog)) == 2
 
@@ -182,7 +190,7 @@ async def test_forbidden_reads_degrade_without_raising(
     scaler: KubernetesScaler, fake: FakeKubernetes, caplog: pytest.LogCaptureFixture
 ) -> None:
     fake.fail(LIST_DEPLOYMENTS, 403, 403)
-    with caplog.at_level(logging.ERROR, "autoscaler.kubernetes"):
+    with caplog.at_level(logging.ERROR, "autoscaler.deployments"):
         assert await scaler.targets() == []
         assert await scaler.targets() == []
         fake.fail(LIST_PODS, 403, 403)
@@ -211,7 +219,7 @@ async def test_errors_that_outlast_the_retries_raise_a_scaler_error(
     scaler: KubernetesScaler, fake: FakeKubernetes, sleeps: Sleeps
 ) -> None:
     fake.fail(LIST_DEPLOYMENTS, 503, 500, 502)
-    with pytest.raises(KubernetesError, match="cannot list deployments in namespace default: 502"):
+    with pytest.raises(ScalerError, match="cannot list deployments in namespace default: 502"):
         await scaler.targets()
     assert sleeps.delays == [0.2, 0.4]
     await scaler.targets()  # and the next call starts afresh
@@ -222,7 +230,7 @@ async def test_a_failing_deployment_does_not_hide_the_others(
 ) -> None:
     fake.fail(GET_SCALE, 404)  # not retried: it cannot help
     fake.fail(LIST_PODS, 500, 500, 500)
-    with caplog.at_level(logging.WARNING, "autoscaler.kubernetes"):
+    with caplog.at_level(logging.WARNING, "autoscaler.deployments"):
         targets = await scaler.targets()
     assert len(targets) == 1  # the other model, without pod URLs
     assert targets[0].pod_urls == ()

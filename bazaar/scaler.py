@@ -13,7 +13,7 @@ from collections.abc import Mapping
 
 from autoscaler.loop import ScaleTarget
 from autoscaler.policy import ScaleConfig
-from gateway.supervisor import WorkerSupervisor
+from bazaar.supervisor import WorkerSupervisor
 
 
 class LocalScaler:

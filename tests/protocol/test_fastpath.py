@@ -6,8 +6,8 @@ import httpx
 import pytest
 from starlette.applications import Starlette
 
-from gateway.errors import InvalidRequest
-from gateway.fastpath import Answer, Headers, infer_target, with_infer_route
+from protocol.errors import InvalidRequest
+from protocol.fastpath import Answer, Headers, infer_target, with_infer_route
 
 
 @pytest.mark.parametrize(

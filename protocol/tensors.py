@@ -26,8 +26,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from gateway.errors import InvalidRequest
-from gateway.schema import DATATYPES, datatype_of
+from protocol.errors import InvalidRequest
+from protocol.schema import DATATYPES, datatype_of
 
 Array = npt.NDArray[Any]
 
@@ -145,7 +145,7 @@ def binary_data(array: Array) -> bytes | memoryview:
     if datatype == "BYTES":
         parts: list[bytes] = []
         for element in array.ravel().tolist():
-            raw = _as_bytes(element)
+            raw = as_bytes(element)
             parts += (_LENGTH.pack(len(raw)), raw)
         return b"".join(parts)
     contiguous = np.ascontiguousarray(array, dtype=DATATYPES[datatype])
@@ -231,6 +231,7 @@ def _as_text(element: object) -> str:
     return element.decode() if isinstance(element, bytes) else str(element)
 
 
-def _as_bytes(element: object) -> bytes:
-    # As tritonclient's serialize_byte_tensor: bytes as they are, anything else as UTF-8 text.
+def as_bytes(element: object) -> bytes:
+    """A BYTES element as the wire carries it: as tritonclient's ``serialize_byte_tensor``,
+    bytes as they are, anything else as UTF-8 text."""
     return element if isinstance(element, bytes) else str(element).encode()

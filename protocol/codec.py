@@ -7,7 +7,7 @@ Pure functions between HTTP bodies and typed messages, with no I/O, shared by bo
 
 A body is a JSON header, then, when the ``Inference-Header-Content-Length`` header says where
 the JSON ends, the binary chunks of the tensors that carry ``parameters.binary_data_size``, in
-the order those tensors appear in the JSON. Per-tensor conversion lives in ``gateway.tensors``.
+the order those tensors appear in the JSON. Per-tensor conversion lives in ``protocol.tensors``.
 
 ``decode_request`` is the wall in front of every model: it checks a client's body against the
 model's metadata, byte accounting included, and raises ``InvalidRequest`` (400) naming the
@@ -26,9 +26,9 @@ from typing import Any
 
 import orjson
 
-from gateway.errors import BazaarError, InvalidRequest, UpstreamError
-from gateway.schema import ModelMetadata, TensorSpec, datatype_of
-from gateway.tensors import (
+from protocol.errors import BazaarError, InvalidRequest, UpstreamError
+from protocol.schema import ModelMetadata, TensorSpec, datatype_of
+from protocol.tensors import (
     Array,
     binary_data,
     check_datatype,

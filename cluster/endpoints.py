@@ -1,0 +1,77 @@
+"""Each model's ready endpoints, from its Services' EndpointSlices.
+
+Which Services are models: those in the namespace labelled ``<label>=<model>`` (the label
+is ``bazaar.dev/model``). A model's endpoints are the addresses of its Services'
+EndpointSlices (``discovery.k8s.io/v1``, label ``kubernetes.io/service-name``) whose
+``conditions.ready`` is true (unset counts as ready, as the API documents), paired with the
+slice's port named ``port_name``: ``http://10.0.0.7:8001``, ``http://[fd00::7]:8001``. An
+address in several slices (a dual-stack Service lists a pod in two) is one endpoint.
+``DISCOVERY_RBAC`` is exactly what these calls need; the gateway's Role grants it.
+"""
+
+from __future__ import annotations
+
+from kubernetes.client import CoreV1Api, DiscoveryV1Api
+from kubernetes.client.models import V1EndpointSlice
+
+from cluster.api import Cluster, Permission, pod_url
+
+SERVICE_NAME_LABEL = "kubernetes.io/service-name"
+LIST_SERVICES = Permission("", "services", "list")
+LIST_ENDPOINT_SLICES = Permission("discovery.k8s.io", "endpointslices", "list")
+DISCOVERY_RBAC = frozenset({LIST_SERVICES, LIST_ENDPOINT_SLICES})
+"""Every (apiGroup, resource, verb) called here; the gateway's Role grants these."""
+
+
+async def model_endpoints(cluster: Cluster, label: str, port_name: str) -> dict[str, list[str]]:
+    """Model → sorted ready endpoint URLs, for every model Service in the namespace (two
+    LISTs, filtered by label on the server)."""
+    core = CoreV1Api(cluster.client)
+    discovery = DiscoveryV1Api(cluster.client)
+    timeout = cluster.request_timeout_s
+    services = await cluster.call(
+        LIST_SERVICES,
+        lambda: core.list_namespaced_service(
+            cluster.namespace, label_selector=label, _request_timeout=timeout
+        ),
+    )
+    models: dict[str, str] = {}
+    for service in services.items:
+        metadata = service.metadata
+        model = metadata and (metadata.labels or {}).get(label)
+        if metadata and metadata.name and model:
+            models[metadata.name] = model
+    if not models:
+        return {}
+    endpoints: dict[str, set[str]] = {model: set() for model in models.values()}
+    slices = await cluster.call(
+        LIST_ENDPOINT_SLICES,
+        lambda: discovery.list_namespaced_endpoint_slice(
+            cluster.namespace, label_selector=SERVICE_NAME_LABEL, _request_timeout=timeout
+        ),
+    )
+    for endpoint_slice in slices.items:
+        labels = (endpoint_slice.metadata and endpoint_slice.metadata.labels) or {}
+        model = models.get(labels.get(SERVICE_NAME_LABEL, ""))
+        if model is not None:
+            endpoints[model] |= _ready_urls(endpoint_slice, port_name)
+    return {model: sorted(urls) for model, urls in endpoints.items()}
+
+
+def _ready_urls(endpoint_slice: V1EndpointSlice, port_name: str) -> set[str]:
+    """The slice's ready addresses on its port named ``port_name`` (none if it lacks one, or
+    if its addresses are FQDNs)."""
+    if endpoint_slice.address_type not in ("IPv4", "IPv6"):
+        return set()
+    ports = [p.port for p in endpoint_slice.ports or [] if p.name == port_name]
+    if not ports or ports[0] is None:
+        return set()
+    port = int(ports[0])
+    urls = set()
+    for endpoint in endpoint_slice.endpoints or []:
+        conditions = endpoint.conditions
+        if conditions is not None and conditions.ready is False:
+            continue
+        for ip in endpoint.addresses or []:
+            urls.add(pod_url(ip, port))
+    return urls

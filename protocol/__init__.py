@@ -1,0 +1,11 @@
+"""The Open Inference Protocol (KServe v2 / Triton) as bazaar speaks it, on both hops.
+
+Everything else of ours may import this package; it imports nothing of ours. It holds the
+wire format and what every v2 server of ours answers the same way: the codec between bodies
+and typed tensors (``codec``, ``tensors``), what a model accepts (``schema``), the error tree
+and its HTTP table (``errors``, ``responses``), the bare-ASGI inference route
+(``fastpath``), and the few asyncio helpers every process shares (``support``).
+"""
+
+__version__ = "0.1.0"
+"""bazaar's version: the one source (pyproject reads it), reported by ``GET /v2``."""
