@@ -122,7 +122,7 @@ class Autoscaler:
             decision = self.decide(sample, state, target.config, self.clock())
             self._states[model] = decision.state
             kind = decision_kind(target.replicas, decision.replicas)
-            self.metrics.observe(model, sample, decision.replicas, kind, decision.reason)
+            self.metrics.observe(model, sample, decision, kind)
             changed = decision.replicas != target.replicas
             log.log(
                 logging.INFO if changed else logging.DEBUG,

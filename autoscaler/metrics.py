@@ -1,8 +1,11 @@
-"""The autoscaler's own Prometheus metrics, on a registry it is given.
+"""The autoscaler's own Prometheus metrics, on a registry it is given, and its ``/stats``.
 
 Per model: the replicas the policy wants, the replicas asked for and serving now, every
-signal the policy saw, and a counter of decisions by kind. Labels stay low-cardinality
-(model, kind); the policy's free-text reason goes to the log, never into a label.
+signal the policy saw, a counter of decisions by kind, and the last decision by kind and reason
+code. Labels are enums (model, kind, reason code: closed sets, declared in :data:`KINDS` and
+:data:`autoscaler.policy.REASON_CODES`), so the series stay one per model however the numbers
+move; the policy's free-text reason goes to the log and to :meth:`AutoscalerMetrics.stats`,
+never into a label.
 
 Gauges are exported at scrape time from the last observation of each model
 (``_LastObservation``), so a signal that was missing (None) is absent from the scrape,
@@ -14,12 +17,13 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from autoscaler.policy import Sample
+from autoscaler.policy import Decision, Sample
 
 KINDS = ("scale_up", "scale_down", "hold", "to_zero", "from_zero")
 
@@ -57,8 +61,8 @@ def decision_kind(current: int, desired: int) -> str:
 @dataclass(frozen=True, slots=True)
 class _Observation:
     sample: Sample
-    desired: int
-    reason: str
+    decision: Decision
+    kind: str
 
 
 class AutoscalerMetrics:
@@ -73,9 +77,9 @@ class AutoscalerMetrics:
         self._last: dict[str, _Observation] = {}
         registry.register(_LastObservation(self._last))
 
-    def observe(self, model: str, sample: Sample, desired: int, kind: str, reason: str) -> None:
+    def observe(self, model: str, sample: Sample, decision: Decision, kind: str) -> None:
         """Record one decision: what the policy saw, what it wants, its kind and why."""
-        self._last[model] = _Observation(sample, desired, reason)
+        self._last[model] = _Observation(sample, decision, kind)
         self._decisions.labels(model, kind).inc()
 
     def forget(self, model: str) -> None:
@@ -83,6 +87,28 @@ class AutoscalerMetrics:
         for kind in KINDS:
             with contextlib.suppress(KeyError):  # never decided this kind for this model
                 self._decisions.remove(model, kind)
+
+    def stats(self) -> dict[str, Any]:
+        """The last decision of each model, for people; JSON-ready, served on ``/stats``.
+
+        ``{model: {desired_replicas, current_replicas, ready_replicas, kind, reason_code, reason,
+        signals: {queued, inflight, arrival_rate, completion_rate, busy_ratio, gpu_utilization},
+        time_s}}``: a missing signal is None, ``time_s`` is when the signals were read (the
+        autoscaler's clock, seconds).
+        """
+        return {
+            model: {
+                "desired_replicas": observation.decision.replicas,
+                "current_replicas": observation.sample.replicas,
+                "ready_replicas": observation.sample.ready_replicas,
+                "kind": observation.kind,
+                "reason_code": observation.decision.code,
+                "reason": observation.decision.reason,
+                "signals": {field: getattr(observation.sample, field) for field in _SIGNALS},
+                "time_s": observation.sample.time_s,
+            }
+            for model, observation in sorted(self._last.items())
+        }
 
 
 class _LastObservation(Collector):
@@ -103,12 +129,10 @@ class _LastObservation(Collector):
         ready = GaugeMetricFamily(
             "bazaar_autoscaler_ready_replicas", "Replicas serving.", labels=["model"]
         )
-        # The last decision's reason, as Prometheus exports text: one series per model at a
-        # time, its label the sentence (it changes only when the reasoning does).
-        reason = GaugeMetricFamily(
+        last_decision = GaugeMetricFamily(
             "bazaar_autoscaler_last_decision",
-            "Always 1; the reason label says why the policy wants what it wants.",
-            labels=["model", "reason"],
+            "Always 1; kind and reason say what the policy decided last and why, as codes.",
+            labels=["model", "kind", "reason"],
         )
         signals = {
             field: GaugeMetricFamily(name, help_text, labels=["model"])
@@ -116,10 +140,10 @@ class _LastObservation(Collector):
         }
         for model, observation in sorted(self._last.items()):
             sample = observation.sample
-            desired.add_metric([model], observation.desired)
+            desired.add_metric([model], observation.decision.replicas)
             current.add_metric([model], sample.replicas)
             ready.add_metric([model], sample.ready_replicas)
-            reason.add_metric([model, observation.reason], 1)
+            last_decision.add_metric([model, observation.kind, observation.decision.code], 1)
             for field, family in signals.items():
                 value = getattr(sample, field)
                 if value is not None:  # a missing signal is absent, never zero
@@ -127,5 +151,5 @@ class _LastObservation(Collector):
         yield desired
         yield current
         yield ready
-        yield reason
+        yield last_decision
         yield from signals.values()

@@ -43,6 +43,10 @@ through Prometheus). Until the ready count has held that long, completions are n
 and no replica is called spare: a lagged rate admitted through a full queue looks like a fall in
 demand, and lagged completions of 2 replicas over 50 live ones look like a slow replica.
 
+Every decision says why twice: a sentence with the numbers (``reason``, for logs and ``/stats``)
+and a code from the closed set :data:`REASON_CODES` (``code``, one per way out of ``decide``, safe
+as a metric label).
+
 Missing signals are never zeros: without the queue, in-flight rows and arrival rate the policy
 never scales down, never counts the time as idle, and never leaves zero. Failure modes: a
 learned ``μ`` that is too high under-provisions until the next saturated sample corrects it; a
@@ -55,6 +59,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from typing import Literal, get_args
 
 SATURATED_FOR_S = 10.0
 """Saturation must last this long before it says what a replica can do: the rate window has to
@@ -174,20 +179,142 @@ class PolicyState:
     """Shortest gap seen between two changes of the demand signals: the source's refresh."""
 
 
+ReasonCode = Literal[
+    "scale_from_zero",
+    "stay_at_zero",
+    "scale_to_zero",
+    "scale_up",
+    "panic_scale_up",
+    "scale_down",
+    "hold",
+    "hold_no_signal",
+    "hold_demand_unknown",
+    "hold_short_history",
+    "hold_stale_signals",
+    "hold_starting_or_backlog",
+]
+"""Why a decision is what it is, as a closed set: one per way out of :func:`decide`. ``hold``
+means the replicas asked for already cover the need; each ``hold_...`` names what stopped a
+scale-down (or, ``hold_no_signal``, any decision at all)."""
+
+REASON_CODES: tuple[ReasonCode, ...] = get_args(ReasonCode)
+"""Every reason code, for label checks and documentation."""
+
+
 @dataclass(frozen=True, slots=True)
 class Decision:
     replicas: int
     state: PolicyState
     reason: str
-    """Why, for people: logged and exported with every decision."""
+    """Why, for people, with the numbers: logged, and served on ``/stats``."""
+    code: ReasonCode
+    """Why, as a code from :data:`REASON_CODES`: exported as a metric label."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Assessment:
+    """What one sample says once the state has taken it in, for the decision to act on."""
+
+    serving_need: int | None
+    """Replicas that serve the demand at the target; None when no signal can tell."""
+    backlog_replicas: int
+    """Extra replicas that drain the backlog within ``backlog_drain_s``."""
+    why: str
+    """How the need was sized, with its numbers."""
+    demand_known: bool
+    """Queue, in-flight rows and arrival rate are all present."""
+    active: bool
+    """Demand is seen now, or cannot be ruled out."""
+    idle_s: float
+    """Time since demand was last seen (or could not be ruled out)."""
+    history_s: float
+    """Time since the first decision."""
+    signal_age_s: float
+    """Oldest moment, seconds back, the signals may describe."""
+    signals_current: bool
+    """The ready count has held at least ``signal_age_s``: the signals describe it."""
 
 
 def decide(sample: Sample, state: PolicyState, config: ScaleConfig, now: float) -> Decision:
     """The replica count for ``sample``, the state to pass next time, and why."""
+    state, seen = _take_in(sample, state, config, now)
     current = sample.replicas
-    saturated = _saturated(sample, config)
+    why = seen.why
+    if seen.serving_need is None:
+        return Decision(current, state, f"hold {current}: {why}", "hold_no_signal")
+    may_idle = config.min_replicas == 0 and config.scale_to_zero_after_s is not None
+    floor = config.min_replicas if may_idle else max(1, config.min_replicas)
+    need = seen.serving_need + seen.backlog_replicas
+
+    # Zero: the first queued or arriving row brings the need at once; idle long enough, go.
+    if current == 0:
+        if not (sample.queued or sample.arrival_rate):
+            return Decision(0, state, f"stay at 0: {why}", "stay_at_zero")
+        wanted = min(config.max_replicas, max(1, floor, need))
+        return _up(
+            current, wanted, state, config, now, f"scale from zero: {why}", "scale_from_zero"
+        )
+    if (
+        may_idle
+        and not seen.active
+        and config.scale_to_zero_after_s is not None
+        and seen.idle_s >= config.scale_to_zero_after_s
+    ):
+        reason = f"scale to zero: idle for {seen.idle_s:.0f} s"
+        return Decision(0, replace(state, needs=()), reason, "scale_to_zero")
+
+    # Up: straight to the need, bounded by the step limit and the ceiling.
+    floor = max(floor, 1)
+    need = max(need, floor)
+    if need > current:
+        limit = max(current + 4, math.ceil(current * config.max_scale_up_rate))
+        wanted = min(need, limit, config.max_replicas)
+        if wanted > current:
+            if need >= 2 * max(1, sample.ready_replicas):
+                reason = f"panic scale up {current} → {wanted}: {why}"
+                return _up(current, wanted, state, config, now, reason, "panic_scale_up")
+            reason = f"scale up {current} → {wanted}: {why}"
+            return _up(current, wanted, state, config, now, reason, "scale_up")
+
+    # Down: only to the highest serving need of the window, and only on signals that can say so.
+    window = state.down_window_s or config.scale_down_window_s
+    held = max(n for t, n in state.needs if t > now - window)
+    target = max(floor, min(config.max_replicas, max(need, held)))
+    if target >= current:
+        return Decision(current, state, f"hold {current}: {why}", "hold")
+    if not seen.demand_known:
+        reason = f"hold {current}: demand unknown, no scale-down; {why}"
+        return Decision(current, state, reason, "hold_demand_unknown")
+    if seen.history_s < window:
+        reason = f"hold {current}: history shorter than the window"
+        return Decision(current, state, reason, "hold_short_history")
+    if not seen.signals_current:
+        # The signals may still describe the replica count before the last change (a rate
+        # admitted through a full queue, a queue since drained): too early to call them spare.
+        reason = f"hold {current}: signals up to {seen.signal_age_s:.0f} s old; {why}"
+        return Decision(current, state, reason, "hold_stale_signals")
+    if sample.starting_replicas or seen.backlog_replicas:
+        # Replicas asked for a burst are not cancelled mid-start, nor drain replicas before the
+        # backlog is gone: either would be a reversal the moment the burst is seen again.
+        reason = f"hold {current}: replicas starting or backlog; {why}"
+        return Decision(current, state, reason, "hold_starting_or_backlog")
+    wanted = max(
+        target, current - max(1, current - math.ceil(current / config.max_scale_down_rate))
+    )
+    reason = f"scale down {current} → {wanted}: highest need over {window:.0f} s; {why}"
+    return Decision(wanted, replace(state, last_down_s=now), reason, "scale_down")
+
+
+def _take_in(
+    sample: Sample, state: PolicyState, config: ScaleConfig, now: float
+) -> tuple[PolicyState, _Assessment]:
+    """The bookkeeping: ``state`` updated with ``sample``, and what the sample says.
+
+    Tracks saturation, how long the ready count has held, the source's refresh interval, the
+    learned capacity, when demand was last seen, and the serving needs of the longest window.
+    """
     saturated_since = None
-    if saturated:
+    if _saturated(sample, config):
         saturated_since = now if state.saturated_since_s is None else state.saturated_since_s
     ready_since = state.ready_since_s
     if ready_since is None or sample.ready_replicas != state.ready_count:
@@ -195,28 +322,27 @@ def decide(sample: Sample, state: PolicyState, config: ScaleConfig, now: float) 
     signals = (sample.queued, sample.inflight, sample.arrival_rate, sample.completion_rate)
     changed_s, refresh = state.signals_changed_s, state.refresh_s
     if signals != state.signals:
-        gap = now - changed_s if changed_s is not None else MAX_REFRESH_S
-        if 0 < gap < MAX_REFRESH_S:
-            refresh = gap if refresh is None else min(refresh, gap)
-        changed_s = now
+        changed_s, refresh = now, _refresh(changed_s, refresh, now)
     # Oldest moment the signals may describe: the lag, the scrape and a rate window behind.
     signal_age_s = config.signal_delay_s + 2 * (refresh or 0.0)
-    current_signals = now - ready_since >= signal_age_s
+    signals_current = now - ready_since >= signal_age_s
+
     learned = state.capacity_rps
-    if saturated_since is not None and now - saturated_since >= SATURATED_FOR_S and current_signals:
+    if saturated_since is not None and now - saturated_since >= SATURATED_FOR_S and signals_current:
         learned = _observed_capacity(sample, learned)
     capacity = learned if learned is not None else config.replica_throughput_rps
+    starting_since = state.starting_since_s if sample.starting_replicas > 0 else None
+    serving, backlog, why = _need(sample, config, capacity, starting_since, now)
+    needs = tuple((t, n) for t, n in state.needs if t > now - config.max_scale_down_window_s)
+    if serving is not None:
+        needs += ((now, serving),)
+
     queued, inflight, rate = sample.queued, sample.inflight, sample.arrival_rate
     demand_known = queued is not None and inflight is not None and rate is not None
     active = not demand_known or bool(queued or inflight or rate)
     started = state.started_s if state.started_s is not None else now
     last_active = now if active or state.last_active_s is None else state.last_active_s
-    starting_since = state.starting_since_s if sample.starting_replicas > 0 else None
-    serving, backlog, why = _need(sample, config, capacity, starting_since, now)
-    window = state.down_window_s or config.scale_down_window_s
-    needs = tuple((t, n) for t, n in state.needs if t > now - config.max_scale_down_window_s)
-    if serving is not None:
-        needs += ((now, serving),)
+
     state = replace(
         state,
         started_s=started,
@@ -231,65 +357,37 @@ def decide(sample: Sample, state: PolicyState, config: ScaleConfig, now: float) 
         signals_changed_s=changed_s,
         refresh_s=refresh,
     )
-    may_idle = config.min_replicas == 0 and config.scale_to_zero_after_s is not None
-    floor = config.min_replicas if may_idle else max(1, config.min_replicas)
+    seen = _Assessment(
+        serving_need=serving,
+        backlog_replicas=backlog,
+        why=why,
+        demand_known=demand_known,
+        active=active,
+        idle_s=now - last_active,
+        history_s=now - started,
+        signal_age_s=signal_age_s,
+        signals_current=signals_current,
+    )
+    return state, seen
 
-    if serving is None:
-        return Decision(current, state, f"hold {current}: {why}")
-    need = serving + backlog
-    if current == 0:
-        if not (queued or rate):
-            return Decision(0, state, f"stay at 0: {why}")
-        wanted = min(config.max_replicas, max(1, floor, need))
-        return _up(current, wanted, state, config, now, f"scale from zero: {why}")
-    if (
-        may_idle
-        and not active
-        and config.scale_to_zero_after_s is not None
-        and now - last_active >= config.scale_to_zero_after_s
-    ):
-        idle_s = now - last_active
-        return Decision(0, replace(state, needs=()), f"scale to zero: idle for {idle_s:.0f} s")
-    floor = max(floor, 1)
-    need = max(need, floor)
-    if need > current:
-        limit = max(current + 4, math.ceil(current * config.max_scale_up_rate))
-        wanted = min(need, limit, config.max_replicas)
-        if wanted > current:
-            panic = "panic " if need >= 2 * max(1, sample.ready_replicas) else ""
-            return _up(
-                current, wanted, state, config, now, f"{panic}scale up {current} → {wanted}: {why}"
-            )
-    held = max(n for t, n in needs if t > now - window)
-    target = max(floor, min(config.max_replicas, max(need, held)))
-    if target >= current:
-        return Decision(current, state, f"hold {current}: {why}")
-    if not demand_known:
-        return Decision(current, state, f"hold {current}: demand unknown, no scale-down; {why}")
-    if now - started < window:
-        return Decision(current, state, f"hold {current}: history shorter than the window")
-    if not current_signals:
-        # The signals may still describe the replica count before the last change (a rate
-        # admitted through a full queue, a queue since drained): too early to call them spare.
-        return Decision(
-            current, state, f"hold {current}: signals up to {signal_age_s:.0f} s old; {why}"
-        )
-    if sample.starting_replicas or backlog:
-        # Replicas asked for a burst are not cancelled mid-start, nor drain replicas before the
-        # backlog is gone: either would be a reversal the moment the burst is seen again.
-        return Decision(current, state, f"hold {current}: replicas starting or backlog; {why}")
-    wanted = max(
-        target, current - max(1, current - math.ceil(current / config.max_scale_down_rate))
-    )
-    return Decision(
-        wanted,
-        replace(state, last_down_s=now),
-        f"scale down {current} → {wanted}: highest need over {window:.0f} s; {why}",
-    )
+
+def _refresh(changed_s: float | None, refresh: float | None, now: float) -> float | None:
+    """The refresh interval once the demand signals changed again at ``now``: the shortest gap
+    between two changes, ignoring gaps too long to be a source's refresh."""
+    gap = now - changed_s if changed_s is not None else MAX_REFRESH_S
+    if 0 < gap < MAX_REFRESH_S:
+        return gap if refresh is None else min(refresh, gap)
+    return refresh
 
 
 def _up(
-    current: int, wanted: int, state: PolicyState, config: ScaleConfig, now: float, reason: str
+    current: int,
+    wanted: int,
+    state: PolicyState,
+    config: ScaleConfig,
+    now: float,
+    reason: str,
+    code: ReasonCode,
 ) -> Decision:
     since = state.starting_since_s if state.starting_since_s is not None else now
     window = state.down_window_s or config.scale_down_window_s
@@ -301,7 +399,8 @@ def _up(
         reason += f"scale-down window now {window:.0f} s)"
     else:
         window = config.scale_down_window_s
-    return Decision(wanted, replace(state, starting_since_s=since, down_window_s=window), reason)
+    state = replace(state, starting_since_s=since, down_window_s=window)
+    return Decision(wanted, state, reason, code)
 
 
 def _saturated(sample: Sample, config: ScaleConfig) -> bool:

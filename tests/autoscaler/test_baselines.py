@@ -1,10 +1,11 @@
-"""The baselines reproduce the examples in their own documentation (AUTOSCALING.md)."""
+"""The baselines reproduce the examples in their own documentation (docs/autoscaling.md)."""
 
 from __future__ import annotations
 
 import pytest
 
-from autoscaler.baselines import (
+from autoscaler.policy import Sample
+from autoscaler.simulation.baselines import (
     Hpa,
     HpaState,
     Keda,
@@ -16,7 +17,6 @@ from autoscaler.baselines import (
     hpa_normalize,
     hpa_pods_replicas,
 )
-from autoscaler.policy import Sample
 
 
 def sample(replicas: int, outstanding: float, ready: int | None = None) -> Sample:

@@ -10,8 +10,15 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from autoscaler.loop import Autoscaler, ScalerError, ScaleTarget
-from autoscaler.metrics import AutoscalerMetrics, decision_kind
-from autoscaler.policy import Decision, PolicyState, Sample, ScaleConfig
+from autoscaler.metrics import KINDS, AutoscalerMetrics, decision_kind
+from autoscaler.policy import (
+    REASON_CODES,
+    Decision,
+    PolicyState,
+    ReasonCode,
+    Sample,
+    ScaleConfig,
+)
 
 MODELS = ("a", "b", "steady", "busy", "blind", "broken", "stuck", "ok", "mlp")
 
@@ -90,9 +97,11 @@ class FakePolicy:
     ) -> Decision:
         model = model_of(config)
         self.calls.append((model, state, now))
-        if self.wanted[model] < 0:
+        wanted = self.wanted[model]
+        if wanted < 0:
             raise ValueError("the policy broke")
-        return Decision(self.wanted[model], PolicyState(), f"{model} wants {self.wanted[model]}")
+        code: ReasonCode = "hold" if wanted == sample.replicas else "scale_up"
+        return Decision(wanted, PolicyState(), f"{model} wants {wanted}", code)
 
 
 def autoscaler(
@@ -185,7 +194,81 @@ async def test_metrics_export_replicas_decisions_and_present_signals() -> None:
     assert value("bazaar_autoscaler_inflight_rows") == 2.0
     assert value("bazaar_autoscaler_busy_ratio") is None  # missing: absent, not zero
     assert value("bazaar_autoscaler_arrival_rows_per_second") is None
-    assert value("bazaar_autoscaler_last_decision", reason="mlp wants 5") == 1
+    assert value("bazaar_autoscaler_last_decision", kind="hold", reason="hold") == 1
+    assert loop.metrics.stats() == {
+        "mlp": {
+            "desired_replicas": 5,
+            "current_replicas": 5,
+            "ready_replicas": 2,
+            "kind": "hold",
+            "reason_code": "hold",
+            "reason": "mlp wants 5",
+            "signals": {
+                "queued": 8.0,
+                "inflight": 2.0,
+                "arrival_rate": None,
+                "completion_rate": None,
+                "busy_ratio": None,
+                "gpu_utilization": None,
+            },
+            "time_s": 0.0,
+        }
+    }
+
+
+@dataclass
+class MovingSignals:
+    """A queue and an arrival rate that differ on every read, as live signals do."""
+
+    clock: list[float]
+    reads: int = 0
+
+    async def read(self, target: ScaleTarget) -> Sample:
+        self.reads += 1
+        queued = float(self.reads * 37 % 211)
+        rate = 50.0 + self.reads * 13 % 97
+        return Sample(
+            time_s=self.clock[0],
+            replicas=target.replicas,
+            ready_replicas=target.ready_replicas,
+            starting_replicas=target.starting_replicas,
+            queued=queued,
+            inflight=8.0,
+            arrival_rate=rate,
+            completion_rate=rate,
+            busy_ratio=0.5,
+            gpu_utilization=None,
+        )
+
+
+async def test_the_last_decision_is_one_series_per_model_whatever_the_numbers() -> None:
+    # The real policy on moving signals: its sentences differ every tick, its labels do not.
+    models = ("a", "b", "mlp")
+    clock = [0.0]
+    registry = CollectorRegistry()
+    loop = Autoscaler(
+        FakeScaler([target(model, 2) for model in models]),
+        MovingSignals(clock),
+        AutoscalerMetrics(registry),
+        clock=lambda: clock[0],
+    )
+    sentences: set[str] = set()
+    codes: set[str] = set()
+    for second in range(360):
+        clock[0] = float(second)
+        sentences |= {decision.reason for _, decision in await loop.run_once()}
+        series = [
+            sample.labels
+            for family in registry.collect()
+            if family.name == "bazaar_autoscaler_last_decision"
+            for sample in family.samples
+        ]
+        assert sorted(labels["model"] for labels in series) == sorted(models)
+        assert all(labels["reason"] in REASON_CODES for labels in series)
+        assert all(labels["kind"] in KINDS for labels in series)
+        codes |= {labels["reason"] for labels in series}
+    assert len(sentences) > 100  # the old label made one series per sentence
+    assert len(codes) > 1
 
 
 async def test_models_that_disappear_are_forgotten() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any
 
 import pytest
 
@@ -49,6 +50,7 @@ def test_steady_load_holds_without_flapping() -> None:
     decisions = run([(float(t), sample(rate=r, done=r)) for t, r in enumerate(rates)])
     assert {d.replicas for d in decisions} == {2}
     assert all(d.reason for d in decisions)
+    assert {d.code for d in decisions} == {"hold"}
 
 
 def test_burst_panics_up_to_the_need_in_one_step() -> None:
@@ -60,6 +62,7 @@ def test_burst_panics_up_to_the_need_in_one_step() -> None:
     assert decisions[0].replicas == 4
     assert decisions[1].replicas == 15 + 19
     assert decisions[1].reason.startswith("panic scale up 4 → 34")
+    assert decisions[1].code == "panic_scale_up"
 
 
 def test_up_step_is_bounded() -> None:
@@ -75,7 +78,9 @@ def test_starting_replicas_are_counted() -> None:
     # ...and replicas asked for a burst that already passed are not cancelled mid-start.
     passed = sample(replicas=15, starting=13, rate=200.0, done=200.0)
     steps = [(float(t), passed) for t in range(200)]
-    assert {d.replicas for d in run(steps, follow=False)} == {15}
+    decisions = run(steps, follow=False)
+    assert {d.replicas for d in decisions} == {15}
+    assert decisions[-1].code == "hold_starting_or_backlog"
 
 
 def test_scale_down_only_after_its_window() -> None:
@@ -89,19 +94,23 @@ def test_scale_down_only_after_its_window() -> None:
     assert first_down == 199 + CONFIG.scale_down_window_s  # the last high need was at 199
     assert decisions[-1].replicas == 2
     assert "highest need over 120 s" in decisions[int(first_down)].reason
+    assert decisions[int(first_down)].code == "scale_down"
 
 
 def test_no_scale_down_before_a_window_of_history() -> None:
     decisions = run([(float(t), sample(replicas=10)) for t in range(130)])
     assert [d.replicas for d in decisions[:120]] == [10] * 120
+    assert {d.code for d in decisions[:120]} == {"hold_short_history"}
     assert decisions[-1].replicas < 10
 
 
 @pytest.mark.parametrize("missing", ["queued", "inflight", "arrival_rate"])
 def test_a_missing_demand_signal_never_scales_down(missing: str) -> None:
-    s = replace(sample(replicas=10), **{missing: None})
+    without: dict[str, Any] = {missing: None}
+    s = replace(sample(replicas=10), **without)
     decisions = run([(float(t), s) for t in range(300)])
     assert {d.replicas for d in decisions} == {10}
+    assert {d.code for d in decisions} == {"hold_demand_unknown"}
 
 
 def test_without_demand_utilisation_sizes_up_only() -> None:
@@ -109,12 +118,14 @@ def test_without_demand_utilisation_sizes_up_only() -> None:
     decision = run([(0.0, s)], follow=False)[0]
     assert decision.replicas == 6  # ceil(4 x 1.0 / 0.7)
     assert "demand unknown" in decision.reason
+    assert decision.code == "scale_up"
 
 
 def test_no_signal_at_all_holds() -> None:
     s = sample(replicas=3, queued=None, inflight=None, rate=None, done=None, busy=None)
     decision = run([(0.0, s)], follow=False)[0]
     assert (decision.replicas, decision.reason) == (3, "hold 3: no demand or utilisation signal")
+    assert decision.code == "hold_no_signal"
 
 
 ZERO = replace(CONFIG, min_replicas=0, scale_to_zero_after_s=60.0)
@@ -126,6 +137,7 @@ def test_scale_to_zero_after_the_idle_period() -> None:
     zero_at = next(t for t, d in enumerate(decisions) if d.replicas == 0)
     assert zero_at == 60
     assert decisions[zero_at].reason == "scale to zero: idle for 60 s"
+    assert decisions[zero_at].code == "scale_to_zero"
 
 
 def test_idle_is_not_assumed_when_signals_are_missing() -> None:
@@ -141,6 +153,7 @@ def test_scale_from_zero_on_the_first_queued_request() -> None:
     assert decisions[0].replicas == 0
     assert decisions[1].replicas == 1
     assert decisions[1].reason.startswith("scale from zero")
+    assert [d.code for d in decisions] == ["stay_at_zero", "scale_from_zero"]
 
 
 def test_bounds_hold() -> None:
@@ -232,6 +245,7 @@ def test_no_scale_down_on_signals_older_than_the_ready_count(
     assert first_down == first_down_s
     assert decisions[first_down_s].state.refresh_s == refresh_s
     assert "old" in decisions[first_down_s - 1].reason
+    assert decisions[first_down_s - 1].code == "hold_stale_signals"
 
 
 def test_a_long_still_stretch_is_not_taken_for_a_slow_source() -> None:

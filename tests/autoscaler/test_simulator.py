@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
-from autoscaler import report, traces
 from autoscaler.policy import Sample
-from autoscaler.simulate import Bazaar, main, make_policy
-from autoscaler.simulator import Outcome, SimConfig, simulate
+from autoscaler.simulation import report, traces
+from autoscaler.simulation.benchmark import Bazaar, make_policy
+from autoscaler.simulation.command import main
+from autoscaler.simulation.simulator import Outcome, SimConfig, simulate
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +87,12 @@ def test_service_model_at_fixed_capacity() -> None:
 def test_metric_lag_delays_the_reaction() -> None:
     trace = tiny_step()
     reacted = {}
-    for path, lag in (("direct", 0), ("prometheus", 0), ("prometheus", 15)):
+    paths: list[tuple[Literal["direct", "prometheus"], int]] = [
+        ("direct", 0),
+        ("prometheus", 0),
+        ("prometheus", 15),
+    ]
+    for path, lag in paths:
         config = SimConfig(cold_start_s=10, metrics=path, lag_s=lag)
         run = simulate(trace, UpOnQueue(), config, initial=1)
         reacted[(path, lag)] = run.actions[0].time_s
@@ -141,3 +150,13 @@ def test_trace_file_of_timestamps(tmp_path: Path) -> None:
     trace = traces.load(str(path), 1)
     assert trace.arrivals_ms.tolist() == [0, 500, 1200, 3000]
     assert trace.rate_per_s.tolist() == [2.0, 1.0, 0.0, 1.0]
+
+
+def test_the_command_parser_imports_no_numpy(tmp_path: Path) -> None:
+    # Every `bazaar` command, --help included, builds this parser: it must stay light.
+    heavy = "{'numpy', 'matplotlib', 'autoscaler.simulation.simulator'}"
+    script = f"import sys, autoscaler.simulation.command; print(sorted({heavy} & set(sys.modules)))"
+    loaded = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, check=True
+    )
+    assert loaded.stdout.strip() == "[]"

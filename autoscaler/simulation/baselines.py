@@ -1,8 +1,8 @@
 """Baselines as their defaults behave, and two references, behind the simulator's policy seam.
 
 Each baseline is a frozen dataclass of settings with ``decide(sample, state, now)``, a pure
-function like bazaar's own policy; formulas and defaults follow AUTOSCALING.md and the sources in
-``shared/reference/autoscaling-anchors.md``. All of them see the demand the gateway exports,
+function like bazaar's own policy; formulas and defaults follow docs/autoscaling.md ("Baselines")
+and the upstream sources the docstrings name. All of them see the demand the gateway exports,
 ``L = queued + inflight`` rows, and aim at the same set point: a replica sustains 16 rows in flight
 (its full batch, 160 rows/s), and the target is 70 % of that, 11.2 rows per replica. HPA uses it as
 a Pods metric (average per pod), KEDA as an External ``AverageValue``, Knative as the concurrency
@@ -25,7 +25,7 @@ import numpy as np
 import numpy.typing as npt
 
 from autoscaler.policy import Sample
-from autoscaler.simulator import MAX_BATCH_THROUGHPUT_RPS, Outcome
+from autoscaler.simulation.simulator import MAX_BATCH_THROUGHPUT_RPS, Outcome
 
 TARGET_PER_REPLICA = 16 * 0.7
 """Rows in flight per replica every baseline aims at: 70 % of a full batch."""

@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from autoscaler.simulator import MAX_BATCH_THROUGHPUT_RPS, Run
-from autoscaler.traces import Trace
+from autoscaler.simulation.simulator import MAX_BATCH_THROUGHPUT_RPS, Run
+from autoscaler.simulation.traces import Trace
 
 BIN_S = 10
 """Latency series resolution, seconds."""
@@ -154,8 +154,8 @@ def write_json(path: Path, settings: dict[str, Any], results: list[dict[str, Any
 
 def plot(path: Path, trace: Trace, runs: list[dict[str, Any]], slo_ms: int) -> None:
     """Load, replicas and p99 latency over time, one column per policy."""
-    # Imported here: matplotlib costs half a second, and every ``bazaar`` command builds
-    # this module's parser.
+    # Imported here: matplotlib costs half a second, and only the plots need it (the benchmark's
+    # workers and the tests summarise runs without it).
     import matplotlib
 
     matplotlib.use("Agg")

@@ -6,12 +6,13 @@ drawn from ``Poisson(rate_per_s[s])`` and its arrivals fall uniformly in that se
 milliseconds (a non-homogeneous Poisson process at 1 s resolution). The intensity is kept beside
 the arrivals because the oracle reference provisions from it.
 
-Built-in shapes (AUTOSCALING.md): ``step`` 200 → 1600 → 200 req/s, ``diurnal`` one period of
-``800 (1 + 0.75 sin(2πt/3600))``, ``bursty`` two-state (300/1500 req/s, mean stays 300/60 s),
-``flash`` 200 then a 10 s ramp to 3000, 120 s hold and an exponential decay, ``sparse`` six
-60 s bursts at 50 req/s after 600 s of silence. A trace file is a one-column CSV whose header says
-what the rows are: ``timestamp_s`` (one arrival per row, seconds) or ``rate_per_s`` (one second per
-row). A file of timestamps is replayed as is; its intensity is the per-second count.
+Built-in shapes (docs/autoscaling.md, "The simulation benchmark"): ``step`` 200 → 1600 → 200
+req/s, ``diurnal`` one period of ``800 (1 + 0.75 sin(2πt/3600))``, ``bursty`` two-state
+(300/1500 req/s, mean stays 300/60 s), ``flash`` 200 then a 10 s ramp to 3000, 120 s hold and an
+exponential decay, ``sparse`` six 60 s bursts at 50 req/s after 600 s of silence. A trace file is
+a one-column CSV whose header says what the rows are: ``timestamp_s`` (one arrival per row,
+seconds) or ``rate_per_s`` (one second per row). A file of timestamps is replayed as is; its
+intensity is the per-second count.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-BUILTIN = ("step", "diurnal", "bursty", "flash", "sparse")
+from autoscaler.simulation.catalog import TRACES
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,7 +114,7 @@ def builtin(name: str, seed: int) -> Trace:
     if name == "sparse":
         cycle = np.concatenate([np.zeros(600), np.full(60, 50.0)])
         return from_rates(name, np.tile(cycle, 6), seed, min_replicas=0)
-    raise TraceError(f"unknown trace {name!r}: use one of {', '.join(BUILTIN)} or a CSV file")
+    raise TraceError(f"unknown trace {name!r}: use one of {', '.join(TRACES)} or a CSV file")
 
 
 def _two_state(duration_s: int, seed: int) -> npt.NDArray[np.float64]:
@@ -132,7 +133,7 @@ def _two_state(duration_s: int, seed: int) -> npt.NDArray[np.float64]:
 
 def load(name_or_path: str, seed: int) -> Trace:
     """A built-in trace by name, or a trace file by path."""
-    if name_or_path in BUILTIN:
+    if name_or_path in TRACES:
         return builtin(name_or_path, seed)
     path = Path(name_or_path)
     if not path.is_file():
