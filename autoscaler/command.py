@@ -20,6 +20,8 @@ import argparse
 import asyncio
 import logging
 import signal
+import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -29,6 +31,10 @@ if TYPE_CHECKING:
     from autoscaler.metrics import AutoscalerMetrics
 
 log = logging.getLogger(__name__)
+
+LEASE_NAME = "bazaar-autoscaler"
+STUCK_AFTER_S = 30.0
+"""A loop that has not ticked for this long (or ten intervals, if longer) is stuck."""
 
 
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -66,7 +72,13 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "--metrics-port",
         type=int,
         default=8002,
-        help="the autoscaler's own /metrics (default %(default)s)",
+        help="the autoscaler's own /metrics, /stats and /healthz (default %(default)s)",
+    )
+    parser.add_argument(
+        "--leader-election-id",
+        metavar="ID",
+        help="take part in leader election on the Lease bazaar-autoscaler as ID (the pod's "
+        "name), so that of several replicas one scales; default: no election",
     )
     parser.add_argument(
         "--kubeconfig",
@@ -81,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
 
     from autoscaler.deployments import KubernetesScaler
     from cluster.api import Cluster, connect
+    from cluster.lease import LeaderElection
     from protocol.errors import ConfigError
 
     try:
@@ -88,9 +101,13 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         log.error("cannot reach Kubernetes: %s", exc)
         return 2
-    scaler = KubernetesScaler(
-        Cluster(args.namespace, "autoscaler", logging.getLogger("autoscaler.deployments"), client)
+    cluster = Cluster(
+        args.namespace, "autoscaler", logging.getLogger("autoscaler.deployments"), client
     )
+    election = None
+    if args.leader_election_id:
+        election = LeaderElection(cluster, LEASE_NAME, args.leader_election_id)
+    scaler = KubernetesScaler(cluster, election=election)
     try:
         uvloop.run(_serve(args, scaler))
     finally:
@@ -109,9 +126,10 @@ async def _serve(args: argparse.Namespace, scaler: KubernetesScaler) -> None:
     from protocol.support import ManagedServer, cancel_and_wait
 
     metrics = AutoscalerMetrics(CollectorRegistry())
+    stuck_after_s = max(STUCK_AFTER_S, 10 * args.interval_s)
     server = ManagedServer(
         uvicorn.Config(
-            _app(metrics),
+            _app(metrics, lambda: time.monotonic() - scaler.listed_at < stuck_after_s),
             host=args.metrics_host,
             port=args.metrics_port,
             log_level="warning",
@@ -129,6 +147,8 @@ async def _serve(args: argparse.Namespace, scaler: KubernetesScaler) -> None:
         )
         autoscaler = Autoscaler(scaler, signals, metrics, interval_s=args.interval_s)
         loop_task = asyncio.create_task(autoscaler.run())
+        election = scaler.election
+        election_task = asyncio.create_task(election.run()) if election else None
         http_task = asyncio.create_task(server.serve())
         stopped = asyncio.Event()
         for signum in (signal.SIGINT, signal.SIGTERM):
@@ -140,15 +160,18 @@ async def _serve(args: argparse.Namespace, scaler: KubernetesScaler) -> None:
             args.metrics_port,
         )
         await stopped.wait()
-        await cancel_and_wait(loop_task)
+        await cancel_and_wait(loop_task, election_task)
+        if election is not None:
+            await election.release()  # the next leader need not wait the Lease out
         server.stop()
         await http_task
         log.info("autoscaler stopped")
 
 
-def _app(metrics: AutoscalerMetrics) -> ASGIApp:
+def _app(metrics: AutoscalerMetrics, ticking: Callable[[], bool]) -> ASGIApp:
     """``/metrics`` for Prometheus; ``/stats``: each model's last decision, its reason in
-    words (the metric carries only the reason's code)."""
+    words (the metric carries only the reason's code); ``/healthz``: 503 once the loop has
+    not ticked for a while (``ticking``), so Kubernetes restarts a stuck autoscaler."""
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
     from starlette.applications import Starlette
     from starlette.requests import Request
@@ -163,4 +186,9 @@ def _app(metrics: AutoscalerMetrics) -> ASGIApp:
     async def stats(request: Request) -> Response:
         return json_response({"models": metrics.stats()})
 
-    return Starlette(routes=[Route("/metrics", prometheus), Route("/stats", stats)])
+    async def healthz(request: Request) -> Response:
+        ok = ticking()
+        return json_response({"ticking": ok}, 200 if ok else 503)
+
+    routes = [Route("/metrics", prometheus), Route("/stats", stats), Route("/healthz", healthz)]
+    return Starlette(routes=routes)

@@ -2,10 +2,17 @@
 
 Every tick ``targets()`` lists the Deployments that carry the model label
 (``bazaar.dev/model=<model>``) and, for each: parses its ``bazaar.dev/*`` annotations into a
-``ScaleConfig``, reads ``deployments/{name}/scale`` for the replicas asked for, takes the
-ready count from the Deployment's status, and lists its ready pods for their ``/metrics``.
+``ScaleConfig``, reads ``deployments/{name}/scale`` for the replicas asked for, and takes the
+ready count from the Deployment's status. The pods whose ``/metrics`` it reads are the ready
+endpoints of the model's Services on their ``metrics`` port: the very pods the gateway
+routes to (on ``http``), found the same way (``cluster.endpoints``).
 ``scale()`` patches the same ``/scale`` subresource. Every call goes through the Kubernetes
 seam (``cluster``), which retries what a retry can fix and logs RBAC refusals once.
+
+With a ``LeaderElection``, only the replica that holds the Lease scales: the others list no
+targets and patch nothing, so two autoscaler replicas never both scale (one takes over
+within the Lease's duration when the leader dies). ``listed_at`` is when the loop last asked
+for targets, once a tick: ``/healthz`` fails when that stops (a stuck loop).
 
 When a call fails for good: listing the Deployments or patching raises ``ScalerError``,
 which the loop logs before going on; reading one Deployment's scale skips that model for the
@@ -18,28 +25,45 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections.abc import Callable
 
 from autoscaler.annotations import scale_config
 from autoscaler.loop import ScalerError, ScaleTarget
 from cluster import deployments
 from cluster.api import Cluster, Forbidden, KubernetesError
 from cluster.deployments import ModelDeployment
+from cluster.endpoints import DISCOVERY_RBAC, model_endpoints
+from cluster.lease import LEASE_RBAC, LeaderElection
 from protocol.errors import ConfigError
 from protocol.support import ProblemLog
 
 log = logging.getLogger(__name__)
 
-REQUIRED_RBAC = deployments.SCALING_RBAC
+METRICS_PORT = "metrics"
+"""The model Services' port (and EndpointSlice port) name for the pods' ``/metrics``."""
+REQUIRED_RBAC = deployments.SCALING_RBAC | DISCOVERY_RBAC | LEASE_RBAC
+"""Everything the scaler calls; the autoscaler's Role grants exactly this."""
 
 
 class KubernetesScaler:
     """A ``Scaler`` over the model Deployments of ``cluster``'s namespace; ``close()``
     closes the cluster's client."""
 
-    def __init__(self, cluster: Cluster, label: str = "bazaar.dev/model") -> None:
+    def __init__(
+        self,
+        cluster: Cluster,
+        label: str = "bazaar.dev/model",
+        election: LeaderElection | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.cluster = cluster
         self.label = label
         """The label key whose value names the model."""
+        self.election = election
+        self.clock = clock
+        self.listed_at = clock()
+        """When the loop last asked for targets (start-up counts as the first time)."""
         self._deployments: dict[str, str] = {}
         """Model → Deployment name, from the last listing."""
         self._problems = ProblemLog(log, logging.ERROR)
@@ -48,6 +72,9 @@ class KubernetesScaler:
         self.cluster.close()
 
     async def targets(self) -> list[ScaleTarget]:
+        self.listed_at = self.clock()
+        if self.election is not None and not self.election.leading:
+            return []  # another replica scales; this one forgets its models meanwhile
         try:
             listing = await deployments.model_deployments(self.cluster, self.label)
         except Forbidden:
@@ -69,14 +96,17 @@ class KubernetesScaler:
                 f"model {model!r} is on several Deployments ({names}) in namespace "
                 f"{namespace}; none of them is scaled until one remains"
             )
+        pod_urls = await self._pod_urls()
         targets = await asyncio.gather(
-            *(self._target(deployment, problems) for deployment in unique.values())
+            *(self._target(d, pod_urls.get(d.model, ()), problems) for d in unique.values())
         )
         self._problems.only(problems)
         self._deployments = {model: deployment.name for model, deployment in unique.items()}
         return [target for target in targets if target is not None]
 
     async def scale(self, model: str, replicas: int, reason: str) -> None:
+        if self.election is not None and not self.election.leading:
+            raise ScalerError(f"not scaling {model}: this replica no longer holds the lease")
         name = self._deployments.get(model)
         if name is None:
             raise ScalerError(f"no Deployment for model {model!r} in the last listing")
@@ -89,8 +119,19 @@ class KubernetesScaler:
         namespace = self.cluster.namespace
         log.debug("scaled deployment %s/%s to %d: %s", namespace, name, replicas, reason)
 
+    async def _pod_urls(self) -> dict[str, tuple[str, ...]]:
+        """Each model's serving pods, at their metrics port; {} when they cannot be listed."""
+        try:
+            endpoints = await model_endpoints(self.cluster, self.label, METRICS_PORT)
+        except Forbidden:
+            return {}
+        except KubernetesError as exc:
+            log.warning("%s; the pods' signals are missing this tick", exc)
+            return {}
+        return {model: tuple(urls) for model, urls in endpoints.items()}
+
     async def _target(
-        self, deployment: ModelDeployment, problems: dict[str, str]
+        self, deployment: ModelDeployment, pod_urls: tuple[str, ...], problems: dict[str, str]
     ) -> ScaleTarget | None:
         model = deployment.model
         where = f"deployment {self.cluster.namespace}/{deployment.name}"
@@ -106,13 +147,6 @@ class KubernetesScaler:
         except KubernetesError as exc:
             log.warning("%s; model %s is skipped this tick", exc, model)
             return None
-        try:
-            pod_urls = await deployments.ready_pod_urls(self.cluster, deployment)
-        except Forbidden:
-            pod_urls = ()
-        except KubernetesError as exc:
-            log.warning("%s; the pods' signals are missing this tick", exc)
-            pod_urls = ()
         return ScaleTarget(
             model=model,
             config=settings,

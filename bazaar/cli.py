@@ -33,6 +33,7 @@ log = logging.getLogger("bazaar")
 # gateway's; a test holds the two equal.
 MAX_BATCHES_PER_ENDPOINT = 2
 MAX_QUEUE_TIME_S = 30.0
+DRAIN_TIMEOUT_S = 95.0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -58,13 +59,33 @@ def parser() -> argparse.ArgumentParser:
     server = commands.add_parser("model-server", help="serve a model repository (one pod)")
     server.add_argument("--model-repository", type=Path, required=True, metavar="DIR")
     server.add_argument("--host", default="127.0.0.1")
-    server.add_argument("--port", type=int, default=8001)
+    server.add_argument(
+        "--port", type=int, default=8000, help="the v2 data plane: metadata, inference (8000)"
+    )
+    server.add_argument(
+        "--control-port",
+        type=int,
+        metavar="PORT",
+        help="serve /metrics and the repository routes on this port only, and the data plane "
+        "only on --port (for a NetworkPolicy; default: everything on --port)",
+    )
     server.add_argument(
         "--model",
         action="append",
         dest="models",
         metavar="NAME",
         help="load only this model (repeatable; default: every model in the repository)",
+    )
+    server.add_argument(
+        "--enable-model-control",
+        action="store_true",
+        help="serve the repository's load and unload routes (off: they change what the pod serves)",
+    )
+    server.add_argument(
+        "--device",
+        choices=["cpu", "cuda", "auto"],
+        help="compute every model on this device, whatever its config says (a pod that "
+        "holds a GPU says cuda: it then fails to load rather than compute on the CPU)",
     )
     server.set_defaults(run=_model_server)
 
@@ -150,6 +171,14 @@ def parser() -> argparse.ArgumentParser:
     build = models_commands.add_parser("build-demo", help="build the demo repository offline")
     build.add_argument("directory", type=Path, metavar="DIR")
     build.set_defaults(run=_build_demo)
+    fetch = models_commands.add_parser(
+        "fetch",
+        help="download a model repository archive (.tar.gz), check its SHA-256, unpack it",
+    )
+    fetch.add_argument("url", metavar="URL")
+    fetch.add_argument("directory", type=Path, metavar="DIR")
+    fetch.add_argument("--sha256", required=True, metavar="HEX", help="the archive's digest")
+    fetch.set_defaults(run=_fetch)
     return root
 
 
@@ -167,6 +196,13 @@ def _gateway_options(parser: argparse.ArgumentParser) -> None:
         default=MAX_QUEUE_TIME_S,
         metavar="SECONDS",
         help="longest any request waits in the gateway's queue (default %(default)s)",
+    )
+    parser.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=DRAIN_TIMEOUT_S,
+        metavar="SECONDS",
+        help="on SIGTERM, the longest to wait for requests in flight (default %(default)s)",
     )
 
 
@@ -232,6 +268,7 @@ def _gateway_config(args: argparse.Namespace) -> GatewayConfig:
     return GatewayConfig(
         max_batches_per_endpoint=args.max_batches_per_endpoint,
         max_queue_time_s=args.max_queue_time,
+        drain_timeout_s=args.drain_timeout,
     )
 
 
@@ -268,6 +305,8 @@ def _freeze_startup_objects() -> None:
 
 
 def _model_server(args: argparse.Namespace) -> int:
+    import socket
+
     import uvicorn
 
     from models.repository import ModelRepository
@@ -280,10 +319,36 @@ def _model_server(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         log.error("%s", exc)
         return 2
-    app = create_app(ModelStore(repository, args.models))
-    log.info("model server for %s on http://%s:%d", repository.root, args.host, args.port)
+    store = ModelStore(repository, args.models, args.device)
+    app = create_app(store, None, args.control_port, args.enable_model_control)
+    family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+    ports = [args.port] if args.control_port is None else [args.port, args.control_port]
+    sockets = [socket.create_server((args.host, port), family=family) for port in ports]
+    log.info(
+        "model server for %s on %s",
+        repository.root,
+        " and ".join(f"http://{args.host}:{port}" for port in ports),
+    )
     _freeze_startup_objects()
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
+    # SIGTERM: uvicorn stops accepting and finishes the batches in flight (a pod call lasts
+    # at most the gateway's call timeout, 60 s), then the process exits.
+    config = uvicorn.Config(
+        app, log_level=args.log_level, access_log=False, timeout_graceful_shutdown=60
+    )
+    uvicorn.Server(config).run(sockets=sockets)
+    return 0
+
+
+def _fetch(args: argparse.Namespace) -> int:
+    from models.fetch import fetch_repository
+    from protocol.errors import ConfigError
+
+    try:
+        fetch_repository(args.url, args.sha256, args.directory)
+    except ConfigError as exc:
+        log.error("%s", exc)
+        return 1
+    print(f"fetched {args.url} into {args.directory}")
     return 0
 
 

@@ -55,6 +55,11 @@ class Forbidden(Exception):
 class KubernetesError(Exception):
     """A call failed for good: retries spent, or a status that retrying cannot fix."""
 
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        """The API's HTTP status, None when no answer came (timeout, refused)."""
+
 
 def connect(kubeconfig: str | None = None) -> ApiClient:
     """A client configured in-cluster inside a pod, else from the kubeconfig (``kubeconfig``
@@ -132,11 +137,17 @@ class Cluster:
         self.log = logger
         self._permissions = PermissionLog(namespace, account, logger)
 
-    async def call(self, permission: Permission, request: Callable[[], T]) -> T:
+    async def call(
+        self,
+        permission: Permission,
+        request: Callable[[], T],
+        retryable: frozenset[int] = RETRYABLE_STATUS,
+    ) -> T:
         """``request()`` in a thread, retried with backoff while a retry can help.
 
         Raises ``Forbidden`` on 403 (logged once), ``KubernetesError`` when retries are spent
-        or cannot help.
+        or cannot help. A write guarded by a resourceVersion passes ``retryable`` without
+        409: repeating it cannot succeed.
         """
         what = f"{permission.verb} {permission.resource} in namespace {self.namespace}"
         attempt = 1
@@ -148,8 +159,8 @@ class Cluster:
                     self._permissions.denied(permission)
                     raise Forbidden from None
                 problem = f"{exc.status} {exc.reason}"
-                if exc.status not in RETRYABLE_STATUS or attempt == self.attempts:
-                    raise KubernetesError(f"cannot {what}: {problem}") from None
+                if exc.status not in retryable or attempt == self.attempts:
+                    raise KubernetesError(f"cannot {what}: {problem}", exc.status) from None
             except urllib3.exceptions.HTTPError as exc:
                 problem = str(exc) or type(exc).__name__
                 if attempt == self.attempts:

@@ -78,7 +78,10 @@ def create_app(catalog: ModelCatalog) -> ASGIApp:
         return Response(generate_latest(catalog.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     routes = [
-        *server_routes(SERVER_NAME, EXTENSIONS, catalog.ready),
+        # Ready means this gateway takes requests, whatever the models' replicas: a gateway
+        # that waited for them would drop out of the Service the autoscaler reads its queue
+        # through, and a model at zero would never be scaled up. Per model: .../ready.
+        *server_routes(SERVER_NAME, EXTENSIONS, lambda: True),
         *model_routes(model_metadata, catalog.is_ready),
         Route("/v2/repository/index", repository_index, methods=["POST"]),
         Route("/metrics", prometheus),

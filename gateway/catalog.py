@@ -140,12 +140,6 @@ class ModelCatalog:
             }
         return models
 
-    def ready(self) -> bool:
-        """Every known model is learned: its requests are validated and queued, and served
-        as soon as it has an endpoint (a model scaled to zero still counts as ready here;
-        its own ``/ready`` says whether an endpoint takes batches now)."""
-        return all(name in self.models for name in self._endpoints)
-
     async def close(self) -> None:
         for served in self.models.values():
             served.dispatcher.close()

@@ -21,6 +21,10 @@ class GatewayConfig:
     """Longest wait for a pod's answer to one batch before it counts as failed."""
     max_queue_time_s: float = 30.0
     """No request waits in the queue longer than this, whatever its timeout (then 504)."""
+    drain_timeout_s: float = 95.0
+    """On SIGTERM, the longest the gateway waits for the requests in flight before it stops:
+    a request lives at most the queue time and a pod call (90 s by default). Kubernetes'
+    terminationGracePeriodSeconds must exceed it, plus the preStop wait."""
 
 
 def batch_policy(config: Mapping[str, Any], gateway: GatewayConfig) -> BatchPolicy:

@@ -6,7 +6,8 @@
    (a static file, or the local supervisor that starts model workers);
 2. serve until SIGINT or SIGTERM;
 3. drain: uvicorn stops accepting connections and waits for the requests in flight, whose
-   handlers wait on the dispatchers, so every admitted request is answered first;
+   handlers wait on the dispatchers, so every admitted request is answered first (for at
+   most ``drain_timeout_s``, which outlasts any request: a bound, not a budget);
 4. shutdown: the dispatchers and probes stop, then the source (the local workers last, so
    the drain could still use them), then the client.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import signal
 from collections.abc import AsyncIterator
 
@@ -49,6 +51,7 @@ async def run(
                 log_level=log_level,
                 access_log=False,
                 lifespan="off",
+                timeout_graceful_shutdown=math.ceil(config.drain_timeout_s),
             )
         )
         loop = asyncio.get_running_loop()

@@ -88,15 +88,23 @@ class RuntimeCollector(Collector):
             "Cumulative time spent executing batches (sum over instances).",
             labels=["model", "version"],
         )
+        provider = GaugeMetricFamily(
+            "bazaar_model_execution_provider",
+            "Always 1; the provider label says where the version computes "
+            "(CUDAExecutionProvider or CPUExecutionProvider).",
+            labels=["model", "version", "provider"],
+        )
         for name, loaded in sorted(self._store.models.items()):
             for version, runtime in sorted(loaded.versions.items()):
                 labels = [name, str(version)]
                 inflight.add_metric(labels, runtime.busy.active)
                 ratio.add_metric(labels, runtime.busy.ratio())
                 busy.add_metric(labels, runtime.busy.busy_seconds())
+                provider.add_metric([*labels, runtime.providers[0]], 1)
         yield inflight
         yield ratio
         yield busy
+        yield provider
         readings = self._gpus.read()
         if not readings:
             return  # no NVML: the series are absent, never zero

@@ -109,6 +109,15 @@ class ModelRuntime:
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph/... types
             raise ConfigError(where, None, f"ONNX Runtime cannot load the model: {exc}") from exc
         self.providers: list[str] = self._session.get_providers()
+        if config.device == "auto" and self.providers[0] != "CUDAExecutionProvider":
+            # Loud on purpose: a pod that holds a GPU and computes on the CPU is slow and
+            # costly, and nothing else would say so (bazaar_model_execution_provider does).
+            log.warning(
+                "%s version %s: device 'auto' found no CUDAExecutionProvider; computing on %s",
+                name,
+                version,
+                self.providers[0],
+            )
         self.config = config
         self.metadata: ModelMetadata = resolve_metadata(
             name,

@@ -24,7 +24,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
-from starlette.types import ASGIApp
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from models.metrics import PodMetrics
 from models.store import ModelStore
@@ -47,7 +47,18 @@ SERVER_NAME = "bazaar-model-server"
 EXTENSIONS = ["binary_tensor_data", "model_repository"]
 
 
-def create_app(store: ModelStore, registry: CollectorRegistry | None = None) -> ASGIApp:
+def create_app(
+    store: ModelStore,
+    registry: CollectorRegistry | None = None,
+    control_port: int | None = None,
+    model_control: bool = False,
+) -> ASGIApp:
+    """The pod's app. With ``control_port``, ``/metrics`` and the repository routes answer only
+    on that port and the data plane (metadata, inference) only on the others, so a
+    NetworkPolicy, which filters ports and not paths, can tell them apart; health answers
+    on both (probes use the control port). Loading and unloading models over the API changes
+    what the pod serves, so it is off unless ``model_control``: Kubernetes decides what a pod
+    serves (its args and volume), not whoever can reach it."""
     registry = registry if registry is not None else CollectorRegistry()
     metrics = PodMetrics(registry, store, GpuMonitor())
 
@@ -120,11 +131,34 @@ def create_app(store: ModelStore, registry: CollectorRegistry | None = None) -> 
         *model_routes(model_metadata, store.is_ready, model_config),
         Route("/metrics", prometheus),
         Route("/v2/repository/index", repository_index, methods=["POST"]),
-        Route("/v2/repository/models/{model}/load", repository_load, methods=["POST"]),
-        Route("/v2/repository/models/{model}/unload", repository_unload, methods=["POST"]),
     ]
+    if model_control:
+        routes += [
+            Route("/v2/repository/models/{model}/load", repository_load, methods=["POST"]),
+            Route("/v2/repository/models/{model}/unload", repository_unload, methods=["POST"]),
+        ]
     app = Starlette(routes=routes, exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan)
-    return with_infer_route(app, infer)
+    served = with_infer_route(app, infer)
+    return served if control_port is None else _split_ports(served, control_port)
+
+
+def _split_ports(app: ASGIApp, control_port: int) -> ASGIApp:
+    """404 for a control route asked on the data port, and for the data plane on the control
+    port (the port a connection came in on is in the ASGI scope)."""
+
+    async def asgi(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and not scope["path"].startswith("/v2/health/"):
+            path = scope["path"]
+            control = path == "/metrics" or path.startswith("/v2/repository/")
+            on_control_port = (scope.get("server") or ("", None))[1] == control_port
+            if control != on_control_port:
+                port = "control" if control else "data"
+                message = f"{path} is served on this pod's {port} port"
+                await json_response({"error": message}, 404)(scope, receive, send)
+                return
+        await app(scope, receive, send)
+
+    return asgi
 
 
 def _config_override(body: dict[str, Any]) -> dict[str, Any] | None:

@@ -14,12 +14,13 @@ replaced runtime finish on it (it is closed once they have).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from models.config import ModelConfig
+from models.config import Device, ModelConfig
 from models.repository import ModelRepository
 from models.runtime import ModelRuntime
 from protocol.errors import BazaarError, ModelNotFound, ModelNotReady
@@ -47,9 +48,16 @@ class ModelState:
 
 
 class ModelStore:
-    def __init__(self, repository: ModelRepository, names: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        repository: ModelRepository,
+        names: list[str] | None = None,
+        device: Device | None = None,
+    ) -> None:
         self.repository = repository
         self.names = names  # loaded at start-up; None = every model in the repository
+        self.device = device
+        """Overrides every model's configured device (the pod's hardware decides)."""
         self.models: dict[str, LoadedModel] = {}
         self.states: dict[str, ModelState] = {}
         self._locks: dict[str, asyncio.Lock] = {}
@@ -153,6 +161,8 @@ class ModelStore:
 
     def _build(self, name: str, overrides: Mapping[str, Any] | None) -> LoadedModel:
         config = self.repository.load_config(name, overrides)
+        if self.device is not None:
+            config = dataclasses.replace(config, device=self.device)
         versions = {}
         try:
             for files in self.repository.versions(name, config):

@@ -37,6 +37,11 @@ async def eventually(condition: Callable[[], bool], timeout_s: float, what: str)
         await asyncio.sleep(0.01)
 
 
+def models_ready(url: str, models: Sequence[str]) -> list[str]:
+    """The readiness URL of each model at a gateway: ready once it has an endpoint."""
+    return [f"{url}/v2/models/{model}/ready" for model in models]
+
+
 def http_ok(url: str) -> bool:
     try:
         return httpx.get(url, timeout=1.0).status_code == 200
@@ -46,9 +51,9 @@ def http_ok(url: str) -> bool:
 
 @contextlib.contextmanager
 def bazaar_process(
-    args: Sequence[str], log_path: Path, ready_url: str, timeout_s: float = 60.0
+    args: Sequence[str], log_path: Path, ready: str | Sequence[str], timeout_s: float = 60.0
 ) -> Iterator[subprocess.Popen[bytes]]:
-    """Run ``bazaar ARGS`` until ``ready_url`` answers 200; stop it (SIGTERM) afterwards.
+    """Run ``bazaar ARGS`` until every ``ready`` URL answers 200; stop it (SIGTERM) afterwards.
 
     Its output goes to ``log_path``, which is printed when start-up fails.
     """
@@ -59,12 +64,13 @@ def bazaar_process(
             stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
+    urls = [ready] if isinstance(ready, str) else list(ready)
     try:
         try:
             wait_until(
-                lambda: process.poll() is None and http_ok(ready_url),
+                lambda: process.poll() is None and all(map(http_ok, urls)),
                 timeout_s,
-                f"{ready_url} (bazaar {' '.join(args)})",
+                f"{' '.join(urls)} (bazaar {' '.join(args)})",
             )
         except AssertionError:
             raise AssertionError(

@@ -15,12 +15,13 @@ from autoscaler.loop import Autoscaler, ScalerError, ScaleTarget
 from autoscaler.metrics import AutoscalerMetrics
 from autoscaler.policy import Decision, PolicyState, Sample, ScaleConfig
 from cluster.api import Cluster
+from cluster.lease import LeaderElection
 from tests.cluster.fake_kubernetes import FakeKubernetes, serving
 
 LIST_DEPLOYMENTS = ("apps", "deployments", "list")
 GET_SCALE = ("apps", "deployments/scale", "get")
 PATCH_SCALE = ("apps", "deployments/scale", "patch")
-LIST_PODS = ("", "pods", "list")
+LIST_SERVICES = ("", "services", "list")
 
 
 @pytest.fixture
@@ -38,10 +39,16 @@ async def fake() -> AsyncIterator[FakeKubernetes]:
             "deployment.kubernetes.io/revision": "4",
         },
     )
-    fake.add_pod("mlp-a", "mlp", "10.0.0.1")
-    fake.add_pod("mlp-b", "mlp", "10.0.0.2")
-    fake.add_pod("mlp-c", "mlp", "10.0.0.3", ready=False)
-    fake.add_pod("mlp-d", "mlp", "10.0.0.4", terminating=True)
+    # The model's Service and its slices, as the endpointslice controller writes them.
+    ports = {"http": 8000, "metrics": 8002}
+    fake.add_service("bazaar-model-mlp", {"bazaar.dev/model": "mlp"}, ports=ports)
+    fake.set_slice(
+        "bazaar-model-mlp-a",
+        "bazaar-model-mlp",
+        [("10.0.0.1", True), ("10.0.0.2", True), ("10.0.0.3", False)],
+        ports=ports,
+    )
+    fake.add_service("bazaar-model-digits", {"bazaar.dev/model": "digits"}, ports=ports)
     fake.add_deployment("bazaar-model-digits", "digits", replicas=1, ready_replicas=1)
     yield fake
 
@@ -101,18 +108,15 @@ async def test_targets_read_annotations_scale_and_ready_pods(
     mlp = targets["mlp"]
     assert mlp.config == ScaleConfig(min_replicas=0, max_replicas=8, scale_to_zero_after_s=300.0)
     assert (mlp.replicas, mlp.ready_replicas, mlp.starting_replicas) == (3, 2, 1)
-    # Ready, not terminating, on the container port named "http".
-    assert mlp.pod_urls == ("http://10.0.0.1:8001", "http://10.0.0.2:8001")
+    # The Service's ready endpoints, on the port named "metrics".
+    assert mlp.pod_urls == ("http://10.0.0.1:8002", "http://10.0.0.2:8002")
     assert targets["digits"].config == ScaleConfig()
     assert targets["digits"].pod_urls == ()
     lists = [r for r in fake.requests if r.permission == LIST_DEPLOYMENTS]
     assert lists[0].path == "/apis/apps/v1/namespaces/default/deployments"
     assert lists[0].query["labelSelector"] == "bazaar.dev/model"
-    pods = [r for r in fake.requests if r.permission == LIST_PODS]
-    assert {r.query["labelSelector"] for r in pods} == {
-        "app=bazaar-model-mlp",
-        "app=bazaar-model-digits",
-    }
+    services = [r for r in fake.requests if r.permission == LIST_SERVICES]
+    assert [r.query["labelSelector"] for r in services] == ["bazaar.dev/model"]
 
 
 async def test_scale_patches_the_scale_subresource(
@@ -132,9 +136,29 @@ async def test_scale_patches_the_scale_subresource(
 async def test_the_calls_made_are_exactly_the_required_rbac(
     scaler: KubernetesScaler, fake: FakeKubernetes
 ) -> None:
-    await scaler.targets()
-    await scaler.scale("digits", 2, "test")
+    election = LeaderElection(scaler.cluster, "bazaar-autoscaler", "me")
+    assert await election.try_acquire_or_renew()  # creates the Lease
+    assert await election.try_acquire_or_renew()  # renews it
+    leading = KubernetesScaler(scaler.cluster, election=election)
+    await leading.targets()
+    await leading.scale("digits", 2, "test")
     assert fake.permissions() == {(p.api_group, p.resource, p.verb) for p in REQUIRED_RBAC}
+
+
+async def test_a_replica_that_does_not_lead_lists_nothing_and_scales_nothing(
+    scaler: KubernetesScaler, fake: FakeKubernetes
+) -> None:
+    other = LeaderElection(scaler.cluster, "bazaar-autoscaler", "other")
+    assert await other.try_acquire_or_renew()
+    follower = LeaderElection(scaler.cluster, "bazaar-autoscaler", "me")
+    assert not await follower.try_acquire_or_renew()
+    before = len(fake.requests)
+    following = KubernetesScaler(scaler.cluster, election=follower)
+    assert await following.targets() == []
+    with pytest.raises(ScalerError, match="no longer holds the lease"):
+        await following.scale("mlp", 5, "test")
+    assert len(fake.requests) == before
+    assert fake.replicas("bazaar-model-mlp") == 3
 
 
 async def test_bad_annotations_skip_the_model_and_are_logged_once(
@@ -193,14 +217,14 @@ async def test_forbidden_reads_degrade_without_raising(
     with caplog.at_level(logging.ERROR, "autoscaler.deployments"):
         assert await scaler.targets() == []
         assert await scaler.targets() == []
-        fake.fail(LIST_PODS, 403, 403)
+        fake.fail(LIST_SERVICES, 403, 403)
         targets = by_model(await scaler.targets())
     assert targets["mlp"].pod_urls == () and targets["digits"].pod_urls == ()
     assert rbac_errors(caplog) == [
         "RBAC: cannot list deployments in namespace default; grant verbs [list] on "
         "deployments (apiGroup apps) to the autoscaler's ServiceAccount",
-        'RBAC: cannot list pods in namespace default; grant verbs [list] on pods (apiGroup "" '
-        "(core)) to the autoscaler's ServiceAccount",
+        "RBAC: cannot list services in namespace default; grant verbs [list] on services "
+        '(apiGroup "" (core)) to the autoscaler\'s ServiceAccount',
     ]
 
 
@@ -229,7 +253,7 @@ async def test_a_failing_deployment_does_not_hide_the_others(
     scaler: KubernetesScaler, fake: FakeKubernetes, caplog: pytest.LogCaptureFixture
 ) -> None:
     fake.fail(GET_SCALE, 404)  # not retried: it cannot help
-    fake.fail(LIST_PODS, 500, 500, 500)
+    fake.fail(LIST_SERVICES, 500, 500, 500)
     with caplog.at_level(logging.WARNING, "autoscaler.deployments"):
         targets = await scaler.targets()
     assert len(targets) == 1  # the other model, without pod URLs
@@ -265,7 +289,7 @@ class NoSignals:
 
 
 def four_replicas(sample: Sample, state: PolicyState, config: ScaleConfig, now: float) -> Decision:
-    return Decision(4, state, "four, always")
+    return Decision(4, state, "four, always", "scale_up")
 
 
 async def test_the_loop_survives_timeouts_and_errors_of_the_api(

@@ -52,3 +52,4 @@ def test_the_gateway_options_default_to_the_gateway_config() -> None:
     args = parser().parse_args(["gateway", "--endpoints", "file.yaml"])
     assert args.max_batches_per_endpoint == defaults.max_batches_per_endpoint
     assert args.max_queue_time == defaults.max_queue_time_s
+    assert args.drain_timeout == defaults.drain_timeout_s

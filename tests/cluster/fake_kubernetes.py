@@ -6,9 +6,10 @@ namespaces:
 - ``GET  /apis/apps/v1/namespaces/{ns}/deployments?labelSelector=...``
 - ``GET  /apis/apps/v1/namespaces/{ns}/deployments/{name}/scale``
 - ``PATCH /apis/apps/v1/namespaces/{ns}/deployments/{name}/scale`` (JSON merge patch)
-- ``GET  /api/v1/namespaces/{ns}/pods?labelSelector=...``
 - ``GET  /api/v1/namespaces/{ns}/services?labelSelector=...``
 - ``GET  /apis/discovery.k8s.io/v1/namespaces/{ns}/endpointslices?labelSelector=...``
+- ``GET``, ``PUT`` (guarded by resourceVersion) and ``POST`` of
+  ``/apis/coordination.k8s.io/v1/namespaces/{ns}/leases[/{name}]``
 
 Every request is recorded (method, path, query, content type, body) with the RBAC
 permission it needs, and faults can be queued per permission: a status (403, 409, 500...)
@@ -48,13 +49,14 @@ class Recorded:
 @dataclass
 class FakeKubernetes:
     deployments: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
-    pods: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
     services: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
     endpoint_slices: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+    leases: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
     requests: list[Recorded] = field(default_factory=list)
     faults: dict[tuple[str, str, str], deque[int | float]] = field(default_factory=dict)
     """Per permission, what the next requests get: an int status, or a float stall in s."""
     released: asyncio.Event = field(default_factory=asyncio.Event)
+    lease_version: int = 0
 
     def add_deployment(
         self,
@@ -70,18 +72,6 @@ class FakeKubernetes:
         self.deployments[namespace, name] = deployment(
             name, model, namespace, replicas, ready_replicas, annotations or {}, port
         )
-
-    def add_pod(
-        self,
-        name: str,
-        model: str,
-        ip: str,
-        *,
-        namespace: str = "default",
-        ready: bool = True,
-        terminating: bool = False,
-    ) -> None:
-        self.pods[namespace, name] = pod(name, model, namespace, ip, ready, terminating)
 
     def add_service(
         self,
@@ -121,16 +111,18 @@ class FakeKubernetes:
 
     def app(self) -> Starlette:
         prefix = "/apis/apps/v1/namespaces/{namespace}/deployments"
+        leases = "/apis/coordination.k8s.io/v1/namespaces/{namespace}/leases"
         return Starlette(
             routes=[
                 Route(prefix, self._list_deployments),
                 Route(prefix + "/{name}/scale", self._scale, methods=["GET", "PATCH"]),
-                Route("/api/v1/namespaces/{namespace}/pods", self._list_pods),
                 Route("/api/v1/namespaces/{namespace}/services", self._list_services),
                 Route(
                     "/apis/discovery.k8s.io/v1/namespaces/{namespace}/endpointslices",
                     self._list_endpoint_slices,
                 ),
+                Route(leases, self._create_lease, methods=["POST"]),
+                Route(leases + "/{name}", self._lease, methods=["GET", "PUT"]),
             ]
         )
 
@@ -168,18 +160,6 @@ class FakeKubernetes:
             }
         )
 
-    async def _list_pods(self, request: Request) -> Response:
-        namespace = request.path_params["namespace"]
-        if (fault := await self._record(request, ("", "pods", "list"))) is not None:
-            return fault
-        selector = request.query_params.get("labelSelector", "")
-        items = [
-            item
-            for (item_namespace, _), item in sorted(self.pods.items())
-            if item_namespace == namespace and matches(item["metadata"]["labels"], selector)
-        ]
-        return JSONResponse({"apiVersion": "v1", "kind": "PodList", "items": items})
-
     async def _list_services(self, request: Request) -> Response:
         namespace = request.path_params["namespace"]
         if (fault := await self._record(request, ("", "services", "list"))) is not None:
@@ -197,6 +177,42 @@ class FakeKubernetes:
         return JSONResponse(
             {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSliceList", "items": items}
         )
+
+    async def _create_lease(self, request: Request) -> Response:
+        namespace = request.path_params["namespace"]
+        permission = ("coordination.k8s.io", "leases", "create")
+        if (fault := await self._record(request, permission)) is not None:
+            return fault
+        lease = self.requests[-1].body
+        key = (namespace, lease["metadata"]["name"])
+        if key in self.leases:
+            return _status(409, "AlreadyExists", f"leases {key[1]} already exists")
+        return JSONResponse(self._store_lease(key, lease), status_code=201)
+
+    async def _lease(self, request: Request) -> Response:
+        """GET, or a PUT guarded by its resourceVersion as the API server does it."""
+        key = (request.path_params["namespace"], request.path_params["name"])
+        verb = "get" if request.method == "GET" else "update"
+        if (
+            fault := await self._record(request, ("coordination.k8s.io", "leases", verb))
+        ) is not None:
+            return fault
+        current = self.leases.get(key)
+        if current is None:
+            return _status(404, "NotFound", f"leases {key[1]} not found")
+        if verb == "get":
+            return JSONResponse(current)
+        lease = self.requests[-1].body
+        if lease["metadata"].get("resourceVersion") != current["metadata"]["resourceVersion"]:
+            return _status(409, "Conflict", "the object has been modified")
+        return JSONResponse(self._store_lease(key, lease))
+
+    def _store_lease(self, key: tuple[str, str], lease: dict[str, Any]) -> dict[str, Any]:
+        self.lease_version += 1
+        stored = {**lease, "metadata": {**lease["metadata"], "namespace": key[0]}}
+        stored["metadata"]["resourceVersion"] = str(self.lease_version)
+        self.leases[key] = stored
+        return stored
 
     async def _record(self, request: Request, permission: tuple[str, str, str]) -> Response | None:
         raw = await request.body()
@@ -218,7 +234,7 @@ class FakeKubernetes:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.released.wait(), outcome)
             return None
-        reason = {403: "Forbidden", 409: "Conflict"}.get(outcome, "InternalError")
+        reason = {403: "Forbidden", 404: "NotFound", 409: "Conflict"}.get(outcome, "InternalError")
         return _status(outcome, reason, f"injected {outcome}")
 
 
@@ -325,29 +341,6 @@ def deployment(
             },
         },
         "status": {"replicas": replicas, "readyReplicas": ready_replicas},
-    }
-
-
-def pod(
-    name: str, model: str, namespace: str, ip: str, ready: bool, terminating: bool
-) -> dict[str, Any]:
-    metadata: dict[str, Any] = {
-        "name": name,
-        "namespace": namespace,
-        "labels": {"app": f"bazaar-model-{model}", "bazaar.dev/model": model},
-    }
-    if terminating:
-        metadata["deletionTimestamp"] = "2025-01-01T00:00:00Z"
-    return {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": metadata,
-        "spec": {"containers": [{"name": "model-server", "image": "bazaar:test"}]},
-        "status": {
-            "phase": "Running",
-            "podIP": ip,
-            "conditions": [{"type": "Ready", "status": "True" if ready else "False"}],
-        },
     }
 
 

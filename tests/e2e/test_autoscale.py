@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from protocol.codec import InferenceRequest, encode_request
-from tests.support import bazaar_process, free_port, wait_until
+from tests.support import bazaar_process, free_port, models_ready, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +65,7 @@ def test_a_burst_adds_workers_and_the_quiet_after_it_removes_them(
                 )
                 statuses.append(response.status_code)
 
-    with bazaar_process(args, tmp_path / "serve.log", f"{url}/v2/health/ready"):
+    with bazaar_process(args, tmp_path / "serve.log", models_ready(url, ["mlp_wide"])):
         assert _workers(url) == (1, 1)
         with ThreadPoolExecutor(12) as pool:
             clients = [pool.submit(client) for _ in range(12)]
@@ -92,7 +92,7 @@ def test_an_idle_model_goes_to_zero_and_its_next_request_brings_a_worker_back(
             {"name": "input", "shape": [1, 1024], "datatype": "FP32", "data": rows.ravel().tolist()}
         ]
     }
-    with bazaar_process(args, tmp_path / "serve.log", f"{url}/v2/health/ready"):
+    with bazaar_process(args, tmp_path / "serve.log", models_ready(url, ["mlp_wide"])):
         wait_until(lambda: _workers(url) == (0, 0), 60, "mlp_wide to scale to zero")
         # Held in the gateway's queue while the autoscaler starts a worker, then answered.
         response = httpx.post(f"{url}/v2/models/mlp_wide/infer", json=body, timeout=60)

@@ -15,7 +15,7 @@ import onnxruntime as ort
 import pytest
 import tritonclient.http as triton
 
-from tests.support import bazaar_process, free_port, http_ok, wait_until
+from tests.support import bazaar_process, free_port, http_ok, models_ready, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +44,7 @@ def serve(
         "--workers-per-model",
         "2",
     ]
-    with bazaar_process(args, log, f"{url}/v2/health/ready") as process:
+    with bazaar_process(args, log, models_ready(url, ["digits", "mlp"])) as process:
         wait_until(lambda: _ready_endpoints(url, "mlp") == 2, 60, "two mlp workers")
         yield url, process.pid
 
@@ -176,7 +176,9 @@ def test_sigterm_drains_requests_in_flight_and_stops_every_worker(
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     args = ["serve", "--model-repository", str(small_repository), "--port", str(port)]
-    with bazaar_process(args, tmp_path / "serve.log", f"{url}/v2/health/ready") as process:
+    with bazaar_process(
+        args, tmp_path / "serve.log", models_ready(url, ["digits", "mlp"])
+    ) as process:
         workers = _children(process.pid)
         assert len(workers) == 2
         with (

@@ -61,7 +61,9 @@ async def make_gateway(model_server: str) -> AsyncIterator[MakeGateway]:
         opened.append((http, catalog, client))
         for model in models:
             catalog.set_endpoints(model, [model_server])
-        await eventually(catalog.ready, 10.0, "the gateway to learn its models from the pod")
+        await eventually(
+            lambda: set(catalog.models) == set(models), 10.0, "the gateway to learn its models"
+        )
         return Gateway(http, catalog, model_server)
 
     yield build
@@ -480,8 +482,11 @@ async def test_a_model_without_an_endpoint_yet_holds_requests_then_503s(
     assert (stats["queued"], stats["ready_endpoints"]) == (1, 0)  # demand the autoscaler sees
     ready = await gateway.http.get("/v2/models/ghost/ready")
     assert (ready.status_code, ready.json()) == (503, {"name": "ghost", "ready": False})
+    # The gateway itself stays ready: it takes (and holds) the model's requests. Were it
+    # not ready, it would drop out of the Service the autoscaler reads its queue through,
+    # and the model would never be scaled up (the readiness deadlock).
     health = await gateway.http.get("/v2/health/ready")
-    assert (health.status_code, health.json()) == (503, {"ready": False})
+    assert (health.status_code, health.json()) == (200, {"ready": True})
     served = await gateway.http.post("/v2/models/mlp/infer", json=json_body(mlp_rows(1)))
     assert served.status_code == 200  # the others still serve
     answer = await held

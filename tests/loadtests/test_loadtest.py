@@ -27,7 +27,7 @@ import pytest
 from loadtests.command import add_loadtest_parser
 from loadtests.payloads import ModelSpec, build_payload
 from loadtests.runner import scrape
-from tests.support import bazaar_process, free_port
+from tests.support import bazaar_process, free_port, models_ready
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -42,7 +42,7 @@ def gateway(demo_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     url = f"http://127.0.0.1:{port}"
     log = tmp_path_factory.mktemp("logs") / "serve.log"
     args = ["serve", "--model-repository", str(root), "--port", str(port)]
-    with bazaar_process(args, log, f"{url}/v2/health/ready"):
+    with bazaar_process(args, log, models_ready(url, ["digits", "mlp"])):
         yield url
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -104,5 +105,21 @@ async def test_bool_int_and_bytes_tensors_through_a_real_session(tmp_path: Path)
         assert list(outputs["same_names"]) == [b"caf\xc3\xa9", b"x"]
         assert compute_s > 0
         assert runtime.busy.busy_seconds() > 0
+    finally:
+        runtime.close()
+
+
+def test_auto_without_cuda_says_loudly_that_it_computes_on_the_cpu(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "model.onnx"
+    _mixed_types_model(path)
+    with caplog.at_level(logging.WARNING, logger="models.runtime"):
+        runtime = ModelRuntime("mixed", 1, path, ModelConfig(device="auto"))
+    try:
+        assert runtime.providers[0] == "CPUExecutionProvider"
+        [warning] = [r.getMessage() for r in caplog.records]
+        assert "device 'auto' found no CUDAExecutionProvider" in warning
+        assert "CPUExecutionProvider" in warning
     finally:
         runtime.close()

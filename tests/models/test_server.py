@@ -254,6 +254,7 @@ def own_server(demo_repository: Path, tmp_path: Path) -> Iterator[str]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     args = ["model-server", "--model-repository", str(demo_repository), "--port", str(port)]
+    args.append("--enable-model-control")
     with bazaar_process(args, tmp_path / "server.log", f"{url}/v2/health/ready"):
         yield url
 
@@ -332,3 +333,80 @@ def test_a_model_that_fails_to_load_keeps_the_server_unready(
         response = post_json(f"{url}/v2/models/broken/infer", _infer_body([1, 64], [0.0] * 64))
         assert response.status_code == 503
         assert "model.onnx" in response.json()["error"]
+
+
+def test_a_control_port_splits_the_data_plane_from_metrics_and_control(
+    demo_repository: Path, tmp_path: Path
+) -> None:
+    """A NetworkPolicy filters ports, not paths: the gateway may reach the data port only."""
+    root = tmp_path / "repository"
+    shutil.copytree(demo_repository / "digits", root / "digits")
+    data, control = free_port(), free_port()
+    args = [
+        "model-server",
+        "--model-repository",
+        str(root),
+        "--port",
+        str(data),
+        "--control-port",
+        str(control),
+        "--enable-model-control",
+    ]
+    data_url, control_url = f"http://127.0.0.1:{data}", f"http://127.0.0.1:{control}"
+    with bazaar_process(args, tmp_path / "server.log", f"{control_url}/v2/health/ready"):
+        for url in (data_url, control_url):
+            assert httpx.get(f"{url}/v2/health/ready").status_code == 200
+            assert httpx.get(f"{url}/v2/health/live").status_code == 200
+        body = _infer_body([1, 64], [0.0] * 64)
+        assert post_json(f"{data_url}/v2/models/digits/infer", body).status_code == 200
+        assert httpx.get(f"{data_url}/v2/models/digits").status_code == 200
+        assert httpx.get(f"{control_url}/metrics").status_code == 200
+        assert httpx.post(f"{control_url}/v2/repository/index").status_code == 200
+        refused = [
+            httpx.post(f"{control_url}/v2/models/digits/infer", json=body),
+            httpx.get(f"{control_url}/v2/models/digits"),
+            httpx.get(f"{data_url}/metrics"),
+            httpx.post(f"{data_url}/v2/repository/index"),
+            httpx.post(f"{data_url}/v2/repository/models/digits/unload"),
+        ]
+        for response in refused:
+            assert response.status_code == 404, response.request.url
+            assert "port" in response.json()["error"]
+
+
+def test_device_cuda_without_cuda_fails_to_load_instead_of_computing_on_the_cpu(
+    demo_repository: Path, tmp_path: Path
+) -> None:
+    root = tmp_path / "repository"
+    shutil.copytree(demo_repository / "digits", root / "digits")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    args = ["model-server", "--model-repository", str(root), "--port", str(port)]
+    with bazaar_process(
+        [*args, "--device", "cuda"], tmp_path / "cuda.log", f"{url}/v2/health/live"
+    ):
+        wait_until(
+            lambda: httpx.post(f"{url}/v2/repository/index").json()[0]["state"] == "UNAVAILABLE",
+            30,
+            "the load on cuda to fail",
+        )
+        [entry] = httpx.post(f"{url}/v2/repository/index").json()
+        assert "CUDAExecutionProvider" in entry["reason"]
+        assert httpx.get(f"{url}/v2/health/ready").status_code == 503
+
+
+def test_the_execution_provider_is_exported(model_server: str) -> None:
+    metrics = _samples(httpx.get(f"{model_server}/metrics").text)
+    key = (
+        'bazaar_model_execution_provider{model="digits",provider="CPUExecutionProvider",'
+        'version="1"}'
+    )
+    assert metrics[key] == 1.0
+
+
+def test_model_control_is_off_unless_enabled(model_server: str) -> None:
+    for action in ("load", "unload"):
+        response = httpx.post(f"{model_server}/v2/repository/models/digits/{action}")
+        assert response.status_code == 404
+    assert httpx.get(f"{model_server}/v2/models/digits/ready").status_code == 200
+    assert httpx.post(f"{model_server}/v2/repository/index").status_code == 200
