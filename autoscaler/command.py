@@ -123,7 +123,8 @@ async def _serve(args: argparse.Namespace, scaler: KubernetesScaler) -> None:
     from autoscaler.loop import Autoscaler
     from autoscaler.metrics import AutoscalerMetrics
     from autoscaler.sources import DCGM_QUERY, GatewayStats, PodMetrics, PrometheusQuery, Signals
-    from protocol.support import ManagedServer, cancel_and_wait
+    from protocol.server import ManagedServer
+    from protocol.support import cancel_and_wait
 
     metrics = AutoscalerMetrics(CollectorRegistry())
     stuck_after_s = max(STUCK_AFTER_S, 10 * args.interval_s)

@@ -20,6 +20,7 @@ from autoscaler.command import add_parser as add_autoscaler_parser
 from autoscaler.simulation.command import add_parser as add_simulate_parser
 from loadtests.command import add_bench_parser, add_loadtest_parser
 from protocol import __version__
+from protocol.support import missing_extra
 
 if TYPE_CHECKING:
     from gateway.config import GatewayConfig
@@ -211,9 +212,9 @@ def _serve(args: argparse.Namespace) -> int:
     from bazaar.local import LocalWorkers
     from gateway.server import run
 
-    repository = args.model_repository
+    repository = args.model_repository or _demo_repository()
     if repository is None:
-        repository = _demo_repository()
+        return 2
     autoscale = None
     if not args.no_autoscale:
         most = args.max_workers_per_model or max(args.workers_per_model, os.cpu_count() or 1)
@@ -272,11 +273,19 @@ def _gateway_config(args: argparse.Namespace) -> GatewayConfig:
     )
 
 
-def _demo_repository() -> Path:
-    """The demo repository, built once; a marker written last tells a finished build."""
+DEMO_EXTRA = ("sklearn", "skl2onnx", "onnx")
+"""What ``bazaar models build-demo`` imports beyond serving: the ``demo`` extra."""
+
+
+def _demo_repository() -> Path | None:
+    """The demo repository, built once; a marker written last tells a finished build. None
+    (said why) when it must be built and the demo extra is not installed."""
+    marker = DEMO_REPOSITORY / ".complete"
+    if not marker.exists() and (problem := missing_extra("bazaar serve", "demo", DEMO_EXTRA)):
+        log.error("%s; or give --model-repository", problem)
+        return None
     from models.demo import build_demo_repository
 
-    marker = DEMO_REPOSITORY / ".complete"
     if not marker.exists():
         log.info("building the demo repository in %s", DEMO_REPOSITORY)
         build_demo_repository(DEMO_REPOSITORY)
@@ -353,6 +362,9 @@ def _fetch(args: argparse.Namespace) -> int:
 
 
 def _build_demo(args: argparse.Namespace) -> int:
+    if problem := missing_extra("bazaar models build-demo", "demo", DEMO_EXTRA):
+        log.error("%s", problem)
+        return 2
     from models.demo import build_demo_repository
 
     names = build_demo_repository(args.directory)

@@ -30,7 +30,7 @@ from gateway.client import HttpModelClient
 from gateway.config import GatewayConfig
 from gateway.discovery import EndpointSource
 from gateway.metrics import GatewayMetrics
-from protocol.support import ManagedServer
+from protocol.server import ManagedServer
 
 log = logging.getLogger(__name__)
 

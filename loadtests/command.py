@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import argparse
 import re
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from loadtests.shapes import SCENARIOS
+from protocol.support import missing_extra
 
 BENCH_MODELS = ("digits", "mlp", "mlp_wide")
 """The demo models the benchmark knows the input width of."""
@@ -161,6 +163,9 @@ def run_bench(args: argparse.Namespace) -> int:
 
 
 def run_loadtest(args: argparse.Namespace) -> int:
+    if problem := missing_extra("bazaar loadtest", "tools", ("locust", "matplotlib")):
+        print(problem, file=sys.stderr)
+        return 2
     from loadtests.runner import LoadTestConfig, run
     from loadtests.verdict import Slo
 

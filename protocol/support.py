@@ -1,9 +1,9 @@
-"""What every long-running process of ours does the same way, written once.
+"""What every process of ours does the same way, written once (standard library only, so the
+command line can use it without importing a web stack).
 
-- ``ManagedServer``: uvicorn's server without its own signal handling, which the process
-  owns. uvicorn re-raises a caught SIGTERM once it has drained, which would end the process
-  before its shutdown step (stopping workers, closing clients) has run.
 - ``free_port``: a port for a child server or a test server.
+- ``missing_extra``: a command whose optional dependencies are not installed says which
+  extra brings them, instead of a traceback (the serving image has none of them).
 - ``cancel_and_wait``: stop background tasks and wait until they have ended, so nothing they
   hold outlives the stop (a socket, a child process, a thread's call).
 - ``ProblemLog``: a failure that repeats every tick (an unreachable gateway, a refused RBAC
@@ -15,28 +15,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import logging
 import socket
-from collections.abc import Hashable, Iterator, Mapping
+from collections.abc import Hashable, Mapping
 from typing import Any, TypeVar
-
-import uvicorn
 
 Key = TypeVar("Key", bound=Hashable)
 
 
-class ManagedServer(uvicorn.Server):
-    """uvicorn's server; the process calls ``stop`` from its own signal handlers."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
-
-    def stop(self) -> None:
-        """First call: drain and stop. A second one: stop without waiting."""
-        if self.should_exit:
-            self.force_exit = True
-        self.should_exit = True
+def missing_extra(command: str, extra: str, modules: tuple[str, ...]) -> str | None:
+    """Why ``command`` cannot run, if one of ``modules`` (of the ``extra``) is missing."""
+    missing = [module for module in modules if importlib.util.find_spec(module) is None]
+    if not missing:
+        return None
+    return (
+        f"{command} needs the {extra} extra: pip install 'bazaar[{extra}]' "
+        f"(missing: {', '.join(missing)})"
+    )
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -20,7 +20,10 @@ def test_the_import_contracts_are_kept() -> None:
     assert "0 broken" in done.stdout
 
 
-HEAVY = ["numpy", "prometheus_client", "aiohttp", "onnxruntime", "kubernetes", "matplotlib"]
+HEAVY = [
+    "numpy", "prometheus_client", "aiohttp", "onnxruntime", "kubernetes", "matplotlib",
+    "uvicorn", "starlette",
+]  # fmt: skip
 
 
 def test_bazaar_help_imports_nothing_heavy() -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from autoscaler.simulation.catalog import POLICIES, TRACES
+from protocol.support import missing_extra
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -51,6 +52,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     """Run every trace x policy, print the table, write JSON and plots; 0 on success, 2 on a
     trace that cannot be loaded."""
+    if problem := missing_extra("bazaar simulate", "tools", ("matplotlib",)):
+        print(problem, file=sys.stderr)  # before minutes of simulation, not after
+        return 2
     from autoscaler.simulation import benchmark, report
     from autoscaler.simulation.simulator import SimConfig
     from autoscaler.simulation.traces import TraceError, load
