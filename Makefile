@@ -20,7 +20,10 @@ $(INSTALLED): pyproject.toml
 serve: $(INSTALLED)
 	$(BIN)/bazaar serve --host $(HOST) --port $(PORT)
 
+# The real Kubernetes control plane the tests run against is built once, outside the checkout
+# (tests/controlplane/build.sh: about 10 minutes on 2 cores the first time, then nothing).
 test: $(INSTALLED)
+	bash tests/controlplane/build.sh
 	$(BIN)/python -m pytest
 
 # Throughput and latency against raw ONNX Runtime and two reference servers (BENCHMARKS.md).
