@@ -20,10 +20,12 @@ $(INSTALLED): pyproject.toml
 serve: $(INSTALLED)
 	$(BIN)/bazaar serve --host $(HOST) --port $(PORT)
 
-# The real Kubernetes control plane the tests run against is built once, outside the checkout
-# (tests/controlplane/build.sh: about 10 minutes on 2 cores the first time, then nothing).
+# Set-up outside the checkout, once: the real Kubernetes control plane the tests run against
+# (tests/controlplane/build.sh: about 10 minutes on 2 cores the first time, then nothing) and
+# checkov in a venv of its own (its pins conflict with ours).
 test: $(INSTALLED)
 	bash tests/controlplane/build.sh
+	bash tests/deploy/checkov.sh
 	$(BIN)/python -m pytest
 
 # Throughput and latency against raw ONNX Runtime and two reference servers (BENCHMARKS.md).

@@ -282,18 +282,49 @@ def endpoint_slice(
     ports: dict[str, int],
     address_type: str,
 ) -> dict[str, Any]:
+    """A slice as the endpointslice controller writes it (the shape read off the real 1.20
+    controller in tests/controlplane, in its v1 form: ``nodeName`` for ``topology``, and the
+    ``serving``/``terminating`` conditions of 1.22+): one endpoint per pod, its address, its
+    conditions, the pod it targets, and the ports by the Service port's name with the
+    container's port number."""
     return {
         "apiVersion": "discovery.k8s.io/v1",
         "kind": "EndpointSlice",
         "metadata": {
             "name": name,
+            "generateName": f"{service_name}-",
             "namespace": namespace,
-            "labels": {"kubernetes.io/service-name": service_name},
+            "labels": {
+                "endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io",
+                "kubernetes.io/service-name": service_name,
+            },
+            "ownerReferences": [
+                {
+                    "apiVersion": "v1",
+                    "kind": "Service",
+                    "name": service_name,
+                    "controller": True,
+                    "blockOwnerDeletion": True,
+                    "uid": f"uid-{service_name}",
+                }
+            ],
         },
         "addressType": address_type,
         "endpoints": [
-            {"addresses": [address], "conditions": {} if ready is None else {"ready": ready}}
-            for address, ready in endpoints
+            {
+                "addresses": [address],
+                "conditions": {}
+                if ready is None
+                else {"ready": ready, "serving": ready, "terminating": False},
+                "nodeName": "bazaar-node",
+                "targetRef": {
+                    "kind": "Pod",
+                    "name": f"{service_name}-{index}",
+                    "namespace": namespace,
+                    "uid": f"uid-{service_name}-{index}",
+                },
+            }
+            for index, (address, ready) in enumerate(endpoints)
         ],
         "ports": [
             {"name": port_name, "port": port, "protocol": "TCP"}

@@ -53,12 +53,12 @@ def rendered(overlay: str) -> list[dict[str, Any]]:
     return [doc for doc in yaml.safe_load_all(out) if doc]
 
 
-def apply(control_plane: ControlPlane, documents: list[dict[str, Any]]) -> str:
+def apply(control_plane: ControlPlane, documents: list[dict[str, Any]], *options: str) -> str:
     served = [
         doc for doc in documents if (doc["apiVersion"], doc["kind"]) not in NOT_SERVED_BY_1_20
     ]
     done = subprocess.run(
-        ["kubectl", "--kubeconfig", str(control_plane.kubeconfig), "apply", "-f", "-"],
+        ["kubectl", "--kubeconfig", str(control_plane.kubeconfig), "apply", *options, "-f", "-"],
         input=yaml.safe_dump_all(served),
         capture_output=True,
         text=True,
@@ -101,6 +101,19 @@ def test_the_overlay_creates_everything_and_its_pods_become_ready(
     wait_for(lambda: ready(MODEL) == 1, 60, "one ready model pod")
     policies = client.NetworkingV1Api(deployed).list_namespaced_network_policy(NAMESPACE)
     assert {p.metadata.name for p in policies.items} >= {"default-deny-ingress", "bazaar-model"}
+
+
+@pytest.mark.parametrize("kustomization", ["overlays/gpu", "locust"])
+def test_the_other_renders_pass_the_real_servers_validation_and_admission(
+    control_plane: ControlPlane, deployed: client.ApiClient, kustomization: str
+) -> None:
+    """A server-side dry run: every object goes through the API server's validation and
+    admission (into the namespace the CPU overlay made), and nothing is stored."""
+    documents = [doc for doc in rendered(kustomization) if doc["kind"] != "Namespace"]
+    output = apply(control_plane, documents, "--dry-run=server")
+    assert "(server dry run)" in output
+    kinds = {doc["kind"] for doc in documents} - {kind for _, kind in NOT_SERVED_BY_1_20}
+    assert len(output.strip().splitlines()) == sum(1 for doc in documents if doc["kind"] in kinds)
 
 
 def test_reapplying_the_manifests_keeps_the_replicas_the_autoscaler_set(
