@@ -7,16 +7,14 @@ import logging
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
-from kubernetes.client import ApiClient, Configuration
 from prometheus_client import CollectorRegistry
 
 from autoscaler.deployments import REQUIRED_RBAC, KubernetesScaler
 from autoscaler.loop import Autoscaler, ScalerError, ScaleTarget
 from autoscaler.metrics import AutoscalerMetrics
 from autoscaler.policy import Decision, PolicyState, Sample, ScaleConfig
-from cluster.api import Cluster
 from cluster.lease import LeaderElection
-from tests.cluster.fake_kubernetes import FakeKubernetes, serving
+from tests.cluster.fake_kubernetes import FakeKubernetes, cluster_at, serving
 
 LIST_DEPLOYMENTS = ("apps", "deployments", "list")
 GET_SCALE = ("apps", "deployments/scale", "get")
@@ -76,15 +74,8 @@ def sleeps() -> Sleeps:
 
 @pytest.fixture
 def scaler(api_url: str, sleeps: Sleeps) -> Iterator[KubernetesScaler]:
-    configuration = Configuration(host=api_url)
-    configuration.retries = False  # as cluster.api.connect() sets it
-    cluster = Cluster(
-        "default",
-        "autoscaler",
-        logging.getLogger("autoscaler.deployments"),
-        ApiClient(configuration),
-        request_timeout_s=0.3,
-        sleep=sleeps,
+    cluster = cluster_at(
+        api_url, "autoscaler", "autoscaler.deployments", request_timeout_s=0.3, sleep=sleeps
     )
     scaler = KubernetesScaler(cluster)
     yield scaler

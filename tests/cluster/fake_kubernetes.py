@@ -22,16 +22,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from kubernetes.client import ApiClient, Configuration
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from cluster.api import Cluster
 from tests.support import serve
 
 
@@ -385,6 +388,16 @@ def _status(code: int, reason: str, message: str) -> Response:
         "code": code,
     }
     return JSONResponse(body, status_code=code)
+
+
+def cluster_at(url: str, account: str, logger: str, **options: Any) -> Cluster:
+    """The seam's ``Cluster`` for namespace ``default`` of the API at ``url``, configured as
+    ``cluster.api.connect()`` configures it (urllib3's own retries off)."""
+    configuration = Configuration(host=url)
+    configuration.retries = False
+    return Cluster(
+        "default", account, logging.getLogger(logger), ApiClient(configuration), **options
+    )
 
 
 @contextlib.asynccontextmanager

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import AsyncIterator
 
 import pytest
-from kubernetes.client import ApiClient, Configuration
 
-from cluster.api import Cluster
 from cluster.lease import LEASE_RBAC, LeaderElection
-from tests.cluster.fake_kubernetes import FakeKubernetes, serving
+from tests.cluster.fake_kubernetes import FakeKubernetes, cluster_at, serving
 from tests.support import eventually
 
 
@@ -31,9 +28,7 @@ async def api() -> AsyncIterator[tuple[FakeKubernetes, str]]:
 
 
 def candidate(url: str, identity: str, clock: Clock) -> LeaderElection:
-    configuration = Configuration(host=url)
-    configuration.retries = False
-    cluster = Cluster("default", "autoscaler", logging.getLogger("lease"), ApiClient(configuration))
+    cluster = cluster_at(url, "autoscaler", "lease")
     return LeaderElection(cluster, "bazaar-autoscaler", identity, clock=clock)
 
 

@@ -3,24 +3,15 @@ metrics of, the same set (the ready endpoints of the model's Services)."""
 
 from __future__ import annotations
 
-import logging
 from urllib.parse import urlsplit
 
-from kubernetes.client import ApiClient, Configuration
 from prometheus_client import CollectorRegistry
 
 from autoscaler.deployments import KubernetesScaler
-from cluster.api import Cluster
 from gateway.discovery import EndpointSlices
-from tests.cluster.fake_kubernetes import FakeKubernetes, serving
+from tests.cluster.fake_kubernetes import FakeKubernetes, cluster_at, serving
 
 PORTS = {"http": 8000, "metrics": 8002}
-
-
-def cluster(url: str, account: str) -> Cluster:
-    configuration = Configuration(host=url)
-    configuration.retries = False
-    return Cluster("default", account, logging.getLogger(account), ApiClient(configuration))
 
 
 async def test_the_autoscaler_reads_exactly_the_pods_the_gateway_routes_to() -> None:
@@ -40,10 +31,10 @@ async def test_the_autoscaler_reads_exactly_the_pods_the_gateway_routes_to() -> 
     )
     routed: dict[str, list[str]] = {}
     async with serving(fake) as url:
-        source = EndpointSlices(cluster(url, "gateway"))
+        source = EndpointSlices(cluster_at(url, "gateway", "gateway"))
         await source.start(lambda model, urls: routed.__setitem__(model, urls), CollectorRegistry())
         await source.stop()
-        scaler = KubernetesScaler(cluster(url, "autoscaler"))
+        scaler = KubernetesScaler(cluster_at(url, "autoscaler", "autoscaler"))
         [target] = await scaler.targets()
         scaler.close()
 

@@ -15,12 +15,10 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 import yaml
-from kubernetes.client import ApiClient, Configuration
 from prometheus_client import CollectorRegistry
 
-from cluster.api import Cluster
 from gateway.discovery import REQUIRED_RBAC, EndpointSlices
-from tests.cluster.fake_kubernetes import FakeKubernetes, serving
+from tests.cluster.fake_kubernetes import FakeKubernetes, cluster_at, serving
 from tests.support import bazaar_process, eventually, free_port
 
 LIST_SERVICES = ("", "services", "list")
@@ -67,15 +65,7 @@ async def api_url(fake: FakeKubernetes) -> AsyncIterator[str]:
 
 @pytest.fixture
 async def source(api_url: str) -> AsyncIterator[EndpointSlices]:
-    configuration = Configuration(host=api_url)
-    configuration.retries = False  # as cluster.api.connect() sets it
-    cluster = Cluster(
-        "default",
-        "gateway",
-        logging.getLogger("gateway.discovery"),
-        ApiClient(configuration),
-        request_timeout_s=1.0,
-    )
+    cluster = cluster_at(api_url, "gateway", "gateway.discovery", request_timeout_s=1.0)
     source = EndpointSlices(cluster, resync_s=RESYNC_S)
     yield source
     await source.stop()
