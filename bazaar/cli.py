@@ -20,6 +20,8 @@ from autoscaler.command import add_parser as add_autoscaler_parser
 from autoscaler.simulation.command import add_parser as add_simulate_parser
 from loadtests.command import add_bench_parser, add_loadtest_parser
 from protocol import __version__
+from protocol.arguments import non_negative_float, port, positive_float, positive_int
+from protocol.limits import EdgeLimits
 from protocol.support import missing_extra
 
 if TYPE_CHECKING:
@@ -61,11 +63,11 @@ def parser() -> argparse.ArgumentParser:
     server.add_argument("--model-repository", type=Path, required=True, metavar="DIR")
     server.add_argument("--host", default="127.0.0.1")
     server.add_argument(
-        "--port", type=int, default=8000, help="the v2 data plane: metadata, inference (8000)"
+        "--port", type=port, default=8000, help="the v2 data plane: metadata, inference (8000)"
     )
     server.add_argument(
         "--control-port",
-        type=int,
+        type=port,
         metavar="PORT",
         help="serve /metrics and the repository routes on this port only, and the data plane "
         "only on --port (for a NetworkPolicy; default: everything on --port)",
@@ -83,11 +85,41 @@ def parser() -> argparse.ArgumentParser:
         help="serve the repository's load and unload routes (off: they change what the pod serves)",
     )
     server.add_argument(
+        "--max-override-batch-size",
+        type=positive_int,
+        default=1024,
+        metavar="N",
+        help="largest max_batch_size a load request's config may set (default %(default)s)",
+    )
+    server.add_argument(
+        "--max-override-threads",
+        type=positive_int,
+        metavar="N",
+        help="largest intra_op_threads and inter_op_threads a load request's config may set "
+        "(default: the CPUs this process may use)",
+    )
+    server.add_argument(
+        "--max-override-instances",
+        type=positive_int,
+        default=8,
+        metavar="N",
+        help="largest instances a load request's config may set (default %(default)s)",
+    )
+    server.add_argument(
+        "--max-models",
+        type=positive_int,
+        default=64,
+        metavar="N",
+        help="models the pod keeps in its table (loaded, failed or unloaded); further API "
+        "loads are refused (default %(default)s)",
+    )
+    server.add_argument(
         "--device",
         choices=["cpu", "cuda", "auto"],
         help="compute every model on this device, whatever its config says (a pod that "
         "holds a GPU says cuda: it then fails to load rather than compute on the CPU)",
     )
+    _edge_options(server)
     server.set_defaults(run=_model_server)
 
     serve = commands.add_parser(
@@ -100,10 +132,10 @@ def parser() -> argparse.ArgumentParser:
         help=f"default: the demo repository, built in {DEMO_REPOSITORY} when missing",
     )
     serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--port", type=port, default=8000)
     serve.add_argument(
         "--workers-per-model",
-        type=int,
+        type=positive_int,
         default=1,
         metavar="N",
         help="workers each model starts with, and the fewest it keeps unless "
@@ -111,20 +143,20 @@ def parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--max-workers-per-model",
-        type=int,
+        type=positive_int,
         metavar="N",
         help="the most the autoscaler may start (default: the number of CPUs)",
     )
     serve.add_argument(
         "--scale-down-window",
-        type=float,
+        type=non_negative_float,
         default=120.0,
         metavar="SECONDS",
         help="workers are removed only when not needed for this long (default %(default)s)",
     )
     serve.add_argument(
         "--scale-to-zero-after",
-        type=float,
+        type=positive_float,
         metavar="SECONDS",
         help="stop every worker of a model idle this long; its next request is held until "
         "a worker is back (default: never)",
@@ -158,7 +190,7 @@ def parser() -> argparse.ArgumentParser:
         "else ~/.kube/config)",
     )
     gateway.add_argument("--host", default="127.0.0.1")
-    gateway.add_argument("--port", type=int, default=8000)
+    gateway.add_argument("--port", type=port, default=8000)
     _gateway_options(gateway)
     gateway.set_defaults(run=_gateway)
 
@@ -186,24 +218,131 @@ def parser() -> argparse.ArgumentParser:
 def _gateway_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-batches-per-endpoint",
-        type=int,
+        type=positive_int,
         default=MAX_BATCHES_PER_ENDPOINT,
         metavar="N",
         help="batches in flight per endpoint (default %(default)s)",
     )
     parser.add_argument(
         "--max-queue-time",
-        type=float,
+        type=positive_float,
         default=MAX_QUEUE_TIME_S,
         metavar="SECONDS",
         help="longest any request waits in the gateway's queue (default %(default)s)",
     )
     parser.add_argument(
         "--drain-timeout",
-        type=float,
+        type=non_negative_float,
         default=DRAIN_TIMEOUT_S,
         metavar="SECONDS",
         help="on SIGTERM, the longest to wait for requests in flight (default %(default)s)",
+    )
+    _edge_options(parser)
+
+
+EDGE = EdgeLimits()
+
+
+def _edge_options(parser: argparse.ArgumentParser) -> None:
+    """What a client may send and how slowly (``protocol.limits``); beyond, a JSON error."""
+    edge = parser.add_argument_group("client limits")
+    for flag, kind, metavar, default, text in [
+        (
+            "--max-header-bytes",
+            positive_int,
+            "BYTES",
+            EDGE.max_header_bytes,
+            "request line and headers together (431 beyond)",
+        ),
+        (
+            "--max-headers",
+            positive_int,
+            "N",
+            EDGE.max_headers,
+            "header fields in a request (431 beyond)",
+        ),
+        (
+            "--max-url-bytes",
+            positive_int,
+            "BYTES",
+            EDGE.max_url_bytes,
+            "request target, path and query (414 beyond)",
+        ),
+        (
+            "--max-body-bytes",
+            positive_int,
+            "BYTES",
+            EDGE.max_body_bytes,
+            "request body on every route but inference (413 beyond)",
+        ),
+        (
+            "--max-infer-body-bytes",
+            positive_int,
+            "BYTES",
+            EDGE.max_infer_body_bytes,
+            "inference request body, read into memory whole (413 beyond)",
+        ),
+        (
+            "--header-timeout",
+            positive_float,
+            "SECONDS",
+            EDGE.header_timeout_s,
+            "from a request's first byte, the longest its headers may take (408 beyond)",
+        ),
+        (
+            "--body-timeout",
+            positive_float,
+            "SECONDS",
+            EDGE.body_timeout_s,
+            "the longest a body may take, plus one second per --body-min-rate bytes (408 beyond)",
+        ),
+        (
+            "--body-min-rate",
+            positive_int,
+            "BYTES_PER_S",
+            EDGE.body_min_rate,
+            "the pace a body must keep past --body-timeout",
+        ),
+        (
+            "--keep-alive-timeout",
+            positive_float,
+            "SECONDS",
+            EDGE.keep_alive_timeout_s,
+            "an idle connection (new, or between requests) is closed after this",
+        ),
+        (
+            "--max-connections",
+            positive_int,
+            "N",
+            EDGE.max_connections,
+            "open connections; at the cap a new one closes the longest idle",
+        ),
+        (
+            "--max-concurrent-requests",
+            positive_int,
+            "N",
+            EDGE.max_concurrent_requests,
+            "requests in progress (503 with Retry-After beyond)",
+        ),
+    ]:
+        edge.add_argument(
+            flag, type=kind, default=default, metavar=metavar, help=f"{text} (default %(default)s)"
+        )
+
+
+def _edge_limits(args: argparse.Namespace) -> EdgeLimits:
+    return EdgeLimits(
+        max_header_bytes=args.max_header_bytes,
+        max_headers=args.max_headers,
+        max_url_bytes=args.max_url_bytes,
+        max_body_bytes=args.max_body_bytes,
+        max_infer_body_bytes=args.max_infer_body_bytes,
+        header_timeout_s=args.header_timeout,
+        body_timeout_s=args.body_timeout,
+        body_min_rate=args.body_min_rate,
+        keep_alive_timeout_s=args.keep_alive_timeout,
+        max_connections=args.max_connections,
+        max_concurrent_requests=args.max_concurrent_requests,
     )
 
 
@@ -270,6 +409,7 @@ def _gateway_config(args: argparse.Namespace) -> GatewayConfig:
         max_batches_per_endpoint=args.max_batches_per_endpoint,
         max_queue_time_s=args.max_queue_time,
         drain_timeout_s=args.drain_timeout,
+        edge=_edge_limits(args),
     )
 
 
@@ -318,9 +458,11 @@ def _model_server(args: argparse.Namespace) -> int:
 
     import uvicorn
 
+    from models.limits import ModelLimits, cpu_count
     from models.repository import ModelRepository
     from models.server import create_app
     from models.store import ModelStore
+    from protocol.edge import uvicorn_options
     from protocol.errors import ConfigError
 
     try:
@@ -328,7 +470,13 @@ def _model_server(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         log.error("%s", exc)
         return 2
-    store = ModelStore(repository, args.models, args.device)
+    limits = ModelLimits(
+        max_batch_size=args.max_override_batch_size,
+        max_threads=args.max_override_threads or cpu_count(),
+        max_instances=args.max_override_instances,
+        max_models=args.max_models,
+    )
+    store = ModelStore(repository, args.models, args.device, limits)
     app = create_app(store, None, args.control_port, args.enable_model_control)
     family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
     ports = [args.port] if args.control_port is None else [args.port, args.control_port]
@@ -342,7 +490,11 @@ def _model_server(args: argparse.Namespace) -> int:
     # SIGTERM: uvicorn stops accepting and finishes the batches in flight (a pod call lasts
     # at most the gateway's call timeout, 60 s), then the process exits.
     config = uvicorn.Config(
-        app, log_level=args.log_level, access_log=False, timeout_graceful_shutdown=60
+        app,
+        log_level=args.log_level,
+        access_log=False,
+        timeout_graceful_shutdown=60,
+        **uvicorn_options(_edge_limits(args)),
     )
     uvicorn.Server(config).run(sockets=sockets)
     return 0

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +11,7 @@ import yaml
 
 from gateway.dispatcher import BatchPolicy
 from protocol.errors import ConfigError
+from protocol.limits import EdgeLimits
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,6 +26,9 @@ class GatewayConfig:
     """On SIGTERM, the longest the gateway waits for the requests in flight before it stops:
     a request lives at most the queue time and a pod call (90 s by default). Kubernetes'
     terminationGracePeriodSeconds must exceed it, plus the preStop wait."""
+    edge: EdgeLimits = field(default_factory=EdgeLimits)
+    """What a client may send and how slowly: header, URL and body sizes, read and idle
+    timeouts, the connection and concurrent request caps (``protocol.limits``)."""
 
 
 def batch_policy(config: Mapping[str, Any], gateway: GatewayConfig) -> BatchPolicy:

@@ -4,7 +4,8 @@
 
 1. startup: the HTTP client, the metrics registry, the catalog, and the endpoint source
    (a static file, or the local supervisor that starts model workers);
-2. serve until SIGINT or SIGTERM;
+2. serve until SIGINT or SIGTERM, behind the edge's limits on what clients send and how
+   slowly (``protocol.edge``, set by ``config.edge``);
 3. drain: uvicorn stops accepting connections and waits for the requests in flight, whose
    handlers wait on the dispatchers, so every admitted request is answered first (for at
    most ``drain_timeout_s``, which outlasts any request: a bound, not a budget);
@@ -30,6 +31,7 @@ from gateway.client import HttpModelClient
 from gateway.config import GatewayConfig
 from gateway.discovery import EndpointSource
 from gateway.metrics import GatewayMetrics
+from protocol.edge import uvicorn_options
 from protocol.server import ManagedServer
 
 log = logging.getLogger(__name__)
@@ -52,6 +54,7 @@ async def run(
                 access_log=False,
                 lifespan="off",
                 timeout_graceful_shutdown=math.ceil(config.drain_timeout_s),
+                **uvicorn_options(config.edge),
             )
         )
         loop = asyncio.get_running_loop()

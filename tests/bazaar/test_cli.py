@@ -7,12 +7,16 @@ import pytest
 from bazaar.cli import main, parser
 from gateway.config import GatewayConfig
 from protocol import __version__
+from protocol.limits import EdgeLimits
 
 
 @pytest.mark.parametrize(
     "command,options",
     [
-        (["model-server"], ["--model-repository", "--model"]),
+        (
+            ["model-server"],
+            ["--model-repository", "--model", "--max-override-batch-size", "--max-models"],
+        ),
         (["serve"], ["--workers-per-model", "--max-workers-per-model", "--scale-to-zero-after"]),
         (["gateway"], ["--endpoints", "--kubernetes-namespace", "--max-queue-time"]),
         (["autoscaler"], ["--namespace", "--gateway", "--prometheus"]),
@@ -53,3 +57,49 @@ def test_the_gateway_options_default_to_the_gateway_config() -> None:
     assert args.max_batches_per_endpoint == defaults.max_batches_per_endpoint
     assert args.max_queue_time == defaults.max_queue_time_s
     assert args.drain_timeout == defaults.drain_timeout_s
+
+
+@pytest.mark.parametrize(
+    "option,value",
+    [
+        ("--max-queue-time", "0"),
+        ("--max-queue-time", "-5"),
+        ("--max-queue-time", "nan"),
+        ("--drain-timeout", "-1"),
+        ("--max-batches-per-endpoint", "0"),
+        ("--port", "70000"),
+        ("--header-timeout", "0"),
+        ("--max-connections", "-1"),
+        ("--max-body-bytes", "1.5"),
+    ],
+)
+def test_a_bad_number_is_refused_at_start_naming_its_option(
+    option: str, value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["gateway", "--endpoints", "file.yaml", option, value])
+    assert exited.value.code == 2
+    assert f"argument {option}: must be" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["gateway", "--endpoints", "file.yaml"],
+        ["serve"],
+        ["model-server", "--model-repository", "repo"],
+    ],
+)
+def test_every_server_takes_the_client_limits(command: list[str]) -> None:
+    from bazaar.cli import _edge_limits
+
+    assert _edge_limits(parser().parse_args(command)) == EdgeLimits()
+    limits = _edge_limits(parser().parse_args([*command, "--header-timeout", "0.5"]))
+    assert limits.header_timeout_s == 0.5
+
+
+def test_the_gateway_config_carries_the_client_limits() -> None:
+    from bazaar.cli import _gateway_config
+
+    args = parser().parse_args(["gateway", "--endpoints", "f", "--max-connections", "7"])
+    assert _gateway_config(args).edge.max_connections == 7

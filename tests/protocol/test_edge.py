@@ -1,0 +1,304 @@
+"""The HTTP edge on a real uvicorn: every limit answers its JSON error, the hot path stays whole."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import select
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+import uvicorn
+from starlette.types import Receive, Scope, Send
+
+from protocol.edge import connection_cap, uvicorn_options
+from protocol.errors import ConfigError
+from protocol.fastpath import MAX_BODY_BYTES
+from protocol.limits import EdgeLimits
+from protocol.support import free_port
+from tests.support import wait_until
+
+RELEASE = threading.Event()
+HELD: list[None] = []
+"""One entry per ``/hold`` request waiting for ``RELEASE``."""
+
+
+async def app(scope: Scope, receive: Receive, send: Send) -> None:
+    """Reads the whole body and answers its size; ``/hold`` waits for ``RELEASE`` first."""
+    size = 0
+    more = True
+    while more:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+        size += len(message.get("body", b""))
+        more = message.get("more_body", False)
+    if scope["path"] == "/hold":
+        HELD.append(None)
+        await asyncio.to_thread(RELEASE.wait, 10)
+    body = json.dumps({"size": size}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+@contextlib.contextmanager
+def edge_server(limits: EdgeLimits) -> Iterator[int]:
+    """A uvicorn server with ``limits`` in a thread of its own; yields its port."""
+    port = free_port()
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=port, log_level="warning", lifespan="off",
+        **uvicorn_options(limits),
+    )  # fmt: skip
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    wait_until(lambda: server.started, 10, "the edge server to start")
+    try:
+        yield port
+    finally:
+        RELEASE.set()
+        server.should_exit = True
+        thread.join(10)
+        RELEASE.clear()
+        HELD.clear()
+
+
+def connect(port: int) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", port), timeout=5)
+
+
+def read_response(sock: socket.socket, timeout_s: float = 5.0) -> tuple[int, dict[str, str], bytes]:
+    """One response (status, headers, body) with a Content-Length; fails past the timeout.
+    Bytes past it are dropped: for one answer per read, not pipelined ones."""
+    sock.settimeout(timeout_s)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, f"closed without an answer: {data!r}"
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    headers = dict(line.split(": ", 1) for line in lines[1:])
+    headers = {name.lower(): value for name, value in headers.items()}
+    while len(body) < int(headers["content-length"]):
+        chunk = sock.recv(65536)
+        assert chunk
+        body += chunk
+    return int(lines[0].split()[1]), headers, body
+
+
+def closed(sock: socket.socket, timeout_s: float) -> bool:
+    """Whether the peer closes within the timeout (whatever it sends first is skipped)."""
+    sock.settimeout(timeout_s)
+    try:
+        while sock.recv(65536):
+            pass
+    except TimeoutError:
+        return False
+    except ConnectionResetError:
+        pass
+    return True
+
+
+def get(port: int, path: str = "/") -> int:
+    with connect(port) as sock:
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        return read_response(sock)[0]
+
+
+def test_a_header_section_over_the_limit_is_answered_431_as_it_streams() -> None:
+    with edge_server(EdgeLimits(max_header_bytes=4096)) as port, connect(port) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: ")
+        sent = 0
+        while not ready(sock):
+            assert sent < 1024 * 1024, "no answer after 1 MiB of header"
+            sock.sendall(b"a" * 1024)
+            sent += 1024
+            time.sleep(0.001)
+        assert get(port) == 200  # another client is served meanwhile
+        status, _, body = read_response(sock)
+        assert status == 431
+        assert (
+            json.loads(body)["error"] == "request headers are larger than the limit of 4096 bytes"
+        )
+
+
+def ready(sock: socket.socket) -> bool:
+    """Whether the server has answered (or closed) yet."""
+    return bool(select.select([sock], [], [], 0)[0])
+
+
+def test_too_many_header_fields_are_answered_431() -> None:
+    with edge_server(EdgeLimits(max_headers=10)) as port, connect(port) as sock:
+        fields = "".join(f"X-{i}: v\r\n" for i in range(11))
+        sock.sendall(f"GET / HTTP/1.1\r\nHost: x\r\n{fields}\r\n".encode())
+        status, headers, body = read_response(sock)
+    assert (status, headers["content-type"]) == (431, "application/json")
+    assert json.loads(body)["error"] == "more header fields than the limit of 10"
+
+
+def test_a_long_url_is_answered_414_in_json() -> None:
+    with edge_server(EdgeLimits()) as port, connect(port) as sock:
+        sock.sendall(b"GET /" + b"a" * 100_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+        status, _, body = read_response(sock)
+    assert status == 414
+    assert json.loads(body) == {"error": "the URL is longer than the limit of 8192 bytes"}
+
+
+def test_an_invalid_request_is_answered_400_in_json() -> None:
+    with edge_server(EdgeLimits()) as port, connect(port) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nBad Header\r\n\r\n")
+        status, _, body = read_response(sock)
+    assert status == 400
+    assert json.loads(body)["error"].startswith("invalid HTTP request")
+
+
+@pytest.mark.parametrize(
+    "path,limit", [("/v2/repository/index", 1000), ("/v2/models/m/infer", 5000)]
+)
+def test_a_declared_body_over_the_route_limit_is_refused_before_it_is_sent(
+    path: str, limit: int
+) -> None:
+    limits = EdgeLimits(max_body_bytes=1000, max_infer_body_bytes=5000)
+    with edge_server(limits) as port, connect(port) as sock:
+        sock.sendall(
+            f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {limit + 1}\r\n\r\n".encode()
+        )
+        status, headers, body = read_response(sock)
+        assert (status, headers["connection"]) == (413, "close")
+        assert (
+            json.loads(body)["error"] == f"request body is larger than the limit of {limit} bytes"
+        )
+        assert closed(sock, 5)
+
+
+def test_a_body_at_the_route_limit_is_served() -> None:
+    with edge_server(EdgeLimits(max_body_bytes=1000)) as port, connect(port) as sock:
+        sock.sendall(b"POST /any HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n" + b"x" * 1000)
+        status, _, body = read_response(sock)
+    assert (status, json.loads(body)) == (200, {"size": 1000})
+
+
+def test_a_chunked_body_is_refused_413_as_soon_as_it_passes_the_limit() -> None:
+    with edge_server(EdgeLimits(max_body_bytes=100_000)) as port, connect(port) as sock:
+        sock.sendall(b"POST /any HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+        sent = 0
+        while not ready(sock):
+            assert sent < 1024 * 1024, "no answer after ten times the limit"
+            sock.sendall(b"2000\r\n" + b"x" * 0x2000 + b"\r\n")
+            sent += 0x2000
+            time.sleep(0.001)
+        status, _, _ = read_response(sock)
+    assert status == 413
+    assert sent < 1024 * 1024
+
+
+def test_a_slow_header_section_is_answered_408() -> None:
+    with edge_server(EdgeLimits(header_timeout_s=0.5)) as port, connect(port) as sock:
+        started = time.monotonic()
+        for byte in b"GET / HTTP/1.1\r\nHost: x\r\n":
+            if ready(sock):
+                break
+            sock.sendall(bytes([byte]))
+            time.sleep(0.05)
+        status, _, body = read_response(sock)
+        assert status == 408
+        assert "headers did not arrive within 0.5 s" in json.loads(body)["error"]
+        assert 0.5 <= time.monotonic() - started < 3
+
+
+def test_a_slow_body_is_answered_408() -> None:
+    limits = EdgeLimits(body_timeout_s=0.5, body_min_rate=1000)
+    with edge_server(limits) as port, connect(port) as sock:
+        sock.sendall(b"POST /any HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n")
+        started = time.monotonic()
+        while not ready(sock):
+            assert time.monotonic() - started < 3, "the slow body was never timed out"
+            sock.sendall(b"x")
+            time.sleep(0.05)
+        status, _, body = read_response(sock)
+    assert (status, json.loads(body)) == (408, {"error": "request body did not arrive in time"})
+
+
+def test_a_body_that_keeps_its_pace_is_served_past_the_timeout() -> None:
+    limits = EdgeLimits(body_timeout_s=0.3, body_min_rate=1000)
+    with edge_server(limits) as port, connect(port) as sock:
+        sock.sendall(b"POST /any HTTP/1.1\r\nHost: x\r\nContent-Length: 600\r\n\r\n")
+        for _ in range(6):  # 100 bytes every 0.05 s: 2,000 bytes/s
+            sock.sendall(b"x" * 100)
+            time.sleep(0.05)
+        status, _, body = read_response(sock)
+    assert (status, json.loads(body)) == (200, {"size": 600})
+
+
+def test_a_connection_that_sends_nothing_is_closed_after_the_keep_alive_timeout() -> None:
+    with edge_server(EdgeLimits(keep_alive_timeout_s=0.3)) as port, connect(port) as sock:
+        assert closed(sock, 3)
+
+
+def test_at_the_connection_cap_the_idlest_connections_make_room() -> None:
+    with edge_server(EdgeLimits(max_connections=10, keep_alive_timeout_s=60)) as port:
+        idle = [connect(port) for _ in range(15)]
+        try:
+            wait_until(
+                lambda: all(closed(sock, 0.01) for sock in idle[:5]), 5, "the idlest to close"
+            )
+            assert not any(closed(sock, 0.01) for sock in idle[6:])
+            assert get(port) == 200  # and a new client is served
+        finally:
+            for sock in idle:
+                sock.close()
+
+
+def test_past_the_concurrent_request_cap_the_answer_is_503_with_retry_after() -> None:
+    with edge_server(EdgeLimits(max_concurrent_requests=2)) as port:
+        held = [connect(port) for _ in range(2)]
+        try:
+            for sock in held:
+                sock.sendall(b"GET /hold HTTP/1.1\r\nHost: x\r\n\r\n")
+            wait_until(lambda: len(HELD) == 2, 5, "two requests in progress")
+            with connect(port) as sock:
+                sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                status, headers, body = read_response(sock)
+            assert (status, headers["retry-after"]) == (503, "1")
+            assert "too many requests" in json.loads(body)["error"]
+            RELEASE.set()
+            assert [read_response(sock)[0] for sock in held] == [200, 200]
+        finally:
+            for sock in held:
+                sock.close()
+
+
+def test_keep_alive_and_pipelined_requests_are_served_as_before() -> None:
+    with edge_server(EdgeLimits()) as port, connect(port) as sock:
+        for _ in range(3):
+            sock.sendall(b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc")
+            assert read_response(sock)[0] == 200
+        sock.sendall(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n" * 3)
+        answers = b""
+        while answers.count(b'{"size": 0}') < 3:
+            chunk = sock.recv(65536)
+            assert chunk, f"closed after {answers!r}"
+            answers += chunk
+        assert answers.count(b"HTTP/1.1 200 OK") == 3
+
+
+def test_the_connection_cap_stays_under_the_file_descriptor_limit() -> None:
+    assert connection_cap(10_000, 20_000) == 10_000
+    assert connection_cap(10_000, 1024) == 768
+
+
+def test_limits_refuse_zero_and_negative_values() -> None:
+    with pytest.raises(ConfigError, match="header_timeout_s: must be a number > 0, got 0"):
+        EdgeLimits(header_timeout_s=0)
+    with pytest.raises(ConfigError, match="max_connections"):
+        EdgeLimits(max_connections=-1)
+
+
+def test_the_inference_body_limit_defaults_to_the_fast_path_s() -> None:
+    assert EdgeLimits().max_infer_body_bytes == MAX_BODY_BYTES
