@@ -7,14 +7,37 @@ endpoint, the catalog reads its metadata and batching config from it (``GET
 and starts the collector. It keeps them when the endpoints go away: a model at zero
 endpoints still validates and queues requests, which wait (bounded by their deadline and
 the queue) until an endpoint joins.
+
+What a pod serves can change under the gateway: the repository API unloads a model, or
+reloads it with another config (``max_batch_size`` lowered, say). So while a model is
+served, its watcher re-reads every discovered endpoint (readiness of the model, metadata,
+config) every ``refresh_s``, and sooner when told (``refresh``: discovery added an
+endpoint, or a pod's answer suggests the gateway's view is stale). Periodic re-reading is
+the robust choice: it works against any v2 server, sees a change in either direction
+(a limit raised as well as lowered) with or without traffic, and needs nothing the data
+port does not already serve; a pod's repository index would need the control port, which
+the gateway may not reach, and a 400 from a pod only arrives after a batch has failed.
+``reconcile`` decides, a pure function of the readings:
+
+* An endpoint that answers that it does not serve the model leaves the model's pool (its
+  requests go to the others, or wait in the queue while there are none) and rejoins when
+  it serves it again, fresh: it is not ejected, which would fail batches until a probe.
+* An endpoint whose model has other tensors or another version than the gateway validates
+  against leaves the pool too (its batches would fail); when no endpoint serves the
+  gateway's version any more (a rolling update has finished), the gateway takes the
+  new one's metadata.
+* ``max_batch_size`` is the smallest among the serving endpoints, so every batch fits
+  every pod; the dispatcher forms batches with it from then on.
+* An endpoint that could not be read keeps its place; ejection is the router's business.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from gateway.client import HttpModelClient
@@ -32,6 +55,10 @@ EndpointListener = Callable[[str, list[str]], None]
 """An endpoint source's only call into the gateway: a model and its ready endpoint URLs."""
 
 
+REFRESH_S = 5.0
+"""How often a served model's endpoints are re-read (``ModelCatalog.refresh_s``)."""
+
+
 @dataclasses.dataclass(slots=True)
 class ServedModel:
     metadata: ModelMetadata
@@ -40,29 +67,102 @@ class ServedModel:
     collector: asyncio.Task[None]
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class Reading:
+    """What one endpoint serves of a model."""
+
+    metadata: ModelMetadata
+    policy: BatchPolicy
+
+
+NOT_SERVING = "not serving"
+"""An endpoint answered that it does not serve the model (not ready, not found)."""
+UNREAD = "unread"
+"""An endpoint said it serves the model but its metadata could not be read."""
+
+EndpointReading = Reading | str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Reconciled:
+    urls: list[str]
+    """The endpoints that take the model's batches."""
+    metadata: ModelMetadata
+    max_batch_size: int
+
+
+def reconcile(
+    current: ModelMetadata, readings: Mapping[str, EndpointReading], pooled: Sequence[str]
+) -> Reconciled:
+    """The endpoints to use and the metadata to validate with, from each endpoint's reading.
+
+    ``pooled``: the endpoints in use now (an ``UNREAD`` one keeps its membership).
+    """
+    read = {url: r for url, r in readings.items() if isinstance(r, Reading)}
+    chosen = current
+    if read and not any(_same_model(r.metadata, current) for r in read.values()):
+        chosen = next(iter(read.values())).metadata  # every pod serves another version now
+    compatible = [url for url, r in read.items() if _same_model(r.metadata, chosen)]
+    urls = [
+        url for url, r in readings.items() if url in compatible or (r == UNREAD and url in pooled)
+    ]
+    sizes = [read[url].policy.max_batch_size for url in compatible]
+    max_batch_size = min(sizes) if sizes else chosen.max_batch_size
+    metadata = dataclasses.replace(chosen, max_batch_size=max_batch_size)
+    return Reconciled(urls, metadata, max_batch_size)
+
+
+def _same_model(a: ModelMetadata, b: ModelMetadata) -> bool:
+    return (a.version, a.inputs, a.outputs) == (b.version, b.inputs, b.outputs)
+
+
 class ModelCatalog:
     def __init__(
-        self, client: HttpModelClient, metrics: GatewayMetrics, config: GatewayConfig
+        self,
+        client: HttpModelClient,
+        metrics: GatewayMetrics,
+        config: GatewayConfig,
+        refresh_s: float = REFRESH_S,
     ) -> None:
         self.client = client
         self.metrics = metrics
         self.config = config
+        self.refresh_s = refresh_s
+        """Seconds between re-reads of a served model's endpoints."""
         self.models: dict[str, ServedModel] = {}
         self._endpoints: dict[str, list[str]] = {}
+        self._pooled: dict[str, list[str]] = {}
+        """Per served model, the discovered endpoints that serve it as the gateway expects."""
         self._learning: dict[str, asyncio.Task[None]] = {}
+        self._watchers: dict[str, asyncio.Task[None]] = {}
+        self._wake: dict[str, asyncio.Event] = {}
         self._learned: dict[str, asyncio.Event] = {}
         self.waiting: dict[str, int] = {}
         """Requests held per model while it has never had an endpoint (its queue demand)."""
         metrics.watch(lambda: {name: m.dispatcher for name, m in self.models.items()})
 
     def set_endpoints(self, model: str, urls: list[str]) -> None:
+        previous = self._endpoints.get(model, [])
         self._endpoints[model] = list(urls)
         self._learned.setdefault(model, asyncio.Event())
         served = self.models.get(model)
         if served is not None:
-            served.dispatcher.pool.set_endpoints(urls)
+            # A new endpoint joins at once (discovery counts it ready) and is read soon;
+            # one known not to serve the model stays out until a reading says it does.
+            pooled = set(self._pooled[model]) | {u for u in urls if u not in previous}
+            self._pooled[model] = [url for url in urls if url in pooled]
+            served.dispatcher.pool.set_endpoints(self._pooled[model])
+            if set(urls) - set(previous):
+                self.refresh(model)
         elif urls and model not in self._learning:
             self._learning[model] = asyncio.create_task(self._learn(model))
+
+    def refresh(self, model: str) -> None:
+        """Re-read ``model``'s endpoints now: a pod's answer suggests they have changed (a
+        pod said it does not serve the model, or refused a batch the gateway validated)."""
+        wake = self._wake.get(model)
+        if wake is not None:
+            wake.set()
 
     def get(self, name: str, version: str | None = None) -> ServedModel:
         served = self.models.get(name)
@@ -144,7 +244,9 @@ class ModelCatalog:
         for served in self.models.values():
             served.dispatcher.close()
         await cancel_and_wait(
-            *self._learning.values(), *(m.collector for m in self.models.values())
+            *self._learning.values(),
+            *self._watchers.values(),
+            *(m.collector for m in self.models.values()),
         )
         for served in self.models.values():
             await served.dispatcher.pool.close()
@@ -183,6 +285,9 @@ class ModelCatalog:
         self.models[model] = ServedModel(metadata, dispatcher, metrics, collector)
         self._learning.pop(model, None)
         self._learned[model].set()
+        self._pooled[model] = list(self._endpoints.get(model, []))
+        self._wake[model] = asyncio.Event()
+        self._watchers[model] = asyncio.create_task(self._watch(model), name=f"watch-{model}")
         log.info(
             "serving %s version %s: max_batch_size %d, delay %.1f ms, queue %d, %d endpoint(s)",
             model,
@@ -192,3 +297,65 @@ class ModelCatalog:
             policy.max_queue_size,
             len(pool.endpoints),
         )
+
+    async def _watch(self, model: str) -> None:
+        """Re-read the model's endpoints every ``refresh_s``, or sooner when woken."""
+        wake = self._wake[model]
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(wake.wait(), self.refresh_s)
+            wake.clear()
+            try:
+                await self._reread(model)
+            except Exception:  # a bug here must not stop the watching
+                log.exception("%s: re-reading its endpoints failed", model)
+
+    async def _reread(self, model: str) -> None:
+        served = self.models[model]
+        urls = list(self._endpoints.get(model, []))
+        readings = await asyncio.gather(*(self._read(url, model) for url in urls))
+        result = reconcile(
+            served.metadata, dict(zip(urls, readings, strict=True)), self._pooled[model]
+        )
+        if self._endpoints.get(model, []) != urls:
+            return  # discovery moved on while we read; its change has woken us again
+        dispatcher = served.dispatcher
+        if result.metadata != served.metadata:
+            log.info(
+                "%s: the pods now serve version %s with max_batch_size %d (was %s, %d)",
+                model,
+                result.metadata.version,
+                result.max_batch_size,
+                served.metadata.version,
+                served.metadata.max_batch_size,
+            )
+            served.metadata = result.metadata
+            policy = dispatcher.policy
+            dispatcher.policy = dataclasses.replace(
+                policy,
+                max_batch_size=result.max_batch_size,
+                preferred_batch_sizes=tuple(
+                    p for p in policy.preferred_batch_sizes if p <= result.max_batch_size
+                ),
+            )
+        if result.urls != self._pooled[model]:
+            left = [url for url in self._pooled[model] if url not in result.urls]
+            joined = [url for url in result.urls if url not in self._pooled[model]]
+            log.info("%s: endpoints left %s, joined %s", model, left, joined)
+            self._pooled[model] = result.urls
+            dispatcher.pool.set_endpoints(result.urls)
+
+    async def _read(self, url: str, model: str) -> EndpointReading:
+        if not await self.client.ready(url, model):
+            return NOT_SERVING
+        try:
+            metadata_json = await self.client.get_json(url, f"/v2/models/{model}")
+            config_json = await self.client.get_json(url, f"/v2/models/{model}/config")
+            policy = batch_policy(config_json, self.config)
+            metadata = ModelMetadata.from_json(
+                {**metadata_json, "parameters": {"max_batch_size": policy.max_batch_size}}
+            )
+        except (BazaarError, ValueError, TypeError, KeyError, AttributeError) as exc:
+            log.info("%s: cannot read its metadata from %s: %s", model, url, exc)
+            return UNREAD
+        return Reading(metadata, policy)

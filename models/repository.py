@@ -4,9 +4,10 @@
     <root>/<model>/<version>/model.onnx  version: a positive integer without leading zeros
 
 Model names arrive in URLs and load requests, so ``model_dir`` is the one way from a name to a
-path: it checks the name's characters and that the directory, symlinks resolved, stays under
-the root. Other entries of a model directory (``0``, ``v2``, ``README``, hidden files) are
-not versions and are ignored, so a model directory may hold notes or samples.
+path: it checks the name's length and characters before touching the disk, and that the
+directory, symlinks resolved, stays under the root. Other entries of a model directory
+(``0``, ``v2``, ``README``, hidden files) are not versions and are ignored, so a model
+directory may hold notes or samples.
 
 Nothing is cached: every call reads the disk, so a version copied in is seen by the next load.
 A selected version whose ``model.onnx`` is missing is an error rather than skipped, so a
@@ -29,6 +30,11 @@ MODEL_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 """Characters allowed in a model name; names starting with '.' are refused as well. Use
 ``fullmatch``: ``$`` alone also matches before a trailing newline."""
 
+MAX_NAME_LENGTH = 255
+"""Longest model name: a name is one directory name, and no file system we run on (ext4, xfs,
+overlayfs) holds a longer one (NAME_MAX), so a longer name cannot be in the repository.
+Names are ASCII, so characters are bytes."""
+
 _VERSION = re.compile(r"^[1-9][0-9]*$")
 
 CONFIG_FILE = "config.yaml"
@@ -45,6 +51,21 @@ class ModelVersionFiles:
     """The version, >= 1."""
     path: Path
     """The version's ``model.onnx``, symlinks resolved; inside the repository root."""
+
+
+def check_name(name: str, where: str) -> None:
+    """``ConfigError`` (400) unless ``name`` could name a model directory; reads no disk."""
+    if len(name) > MAX_NAME_LENGTH:
+        raise ConfigError(
+            where, None, f"invalid model name: {len(name)} characters, over {MAX_NAME_LENGTH}"
+        )
+    if not MODEL_NAME.fullmatch(name) or name.startswith("."):
+        raise ConfigError(
+            where,
+            None,
+            f"invalid model name {name!r}: use letters, digits, '_', '.' and '-',"
+            " not starting with '.'",
+        )
 
 
 class ModelRepository:
@@ -72,13 +93,7 @@ class ModelRepository:
         Raises ``ConfigError`` for an invalid name or a directory outside the root, and
         ``ModelNotFound`` when there is no such directory.
         """
-        if not MODEL_NAME.fullmatch(name) or name.startswith("."):
-            raise ConfigError(
-                str(self.root),
-                None,
-                f"invalid model name {name!r}: use letters, digits, '_', '.' and '-',"
-                " not starting with '.'",
-            )
+        check_name(name, str(self.root))
         path = self.root / name
         if not path.is_dir():
             raise ModelNotFound(name)

@@ -5,7 +5,9 @@ This is the only module that imports ``onnxruntime``. A ``ModelRuntime`` owns on
 thread (ORT releases the GIL while it computes, so the event loop stays free and
 ``instances`` batches really execute at once) and waits on a semaphore first, so no more
 than ``instances`` batches are ever queued inside the runtime. Everything else waits in
-the gateway, where priorities and deadlines apply.
+the gateway, where priorities and deadlines apply. A batch with a deadline (the request's
+``timeout``) that passes while it waits for an instance is dropped, never computed: its
+caller has given up on it, and computing it would only delay the batches behind it.
 
 The session is warmed at load for every batch size a batch can have (powers of two up to
 ``max_batch_size``, the maximum and the preferred sizes), so the first real request does
@@ -30,7 +32,13 @@ import onnxruntime as ort
 
 from models.config import ModelConfig, resolve_metadata
 from models.utilisation import BusyTracker
-from protocol.errors import ConfigError, InferenceFailed, InvalidRequest, ModelNotReady
+from protocol.errors import (
+    ConfigError,
+    DeadlineExceeded,
+    InferenceFailed,
+    InvalidRequest,
+    ModelNotReady,
+)
 from protocol.schema import DATATYPES, ModelMetadata, TensorSpec
 from protocol.tensors import as_bytes
 
@@ -142,16 +150,32 @@ class ModelRuntime:
         )
 
     async def infer(
-        self, inputs: dict[str, np.ndarray[Any, Any]], output_names: list[str]
+        self,
+        inputs: dict[str, np.ndarray[Any, Any]],
+        output_names: list[str],
+        deadline: float | None = None,
     ) -> tuple[dict[str, np.ndarray[Any, Any]], float]:
-        """Run one batch; returns the outputs and the compute time in seconds."""
+        """Run one batch; returns the outputs and the compute time in seconds.
+
+        ``deadline`` (the loop's clock): ``DeadlineExceeded`` if no instance is free by then.
+        """
         if self._slots is None:  # asyncio objects belong to the running loop
             self._slots = asyncio.Semaphore(self.config.instances)
-        async with self._slots:
+        try:
+            async with asyncio.timeout_at(deadline):
+                await self._slots.acquire()
+        except TimeoutError:
+            raise DeadlineExceeded(
+                f"model '{self.metadata.name}': the request's timeout passed while it waited"
+                " for a free instance"
+            ) from None
+        try:
             if self._closed:
                 raise ModelNotReady(self.metadata.name, "unloaded")
             loop = asyncio.get_running_loop()
             return await loop.run_in_executor(self._executor, self._run, inputs, output_names)
+        finally:
+            self._slots.release()
 
     def close(self) -> None:
         """Stop taking batches; waits for those executing."""

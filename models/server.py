@@ -3,7 +3,9 @@
 Handlers only decode, call, encode: the codec validates the body against the model's
 metadata (400 on any mismatch, before the runtime sees it), the runtime executes the batch
 in a worker thread, the codec encodes the answer. Models load in the background after
-start-up, so liveness answers at once and readiness turns true when every model is in.
+start-up, so liveness answers at once and readiness turns true when every start-up model is
+in. A request's ``parameters.timeout`` (microseconds, as in Triton: how long it may wait)
+bounds its wait for a free instance; past it, the pod answers 504 and never computes it.
 
 Routes: ``/v2``, ``/v2/health/{live,ready}``, ``/v2/models/{m}[/versions/{v}]`` with
 ``/ready``, ``/config`` and ``POST /infer``, the repository extension
@@ -29,7 +31,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from models.metrics import PodMetrics
 from models.store import ModelStore
 from models.utilisation import GpuMonitor
-from protocol.errors import BazaarError, InvalidRequest
+from protocol.errors import BazaarError, DeadlineExceeded, InvalidRequest
 from protocol.fastpath import Answer, Headers, answer, decode, with_infer_route
 from protocol.responses import (
     EXCEPTION_HANDLERS,
@@ -74,10 +76,13 @@ def create_app(
         return {"name": name, **config}
 
     async def infer(model: str, version: str | None, body: bytes, headers: Headers) -> Answer:
+        arrived = asyncio.get_running_loop().time()
         runtime = store.get(model, version)
         outcome = "server_error"
         try:
             request = decode(body, headers, runtime.metadata)
+            timeout_s = _timeout_s(request.parameters)
+            deadline = None if timeout_s is None else arrived + timeout_s
             names = (
                 [o.name for o in request.outputs]
                 if request.outputs is not None
@@ -85,7 +90,9 @@ def create_app(
             )
             rows = request.rows(runtime.metadata.max_batch_size)
             try:
-                outputs, compute_s = await runtime.infer(request.inputs, names)
+                outputs, compute_s = await runtime.infer(request.inputs, names, deadline)
+            except DeadlineExceeded:
+                raise  # dropped before computing: not a batch
             except BaseException:
                 metrics.batches.labels(model, "failure").inc()
                 raise
@@ -159,6 +166,19 @@ def _split_ports(app: ASGIApp, control_port: int) -> ASGIApp:
         await app(scope, receive, send)
 
     return asgi
+
+
+def _timeout_s(parameters: dict[str, Any]) -> float | None:
+    """``parameters.timeout`` in seconds: Triton's microseconds the request may wait; 0 or
+    absent, no limit."""
+    timeout = parameters.get("timeout")
+    if timeout is None:
+        return None
+    if not isinstance(timeout, int) or isinstance(timeout, bool) or timeout < 0:
+        raise InvalidRequest(
+            f"parameter 'timeout' must be an integer number of microseconds >= 0, got {timeout!r}"
+        )
+    return timeout / 1_000_000 or None
 
 
 def _config_override(body: dict[str, Any]) -> dict[str, Any] | None:

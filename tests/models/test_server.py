@@ -248,17 +248,6 @@ def _samples(text: str) -> dict[str, float]:
     return samples
 
 
-@pytest.fixture
-def own_server(demo_repository: Path, tmp_path: Path) -> Iterator[str]:
-    """A server of this test's own, for tests that load and unload models."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    args = ["model-server", "--model-repository", str(demo_repository), "--port", str(port)]
-    args.append("--enable-model-control")
-    with bazaar_process(args, tmp_path / "server.log", f"{url}/v2/health/ready"):
-        yield url
-
-
 def test_repository_index_unload_and_load(own_server: str) -> None:
     index = httpx.post(f"{own_server}/v2/repository/index").json()
     assert {(e["name"], e["state"]) for e in index} >= {("digits", "READY"), ("mlp", "READY")}
