@@ -29,7 +29,7 @@ from starlette.types import ASGIApp
 from gateway.catalog import ModelCatalog
 from gateway.metrics import outcome_of
 from protocol.errors import BazaarError, InvalidRequest
-from protocol.fastpath import Answer, Headers, answer, decode, with_infer_route
+from protocol.fastpath import Answer, Headers, InferHandler, answer, decode, with_infer_route
 from protocol.responses import (
     EXCEPTION_HANDLERS,
     index_ready_only,
@@ -44,9 +44,12 @@ TIMEOUT_HEADER = b"x-request-timeout-ms"
 
 
 def create_app(catalog: ModelCatalog) -> ASGIApp:
-    def model_metadata(name: str, version: str | None) -> dict[str, Any]:
-        return catalog.get(name, version).metadata.to_json()
+    """The gateway's ASGI app: the inference route in front of ``routes(catalog)``."""
+    starlette = Starlette(routes=routes(catalog), exception_handlers=EXCEPTION_HANDLERS)
+    return with_infer_route(starlette, _infer_handler(catalog))
 
+
+def _infer_handler(catalog: ModelCatalog) -> InferHandler:
     async def infer(model: str, version: str | None, body: bytes, headers: Headers) -> Answer:
         started = time.perf_counter()
         served = await catalog.serving(model, version, catalog.config.max_queue_time_s)
@@ -68,6 +71,15 @@ def create_app(catalog: ModelCatalog) -> ASGIApp:
             served.metrics.requests[outcome_of(status)].inc()
             served.metrics.request_seconds.observe(time.perf_counter() - started)
 
+    return infer
+
+
+def routes(catalog: ModelCatalog) -> list[Route]:
+    """Every route but inference (``protocol.fastpath.INFER_PATHS``)."""
+
+    def model_metadata(name: str, version: str | None) -> dict[str, Any]:
+        return catalog.get(name, version).metadata.to_json()
+
     async def repository_index(request: Request) -> Response:
         return json_response(catalog.index(await index_ready_only(request)))
 
@@ -77,7 +89,7 @@ def create_app(catalog: ModelCatalog) -> ASGIApp:
     async def prometheus(request: Request) -> Response:
         return Response(generate_latest(catalog.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    routes = [
+    return [
         # Ready means this gateway takes requests, whatever the models' replicas: a gateway
         # that waited for them would drop out of the Service the autoscaler reads its queue
         # through, and a model at zero would never be scaled up. Per model: .../ready.
@@ -87,7 +99,6 @@ def create_app(catalog: ModelCatalog) -> ASGIApp:
         Route("/metrics", prometheus),
         Route("/stats", stats),
     ]
-    return with_infer_route(Starlette(routes=routes, exception_handlers=EXCEPTION_HANDLERS), infer)
 
 
 def _schedule(parameters: Mapping[str, Any], headers: Headers) -> tuple[int, float | None]:

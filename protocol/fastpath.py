@@ -80,6 +80,10 @@ def header_length(headers: Headers) -> int | None:
         ) from None
 
 
+INFER_PATHS = ("/v2/models/{model}/infer", "/v2/models/{model}/versions/{version}/infer")
+"""The inference route's paths (POST), in Starlette's notation."""
+
+
 def infer_target(path: str) -> tuple[str, str | None] | None:
     """(model, version) for an inference path, else None."""
     parts = path.split("/")
