@@ -1,12 +1,15 @@
 """The gateway's HTTP app: the Open Inference Protocol v2 API in front of the dispatchers.
 
-Handlers decode, submit, encode. ``infer`` validates the body against the model's metadata
-(a bad request is answered 400 here and never reaches a pod), reads the schedule
-parameters (``priority``, ``timeout`` in µs as in Triton, or the ``X-Request-Timeout-Ms``
-header), waits on the dispatcher's future and encodes the caller's own rows as it asked
-(JSON or binary, only the outputs it named). A request for a model the gateway knows but has
-not yet seen an endpoint of (scaled to zero before the gateway started) is held until one
-appears, up to the queue time.
+Handlers decode, submit, encode. ``infer`` first asks the model's dispatcher whether the
+request fits, knowing only its headers: one that will not is refused (503, ``Retry-After``)
+before its body is decoded, which is what keeps an overloaded gateway serving at capacity.
+Then it validates the body against the model's metadata (a bad request is answered 400 here
+and never reaches a pod), reads the schedule parameters (``priority``, ``timeout`` in µs as
+in Triton, or the ``X-Request-Timeout-Ms`` header), waits on the dispatcher's future and
+encodes the caller's own rows as it asked (JSON or binary, only the outputs it named). A
+client that disconnects meanwhile cancels the wait, and with it its place in the queue. A
+request for a model the gateway knows but has not yet seen an endpoint of (scaled to zero
+before the gateway started) is held until one appears, up to the queue time.
 
 Routes: ``/v2``, ``/v2/health/{live,ready}``, ``/v2/models/{m}[/versions/{v}]`` with
 ``/ready`` and ``POST /infer``, ``POST /v2/repository/index``, ``/metrics`` and ``/stats``
@@ -15,6 +18,7 @@ Routes: ``/v2``, ``/v2/health/{live,ready}``, ``/v2/models/{m}[/versions/{v}]`` 
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -27,7 +31,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp
 
 from gateway.catalog import ModelCatalog
-from gateway.metrics import outcome_of
+from gateway.metrics import CANCELLED, outcome_of
 from protocol.errors import BazaarError, InvalidRequest
 from protocol.fastpath import Answer, Headers, InferHandler, answer, decode, with_infer_route
 from protocol.responses import (
@@ -53,12 +57,14 @@ def _infer_handler(catalog: ModelCatalog) -> InferHandler:
     async def infer(model: str, version: str | None, body: bytes, headers: Headers) -> Answer:
         started = time.perf_counter()
         served = await catalog.serving(model, version, catalog.config.max_queue_time_s)
+        dispatcher = served.dispatcher
         status = 500
         try:
+            dispatcher.admit(_header_timeout_s(headers))
             metadata = served.metadata
             request = decode(body, headers, metadata)
             priority, timeout_s = _schedule(request.parameters, headers)
-            future = served.dispatcher.submit(
+            future = dispatcher.submit(
                 request.inputs, request.rows(metadata.max_batch_size), priority, timeout_s
             )
             response = answer(request, metadata, await future)
@@ -66,6 +72,9 @@ def _infer_handler(catalog: ModelCatalog) -> InferHandler:
             return response
         except BazaarError as exc:
             status = exc.status
+            raise
+        except asyncio.CancelledError:
+            status = CANCELLED
             raise
         finally:
             served.metrics.requests[outcome_of(status)].inc()
@@ -99,6 +108,19 @@ def routes(catalog: ModelCatalog) -> list[Route]:
         Route("/metrics", prometheus),
         Route("/stats", stats),
     ]
+
+
+def _header_timeout_s(headers: Headers) -> float | None:
+    """``X-Request-Timeout-Ms`` in seconds, for admission before the body is decoded; a bad
+    value counts as none here (``_schedule`` answers it 400 once the body is decoded)."""
+    header = headers.get(TIMEOUT_HEADER)
+    if header is None:
+        return None
+    try:
+        timeout_s = float(header) / 1000
+    except ValueError:
+        return None
+    return timeout_s if timeout_s > 0 else None
 
 
 def _schedule(parameters: Mapping[str, Any], headers: Headers) -> tuple[int, float | None]:

@@ -2,7 +2,9 @@
 
 One pooled aiohttp session for the whole gateway, keep-alive connections per pod. Batches
 travel as binary tensors both ways, so a batch costs one JSON header and a memcpy per tensor
-instead of formatting thousands of floats.
+instead of formatting thousands of floats. Each call tells the pod how long its answer is
+worth waiting for, as ``parameters.timeout`` in microseconds (Triton's semantics: a pod may
+drop a batch whose time is up before it starts), and waits no longer itself.
 
 What a pod's answer means to the router: 200 is the outputs; 400 is the client's fault
 (``InvalidRequest``, passed through, not retried); anything else, a refused connection or
@@ -34,7 +36,11 @@ class HttpModelClient:
 
     async def infer(self, url: str, model: str, inputs: Tensors, timeout_s: float) -> Tensors:
         request = InferenceRequest(
-            id=None, parameters={}, inputs=inputs, outputs=None, binary_output=True
+            id=None,
+            parameters={"timeout": max(1, int(timeout_s * 1_000_000))},
+            inputs=inputs,
+            outputs=None,
+            binary_output=True,
         )
         body, header_length = encode_request(request, binary=True)
         headers = {"Content-Type": "application/octet-stream"}

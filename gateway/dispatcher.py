@@ -1,8 +1,17 @@
 """The per-model dispatcher: requests wait here, not in the pods, and leave as batches.
 
-``submit`` admits a request (or refuses it at once: 503 with ``Retry-After`` when the queue
-is full, 400 for a bad priority) and returns a future for its outputs. One collector task,
-``run``, forms batches:
+Admission is checked twice, so that load is shed where it is cheap. ``admit`` is asked
+before a request's body is decoded, knowing only its headers: it refuses (503 with
+``Retry-After``) when the queue is full or when the queue's expected wait (its rows over the
+rate the pods drained them at while backlogged) exceeds the request's deadline. ``submit``
+admits the decoded request, refusing it only for what the body alone says (a bad priority, a
+tighter ``timeout`` parameter), and returns a future for its outputs. Decoding and
+submitting happen in one step of the event loop, so nothing can fill the queue in between:
+what ``admit`` let through ``submit`` takes. Without the first check, under many clients
+every request is decoded before the full queue refuses it, and that work crowds out the
+requests that are admitted.
+
+One collector task, ``run``, forms batches:
 
 * Requests queue by priority level (1 is highest), FIFO within a level. A batch takes
   requests in that order, counting rows, never more than ``max_batch_size``; it stops at the
@@ -15,11 +24,15 @@ is full, 400 for a bad priority) and returns a future for its outputs. One colle
   that could still grow goes only to an idle endpoint; the further slots an endpoint has
   (``max_batches_per_endpoint``) pipeline full batches, so the pod never waits for the next
   one to arrive and is never handed a small one while it is busy anyway.
-* A request whose deadline passes while queued is answered 504 and never computed; a
-  request whose caller went away (cancelled future) is dropped without computing.
+* A request whose deadline passes while queued is answered 504 and never computed. A
+  request whose caller went away (its future cancelled) leaves the queue's counts at once
+  and is dropped, never computed; a batch in flight whose every caller went away is
+  cancelled, so its pod call ends (one that lost only some callers still runs: they cost
+  their rows, nothing more).
 * Each batch runs as its own task: inputs are concatenated along the batch dimension, the
-  pool sends them (with one retry elsewhere), and the outputs are sliced back so every
-  caller gets exactly its own rows. A failure fails only that batch's requests.
+  pool sends them (with one retry elsewhere) bounded by the earliest deadline of its
+  members, and the outputs are sliced back so every caller gets exactly its own rows. A
+  failure fails only that batch's requests.
 
 Every admitted future is resolved exactly once: with its rows, or an error. If the collector
 itself dies, every waiter gets the error, and ``close`` fails whatever is still queued.
@@ -29,11 +42,15 @@ The loop's clock is the only clock (``loop.time()``), so tests run it on virtual
 from __future__ import annotations
 
 import asyncio
+import functools
 import heapq
 import itertools
 import logging
+import weakref
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -78,7 +95,7 @@ class BatchPolicy:
     say, while a model has none)."""
 
 
-@dataclass(slots=True, eq=False)
+@dataclass(slots=True, eq=False, weakref_slot=True)
 class Pending:
     """One admitted request."""
 
@@ -86,10 +103,38 @@ class Pending:
     rows: int
     arrived: float
     deadline: float
+    """When it leaves the queue unanswered (504): its timeout, capped by the queue time."""
+    call_deadline: float | None
+    """When its answer is no use to its caller any more: the request's own timeout (not the
+    model's default, a queue timeout as in Triton), which also bounds the pod call."""
     future: asyncio.Future[Tensors]
     signature: tuple[tuple[int, ...], ...]
     """Non-batch dimensions of every input; requests batch together only when equal."""
     queued: bool = True
+    batch: _Batch | None = None
+    """The batch it left in, while that is in flight."""
+
+
+@dataclass(slots=True, eq=False)
+class _Batch:
+    members: list[Pending]
+    task: asyncio.Task[None] | None = None
+
+
+class _RequestFuture(asyncio.Future[Tensors]):
+    """A request's future that tells its dispatcher the moment its caller cancels it.
+
+    A done-callback on every future would do the same, but costs every request an extra turn
+    of the event loop: measured at 12 % of the gateway's throughput at 64 clients.
+    """
+
+    on_cancel: Callable[[], None]
+
+    def cancel(self, msg: Any | None = None) -> bool:
+        if not super().cancel(msg):
+            return False
+        self.on_cancel()
+        return True
 
 
 @dataclass(slots=True)
@@ -108,15 +153,24 @@ class DispatcherStats:
 
 @dataclass(slots=True)
 class _Drain:
-    """Rows completed per second, smoothed: the basis of ``Retry-After``."""
+    """Rows completed per second while requests were queued, smoothed: the pods' capacity as
+    this gateway sees it, the basis of ``Retry-After`` and of the expected queue wait.
+
+    Only backlogged stretches count: when the queue runs empty the completions measure the
+    arrival rate, not what the pods could do, and a request would be refused for a wait
+    that a burst of load makes look long. Until a backlog has been measured the rate is 0,
+    unknown, and no request is refused for its deadline.
+    """
 
     rate: float = 0.0
     last: float | None = None
     pending_rows: int = 0
 
-    def record(self, rows: int, now: float) -> None:
-        if self.last is None:
-            self.last = now
+    def record(self, rows: int, now: float, backlogged: bool) -> None:
+        if not backlogged or self.last is None:
+            self.last = now  # a window opens here: these rows were computed before it
+            self.pending_rows = 0
+            return
         self.pending_rows += rows
         elapsed = now - self.last
         if elapsed >= 0.25:
@@ -158,38 +212,46 @@ class Dispatcher:
 
     # -- admission -------------------------------------------------------------------------
 
+    def admit(self, timeout_s: float | None = None) -> None:
+        """Refuse now, before its body is decoded, a request that will not fit: raises
+        ``Overloaded`` (see the module's docstring). ``timeout_s``: its header's deadline."""
+        refusal = self._refusal(self._own_timeout_s(timeout_s), "before_decode")
+        if refusal is not None:
+            raise refusal
+
     def submit(
-        self, inputs: Tensors, rows: int, priority: int = 0, timeout_s: float | None = None
+        self,
+        inputs: Tensors,
+        rows: int,
+        priority: int = 0,
+        timeout_s: float | None = None,
     ) -> asyncio.Future[Tensors]:
         """Admit a request; its future resolves to its own output rows."""
-        if self._closed is not None:
-            raise self._closed
         policy = self.policy
         if not 0 <= priority <= policy.priority_levels:
             raise InvalidRequest(
                 f"priority {priority} is out of range: model '{self.model}' has levels "
                 f"1..{policy.priority_levels} (0 = default)"
             )
-        if self._queue.size >= policy.max_queue_size:
-            self.metrics.shed.inc()
-            raise Overloaded(
-                f"model '{self.model}' has {self._queue.size} requests queued, "
-                f"its limit (max_queue_size)",
-                self._retry_after_s(),
-            )
+        own_timeout_s = self._own_timeout_s(timeout_s)
+        refusal = self._refusal(own_timeout_s, "after_decode")
+        if refusal is not None:
+            raise refusal
         loop = asyncio.get_running_loop()
         now = loop.time()
-        # A request may lower the model's queue timeout, never raise it (Triton).
-        limits = [t for t in (timeout_s, policy.default_timeout_s) if t]
-        timeout_s = min([*limits, policy.max_queue_time_s])
+        future = _RequestFuture(loop=loop)
         pending = Pending(
             inputs=inputs,
             rows=rows,
             arrived=now,
-            deadline=now + timeout_s,
-            future=loop.create_future(),
+            deadline=now + min(own_timeout_s or policy.max_queue_time_s, policy.max_queue_time_s),
+            call_deadline=now + timeout_s if timeout_s else None,
+            future=future,
             signature=tuple(a.shape[1:] for a in inputs.values()) if policy.max_batch_size else (),
         )
+        # A weak reference: a strong one would make pending -> future -> pending a cycle,
+        # left to the cyclic collector after every request.
+        future.on_cancel = functools.partial(self._left, weakref.ref(pending))
         level = (priority or policy.default_priority_level) - 1
         self._queue.levels[level].append(pending)
         self._queue.size += 1
@@ -206,6 +268,41 @@ class Dispatcher:
             heapq.heapify(deadlines)
         self._wakeup()
         return pending.future
+
+    def _own_timeout_s(self, timeout_s: float | None) -> float | None:
+        """The request's deadline from now: a request may lower the model's default timeout,
+        never raise it (Triton). None: it has none (the queue time still caps its wait)."""
+        limits = [t for t in (timeout_s, self.policy.default_timeout_s) if t]
+        return min(limits) if limits else None
+
+    def _refusal(self, timeout_s: float | None, stage: str) -> BazaarError | None:
+        """Why a request with this deadline cannot be admitted now, if it cannot."""
+        if self._closed is not None:
+            return self._closed
+        queued = self._queue.size
+        if queued >= self.policy.max_queue_size:
+            self.metrics.shed[stage, "queue_full"].inc()
+            return Overloaded(
+                f"model '{self.model}' has {queued} requests queued, its limit (max_queue_size)",
+                self._retry_after_s(),
+            )
+        wait_s = self._expected_wait_s()
+        limit_s = min(timeout_s or self.policy.max_queue_time_s, self.policy.max_queue_time_s)
+        if wait_s > limit_s:
+            self.metrics.shed[stage, "deadline"].inc()
+            return Overloaded(
+                f"model '{self.model}' has {wait_s * 1000:.0f} ms of work queued, more than "
+                f"the request's deadline of {limit_s * 1000:.0f} ms",
+                wait_s,
+            )
+        return None
+
+    def _expected_wait_s(self) -> float:
+        """How long a request arriving now would queue, at the measured drain rate (0:
+        unknown, never measured under a backlog)."""
+        if self._drain.rate <= 0:
+            return 0.0
+        return self._queue.rows / self._drain.rate
 
     def stats(self) -> DispatcherStats:
         return DispatcherStats(
@@ -284,11 +381,13 @@ class Dispatcher:
             if endpoint is None:
                 return None
             self._take(len(batch))
+            running = _Batch(batch)
             for pending in batch:
+                pending.batch = running
                 self.metrics.queue_wait.observe(now - pending.arrived)
             self.metrics.batch_size.observe(rows)
-            task = asyncio.create_task(self._execute(endpoint, batch, rows))
-            self._inflight.add(task)
+            running.task = asyncio.create_task(self._execute(endpoint, running, rows))
+            self._inflight.add(running.task)
             self._inflight_rows += rows
         return None
 
@@ -327,9 +426,30 @@ class Dispatcher:
                     count -= 1
 
     def _unqueue(self, pending: Pending) -> None:
-        pending.queued = False
-        self._queue.size -= 1
-        self._queue.rows -= pending.rows
+        if pending.queued:
+            pending.queued = False
+            self._queue.size -= 1
+            self._queue.rows -= pending.rows
+
+    def _left(self, ref: weakref.ref[Pending]) -> None:
+        """A request's caller cancelled its future: its place and rows are free at once, and
+        a batch in flight that no caller waits for any more is stopped."""
+        pending = ref()
+        if pending is None:
+            return  # answered and forgotten already
+        if pending.queued:
+            self._unqueue(pending)
+            queue = self._queue
+            if sum(len(level) for level in queue.levels) > 2 * queue.size + 64:
+                self._purge()  # abandoned requests (and their inputs) must not pile up
+            return
+        batch = pending.batch
+        if (
+            batch is not None
+            and batch.task is not None
+            and all(member.future.done() for member in batch.members)
+        ):
+            batch.task.cancel()
 
     def _expire(self, now: float) -> None:
         deadlines = self._queue.deadlines
@@ -352,7 +472,7 @@ class Dispatcher:
     def _purge(self) -> None:
         """Drop answered or abandoned requests from anywhere in the queue."""
         for index, level in enumerate(self._queue.levels):
-            if any(p.future.done() for p in level):
+            if any(not p.queued or p.future.done() for p in level):
                 for pending in level:
                     if pending.future.done():
                         self._unqueue(pending)
@@ -360,17 +480,26 @@ class Dispatcher:
 
     # -- a batch in flight -----------------------------------------------------------------
 
-    async def _execute(self, endpoint: Endpoint, batch: list[Pending], rows: int) -> None:
+    async def _execute(self, endpoint: Endpoint, running: _Batch, rows: int) -> None:
         loop = asyncio.get_running_loop()
+        batch = running.members
         try:
             inputs = _concatenate(batch) if len(batch) > 1 else batch[0].inputs
             started = loop.time()
-            deadline = min(p.deadline for p in batch)
-            outputs = await self.pool.call(endpoint, inputs, rows, deadline)
+            deadlines = [p.call_deadline for p in batch if p.call_deadline is not None]
+            outputs = await self.pool.call(
+                endpoint, inputs, rows, min(deadlines) if deadlines else None
+            )
             self.metrics.pod_seconds.observe(loop.time() - started)
             _split(self.model, batch, rows, outputs)
-            self._drain.record(rows, loop.time())
+            self._drain.record(rows, loop.time(), backlogged=self._queue.size > 0)
             self._completed_rows += rows
+        except asyncio.CancelledError:
+            # Every caller went away (``_left``), or the loop is shutting down.
+            for pending in batch:
+                if not pending.future.done():
+                    pending.future.set_exception(ModelNotReady(self.model, "shutting down"))
+            raise
         except BaseException as exc:
             error = exc if isinstance(exc, BazaarError) else _unexpected(self.model, exc)
             for pending in batch:
@@ -379,6 +508,8 @@ class Dispatcher:
             if not isinstance(exc, Exception):
                 raise
         finally:
+            for pending in batch:
+                pending.batch = None
             # Now, not in a done-callback: the callers resume before callbacks run, and
             # /stats must not show a batch in flight that has already answered them.
             self._inflight.discard(asyncio.current_task())

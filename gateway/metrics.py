@@ -22,10 +22,19 @@ LATENCY_BUCKETS = (
     0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0,
 )  # fmt: skip
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
-OUTCOMES = ("200", "4xx", "503", "504", "5xx")
+OUTCOMES = ("200", "4xx", "503", "504", "5xx", "cancelled")
+SHED_STAGES = ("before_decode", "after_decode")
+"""Where a refused request was refused: before its body was read, or after it was decoded
+(only for what the body alone says, such as a tighter ``timeout`` parameter)."""
+SHED_REASONS = ("queue_full", "deadline")
+"""Why: the queue was at ``max_queue_size``, or its expected wait exceeded the deadline."""
+CANCELLED = 0
+"""The status of a request whose client went away before its answer (no answer is sent)."""
 
 
 def outcome_of(status: int) -> str:
+    if status == CANCELLED:
+        return "cancelled"
     if status == 200:
         return "200"
     if status in (503, 504):
@@ -38,13 +47,14 @@ class ModelMetrics:
     """One model's metric children, bound once."""
 
     requests: Mapping[str, Counter]
-    """By outcome: 200, 4xx, 503, 504, 5xx."""
+    """By outcome: 200, 4xx, 503, 504, 5xx, cancelled."""
     request_seconds: Histogram
     queue_wait: Histogram
     pod_seconds: Histogram
     batch_size: Histogram
     expired: Counter
-    shed: Counter
+    shed: Mapping[tuple[str, str], Counter]
+    """By (stage, reason): every pair of ``SHED_STAGES`` and ``SHED_REASONS``."""
 
 
 class GatewayMetrics:
@@ -52,7 +62,8 @@ class GatewayMetrics:
         self.registry = registry
         self._requests = Counter(
             "bazaar_gateway_requests",
-            "Inference requests answered, by model and outcome (200, 4xx, 503, 504, 5xx).",
+            "Inference requests, by model and outcome (200, 4xx, 503, 504, 5xx, and cancelled:"
+            " the client went away before its answer).",
             ["model", "outcome"],
             registry=registry,
         )
@@ -92,8 +103,9 @@ class GatewayMetrics:
         )
         self._shed = Counter(
             "bazaar_gateway_shed_requests",
-            "Requests refused because the model's queue was full (answered 503).",
-            ["model"],
+            "Requests refused at admission (answered 503), by stage (before_decode: before "
+            "the body was read; after_decode) and reason (queue_full, deadline).",
+            ["model", "stage", "reason"],
             registry=registry,
         )
 
@@ -105,7 +117,11 @@ class GatewayMetrics:
             pod_seconds=self._pod_seconds.labels(model),
             batch_size=self._batch_size.labels(model),
             expired=self._expired.labels(model),
-            shed=self._shed.labels(model),
+            shed={
+                (stage, reason): self._shed.labels(model, stage, reason)
+                for stage in SHED_STAGES
+                for reason in SHED_REASONS
+            },
         )
 
     def watch(self, dispatchers: Callable[[], Mapping[str, Dispatcher]]) -> None:

@@ -8,10 +8,16 @@ same as least-loaded's with stale counts, herding, which cannot happen here beca
 counts are the gateway's own, updated before the batch is sent.
 
 ``EndpointPool`` is one model's set of endpoints. ``acquire`` reserves a slot on the chosen
-endpoint; ``call`` sends the batch and releases it. A connection failure or a 5xx is
-retried once on another endpoint while the deadline allows. An endpoint that fails
-``eject_after`` times in a row is ejected: it takes no batches until a background probe of
-its readiness succeeds, with the probe interval doubling up to ``max_eject_s``.
+endpoint; ``call`` sends the batch and releases it. A call lasts at most until the batch's
+deadline (its earliest member's), and never longer than ``call_timeout_s``; the pod is told
+the same bound. A deadline that passes during the call is the caller's, answered 504, and
+no fault of the endpoint. A connection failure or a 5xx is retried once on another
+endpoint while the deadline allows; when every other endpoint's slots are taken (a pod was
+killed and its batches all retry at once), the retry waits for the first slot to free,
+ahead of new batches, for as long as the deadline (or ``call_timeout_s``) allows. An
+endpoint that fails ``eject_after`` times in a row is ejected: it takes no batches until a
+background probe of its readiness succeeds, with the probe interval doubling up to
+``max_eject_s``.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from protocol.errors import BazaarError, DeadlineExceeded
+from protocol.errors import BazaarError, DeadlineExceeded, UpstreamError
 from protocol.support import cancel_and_wait
 
 log = logging.getLogger(__name__)
@@ -34,12 +40,17 @@ Tensors = dict[str, np.ndarray[Any, Any]]
 
 POWER_OF_TWO_ABOVE = 8
 """Pools larger than this sample two candidates instead of scanning every endpoint."""
+DEADLINE_SLACK_S = 0.001
+"""A call that fails this close to its deadline failed for the deadline: the pod's own
+timer (the client's, the pod's) may fire a little before the pool's."""
 
 
 class ModelClient(Protocol):
     """How the gateway talks to a pod (HTTP in production, a fake in tests)."""
 
-    async def infer(self, url: str, model: str, inputs: Tensors, timeout_s: float) -> Tensors: ...
+    async def infer(self, url: str, model: str, inputs: Tensors, timeout_s: float) -> Tensors:
+        """The pod's outputs; ``timeout_s`` bounds the call and is sent to the pod too."""
+        ...
 
     async def ready(self, url: str, model: str) -> bool: ...
 
@@ -95,6 +106,8 @@ class EndpointPool:
         self._rng = rng or random.Random()
         self._listeners: list[Callable[[], None]] = []
         self._probes: dict[str, asyncio.Task[None]] = {}
+        self._retries: list[_Retry] = []
+        """Retries waiting for a slot, oldest first; served before any new batch."""
 
     def on_capacity(self, listener: Callable[[], None]) -> None:
         """Call ``listener`` whenever a slot frees or an endpoint (re)joins."""
@@ -145,11 +158,11 @@ class EndpointPool:
 
         Releases every slot it used. Raises what the pod answered (a 4xx passes through),
         ``UpstreamError`` when no endpoint could answer, ``DeadlineExceeded`` when the
-        deadline passed before the retry could start.
+        deadline passed during a call or before the retry could start.
         """
         loop = asyncio.get_running_loop()
         try:
-            return await self._call_once(endpoint, inputs, rows)
+            return await self._call_once(endpoint, inputs, rows, deadline)
         except BazaarError as exc:
             if not exc.retryable:
                 raise
@@ -158,19 +171,73 @@ class EndpointPool:
             raise DeadlineExceeded(f"deadline passed after a failed call to {endpoint.url}")
         retry = self.acquire(rows, exclude=endpoint)
         if retry is None:
+            wait_until = loop.time() + self.call_timeout_s
+            retry = await self._wait_for_slot(
+                rows, endpoint, wait_until if deadline is None else min(deadline, wait_until)
+            )
+        if retry is None:
+            if deadline is not None and loop.time() >= deadline:
+                raise DeadlineExceeded(
+                    f"deadline passed waiting for a slot after a failed call to {endpoint.url}"
+                )
             raise first_error
         log.info("%s: retrying a batch on %s after: %s", self.model, retry.url, first_error)
-        return await self._call_once(retry, inputs, rows)
+        return await self._call_once(retry, inputs, rows, deadline)
 
     async def close(self) -> None:
         await cancel_and_wait(*self._probes.values())
         self._probes.clear()
 
-    async def _call_once(self, endpoint: Endpoint, inputs: Tensors, rows: int) -> Tensors:
+    async def _wait_for_slot(self, rows: int, exclude: Endpoint, until: float) -> Endpoint | None:
+        """A slot on another endpoint, acquired as soon as one frees before ``until``; None
+        when none frees in time or no other endpoint is left that could take the batch."""
+        if not self._elsewhere(exclude):
+            return None
+        waiter = _Retry(rows, exclude, asyncio.get_running_loop().create_future())
+        self._retries.append(waiter)
+        taken: Endpoint | None = None
         try:
-            outputs = await self._client.infer(
-                endpoint.url, self.model, inputs, self.call_timeout_s
-            )
+            async with asyncio.timeout_at(until):
+                taken = await waiter.endpoint
+        except TimeoutError:
+            pass
+        finally:
+            self._retries.remove(waiter)
+            slot = waiter.endpoint
+            if taken is None and slot.done() and not slot.cancelled() and slot.result():
+                # A slot acquired for it just as time ran out (or the batch was cancelled).
+                self._release(slot.result(), rows)  # type: ignore[arg-type]
+        return taken
+
+    def _elsewhere(self, exclude: Endpoint) -> bool:
+        """Another endpoint exists that could take a batch once it has room."""
+        return any(not e.ejected and not e.removed and e is not exclude for e in self.endpoints)
+
+    async def _call_once(
+        self, endpoint: Endpoint, inputs: Tensors, rows: int, deadline: float | None
+    ) -> Tensors:
+        loop = asyncio.get_running_loop()
+        timeout_s = self.call_timeout_s
+        if deadline is not None:
+            timeout_s = min(timeout_s, deadline - loop.time())
+        try:
+            if timeout_s <= 0:
+                raise DeadlineExceeded(f"deadline passed before a call to {endpoint.url}")
+            try:
+                async with asyncio.timeout(timeout_s):
+                    outputs = await self._client.infer(endpoint.url, self.model, inputs, timeout_s)
+            except (TimeoutError, BazaarError) as exc:
+                if deadline is not None and loop.time() >= deadline - DEADLINE_SLACK_S:
+                    raise DeadlineExceeded(
+                        f"deadline passed during a call to {endpoint.url}"
+                    ) from None
+                if isinstance(exc, TimeoutError):
+                    raise UpstreamError(
+                        f"pod {endpoint.url} did not answer within {timeout_s:g} s"
+                    ) from None
+                raise
+        except DeadlineExceeded:
+            raise  # the caller's deadline, not the endpoint's fault
         except BazaarError as exc:
             if exc.retryable or exc.status >= 500:
                 self._failed(endpoint, exc)
@@ -179,9 +246,12 @@ class EndpointPool:
             endpoint.failures = 0
             return outputs
         finally:
-            endpoint.inflight_batches -= 1
-            endpoint.inflight_rows -= rows
-            self._notify()
+            self._release(endpoint, rows)
+
+    def _release(self, endpoint: Endpoint, rows: int) -> None:
+        endpoint.inflight_batches -= 1
+        endpoint.inflight_rows -= rows
+        self._notify()
 
     def _failed(self, endpoint: Endpoint, exc: BazaarError) -> None:
         endpoint.failures += 1
@@ -214,5 +284,23 @@ class EndpointPool:
             delay = min(delay * 2, self.max_eject_s)
 
     def _notify(self) -> None:
+        for waiter in list(self._retries):
+            if waiter.endpoint.done():
+                continue
+            if not self._elsewhere(waiter.exclude):
+                waiter.endpoint.set_result(None)  # nowhere else to go: fail now, not later
+                continue
+            endpoint = self.acquire(waiter.rows, exclude=waiter.exclude)
+            if endpoint is not None:
+                waiter.endpoint.set_result(endpoint)
         for listener in self._listeners:
             listener()
+
+
+@dataclass(slots=True, eq=False)
+class _Retry:
+    """A retry waiting for a slot: ``endpoint`` resolves to the slot, or None to give up."""
+
+    rows: int
+    exclude: Endpoint
+    endpoint: asyncio.Future[Endpoint | None]

@@ -169,13 +169,22 @@ class ModelRuntime:
                 f"model '{self.metadata.name}': the request's timeout passed while it waited"
                 " for a free instance"
             ) from None
-        try:
-            if self._closed:
-                raise ModelNotReady(self.metadata.name, "unloaded")
-            loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self._executor, self._run, inputs, output_names)
-        finally:
+        if self._closed:
             self._slots.release()
+            raise ModelNotReady(self.metadata.name, "unloaded")
+        run = asyncio.get_running_loop().run_in_executor(
+            self._executor, self._run, inputs, output_names
+        )
+        # The instance is free when the run ends, not when its caller stops waiting: a
+        # caller that left (its client disconnected) must not let a further batch onto it.
+        run.add_done_callback(self._finished)
+        return await asyncio.shield(run)
+
+    def _finished(self, run: asyncio.Future[Any]) -> None:
+        assert self._slots is not None
+        self._slots.release()
+        if not run.cancelled():
+            run.exception()  # retrieved: a caller that left would never see it
 
     def close(self) -> None:
         """Stop taking batches; waits for those executing."""

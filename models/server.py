@@ -105,6 +105,9 @@ def create_app(
         except BazaarError as exc:
             outcome = "client_error" if exc.status < 500 else "server_error"
             raise
+        except asyncio.CancelledError:
+            outcome = "cancelled"  # the gateway let go of the batch: every caller left
+            raise
         finally:
             metrics.requests.labels(model, outcome).inc()
 

@@ -50,7 +50,8 @@ import asyncio
 import http
 import logging
 import resource
-from typing import Any, ClassVar
+from collections.abc import Callable
+from typing import Any, ClassVar, cast
 
 import httptools
 import orjson
@@ -67,6 +68,10 @@ LINGER_BYTES = 1024 * 1024
 """... and how much of it, at most; then reading stops until the connection closes."""
 RETRY_AFTER_S = 1
 """The Retry-After of a 503 past the concurrent request cap."""
+ON_DISCONNECT = "bazaar.on_disconnect"
+"""The scope key under which an app may leave a callable that the edge calls when the
+connection is lost before the response is complete: how a handler learns that its client
+left without listening on ``receive`` (a second task per request, which costs throughput)."""
 
 _IDLE, _HEAD, _BODY, _DONE = range(4)
 """Where a connection is in its current request: none yet, head, body, all read."""
@@ -178,6 +183,11 @@ class EdgeProtocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.idle.pop(self, None)
         self._cancel_timer()
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            on_disconnect = cast("Callable[[], None] | None", cycle.scope.get(ON_DISCONNECT))
+            if on_disconnect is not None:
+                on_disconnect()
         super().connection_lost(exc)
 
     def eof_received(self) -> None:

@@ -8,16 +8,23 @@ calls. The semantics stay those of every other route: the handler raises ``Bazaa
 and the same error table answers (``responses.error_response``). Everything else goes to
 the Starlette app unchanged. Gateway and pods alike write their handler as
 ``decode`` → run → ``answer``.
+
+A client that disconnects while its request is handled cancels the handler (the edge calls
+the route back, ``protocol.edge.ON_DISCONNECT``), so work nobody waits for stops: the
+gateway's request leaves its queue, the pod's batch its wait for an instance. Nothing is
+answered then: nobody is there.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from protocol.codec import InferenceRequest, InferenceResponse, decode_request, encode_response
+from protocol.edge import ON_DISCONNECT
 from protocol.errors import InvalidRequest, PayloadTooLarge
 from protocol.responses import error_response, json_response
 from protocol.schema import ModelMetadata
@@ -120,12 +127,28 @@ async def _infer(
             break
     body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
     headers: Headers = dict(scope["headers"])
+    task = asyncio.current_task()
+    assert task is not None
+    left = False
+
+    def client_left() -> None:
+        nonlocal left
+        left = True
+        task.cancel()
+
+    scope[ON_DISCONNECT] = client_left
     try:
         encoded, header_length = await handler(target[0], target[1], body, headers)
+    except asyncio.CancelledError:
+        if left and task.uncancel() == 0:
+            return  # the client left while its request was handled: nobody to answer
+        raise
     except Exception as exc:
         response = error_response(exc)
         await response(scope, receive, send)
         return
+    finally:
+        del scope[ON_DISCONNECT]
     response_headers: list[tuple[bytes, bytes]] = [
         (b"content-length", str(len(encoded)).encode()),
     ]

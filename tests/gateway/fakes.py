@@ -18,6 +18,8 @@ class Call:
     started: float
     rows: int
     inputs: Tensors
+    timeout_s: float
+    """The bound the pool gave the call (what the HTTP client sends as ``timeout``)."""
 
 
 @dataclass
@@ -31,7 +33,7 @@ class FakePods:
 
     async def infer(self, url: str, model: str, inputs: Tensors, timeout_s: float) -> Tensors:
         x = inputs["x"]
-        call = Call(url, asyncio.get_running_loop().time(), int(x.shape[0]), inputs)
+        call = Call(url, asyncio.get_running_loop().time(), int(x.shape[0]), inputs, timeout_s)
         self.calls.append(call)
         await asyncio.sleep(self.latency_s)
         error = self.fail(call)

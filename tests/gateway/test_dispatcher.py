@@ -43,6 +43,11 @@ async def make(metrics: GatewayMetrics) -> AsyncIterator[MakeDispatcher]:
         await dispatcher.pool.close()
 
 
+def shed(metrics: GatewayMetrics, stage: str, reason: str) -> float | None:
+    labels = {"model": "m", "stage": stage, "reason": reason}
+    return metrics.registry.get_sample_value("bazaar_gateway_shed_requests_total", labels)
+
+
 def batches(pods: FakePods) -> list[tuple[float, int]]:
     """(start time in ms, rows) of every call."""
     return [(round(c.started * 1000, 3), c.rows) for c in pods.calls]
@@ -180,9 +185,7 @@ async def test_full_queue_refuses_with_retry_after(
     assert refused.value.status == 503
     assert int(refused.value.headers()["Retry-After"]) >= 1
     await asyncio.gather(*futures)
-    assert (
-        metrics.registry.get_sample_value("bazaar_gateway_shed_requests_total", {"model": "m"}) == 1
-    )
+    assert shed(metrics, "after_decode", "queue_full") == 1
 
 
 async def test_retry_after_follows_the_drain_rate(make: MakeDispatcher) -> None:
@@ -349,3 +352,167 @@ async def test_an_answered_request_leaves_no_deadline_to_wake_for(make: MakeDisp
     await dispatcher.submit(rows_of(1), 1)
     await asyncio.sleep(0.001)  # the collector's next round
     assert dispatcher._queue.deadlines == []
+
+
+# -- admission before the body is decoded ----------------------------------------------------
+
+
+async def test_a_full_queue_refuses_before_decoding_and_a_place_is_free_once_it_leaves(
+    make: MakeDispatcher, metrics: GatewayMetrics
+) -> None:
+    pods = FakePods(latency_s=0.5)
+    dispatcher = make(pods, max_batch_size=1, max_queue_size=2)
+    running = dispatcher.submit(rows_of(0), 1)
+    await asyncio.sleep(0)  # it leaves: the queue is empty
+    dispatcher.admit()
+    queued = [dispatcher.submit(rows_of(v), 1) for v in (1, 2)]
+    with pytest.raises(Overloaded, match="max_queue_size") as refused:
+        dispatcher.admit()
+    assert refused.value.retry_after_s >= 1
+    await asyncio.gather(running, queued[0])
+    dispatcher.admit()  # one left for the pod: a place is free again
+    await queued[1]
+    assert shed(metrics, "before_decode", "queue_full") == 1
+    assert shed(metrics, "after_decode", "queue_full") == 0
+
+
+async def test_a_deadline_the_queue_cannot_meet_is_refused_before_decoding(
+    make: MakeDispatcher, metrics: GatewayMetrics
+) -> None:
+    pods = FakePods(latency_s=0.1)  # one row per 100 ms: 10 rows/s
+    dispatcher = make(pods, max_batch_size=1, max_queue_size=100)
+    # Never measured under a backlog: the wait is unknown and nobody is refused for it.
+    dispatcher.admit(timeout_s=0.001)
+    backlog = [dispatcher.submit(rows_of(v), 1) for v in range(30)]
+    await asyncio.sleep(1.05)  # ten answered while backlogged: 10 rows/s measured
+    assert dispatcher.stats().queued == 19
+    # 19 rows at 10 rows/s: about 1.9 s of queue ahead.
+    with pytest.raises(Overloaded, match="more than the request's deadline of 1000 ms") as refused:
+        dispatcher.admit(timeout_s=1.0)
+    assert refused.value.retry_after_s == pytest.approx(1.9, rel=0.1)
+    dispatcher.admit(timeout_s=3.0)  # that one can make it
+    with pytest.raises(Overloaded, match="deadline"):
+        dispatcher.submit(rows_of(9), 1, timeout_s=1.0)  # a body's tighter timeout
+    await asyncio.gather(*backlog)
+    assert shed(metrics, "before_decode", "deadline") == 1
+    assert shed(metrics, "after_decode", "deadline") == 1
+
+
+async def test_the_drain_rate_is_measured_only_while_backlogged(make: MakeDispatcher) -> None:
+    """Light load completes at the arrival rate, not at capacity: it must not count as the
+    pods' capacity, or a burst would look like minutes of queue and be refused."""
+    pods = FakePods(latency_s=0.001)  # capacity: 1,000 rows/s
+    dispatcher = make(pods, max_batch_size=1, max_queue_size=1000)
+    for value in range(20):  # one row every 100 ms
+        await dispatcher.submit(rows_of(value), 1)
+        await asyncio.sleep(0.1)
+    burst = [dispatcher.submit(rows_of(v), 1) for v in range(50)]
+    dispatcher.admit(timeout_s=0.5)  # 50 rows at 1,000 rows/s is 50 ms: admitted
+    await asyncio.gather(*burst)
+
+
+# -- callers that leave ----------------------------------------------------------------------
+
+
+async def test_a_cancelled_request_leaves_the_queue_counts_at_once(make: MakeDispatcher) -> None:
+    pods = FakePods(latency_s=1.0)
+    dispatcher = make(pods, max_batch_size=32, max_queue_size=3)
+    running = dispatcher.submit(rows_of(0), 1)
+    await asyncio.sleep(0)
+    gone = [dispatcher.submit(rows_of(*[1.0] * 32), 32) for _ in range(3)]
+    assert (dispatcher.stats().queued, dispatcher.stats().queued_rows) == (3, 96)
+    for future in gone:
+        future.cancel()
+    await asyncio.sleep(0)  # the futures' callbacks
+    assert (dispatcher.stats().queued, dispatcher.stats().queued_rows) == (0, 0)
+    dispatcher.admit()  # their places are free for others at once
+    await running
+    await asyncio.sleep(1.0)
+    assert [c.rows for c in pods.calls] == [1]  # none of their 96 rows computed
+
+
+async def test_many_abandoned_requests_do_not_pile_up_with_their_inputs(
+    make: MakeDispatcher,
+) -> None:
+    dispatcher = make(FakePods(), endpoints=0, max_batch_size=4, max_queue_size=10_000)
+    for _ in range(1000):
+        dispatcher.submit(rows_of(1), 1).cancel()
+    await asyncio.sleep(0)
+    assert sum(len(level) for level in dispatcher._queue.levels) <= 64
+    assert dispatcher.stats().queued == 0
+
+
+async def test_a_batch_whose_every_caller_left_is_stopped_and_frees_its_slot(
+    make: MakeDispatcher,
+) -> None:
+    loop = asyncio.get_running_loop()
+    pods = FakePods(latency_s=10.0)
+    dispatcher = make(pods, max_batch_size=4)
+    gone = dispatcher.submit(rows_of(1), 1)
+    await asyncio.sleep(0.001)  # sent: the pod is working on it
+    assert dispatcher.stats().inflight_batches == 1
+    gone.cancel()
+    await asyncio.sleep(0.001)
+    assert dispatcher.stats().inflight_batches == 0
+    assert dispatcher.pool.endpoints[0].inflight_batches == 0  # the pod call was cancelled
+    kept = await dispatcher.submit(rows_of(2), 1)  # the slot is free: sent at once
+    assert kept["out"][0, 0] == 4
+    assert loop.time() == pytest.approx(10.002)
+    assert [round(c.started, 6) for c in pods.calls] == [0.0, 0.002]
+
+
+async def test_a_caller_that_left_a_batch_in_flight_costs_only_its_rows(
+    make: MakeDispatcher,
+) -> None:
+    pods = FakePods(latency_s=0.010)
+    dispatcher = make(pods, max_batch_size=4)
+    busy = dispatcher.submit(rows_of(0), 1)
+    await asyncio.sleep(0)
+    gone = dispatcher.submit(rows_of(1), 1)
+    kept = dispatcher.submit(rows_of(2), 1)
+    await asyncio.sleep(0.011)  # both left in one batch
+    gone.cancel()
+    assert (await kept)["out"][0, 0] == 4
+    await busy
+    assert [c.rows for c in pods.calls] == [1, 2]
+
+
+async def test_a_batch_that_never_left_is_not_sent_when_every_caller_is_gone(
+    make: MakeDispatcher,
+) -> None:
+    pods = FakePods(latency_s=0.010)
+    dispatcher = make(pods, max_batch_size=4)
+    futures = [dispatcher.submit(rows_of(v), 1) for v in (1, 2)]
+    for future in futures:  # in the same turn the batch was formed, before it is sent
+        future.cancel()
+    await asyncio.sleep(0.1)
+    assert pods.calls == []
+    assert dispatcher.stats().inflight_batches == 0
+
+
+# -- deadlines at the pod --------------------------------------------------------------------
+
+
+async def test_a_stalled_pod_is_given_up_on_at_the_requests_deadline(
+    make: MakeDispatcher,
+) -> None:
+    loop = asyncio.get_running_loop()
+    pods = FakePods(latency_s=3600.0)
+    dispatcher = make(pods, max_batch_size=4)
+    with pytest.raises(DeadlineExceeded, match="during a call"):
+        await dispatcher.submit(rows_of(1), 1, timeout_s=0.100)
+    assert loop.time() == pytest.approx(0.100)
+    assert [c.timeout_s for c in pods.calls] == [pytest.approx(0.100)]
+    assert (dispatcher.pool.endpoints[0].failures, dispatcher.pool.ready_endpoints) == (0, 1)
+
+
+async def test_a_batch_is_bounded_by_its_earliest_members_deadline(make: MakeDispatcher) -> None:
+    pods = FakePods(latency_s=0.010)
+    dispatcher = make(pods, max_batch_size=4)
+    busy = dispatcher.submit(rows_of(0), 1)
+    await asyncio.sleep(0)
+    a = dispatcher.submit(rows_of(1), 1, timeout_s=0.5)
+    b = dispatcher.submit(rows_of(2), 1, timeout_s=0.2)
+    c = dispatcher.submit(rows_of(3), 1)
+    await asyncio.gather(busy, a, b, c)
+    assert [round(call.timeout_s, 6) for call in pods.calls] == [60.0, 0.19]

@@ -185,19 +185,85 @@ async def test_a_400_is_not_retried_and_not_counted_as_a_failure(make: MakePool)
 
 
 async def test_no_retry_once_the_deadline_has_passed(make: MakePool) -> None:
+    loop = asyncio.get_running_loop()
     pods = FakePods(latency_s=0.010, fail=connection_refused)
-    pool = make(pods, endpoints=2)
-    with pytest.raises(DeadlineExceeded, match="deadline passed after a failed call"):
+    pool = make(pods, endpoints=2, eject_after=1)
+    with pytest.raises(DeadlineExceeded, match="deadline passed during a call"):
         await send(pool, 1.0, deadline=0.005)
+    assert loop.time() == pytest.approx(0.005)  # the call ends at the deadline
     assert len(pods.calls) == 1
     assert [e.inflight_batches for e in pool.endpoints] == [0, 0]
+    # The caller's deadline is no fault of the endpoint: nothing counted, nobody ejected.
+    assert [(e.failures, e.ejected) for e in pool.endpoints] == [(0, False), (0, False)]
 
 
 async def test_the_retry_happens_while_the_deadline_allows(make: MakePool) -> None:
     pods = FakePods(latency_s=0.010, fail=fail_first(1))
     pool = make(pods, endpoints=2)
-    assert (await send(pool, 3.0, deadline=0.011)).tolist() == [[6.0]]
+    assert (await send(pool, 3.0, deadline=0.025)).tolist() == [[6.0]]
     assert len(pods.calls) == 2
+
+
+async def test_a_call_lasts_until_the_deadline_and_the_pod_is_told_it(make: MakePool) -> None:
+    """A stalled pod: the call ends at the deadline, 504, not at ``call_timeout_s`` (60 s)."""
+    loop = asyncio.get_running_loop()
+    pods = FakePods(latency_s=3600.0)
+    pool = make(pods, endpoints=1, eject_after=1, call_timeout_s=60.0)
+    with pytest.raises(DeadlineExceeded):
+        await send(pool, 1.0, deadline=0.100)
+    assert loop.time() == pytest.approx(0.100)
+    assert [c.timeout_s for c in pods.calls] == [pytest.approx(0.100)]
+    assert (pool.endpoints[0].failures, pool.ready_endpoints) == (0, 1)
+
+
+async def test_without_a_deadline_a_call_lasts_at_most_call_timeout_s(make: MakePool) -> None:
+    loop = asyncio.get_running_loop()
+    pods = FakePods(latency_s=3600.0)
+    pool = make(pods, endpoints=1, call_timeout_s=2.0)
+    with pytest.raises(UpstreamError, match="did not answer within 2 s"):
+        await send(pool, 1.0)
+    assert loop.time() == pytest.approx(2.0)
+    assert [c.timeout_s for c in pods.calls] == [2.0]
+    assert pool.endpoints[0].failures == 1  # no answer in call_timeout_s is the pod's fault
+
+
+async def test_a_retry_with_every_other_slot_taken_waits_for_one(make: MakePool) -> None:
+    """A killed pod's batch retries while the other pod's slots are all busy: it takes the
+    first slot that frees (ahead of any new batch), instead of failing 502 at once."""
+    loop = asyncio.get_running_loop()
+    pods = FakePods(latency_s=0.010, fail=fail_on("http://pod-0"))
+    pool = make(pods, endpoints=2, max_batches_per_endpoint=1)
+    pod_0, pod_1 = pool.endpoints
+    assert pool.acquire(1) in (pod_0, pod_1) and pool.acquire(1) is not None
+    busy = asyncio.create_task(pool.call(pod_1, rows_of(1), 1, None))
+    retried = await pool.call(pod_0, rows_of(2), 1, deadline=1.0)
+    assert retried["out"].tolist() == [[4.0]]
+    await busy
+    assert [(c.url, round(c.started, 6)) for c in pods.calls] == [
+        ("http://pod-0", 0.0),
+        ("http://pod-1", 0.0),
+        ("http://pod-1", 0.010),  # the retry, in the slot pod-1's first batch freed
+    ]
+    assert loop.time() == pytest.approx(0.020)
+    assert [(e.inflight_batches, e.inflight_rows) for e in pool.endpoints] == [(0, 0), (0, 0)]
+
+
+async def test_a_retry_waits_for_a_slot_no_longer_than_its_deadline(make: MakePool) -> None:
+    loop = asyncio.get_running_loop()
+    pods = FakePods(latency_s=0.010, fail=fail_on("http://pod-0"))
+    pool = make(pods, endpoints=2, max_batches_per_endpoint=1)
+    pod_0, pod_1 = pool.endpoints
+    assert pool.acquire(1) is not None and pool.acquire(1) is not None
+    pods.latency_s = 1.0  # pod-1's batch holds its only slot for a second
+    busy = asyncio.create_task(pool.call(pod_1, rows_of(1), 1, None))
+    await asyncio.sleep(0)
+    pods.latency_s = 0.010
+    with pytest.raises(DeadlineExceeded, match="waiting for a slot"):
+        await pool.call(pod_0, rows_of(2), 1, deadline=0.050)
+    assert loop.time() == pytest.approx(0.050)
+    await busy
+    assert len(pods.calls) == 2
+    assert [(e.inflight_batches, e.inflight_rows) for e in pool.endpoints] == [(0, 0), (0, 0)]
 
 
 async def test_when_the_retry_fails_too_its_error_propagates(make: MakePool) -> None:

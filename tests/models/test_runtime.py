@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import threading
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -12,7 +15,8 @@ from onnx import TensorProto, helper
 
 from models.config import ModelConfig
 from models.runtime import ModelRuntime, select_providers, warmup_batch_sizes
-from protocol.errors import ConfigError
+from protocol.errors import ConfigError, DeadlineExceeded
+from tests.support import eventually
 
 
 @pytest.mark.parametrize(
@@ -122,4 +126,45 @@ def test_auto_without_cuda_says_loudly_that_it_computes_on_the_cpu(
         assert "device 'auto' found no CUDAExecutionProvider" in warning
         assert "CPUExecutionProvider" in warning
     finally:
+        runtime.close()
+
+
+async def test_a_caller_that_leaves_frees_its_instance_only_when_the_run_ends(
+    tmp_path: Path,
+) -> None:
+    """The pod's handler is cancelled when its client disconnects; the ONNX Runtime run it
+    started goes on in its thread, so the instance stays taken until that run ends, and a
+    batch whose deadline passes meanwhile is dropped, not queued behind it."""
+    path = tmp_path / "model.onnx"
+    _mixed_types_model(path)
+    runtime = ModelRuntime("mixed", 1, path, ModelConfig(instances=1))
+    running: list[int] = []
+    release = threading.Event()
+    real_run = runtime._run
+
+    def slow_run(inputs: Any, names: Any) -> Any:
+        running.append(len(running))
+        release.wait(10)
+        return real_run(inputs, names)
+
+    runtime._run = slow_run  # type: ignore[method-assign]
+    inputs = {
+        "flags": np.array([[True, False]]),
+        "counts": np.array([[1, 2, 3]], dtype=np.int32),
+        "names": np.array([b"x"], dtype=object),
+    }
+    try:
+        left = asyncio.ensure_future(runtime.infer(inputs, ["not_flags"]))
+        await eventually(lambda: running == [0], 10, "the first run to start")
+        left.cancel()
+        deadline = asyncio.get_running_loop().time() + 0.1
+        with pytest.raises(DeadlineExceeded):  # the instance is still on the abandoned run
+            await runtime.infer(inputs, ["not_flags"], deadline)
+        assert running == [0]
+        release.set()
+        outputs, _ = await runtime.infer(inputs, ["not_flags"])
+        assert running == [0, 1]
+        assert outputs["not_flags"].tolist() == [[False, True]]
+    finally:
+        release.set()
         runtime.close()

@@ -13,11 +13,12 @@ from collections.abc import Iterator
 
 import pytest
 import uvicorn
-from starlette.types import Receive, Scope, Send
+from starlette.applications import Starlette
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from protocol.edge import connection_cap, uvicorn_options
 from protocol.errors import ConfigError
-from protocol.fastpath import MAX_BODY_BYTES
+from protocol.fastpath import MAX_BODY_BYTES, Answer, Headers, with_infer_route
 from protocol.limits import EdgeLimits
 from protocol.support import free_port
 from tests.support import wait_until
@@ -47,11 +48,11 @@ async def app(scope: Scope, receive: Receive, send: Send) -> None:
 
 
 @contextlib.contextmanager
-def edge_server(limits: EdgeLimits) -> Iterator[int]:
+def edge_server(limits: EdgeLimits, served: ASGIApp = app) -> Iterator[int]:
     """A uvicorn server with ``limits`` in a thread of its own; yields its port."""
     port = free_port()
     config = uvicorn.Config(
-        app, host="127.0.0.1", port=port, log_level="warning", lifespan="off",
+        served, host="127.0.0.1", port=port, log_level="warning", lifespan="off",
         **uvicorn_options(limits),
     )  # fmt: skip
     server = uvicorn.Server(config)
@@ -302,3 +303,28 @@ def test_limits_refuse_zero_and_negative_values() -> None:
 
 def test_the_inference_body_limit_defaults_to_the_fast_path_s() -> None:
     assert EdgeLimits().max_infer_body_bytes == MAX_BODY_BYTES
+
+
+def test_a_client_that_disconnects_cancels_its_inference_handler() -> None:
+    started = threading.Event()
+    cancelled = threading.Event()
+
+    async def handler(model: str, version: str | None, body: bytes, headers: Headers) -> Answer:
+        started.set()
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        return b"{}", None
+
+    with edge_server(EdgeLimits(), with_infer_route(Starlette(), handler)) as port:
+        with connect(port) as sock:
+            sock.sendall(
+                b"POST /v2/models/m/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}"
+            )
+            assert started.wait(5)
+        assert cancelled.wait(5)  # the handler stopped when the connection was lost
+        with connect(port) as sock:  # and the server carries on
+            sock.sendall(b"GET /v2/models/m/infer HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert read_response(sock)[0] == 405

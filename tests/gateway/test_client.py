@@ -1,0 +1,35 @@
+"""The HTTP client to pods against a real server on loopback: what a pod receives."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import orjson
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from gateway.client import HEADER_LENGTH, HttpModelClient
+
+
+async def test_the_pod_is_told_the_calls_timeout_in_microseconds() -> None:
+    received: list[dict[str, Any]] = []
+
+    async def infer(request: web.Request) -> web.Response:
+        payload = await request.read()
+        received.append(orjson.loads(payload[: int(request.headers[HEADER_LENGTH])]))
+        outputs = [{"name": "out", "shape": [1, 1], "datatype": "FP32", "data": [2.0]}]
+        return web.json_response({"model_name": "m", "outputs": outputs})
+
+    app = web.Application()
+    app.router.add_post("/v2/models/m/infer", infer)
+    async with TestServer(app, host="127.0.0.1") as server:
+        client = HttpModelClient()
+        try:
+            url = str(server.make_url("")).rstrip("/")
+            inputs = {"x": np.ones((1, 1), np.float32)}
+            outputs = await client.infer(url, "m", inputs, timeout_s=0.25)
+        finally:
+            await client.close()
+    assert outputs["out"].tolist() == [[2.0]]
+    assert received[0]["parameters"]["timeout"] == 250_000
