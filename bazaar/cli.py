@@ -21,6 +21,7 @@ from autoscaler.simulation.command import add_parser as add_simulate_parser
 from loadtests.command import add_bench_parser, add_loadtest_parser
 from protocol import __version__
 from protocol.arguments import non_negative_float, port, positive_float, positive_int
+from protocol.errors import ConfigError
 from protocol.limits import EdgeLimits
 from protocol.support import missing_extra
 
@@ -46,7 +47,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    return int(args.run(args))
+    try:
+        return int(args.run(args))
+    except ConfigError as exc:
+        # A file named on the command line is wrong: say which and what, as argparse would.
+        print(f"bazaar: error: {exc}", file=sys.stderr)
+        return 2
 
 
 def parser() -> argparse.ArgumentParser:
@@ -237,6 +243,13 @@ def _gateway_options(parser: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="on SIGTERM, the longest to wait for requests in flight (default %(default)s)",
     )
+    parser.add_argument(
+        "--tenants",
+        type=Path,
+        metavar="FILE",
+        help="each tenant's request rate, rows in flight and queue weight (YAML; "
+        "see gateway/tenants.py); default: no limits",
+    )
     _edge_options(parser)
 
 
@@ -404,11 +417,13 @@ def _gateway(args: argparse.Namespace) -> int:
 
 def _gateway_config(args: argparse.Namespace) -> GatewayConfig:
     from gateway.config import GatewayConfig
+    from gateway.tenants import TenantPolicies, load_tenants
 
     return GatewayConfig(
         max_batches_per_endpoint=args.max_batches_per_endpoint,
         max_queue_time_s=args.max_queue_time,
         drain_timeout_s=args.drain_timeout,
+        tenants=load_tenants(args.tenants) if args.tenants else TenantPolicies(),
         edge=_edge_limits(args),
     )
 

@@ -32,7 +32,8 @@ from starlette.types import ASGIApp
 
 from gateway.catalog import ModelCatalog
 from gateway.metrics import CANCELLED, outcome_of
-from protocol.errors import BazaarError, InvalidRequest
+from gateway.tenants import Tenants
+from protocol.errors import BazaarError, InvalidRequest, QuotaExceeded
 from protocol.fastpath import Answer, Headers, InferHandler, answer, decode, with_infer_route
 from protocol.responses import (
     EXCEPTION_HANDLERS,
@@ -54,22 +55,35 @@ def create_app(catalog: ModelCatalog) -> ASGIApp:
 
 
 def _infer_handler(catalog: ModelCatalog) -> InferHandler:
-    async def infer(model: str, version: str | None, body: bytes, headers: Headers) -> Answer:
+    tenants = Tenants(catalog.config.tenants)
+    quota_refusals = catalog.metrics.quota_refusals
+
+    async def infer(
+        model: str, version: str | None, body: bytes, headers: Headers, tenant_name: str | None
+    ) -> Answer:
         started = time.perf_counter()
         served = await catalog.serving(model, version, catalog.config.max_queue_time_s)
         dispatcher = served.dispatcher
+        tenant = tenants.get(tenant_name)
+        rows = 0
         status = 500
         try:
-            dispatcher.admit(_header_timeout_s(headers))
+            tenant.admit(asyncio.get_running_loop().time())
+            dispatcher.admit(_header_timeout_s(headers), tenant)
             metadata = served.metadata
             request = decode(body, headers, metadata)
             priority, timeout_s = _schedule(request.parameters, headers)
-            future = dispatcher.submit(
-                request.inputs, request.rows(metadata.max_batch_size), priority, timeout_s
-            )
+            request_rows = request.rows(metadata.max_batch_size)
+            tenant.take_rows(request_rows)
+            rows = request_rows
+            future = dispatcher.submit(request.inputs, rows, priority, timeout_s, tenant)
             response = answer(request, metadata, await future)
             status = 200
             return response
+        except QuotaExceeded as exc:
+            status = exc.status
+            quota_refusals.labels(tenant.name, exc.quota).inc()
+            raise
         except BazaarError as exc:
             status = exc.status
             raise
@@ -77,6 +91,8 @@ def _infer_handler(catalog: ModelCatalog) -> InferHandler:
             status = CANCELLED
             raise
         finally:
+            if rows:
+                tenant.release_rows(rows)
             served.metrics.requests[outcome_of(status)].inc()
             served.metrics.request_seconds.observe(time.perf_counter() - started)
 

@@ -10,6 +10,7 @@ from typing import Any
 import yaml
 
 from gateway.dispatcher import BatchPolicy
+from gateway.tenants import TenantPolicies
 from protocol.errors import ConfigError
 from protocol.limits import EdgeLimits
 
@@ -26,6 +27,8 @@ class GatewayConfig:
     """On SIGTERM, the longest the gateway waits for the requests in flight before it stops:
     a request lives at most the queue time and a pod call (90 s by default). Kubernetes'
     terminationGracePeriodSeconds must exceed it, plus the preStop wait."""
+    tenants: TenantPolicies = field(default_factory=TenantPolicies)
+    """Each tenant's request rate, rows in flight and queue weight (``gateway.tenants``)."""
     edge: EdgeLimits = field(default_factory=EdgeLimits)
     """What a client may send and how slowly: header, URL and body sizes, read and idle
     timeouts, the connection and concurrent request caps (``protocol.limits``)."""

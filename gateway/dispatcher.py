@@ -56,6 +56,7 @@ import numpy as np
 
 from gateway.metrics import ModelMetrics
 from gateway.router import Endpoint, EndpointPool, Tensors
+from gateway.tenants import ANONYMOUS_TENANT, Tenant
 from protocol.errors import (
     BazaarError,
     DeadlineExceeded,
@@ -110,9 +111,31 @@ class Pending:
     future: asyncio.Future[Tensors]
     signature: tuple[tuple[int, ...], ...]
     """Non-batch dimensions of every input; requests batch together only when equal."""
+    flow: _Flow
+    """Its tenant's share of the queue."""
+    tag: float
+    """Its place in the fair order of its level: the virtual time its service starts at."""
     queued: bool = True
     batch: _Batch | None = None
     """The batch it left in, while that is in flight."""
+
+
+@dataclass(slots=True, eq=False)
+class _Flow:
+    """One tenant's requests in this queue (start-time fair queuing, per priority level).
+
+    A request's tag is where its tenant's queued work ends in virtual time, or the level's
+    virtual time (the tag of the request last taken) if that is later; its tenant's work
+    then grows by its rows over the tenant's weight. A level is kept in tag order, so every
+    tenant with requests queued is served in proportion to its weight, a tenant that floods
+    only delays itself, and with one tenant the order is arrival order.
+    """
+
+    weight: float
+    finish: list[float]
+    """Per level, the virtual time at which this tenant's queued work ends."""
+    queued: int = 0
+    rows: int = 0
 
 
 @dataclass(slots=True, eq=False)
@@ -199,6 +222,11 @@ class Dispatcher:
         self.pool = pool
         self.metrics = metrics
         self._queue = _Queue([deque() for _ in range(policy.priority_levels)])
+        self._virtual = [0.0] * policy.priority_levels
+        """Per level, the tag of the request last taken: where a tenant's new work starts."""
+        self._flows: dict[str, _Flow] = {}
+        self._active_weight = 0.0
+        """The weights of the tenants with requests queued, summed."""
         self._sequence = itertools.count()
         self._inflight: set[asyncio.Task[None]] = set()
         self._inflight_rows = 0
@@ -212,10 +240,11 @@ class Dispatcher:
 
     # -- admission -------------------------------------------------------------------------
 
-    def admit(self, timeout_s: float | None = None) -> None:
+    def admit(self, timeout_s: float | None = None, tenant: Tenant = ANONYMOUS_TENANT) -> None:
         """Refuse now, before its body is decoded, a request that will not fit: raises
         ``Overloaded`` (see the module's docstring). ``timeout_s``: its header's deadline."""
-        refusal = self._refusal(self._own_timeout_s(timeout_s), "before_decode")
+        flow = self._flow(tenant)
+        refusal = self._refusal(self._own_timeout_s(timeout_s), flow, "before_decode")
         if refusal is not None:
             raise refusal
 
@@ -225,6 +254,7 @@ class Dispatcher:
         rows: int,
         priority: int = 0,
         timeout_s: float | None = None,
+        tenant: Tenant = ANONYMOUS_TENANT,
     ) -> asyncio.Future[Tensors]:
         """Admit a request; its future resolves to its own output rows."""
         policy = self.policy
@@ -234,12 +264,16 @@ class Dispatcher:
                 f"1..{policy.priority_levels} (0 = default)"
             )
         own_timeout_s = self._own_timeout_s(timeout_s)
-        refusal = self._refusal(own_timeout_s, "after_decode")
+        flow = self._flow(tenant)
+        refusal = self._refusal(own_timeout_s, flow, "after_decode")
         if refusal is not None:
             raise refusal
         loop = asyncio.get_running_loop()
         now = loop.time()
         future = _RequestFuture(loop=loop)
+        index = (priority or policy.default_priority_level) - 1
+        tag = max(self._virtual[index], flow.finish[index])
+        flow.finish[index] = tag + rows / flow.weight
         pending = Pending(
             inputs=inputs,
             rows=rows,
@@ -248,14 +282,23 @@ class Dispatcher:
             call_deadline=now + timeout_s if timeout_s else None,
             future=future,
             signature=tuple(a.shape[1:] for a in inputs.values()) if policy.max_batch_size else (),
+            flow=flow,
+            tag=tag,
         )
         # A weak reference: a strong one would make pending -> future -> pending a cycle,
         # left to the cyclic collector after every request.
         future.on_cancel = functools.partial(self._left, weakref.ref(pending))
-        level = (priority or policy.default_priority_level) - 1
-        self._queue.levels[level].append(pending)
+        level = self._queue.levels[index]
+        if not level or level[-1].tag <= tag:
+            level.append(pending)
+        else:
+            _insert_in_tag_order(level, pending)
         self._queue.size += 1
         self._queue.rows += rows
+        if not flow.queued:
+            self._active_weight += flow.weight
+        flow.queued += 1
+        flow.rows += rows
         self._admitted += 1
         self._admitted_rows += rows
         deadlines = self._queue.deadlines
@@ -275,18 +318,35 @@ class Dispatcher:
         limits = [t for t in (timeout_s, self.policy.default_timeout_s) if t]
         return min(limits) if limits else None
 
-    def _refusal(self, timeout_s: float | None, stage: str) -> BazaarError | None:
-        """Why a request with this deadline cannot be admitted now, if it cannot."""
+    def _flow(self, tenant: Tenant) -> _Flow:
+        flow = self._flows.get(tenant.name)
+        if flow is None:
+            levels = self.policy.priority_levels
+            flow = self._flows[tenant.name] = _Flow(tenant.weight, [0.0] * levels)
+        return flow
+
+    def _refusal(self, timeout_s: float | None, flow: _Flow, stage: str) -> BazaarError | None:
+        """Why a request with this deadline from this tenant cannot be admitted now, if it
+        cannot.
+
+        At ``max_queue_size`` a tenant still holding less than its weighted share of that
+        size is admitted: a flood from one tenant cannot shut another out. The queue then
+        holds at most twice ``max_queue_size``.
+        """
         if self._closed is not None:
             return self._closed
         queued = self._queue.size
-        if queued >= self.policy.max_queue_size:
+        share = flow.weight / (self._active_weight + (0 if flow.queued else flow.weight))
+        if (
+            queued >= self.policy.max_queue_size
+            and flow.queued >= share * self.policy.max_queue_size
+        ):
             self.metrics.shed[stage, "queue_full"].inc()
             return Overloaded(
                 f"model '{self.model}' has {queued} requests queued, its limit (max_queue_size)",
                 self._retry_after_s(),
             )
-        wait_s = self._expected_wait_s()
+        wait_s = self._expected_wait_s(flow, share)
         limit_s = min(timeout_s or self.policy.max_queue_time_s, self.policy.max_queue_time_s)
         if wait_s > limit_s:
             self.metrics.shed[stage, "deadline"].inc()
@@ -297,12 +357,13 @@ class Dispatcher:
             )
         return None
 
-    def _expected_wait_s(self) -> float:
-        """How long a request arriving now would queue, at the measured drain rate (0:
-        unknown, never measured under a backlog)."""
+    def _expected_wait_s(self, flow: _Flow, share: float) -> float:
+        """How long a request from this tenant arriving now would queue: its tenant's queued
+        rows, served at its share of the measured drain rate (0: unknown, never measured
+        under a backlog)."""
         if self._drain.rate <= 0:
             return 0.0
-        return self._queue.rows / self._drain.rate
+        return min(self._queue.rows, flow.rows / share) / self._drain.rate
 
     def stats(self) -> DispatcherStats:
         return DispatcherStats(
@@ -418,9 +479,10 @@ class Dispatcher:
         A batch is always the live head of the queue in priority order, so this is a pop
         from the front of each level.
         """
-        for level in self._queue.levels:
+        for index, level in enumerate(self._queue.levels):
             while count and level:
                 pending = level.popleft()
+                self._virtual[index] = pending.tag
                 self._unqueue(pending)
                 if not pending.future.done():
                     count -= 1
@@ -430,6 +492,12 @@ class Dispatcher:
             pending.queued = False
             self._queue.size -= 1
             self._queue.rows -= pending.rows
+            flow = pending.flow
+            flow.queued -= 1
+            flow.rows -= pending.rows
+            if not flow.queued:
+                # Summed afresh when the queue empties: no float drift over a long run.
+                self._active_weight = self._active_weight - flow.weight if self._queue.size else 0.0
 
     def _left(self, ref: weakref.ref[Pending]) -> None:
         """A request's caller cancelled its future: its place and rows are free at once, and
@@ -529,6 +597,15 @@ class Dispatcher:
                 self._unqueue(pending)
             level.clear()
         self._queue.deadlines.clear()
+
+
+def _insert_in_tag_order(level: deque[Pending], pending: Pending) -> None:
+    """Insert behind every request with a tag no later than its own (searching from the
+    back: a tenant's new request usually lands near it)."""
+    index = len(level)
+    while index and level[index - 1].tag > pending.tag:
+        index -= 1
+    level.insert(index, pending)
 
 
 def _prefix(batch: list[Pending], size: int) -> tuple[list[Pending], int]:

@@ -22,9 +22,9 @@ LATENCY_BUCKETS = (
     0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0,
 )  # fmt: skip
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
-OUTCOMES = ("200", "4xx", "503", "504", "5xx", "cancelled")
+OUTCOMES = ("200", "4xx", "429", "503", "504", "5xx", "cancelled")
 SHED_STAGES = ("before_decode", "after_decode")
-"""Where a refused request was refused: before its body was read, or after it was decoded
+"""Where a refused request was refused: before its body was decoded, or after
 (only for what the body alone says, such as a tighter ``timeout`` parameter)."""
 SHED_REASONS = ("queue_full", "deadline")
 """Why: the queue was at ``max_queue_size``, or its expected wait exceeded the deadline."""
@@ -37,7 +37,7 @@ def outcome_of(status: int) -> str:
         return "cancelled"
     if status == 200:
         return "200"
-    if status in (503, 504):
+    if status in (429, 503, 504):
         return str(status)
     return "4xx" if status < 500 else "5xx"
 
@@ -47,7 +47,7 @@ class ModelMetrics:
     """One model's metric children, bound once."""
 
     requests: Mapping[str, Counter]
-    """By outcome: 200, 4xx, 503, 504, 5xx, cancelled."""
+    """By outcome: ``OUTCOMES``."""
     request_seconds: Histogram
     queue_wait: Histogram
     pod_seconds: Histogram
@@ -62,8 +62,8 @@ class GatewayMetrics:
         self.registry = registry
         self._requests = Counter(
             "bazaar_gateway_requests",
-            "Inference requests, by model and outcome (200, 4xx, 503, 504, 5xx, and cancelled:"
-            " the client went away before its answer).",
+            "Inference requests, by model and outcome (200, 4xx, 429, 503, 504, 5xx, and"
+            " cancelled: the client went away before its answer).",
             ["model", "outcome"],
             registry=registry,
         )
@@ -104,8 +104,15 @@ class GatewayMetrics:
         self._shed = Counter(
             "bazaar_gateway_shed_requests",
             "Requests refused at admission (answered 503), by stage (before_decode: before "
-            "the body was read; after_decode) and reason (queue_full, deadline).",
+            "the body was decoded; after_decode) and reason (queue_full, deadline).",
             ["model", "stage", "reason"],
+            registry=registry,
+        )
+        self.quota_refusals = Counter(
+            "bazaar_gateway_quota_refusals",
+            "Requests refused for their tenant's quota (answered 429), by tenant and quota "
+            "(rate: requests per second; rows: rows in flight).",
+            ["tenant", "quota"],
             registry=registry,
         )
 

@@ -75,7 +75,9 @@ def create_app(
         config["max_batch_size"] = runtime.metadata.max_batch_size
         return {"name": name, **config}
 
-    async def infer(model: str, version: str | None, body: bytes, headers: Headers) -> Answer:
+    async def infer(
+        model: str, version: str | None, body: bytes, headers: Headers, tenant: str | None
+    ) -> Answer:
         arrived = asyncio.get_running_loop().time()
         runtime = store.get(model, version)
         outcome = "server_error"

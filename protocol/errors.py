@@ -89,6 +89,20 @@ class Overloaded(BazaarError):
         return {"Retry-After": str(max(1, math.ceil(self.retry_after_s)))}
 
 
+class QuotaExceeded(BazaarError):
+    """The caller's tenant is over a quota, ``quota`` names which (429, Retry-After)."""
+
+    status = 429
+
+    def __init__(self, message: str, quota: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.quota = quota
+        self.retry_after_s = retry_after_s
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(max(1, math.ceil(self.retry_after_s)))}
+
+
 class DeadlineExceeded(BazaarError):
     """The request's deadline passed before it could be answered (504)."""
 

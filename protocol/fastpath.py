@@ -34,7 +34,10 @@ Headers = dict[bytes, bytes]
 """Request headers by lower-case name (the last value wins)."""
 Answer = tuple[bytes, int | None]
 """An encoded inference response and its ``Inference-Header-Content-Length`` (None: JSON)."""
-InferHandler = Callable[[str, str | None, bytes, Headers], Awaitable[Answer]]
+InferHandler = Callable[[str, str | None, bytes, Headers, str | None], Awaitable[Answer]]
+"""(model, version, body, headers, tenant) → answer."""
+TENANT = "bazaar.tenant"
+"""The scope key under which authentication leaves the caller's tenant (absent: anonymous)."""
 
 
 MAX_BODY_BYTES = 256 * 1024 * 1024
@@ -138,7 +141,9 @@ async def _infer(
 
     scope[ON_DISCONNECT] = client_left
     try:
-        encoded, header_length = await handler(target[0], target[1], body, headers)
+        encoded, header_length = await handler(
+            target[0], target[1], body, headers, scope.get(TENANT)
+        )
     except asyncio.CancelledError:
         if left and task.uncancel() == 0:
             return  # the client left while its request was handled: nobody to answer

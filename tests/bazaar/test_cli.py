@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from bazaar.cli import main, parser
@@ -103,3 +105,16 @@ def test_the_gateway_config_carries_the_client_limits() -> None:
 
     args = parser().parse_args(["gateway", "--endpoints", "f", "--max-connections", "7"])
     assert _gateway_config(args).edge.max_connections == 7
+
+
+def test_a_bad_file_named_on_the_command_line_exits_2_naming_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    endpoints = tmp_path / "endpoints.yaml"
+    endpoints.write_text("models: {m: ['http://127.0.0.1:9']}\n")
+    tenants = tmp_path / "tenants.yaml"
+    tenants.write_text("tenants: {a: {weight: 0}}\n")
+    assert main(["gateway", "--endpoints", str(endpoints), "--tenants", str(tenants)]) == 2
+    error = capsys.readouterr().err
+    assert f"{tenants}: tenants.a.weight: must be > 0" in error
+    assert "Traceback" not in error

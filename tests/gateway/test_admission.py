@@ -26,7 +26,9 @@ from gateway.config import GatewayConfig
 from gateway.dispatcher import BatchPolicy, Dispatcher
 from gateway.metrics import GatewayMetrics
 from gateway.router import EndpointPool
+from gateway.tenants import TenantPolicies, TenantPolicy
 from protocol.edge import ON_DISCONNECT
+from protocol.fastpath import TENANT
 from protocol.schema import ModelMetadata
 from tests.gateway.fakes import FakePods
 
@@ -57,6 +59,7 @@ class Client:
     chunks: int = 2
     read: int = 0
     """Body chunks the app has taken."""
+    tenant: str | None = None
     scope: dict[str, Any] = field(default_factory=dict)
     gone: asyncio.Event = field(default_factory=asyncio.Event)
     sent: list[MutableMapping[str, Any]] = field(default_factory=list)
@@ -110,10 +113,11 @@ MakeGateway = Callable[..., Gateway]
 async def make() -> AsyncIterator[MakeGateway]:
     catalogs: list[ModelCatalog] = []
 
-    def build(pods: FakePods, **policy: Any) -> Gateway:
+    def build(pods: FakePods, tenants: TenantPolicies | None = None, **policy: Any) -> Gateway:
         registry = CollectorRegistry()
         metrics = GatewayMetrics(registry)
-        catalog = ModelCatalog(pods, metrics, GatewayConfig())  # type: ignore[arg-type]
+        config = GatewayConfig(tenants=tenants or TenantPolicies())
+        catalog = ModelCatalog(pods, metrics, config)  # type: ignore[arg-type]
         pool = EndpointPool("m", pods, max_batches_per_endpoint=1, rng=random.Random(0))
         pool.set_endpoints(["http://pod-0"])
         dispatcher = Dispatcher("m", BatchPolicy(**policy), pool, metrics.for_model("m"))
@@ -127,6 +131,8 @@ async def make() -> AsyncIterator[MakeGateway]:
             client.scope.update(
                 type="http", method="POST", path="/v2/models/m/infer", headers=headers
             )
+            if client.tenant is not None:
+                client.scope[TENANT] = client.tenant
             return asyncio.ensure_future(app(client.scope, client.receive, client.send))
 
         return Gateway(pods, dispatcher, registry, request)
@@ -203,3 +209,33 @@ async def test_a_deadline_is_answered_504_on_time_by_a_stalled_pod(make: MakeGat
     assert [call.timeout_s for call in pods.calls] == [pytest.approx(0.100)]
     assert gateway.dispatcher.pool.ready_endpoints == 1  # not ejected for it
     assert gateway.dispatcher.pool.endpoints[0].failures == 0
+
+
+async def test_a_tenant_over_its_quota_is_answered_429_before_decoding(make: MakeGateway) -> None:
+    tenants = TenantPolicies(
+        TenantPolicy(),
+        {"metered": TenantPolicy(requests_per_second=1, burst=2, max_concurrent_rows=40)},
+    )
+    gateway = make(FakePods(latency_s=1.0), tenants, max_batch_size=32)
+    first = [Client(body(20), tenant="metered") for _ in range(2)]  # the burst, 40 rows
+    handlers = [gateway.request(client) for client in first]
+    await asyncio.sleep(0.001)
+    over = Client(b"{not json", tenant="metered")
+    await gateway.request(over)
+    assert over.status == 429  # not 400: refused before the body is decoded
+    assert "tenant 'metered'" in over.answer["error"]
+    assert int(over.response_headers["retry-after"]) >= 1
+    others = Client(body(1))  # anonymous: the default policy, no limits
+    await gateway.request(others)
+    assert others.status == 200
+    await asyncio.gather(*handlers)
+    assert [client.status for client in first] == [200, 200]
+    await asyncio.sleep(1.0)  # a token back, and the 40 rows answered and released
+    again = Client(body(32), tenant="metered")
+    await gateway.request(again)
+    assert again.status == 200
+    refusals = gateway.registry.get_sample_value(
+        "bazaar_gateway_quota_refusals_total", {"tenant": "metered", "quota": "rows"}
+    )
+    assert refusals == 1
+    assert gateway.sample("bazaar_gateway_requests_total", outcome="429") == 1

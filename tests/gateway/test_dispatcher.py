@@ -13,6 +13,7 @@ import pytest
 from gateway.dispatcher import BatchPolicy, Dispatcher
 from gateway.metrics import GatewayMetrics
 from gateway.router import EndpointPool
+from gateway.tenants import Tenant, TenantPolicy
 from protocol.errors import BazaarError, DeadlineExceeded, InvalidRequest, Overloaded, UpstreamError
 from tests.gateway.fakes import Call, FakePods, rows_of
 
@@ -516,3 +517,93 @@ async def test_a_batch_is_bounded_by_its_earliest_members_deadline(make: MakeDis
     c = dispatcher.submit(rows_of(3), 1)
     await asyncio.gather(busy, a, b, c)
     assert [round(call.timeout_s, 6) for call in pods.calls] == [60.0, 0.19]
+
+
+# -- tenants ----------------------------------------------------------------------------------
+
+
+async def _flood_and_trickle(dispatcher: Dispatcher, flood: Tenant, trickle: Tenant) -> list[float]:
+    """Capacity is 100 rows/s: ``flood`` sends 200 requests/s, ``trickle`` 20 (a tenth) for
+    2 s. Returns the trickle's times from submission to answer."""
+    loop = asyncio.get_running_loop()
+    waits: list[float] = []
+    refused: list[BaseException] = []
+
+    async def one(tenant: Tenant, record: bool) -> None:
+        sent = loop.time()
+        try:
+            await dispatcher.submit(rows_of(1), 1, tenant=tenant)
+        except BazaarError as exc:
+            refused.append(exc)
+            return
+        if record:
+            waits.append(loop.time() - sent)
+
+    async def send(tenant: Tenant, rate: float, record: bool) -> None:
+        requests = []
+        for _ in range(int(2 * rate)):
+            requests.append(asyncio.ensure_future(one(tenant, record)))
+            await asyncio.sleep(1 / rate)
+        await asyncio.gather(*requests)
+
+    await asyncio.gather(send(flood, 200, False), send(trickle, 20, True))
+    return waits
+
+
+async def test_a_flooding_tenant_does_not_delay_another_tenants_trickle(
+    make: MakeDispatcher,
+) -> None:
+    pods = FakePods(latency_s=0.010)
+    dispatcher = make(pods, max_batch_size=1, max_queue_size=1000)
+    waits = await _flood_and_trickle(
+        dispatcher, Tenant("flood", TenantPolicy()), Tenant("trickle", TenantPolicy())
+    )
+    assert len(waits) == 40  # every trickle request answered
+    assert sorted(waits)[-1] <= 0.030  # at most a batch in service and its own
+
+
+async def test_without_tenants_the_same_flood_delays_everyone(make: MakeDispatcher) -> None:
+    """The control for the test above: one tenant, one FIFO, and the trickle waits behind
+    the flood's backlog."""
+    pods = FakePods(latency_s=0.010)
+    dispatcher = make(pods, max_batch_size=1, max_queue_size=1000)
+    same = Tenant("everyone", TenantPolicy())
+    waits = await _flood_and_trickle(dispatcher, same, same)
+    assert sorted(waits)[-1] > 0.5
+
+
+async def test_weights_share_the_pods_in_proportion(make: MakeDispatcher) -> None:
+    pods = FakePods(latency_s=0.010)
+    dispatcher = make(pods, max_batch_size=1, max_queue_size=1000)
+    heavy = Tenant("heavy", TenantPolicy(weight=3))
+    light = Tenant("light", TenantPolicy(weight=1))
+    futures = {
+        tenant.name: [dispatcher.submit(rows_of(1), 1, tenant=tenant) for _ in range(100)]
+        for tenant in (heavy, light)
+    }
+    await asyncio.sleep(0.405)  # 40 batches of one row
+    done = {name: sum(f.done() for f in fs) for name, fs in futures.items()}
+    assert done == {"heavy": 30, "light": 10}
+    for fs in futures.values():
+        await asyncio.gather(*fs)
+
+
+async def test_a_full_queue_still_admits_a_tenant_under_its_share(
+    make: MakeDispatcher, metrics: GatewayMetrics
+) -> None:
+    pods = FakePods(latency_s=1.0)
+    dispatcher = make(pods, max_batch_size=1, max_queue_size=4)
+    flood, other = Tenant("flood", TenantPolicy()), Tenant("other", TenantPolicy())
+    running = dispatcher.submit(rows_of(0), 1, tenant=flood)
+    await asyncio.sleep(0)
+    queued = [dispatcher.submit(rows_of(1), 1, tenant=flood) for _ in range(4)]
+    with pytest.raises(Overloaded, match="max_queue_size"):
+        dispatcher.admit(tenant=flood)
+    dispatcher.admit(tenant=other)  # its share of the queue is half: 2
+    mine = [dispatcher.submit(rows_of(2), 1, tenant=other) for _ in range(2)]
+    with pytest.raises(Overloaded, match="max_queue_size"):
+        dispatcher.admit(tenant=other)
+    assert dispatcher.stats().queued == 6
+    await asyncio.gather(running, *queued, *mine)
+    # A tenant with nothing queued starts at the front of the fair order, then they alternate.
+    assert [c.inputs["x"][0, 0] for c in pods.calls] == [0, 2, 1, 2, 1, 1, 1]

@@ -309,7 +309,9 @@ def test_a_client_that_disconnects_cancels_its_inference_handler() -> None:
     started = threading.Event()
     cancelled = threading.Event()
 
-    async def handler(model: str, version: str | None, body: bytes, headers: Headers) -> Answer:
+    async def handler(
+        model: str, version: str | None, body: bytes, headers: Headers, tenant: str | None
+    ) -> Answer:
         started.set()
         try:
             await asyncio.sleep(3600)

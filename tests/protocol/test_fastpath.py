@@ -26,7 +26,9 @@ def test_inference_paths(path: str, target: tuple[str, str | None] | None) -> No
     assert infer_target(path) == target
 
 
-async def echo(model: str, version: str | None, body: bytes, headers: Headers) -> Answer:
+async def echo(
+    model: str, version: str | None, body: bytes, headers: Headers, tenant: str | None
+) -> Answer:
     if body == b"bad":
         raise InvalidRequest("input 'x': bad")
     return b'{"model_name": "%s"}' % model.encode(), None
