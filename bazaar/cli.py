@@ -293,19 +293,20 @@ def _tls_options(parser: argparse.ArgumentParser) -> None:
         "--ssl-certfile",
         type=Path,
         metavar="FILE",
-        help="serve HTTPS with this certificate chain (PEM) (default: plain HTTP)",
+        help="serve HTTPS with this certificate chain, PEM (default: plain HTTP)",
     )
     tls.add_argument(
         "--ssl-keyfile",
         type=Path,
         metavar="FILE",
-        help="its private key (PEM, unencrypted) (default: in --ssl-certfile)",
+        help="its private key, PEM, unencrypted (default: in --ssl-certfile)",
     )
     tls.add_argument(
         "--ssl-ca-certs",
         type=Path,
         metavar="FILE",
-        help="the CA certificates (PEM) client certificates must chain to, with --ssl-client-cert",
+        help="the CA certificates, PEM, that client certificates must chain to (with "
+        "--ssl-client-cert)",
     )
     tls.add_argument(
         "--ssl-client-cert",
@@ -534,7 +535,7 @@ def _key_file(args: argparse.Namespace, stats_token: str | None = None) -> KeyFi
 
 
 def _open_scopes(args: argparse.Namespace) -> frozenset[str]:
-    return OPEN_BY_DEFAULT if args.open_scopes is None else frozenset(args.open_scopes)
+    return OPEN_BY_DEFAULT if args.open_scopes is None else args.open_scopes
 
 
 def _server_tls(args: argparse.Namespace) -> ServerTls | None:

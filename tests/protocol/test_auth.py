@@ -3,6 +3,7 @@ the middleware on a real socket handing the tenant to the app."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
@@ -213,3 +214,21 @@ async def test_the_app_gets_the_tenant_of_the_key_and_refusals_are_json(tmp_path
         assert refused.status_code == 403
         assert refused.json() == {"error": "the API key does not grant the 'stats' scope"}
         assert 'error="insufficient_scope"' in refused.headers["www-authenticate"]
+
+
+async def test_a_websocket_without_a_key_is_refused(tmp_path: Path) -> None:
+    """No route serves websockets, but uvicorn hands an upgrade to the app: refused too."""
+    write_keys(tmp_path / "keys.json")
+    app = ApiKeyAuth(tenant_app, KeyFile(tmp_path / "keys.json", parse_keys_file))
+    async with serve(app) as url:
+        host, port = url.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(
+            b"GET /v2/models/m HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            b"Sec-WebSocket-Version: 13\r\n\r\n"
+        )
+        status_line = await asyncio.wait_for(reader.readline(), 5)
+        writer.close()
+        await writer.wait_closed()
+    assert status_line.startswith(b"HTTP/1.1 403")
