@@ -32,9 +32,10 @@ a file that cannot be read or parsed is logged once and the keys in use are kept
 bad file is a ``ConfigError``: the command says why and exits 2.
 
 Cost on the hot path, measured by ``tests/protocol/bench_auth.py`` (the middleware around an
-app that does nothing, best of five runs, on a shared 2-core machine): 4.3 µs per request
-with a key (the header scan, SHA-256 and the clock read are most of it) and 1.5 µs on an
-open route, against the gateway's 250 µs per request at 4,000 req/s on one core.
+app that does nothing, best of five runs, on a shared and busy 2-core machine): 3.5-4.5 µs
+per request with a key (the header scan, SHA-256 and the clock read are most of it) and
+1.1-1.5 µs on an open route, against the gateway's 250 µs per request at 4,000 req/s on
+one core.
 """
 
 from __future__ import annotations
