@@ -5,7 +5,7 @@ startup → run → shutdown:
 1. startup: the Kubernetes client (in-cluster configuration inside a pod, else the
    kubeconfig), the metrics registry and its HTTP endpoint (``/metrics``, and ``/stats``
    with each model's last decision in words), one aiohttp session shared by the signal
-   sources;
+   sources but the gateways', which has its own to carry ``--gateway-token-file``'s token;
 2. run: one tick every ``--interval-s`` until SIGINT or SIGTERM;
 3. shutdown: the loop is cancelled between or within ticks (nothing it holds needs
    finishing: a scale patch either reached the API server or will be re-decided by the
@@ -22,6 +22,7 @@ import logging
 import signal
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -50,6 +51,13 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         metavar="URL",
         help="a gateway's base URL (repeatable); a host name with several addresses "
         "(a headless Service) counts as one gateway per address",
+    )
+    parser.add_argument(
+        "--gateway-token-file",
+        type=Path,
+        metavar="FILE",
+        help="for gateways started with --api-keys: the file holds a token whose key has "
+        "the stats scope (read at start)",
     )
     parser.add_argument(
         "--prometheus", metavar="URL", help="a Prometheus server for DCGM's GPU utilisation"
@@ -94,8 +102,21 @@ def run(args: argparse.Namespace) -> int:
     from autoscaler.deployments import KubernetesScaler
     from cluster.api import Cluster, connect
     from cluster.lease import LeaderElection
+    from protocol.auth import bearer, parse_token
     from protocol.errors import ConfigError
 
+    gateway_headers: dict[str, str] = {}
+    if args.gateway_token_file is not None:
+        where = str(args.gateway_token_file)
+        try:
+            token = parse_token(args.gateway_token_file.read_bytes(), where)
+        except OSError as exc:
+            log.error("%s: cannot read: %s", where, exc.strerror)
+            return 2
+        except ConfigError as exc:
+            log.error("%s", exc)
+            return 2
+        gateway_headers = bearer(token.decode())
     try:
         client = connect(args.kubeconfig)
     except ConfigError as exc:
@@ -109,13 +130,15 @@ def run(args: argparse.Namespace) -> int:
         election = LeaderElection(cluster, LEASE_NAME, args.leader_election_id)
     scaler = KubernetesScaler(cluster, election=election)
     try:
-        uvloop.run(_serve(args, scaler))
+        uvloop.run(_serve(args, scaler, gateway_headers))
     finally:
         scaler.close()
     return 0
 
 
-async def _serve(args: argparse.Namespace, scaler: KubernetesScaler) -> None:
+async def _serve(
+    args: argparse.Namespace, scaler: KubernetesScaler, gateway_headers: dict[str, str]
+) -> None:
     import aiohttp
     import uvicorn
     from prometheus_client import CollectorRegistry
@@ -138,13 +161,16 @@ async def _serve(args: argparse.Namespace, scaler: KubernetesScaler) -> None:
             lifespan="off",
         )
     )
-    async with aiohttp.ClientSession() as session:
+    async with (
+        aiohttp.ClientSession() as session,
+        aiohttp.ClientSession(headers=gateway_headers) as gateway_session,
+    ):
         gpu = None
         if args.prometheus:
             query = args.prometheus_query or DCGM_QUERY
             gpu = PrometheusQuery(args.prometheus, query, session=session)
         signals = Signals(
-            GatewayStats(args.gateways, session=session), PodMetrics(session=session), gpu
+            GatewayStats(args.gateways, session=gateway_session), PodMetrics(session=session), gpu
         )
         autoscaler = Autoscaler(scaler, signals, metrics, interval_s=args.interval_s)
         loop_task = asyncio.create_task(autoscaler.run())

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import secrets
 import sys
 from collections.abc import Coroutine, Sequence
 from pathlib import Path
@@ -21,12 +22,15 @@ from autoscaler.simulation.command import add_parser as add_simulate_parser
 from loadtests.command import add_bench_parser, add_loadtest_parser
 from protocol import __version__
 from protocol.arguments import non_negative_float, port, positive_float, positive_int
+from protocol.auth import HEALTH, INFER, METRICS, OPEN_BY_DEFAULT, STATS
 from protocol.errors import ConfigError
 from protocol.limits import EdgeLimits
 from protocol.support import missing_extra
 
 if TYPE_CHECKING:
     from gateway.config import GatewayConfig
+    from protocol.auth import KeyFile
+    from protocol.tls import ServerTls
 
 DEMO_REPOSITORY = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "bazaar" / "demo"
 """Where ``bazaar serve`` builds the demo repository when it is given none."""
@@ -50,8 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.run(args))
     except ConfigError as exc:
-        # A file named on the command line is wrong: say which and what, as argparse would.
-        print(f"bazaar: error: {exc}", file=sys.stderr)
+        log.error("%s", exc)  # a file or option named on the command line, and what is wrong
         return 2
 
 
@@ -89,6 +92,14 @@ def parser() -> argparse.ArgumentParser:
         "--enable-model-control",
         action="store_true",
         help="serve the repository's load and unload routes (off: they change what the pod serves)",
+    )
+    server.add_argument(
+        "--control-token-file",
+        type=Path,
+        metavar="FILE",
+        help="with --enable-model-control: load and unload answer only callers presenting "
+        "the token this file holds (Authorization: Bearer; at least 32 characters; re-read "
+        "when it changes); required unless --host is a loopback address",
     )
     server.add_argument(
         "--max-override-batch-size",
@@ -198,6 +209,7 @@ def parser() -> argparse.ArgumentParser:
     gateway.add_argument("--host", default="127.0.0.1")
     gateway.add_argument("--port", type=port, default=8000)
     _gateway_options(gateway)
+    _tls_options(gateway)
     gateway.set_defaults(run=_gateway)
 
     add_autoscaler_parser(commands)
@@ -250,7 +262,71 @@ def _gateway_options(parser: argparse.ArgumentParser) -> None:
         help="each tenant's request rate, rows in flight and queue weight (YAML; "
         "see gateway/tenants.py); default: no limits",
     )
+    _access_options(parser)
     _edge_options(parser)
+
+
+def _access_options(parser: argparse.ArgumentParser) -> None:
+    """Who may call what (``protocol.auth``, SECURITY.md)."""
+    access = parser.add_argument_group("authentication")
+    access.add_argument(
+        "--api-keys",
+        type=Path,
+        metavar="FILE",
+        help="a JSON file of hashed API keys, each with a tenant and scopes; re-read when it "
+        "changes. Every route outside --open-scopes then needs a key with its scope. "
+        "Default: no authentication, anyone who reaches the port may call every route",
+    )
+    access.add_argument(
+        "--open-scopes",
+        type=_scope_list,
+        metavar="SCOPES",
+        help=f"with --api-keys: the scopes served without a key, comma-separated, of "
+        f"{HEALTH} (/v2, /v2/health/*), {INFER} (inference, models, repository index), "
+        f"{STATS}, {METRICS}; '' for none (default {','.join(sorted(OPEN_BY_DEFAULT))})",
+    )
+
+
+def _scope_list(text: str) -> frozenset[str]:
+    scopes = frozenset(filter(None, (s.strip() for s in text.split(","))))
+    unknown = scopes - {HEALTH, INFER, STATS, METRICS}
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown scope {', '.join(sorted(unknown))}: the scopes are "
+            f"{HEALTH}, {INFER}, {STATS}, {METRICS}"
+        )
+    return scopes
+
+
+def _tls_options(parser: argparse.ArgumentParser) -> None:
+    """HTTPS (``protocol.tls``), with client certificates if asked."""
+    tls = parser.add_argument_group("TLS")
+    tls.add_argument(
+        "--ssl-certfile",
+        type=Path,
+        metavar="FILE",
+        help="serve HTTPS with this certificate chain, PEM (default: plain HTTP)",
+    )
+    tls.add_argument(
+        "--ssl-keyfile",
+        type=Path,
+        metavar="FILE",
+        help="its private key, PEM, unencrypted (default: in --ssl-certfile)",
+    )
+    tls.add_argument(
+        "--ssl-ca-certs",
+        type=Path,
+        metavar="FILE",
+        help="the CA certificates, PEM, that client certificates must chain to (with "
+        "--ssl-client-cert)",
+    )
+    tls.add_argument(
+        "--ssl-client-cert",
+        choices=["none", "optional", "required"],
+        default="none",
+        help="client certificates: required refuses a client without one signed by "
+        "--ssl-ca-certs, optional checks one if sent (default %(default)s)",
+    )
 
 
 EDGE = EdgeLimits()
@@ -361,12 +437,7 @@ def _edge_limits(args: argparse.Namespace) -> EdgeLimits:
 
 def _serve(args: argparse.Namespace) -> int:
     from autoscaler.policy import ScaleConfig
-    from bazaar.local import LocalWorkers
-    from gateway.server import run
 
-    repository = args.model_repository or _demo_repository()
-    if repository is None:
-        return 2
     autoscale = None
     if not args.no_autoscale:
         most = args.max_workers_per_model or max(args.workers_per_model, os.cpu_count() or 1)
@@ -376,6 +447,16 @@ def _serve(args: argparse.Namespace) -> int:
             scale_down_window_s=args.scale_down_window,
             scale_to_zero_after_s=args.scale_to_zero_after,
         )
+    # The local autoscaler reads the gateway's /stats: with keys on, it holds a key of its
+    # own, made here and kept in memory.
+    stats_token = secrets.token_hex(32) if args.api_keys and autoscale is not None else None
+    keys = _key_file(args, stats_token)
+    repository = args.model_repository or _demo_repository()
+    if repository is None:
+        return 2
+    from bazaar.local import LocalWorkers
+    from gateway.server import run
+
     host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
     source = LocalWorkers(
         repository,
@@ -383,12 +464,24 @@ def _serve(args: argparse.Namespace) -> int:
         workers=args.workers_per_model,
         autoscale=autoscale,
         log_level=args.log_level,
+        gateway_token=stats_token,
     )
-    _run_async(run(source, args.host, args.port, _gateway_config(args), args.log_level))
+    main = run(
+        source,
+        args.host,
+        args.port,
+        _gateway_config(args),
+        args.log_level,
+        keys=keys,
+        open_scopes=_open_scopes(args),
+    )
+    _run_async(main)
     return 0
 
 
 def _gateway(args: argparse.Namespace) -> int:
+    keys = _key_file(args)  # before the heavier imports: a mistake is told at once
+    tls = _server_tls(args)
     from gateway.discovery import EndpointSlices, EndpointSource, StaticEndpoints
     from gateway.server import run
 
@@ -400,19 +493,73 @@ def _gateway(args: argparse.Namespace) -> int:
         source = StaticEndpoints(args.endpoints)
     else:
         from cluster.api import Cluster, connect
-        from protocol.errors import ConfigError
 
-        try:
-            client = connect(args.kubeconfig)
-        except ConfigError as exc:
-            log.error("%s", exc)
-            return 2
+        client = connect(args.kubeconfig)
         cluster = Cluster(
             args.kubernetes_namespace, "gateway", logging.getLogger("gateway.discovery"), client
         )
         source = EndpointSlices(cluster)
-    _run_async(run(source, args.host, args.port, _gateway_config(args), args.log_level))
+    main = run(
+        source,
+        args.host,
+        args.port,
+        _gateway_config(args),
+        args.log_level,
+        keys=keys,
+        open_scopes=_open_scopes(args),
+        tls=tls,
+    )
+    _run_async(main)
     return 0
+
+
+def _key_file(args: argparse.Namespace, stats_token: str | None = None) -> KeyFile | None:
+    """``--api-keys`` loaded (``ConfigError`` if it cannot be), plus a key for the stats
+    scope with ``stats_token``; None without keys, said loudly off loopback."""
+    from protocol.auth import ApiKey, KeyFile, parse_keys_file, token_digest
+    from protocol.errors import ConfigError
+
+    if args.api_keys is None:
+        if args.open_scopes is not None:
+            raise ConfigError("--open-scopes", None, "goes with --api-keys")
+        if not _loopback(args.host):
+            log.warning("no --api-keys: anyone who can reach %s may call every route", args.host)
+        return None
+    fixed = {}
+    if stats_token is not None:
+        fixed[token_digest(stats_token.encode())] = ApiKey("bazaar-serve", frozenset({STATS}))
+    return KeyFile(args.api_keys, parse_keys_file, fixed=fixed)
+
+
+def _open_scopes(args: argparse.Namespace) -> frozenset[str]:
+    return OPEN_BY_DEFAULT if args.open_scopes is None else args.open_scopes
+
+
+def _server_tls(args: argparse.Namespace) -> ServerTls | None:
+    from protocol.errors import ConfigError
+    from protocol.tls import ServerTls
+
+    if args.ssl_certfile is None:
+        if args.ssl_keyfile or args.ssl_ca_certs or args.ssl_client_cert != "none":
+            raise ConfigError(
+                "TLS",
+                None,
+                "--ssl-keyfile, --ssl-ca-certs and --ssl-client-cert go with --ssl-certfile",
+            )
+        return None
+    return ServerTls(args.ssl_certfile, args.ssl_keyfile, args.ssl_ca_certs, args.ssl_client_cert)
+
+
+def _loopback(host: str) -> bool:
+    """Whether ``host`` is reachable from this machine only."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _gateway_config(args: argparse.Namespace) -> GatewayConfig:
@@ -469,6 +616,8 @@ def _freeze_startup_objects() -> None:
 
 
 def _model_server(args: argparse.Namespace) -> int:
+    control_keys = _control_keys(args)  # before the heavier imports: a mistake is told at once
+
     import socket
 
     import uvicorn
@@ -478,13 +627,8 @@ def _model_server(args: argparse.Namespace) -> int:
     from models.server import create_app
     from models.store import ModelStore
     from protocol.edge import uvicorn_options
-    from protocol.errors import ConfigError
 
-    try:
-        repository = ModelRepository(args.model_repository)
-    except ConfigError as exc:
-        log.error("%s", exc)
-        return 2
+    repository = ModelRepository(args.model_repository)
     limits = ModelLimits(
         max_batch_size=args.max_override_batch_size,
         max_threads=args.max_override_threads or cpu_count(),
@@ -492,7 +636,7 @@ def _model_server(args: argparse.Namespace) -> int:
         max_models=args.max_models,
     )
     store = ModelStore(repository, args.models, args.device, limits)
-    app = create_app(store, None, args.control_port, args.enable_model_control)
+    app = create_app(store, None, args.control_port, args.enable_model_control, control_keys)
     family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
     ports = [args.port] if args.control_port is None else [args.port, args.control_port]
     sockets = [socket.create_server((args.host, port), family=family) for port in ports]
@@ -513,6 +657,28 @@ def _model_server(args: argparse.Namespace) -> int:
     )
     uvicorn.Server(config).run(sockets=sockets)
     return 0
+
+
+def _control_keys(args: argparse.Namespace) -> KeyFile | None:
+    """The control token's key file; none where model control is off, or on loopback only
+    and no token was given (``ConfigError`` off loopback: anyone could load and unload)."""
+    from protocol.auth import CONTROL, KeyFile, parse_token_file
+    from protocol.errors import ConfigError
+
+    if not args.enable_model_control:
+        if args.control_token_file is not None:
+            raise ConfigError("--control-token-file", None, "goes with --enable-model-control")
+        return None
+    if args.control_token_file is None:
+        if not _loopback(args.host):
+            raise ConfigError(
+                "--enable-model-control",
+                None,
+                f"on {args.host}, not a loopback address, needs --control-token-file: without "
+                "it anyone who reaches the port may load and unload models",
+            )
+        return None
+    return KeyFile(args.control_token_file, parse_token_file(CONTROL, "control"))
 
 
 def _fetch(args: argparse.Namespace) -> int:

@@ -6,8 +6,9 @@ Kubernetes autoscaler runs reads the gateway's own ``/stats`` and the workers' `
 every second and scales each model within the ``ScaleConfig``'s bounds through the local
 scaler; its metrics join the gateway's ``/metrics``. A model scaled to zero keeps its
 metadata in the gateway, so its next request is validated and held in the queue, where the
-autoscaler sees it and starts a worker. Stopping ends the loop
-first, so nothing scales while the workers are being stopped.
+autoscaler sees it and starts a worker. With ``gateway_token`` (the gateway takes API keys),
+the autoscaler presents it to read ``/stats``, on a session of its own: the workers never see
+it. Stopping ends the loop first, so nothing scales while the workers are being stopped.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from bazaar.scaler import LocalScaler
 from bazaar.supervisor import WorkerSupervisor
 from gateway.catalog import EndpointListener
 from models.repository import ModelRepository
+from protocol.auth import bearer
 from protocol.support import cancel_and_wait
 
 log = logging.getLogger(__name__)
@@ -41,6 +43,7 @@ class LocalWorkers:
         workers: int,
         autoscale: ScaleConfig | None,
         log_level: str,
+        gateway_token: str | None = None,
     ) -> None:
         self.repository = repository
         self.models = ModelRepository(repository).model_names()
@@ -48,6 +51,7 @@ class LocalWorkers:
         self.workers = workers
         self.autoscale = autoscale
         self.log_level = log_level
+        self.gateway_token = gateway_token
         self.supervisor: WorkerSupervisor | None = None
         self._autoscaler: asyncio.Task[None] | None = None
 
@@ -71,8 +75,13 @@ class LocalWorkers:
             await self.supervisor.stop()
 
     async def _run_autoscaler(self, scaler: LocalScaler, registry: CollectorRegistry) -> None:
-        async with aiohttp.ClientSession() as session:
+        headers = {} if self.gateway_token is None else bearer(self.gateway_token)
+        async with (
+            aiohttp.ClientSession() as session,
+            aiohttp.ClientSession(headers=headers) as gateway_session,
+        ):
             signals = Signals(
-                GatewayStats([self.gateway_url], session=session), PodMetrics(session=session)
+                GatewayStats([self.gateway_url], session=gateway_session),
+                PodMetrics(session=session),
             )
             await Autoscaler(scaler, signals, AutoscalerMetrics(registry)).run()

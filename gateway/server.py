@@ -5,7 +5,9 @@
 1. startup: the HTTP client, the metrics registry, the catalog, and the endpoint source
    (a static file, or the local supervisor that starts model workers);
 2. serve until SIGINT or SIGTERM, behind the edge's limits on what clients send and how
-   slowly (``protocol.edge``, set by ``config.edge``);
+   slowly (``protocol.edge``, set by ``config.edge``), over TLS when given ``tls``
+   (``protocol.tls``), and with ``keys`` only to callers with a key for the route's scope
+   (``protocol.auth``: the tenant reaches the app in the ASGI scope);
 3. drain: uvicorn stops accepting connections and waits for the requests in flight, whose
    handlers wait on the dispatchers, so every admitted request is answered first (for at
    most ``drain_timeout_s``, which outlasts any request: a bound, not a budget);
@@ -21,6 +23,7 @@ import logging
 import math
 import signal
 from collections.abc import AsyncIterator
+from typing import Any
 
 import uvicorn
 from prometheus_client import CollectorRegistry
@@ -31,8 +34,10 @@ from gateway.client import HttpModelClient
 from gateway.config import GatewayConfig
 from gateway.discovery import EndpointSource
 from gateway.metrics import GatewayMetrics
+from protocol.auth import OPEN_BY_DEFAULT, ApiKeyAuth, KeyFile
 from protocol.edge import uvicorn_options
 from protocol.server import ManagedServer
+from protocol.tls import ServerTls
 
 log = logging.getLogger(__name__)
 
@@ -43,11 +48,19 @@ async def run(
     port: int,
     config: GatewayConfig,
     log_level: str = "info",
+    *,
+    keys: KeyFile | None = None,
+    open_scopes: frozenset[str] = OPEN_BY_DEFAULT,
+    tls: ServerTls | None = None,
 ) -> None:
     async with _gateway(source, config) as catalog:
+        app = create_app(catalog)
+        if keys is not None:
+            app = ApiKeyAuth(app, keys, open_scopes)
+        tls_options: dict[str, Any] = {} if tls is None else tls.uvicorn_options()
         server = ManagedServer(
             uvicorn.Config(
-                create_app(catalog),
+                app,
                 host=host,
                 port=port,
                 log_level=log_level,
@@ -55,6 +68,7 @@ async def run(
                 lifespan="off",
                 timeout_graceful_shutdown=math.ceil(config.drain_timeout_s),
                 **uvicorn_options(config.edge),
+                **tls_options,
             )
         )
         loop = asyncio.get_running_loop()

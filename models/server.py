@@ -10,6 +10,8 @@ bounds its wait for a free instance; past it, the pod answers 504 and never comp
 Routes: ``/v2``, ``/v2/health/{live,ready}``, ``/v2/models/{m}[/versions/{v}]`` with
 ``/ready``, ``/config`` and ``POST /infer``, the repository extension
 (``/v2/repository/index``, ``/v2/repository/models/{m}/{load,unload}``) and ``/metrics``.
+Load and unload are served only with model control on, and then, given a control token,
+only to callers presenting it (``protocol.auth``, scope ``control``).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from models.metrics import PodMetrics
 from models.store import ModelStore
 from models.utilisation import GpuMonitor
+from protocol.auth import CONTROL, SCOPES, ApiKeyAuth, KeyFile
 from protocol.errors import BazaarError, DeadlineExceeded, InvalidRequest
 from protocol.fastpath import Answer, Headers, answer, decode, with_infer_route
 from protocol.responses import (
@@ -54,13 +57,16 @@ def create_app(
     registry: CollectorRegistry | None = None,
     control_port: int | None = None,
     model_control: bool = False,
+    control_keys: KeyFile | None = None,
 ) -> ASGIApp:
     """The pod's app. With ``control_port``, ``/metrics`` and the repository routes answer only
     on that port and the data plane (metadata, inference) only on the others, so a
     NetworkPolicy, which filters ports and not paths, can tell them apart; health answers
     on both (probes use the control port). Loading and unloading models over the API changes
     what the pod serves, so it is off unless ``model_control``: Kubernetes decides what a pod
-    serves (its args and volume), not whoever can reach it."""
+    serves (its args and volume), not whoever can reach it. With ``control_keys``, load and
+    unload answer only a caller with a key for the ``control`` scope; everything else stays
+    open (a NetworkPolicy guards it)."""
     registry = registry if registry is not None else CollectorRegistry()
     metrics = PodMetrics(registry, store, GpuMonitor())
 
@@ -151,6 +157,8 @@ def create_app(
         ]
     app = Starlette(routes=routes, exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan)
     served = with_infer_route(app, infer)
+    if control_keys is not None:
+        served = ApiKeyAuth(served, control_keys, open_scopes=SCOPES - {CONTROL})
     return served if control_port is None else _split_ports(served, control_port)
 
 

@@ -23,6 +23,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from protocol.auth import TENANT
 from protocol.codec import InferenceRequest, InferenceResponse, decode_request, encode_response
 from protocol.edge import ON_DISCONNECT
 from protocol.errors import InvalidRequest, PayloadTooLarge
@@ -36,8 +37,6 @@ Answer = tuple[bytes, int | None]
 """An encoded inference response and its ``Inference-Header-Content-Length`` (None: JSON)."""
 InferHandler = Callable[[str, str | None, bytes, Headers, str | None], Awaitable[Answer]]
 """(model, version, body, headers, tenant) → answer."""
-TENANT = "bazaar.tenant"
-"""The scope key under which authentication leaves the caller's tenant (absent: anonymous)."""
 
 
 MAX_BODY_BYTES = 256 * 1024 * 1024

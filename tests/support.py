@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import ssl
 import subprocess
 import sys
 import time
@@ -42,20 +43,25 @@ def models_ready(url: str, models: Sequence[str]) -> list[str]:
     return [f"{url}/v2/models/{model}/ready" for model in models]
 
 
-def http_ok(url: str) -> bool:
+def http_ok(url: str, verify: ssl.SSLContext | bool = True) -> bool:
     try:
-        return httpx.get(url, timeout=1.0).status_code == 200
+        return httpx.get(url, timeout=1.0, verify=verify).status_code == 200
     except httpx.HTTPError:
         return False
 
 
 @contextlib.contextmanager
 def bazaar_process(
-    args: Sequence[str], log_path: Path, ready: str | Sequence[str], timeout_s: float = 60.0
+    args: Sequence[str],
+    log_path: Path,
+    ready: str | Sequence[str],
+    timeout_s: float = 60.0,
+    verify: ssl.SSLContext | bool = True,
 ) -> Iterator[subprocess.Popen[bytes]]:
     """Run ``bazaar ARGS`` until every ``ready`` URL answers 200; stop it (SIGTERM) afterwards.
 
-    Its output goes to ``log_path``, which is printed when start-up fails.
+    Its output goes to ``log_path``, which is printed when start-up fails. ``verify``: how
+    an https ``ready`` URL's certificate is checked (an SSL context trusting a test CA).
     """
     with log_path.open("wb") as log:
         process = subprocess.Popen(
@@ -68,7 +74,7 @@ def bazaar_process(
     try:
         try:
             wait_until(
-                lambda: process.poll() is None and all(map(http_ok, urls)),
+                lambda: process.poll() is None and all(http_ok(url, verify) for url in urls),
                 timeout_s,
                 f"{' '.join(urls)} (bazaar {' '.join(args)})",
             )

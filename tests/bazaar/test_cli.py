@@ -108,13 +108,41 @@ def test_the_gateway_config_carries_the_client_limits() -> None:
 
 
 def test_a_bad_file_named_on_the_command_line_exits_2_naming_it(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     endpoints = tmp_path / "endpoints.yaml"
     endpoints.write_text("models: {m: ['http://127.0.0.1:9']}\n")
     tenants = tmp_path / "tenants.yaml"
     tenants.write_text("tenants: {a: {weight: 0}}\n")
     assert main(["gateway", "--endpoints", str(endpoints), "--tenants", str(tenants)]) == 2
-    error = capsys.readouterr().err
-    assert f"{tenants}: tenants.a.weight: must be > 0" in error
-    assert "Traceback" not in error
+    assert f"{tenants}: tenants.a.weight: must be > 0" in caplog.text
+    assert "Traceback" not in caplog.text
+
+
+@pytest.mark.parametrize("command", [["gateway", "--endpoints", "f"], ["serve"]])
+def test_the_gateway_takes_api_keys_and_the_scopes_open_without_one(command: list[str]) -> None:
+    args = parser().parse_args([*command, "--api-keys", "k.json", "--open-scopes", "health,stats"])
+    assert (str(args.api_keys), args.open_scopes) == ("k.json", frozenset({"health", "stats"}))
+    assert parser().parse_args([*command, "--open-scopes", ""]).open_scopes == frozenset()
+
+
+def test_an_unknown_scope_is_refused_at_start(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["gateway", "--endpoints", "f", "--api-keys", "k", "--open-scopes", "infer,admin"])
+    assert exited.value.code == 2
+    assert "argument --open-scopes: unknown scope admin" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "options,words",
+    [
+        (["--open-scopes", "metrics"], "--open-scopes: goes with --api-keys"),
+        (["--ssl-client-cert", "required"], "go with --ssl-certfile"),
+        (["--ssl-keyfile", "key.pem"], "go with --ssl-certfile"),
+    ],
+)
+def test_options_without_the_one_they_complete_are_refused(
+    options: list[str], words: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert main(["gateway", "--endpoints", "f", *options]) == 2
+    assert words in caplog.text

@@ -2,13 +2,13 @@
 
 Every render users can apply is checked: the base, both overlays, the cpu overlay with each
 component of deploy/components/, and the load test (deploy/locust). They are rendered by a
-small subset of kustomize (resources, components, namespace, labels, images, and
-strategic-merge patches by path); a kustomization using anything else fails here, so the
-subset cannot silently drift. Where ``kubectl`` is installed, its ``kustomize`` output must
-equal ours. Each rendered object is validated against the Kubernetes schemas of
-``K8S_VERSION`` (kubernetes-validate, strict: unknown fields are errors), or the newest the
-package has for a kind that version lacks; the Prometheus operator's kinds are checked by
-shape.
+small subset of kustomize (resources, components, namespace, labels, images, strategic-merge
+patches by path, and JSON patches by path that add to a target); a kustomization using
+anything else fails here, so the subset cannot silently drift. Where ``kubectl`` is
+installed, its ``kustomize`` output must equal ours. Each rendered object is validated
+against the Kubernetes schemas of ``K8S_VERSION`` (kubernetes-validate, strict: unknown
+fields are errors), or the newest the package has for a kind that version lacks; the
+Prometheus operator's kinds are checked by shape.
 """
 
 from __future__ import annotations
@@ -37,6 +37,8 @@ from bazaar.cli import parser as bazaar_parser
 from cluster.api import Permission
 from gateway.discovery import REQUIRED_RBAC as GATEWAY_RBAC
 from gateway.discovery import EndpointSlices
+from protocol.auth import parse_keys_file, parse_token
+from protocol.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -47,6 +49,8 @@ COMPONENTS = [
     "models-image",
     "models-image-volume",
     "models-fetch",
+    "api-keys",
+    "model-control",
 ]
 # What `kubectl apply -k` takes: a directory, or the cpu overlay with one component.
 STACKS = ["base", "overlays/cpu", "overlays/gpu"] + [f"overlays/cpu+{c}" for c in COMPONENTS]
@@ -133,6 +137,13 @@ def build(directory: Path, kustomization: Resource) -> list[Resource]:
 
 def transform(directory: Path, kustomization: Resource, resources: list[Resource]) -> None:
     for patch in kustomization.get("patches", []):
+        if "target" in patch:
+            assert set(patch["target"]) == {"kind", "name"}, f"{directory}: {patch}"
+            target = find(resources, patch["target"]["kind"], patch["target"]["name"])
+            [operations] = load_all(directory / patch["path"])
+            for operation in operations:
+                json_patch_add(target, operation)
+            continue
         assert set(patch) == {"path"}, f"{directory}: only patches by path are supported"
         for change in load_all(directory / patch["path"]):
             merge(find(resources, change["kind"], change["metadata"]["name"]), change)
@@ -156,8 +167,8 @@ def transform(directory: Path, kustomization: Resource, resources: list[Resource
 
 def merge(target: Any, patch: Any) -> Any:
     """Strategic merge, as far as bazaar uses it: maps merge (a null value deletes the key),
-    lists of named maps merge by name (``$patch: delete`` removes one), any other list is
-    replaced."""
+    lists of named maps merge by name (``$patch: delete`` removes one; new ones go first),
+    any other list is replaced."""
     if isinstance(target, dict) and isinstance(patch, dict):
         for key, value in patch.items():
             if value is None:
@@ -166,16 +177,30 @@ def merge(target: Any, patch: Any) -> Any:
                 target[key] = merge(target[key], value) if key in target else copy.deepcopy(value)
         return target
     if isinstance(target, list) and isinstance(patch, list) and _named(target + patch):
+        added = 0
         for item in patch:
             [*found] = [t for t in target if t["name"] == item["name"]]
             if item.get("$patch") == "delete":
                 target[:] = [t for t in target if t["name"] != item["name"]]
             elif found:
                 merge(found[0], item)
-            else:
-                target.append(copy.deepcopy(item))
+            else:  # first, in the patch's order, as kustomize puts them
+                target.insert(added, copy.deepcopy(item))
+                added += 1
         return target
     return copy.deepcopy(patch)
+
+
+def json_patch_add(target: Any, operation: dict[str, Any]) -> None:
+    """A JSON patch (RFC 6902) ``add``, the one operation bazaar uses: ``-`` appends."""
+    assert set(operation) == {"op", "path", "value"} and operation["op"] == "add", operation
+    *parents, last = operation["path"].removeprefix("/").split("/")
+    for part in parents:
+        target = target[int(part)] if isinstance(target, list) else target[part]
+    if isinstance(target, list):
+        target.insert(len(target) if last == "-" else int(last), copy.deepcopy(operation["value"]))
+    else:
+        target[last] = copy.deepcopy(operation["value"])
 
 
 def _named(items: list[Any]) -> bool:
@@ -527,7 +552,11 @@ def test_model_servers_split_the_data_plane_from_metrics(stack: list[Resource]) 
         assert flag(args, "--model-repository") == "/models"
         assert flag(args, "--port") == str(port_number(deployment, "http")) == "8000"
         assert flag(args, "--control-port") == str(port_number(deployment, "metrics")) == "8002"
-        assert "--enable-model-control" not in args
+        # Model control only with its token (components/model-control): the pods listen on
+        # every address.
+        assert ("--enable-model-control" in args) is any(
+            arg.startswith("--control-token-file=") for arg in args
+        )
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
             assert server[probe]["httpGet"]["port"] == "metrics", probe
         [models_mount] = [m for m in server["volumeMounts"] if m["name"] == "models"]
@@ -843,6 +872,74 @@ def test_models_downloaded_and_checked() -> None:
     )
     assert url.startswith("https://") and url.endswith(".tar.gz")
     assert re.fullmatch(r"[0-9a-f]{64}", digest)
+
+
+def secret_behind(deployment: Resource, option: str) -> tuple[str, str]:
+    """(Secret name, key) of the file a container's ``option=PATH`` names, checking that it
+    is mounted read-only as a directory: a subPath mount never sees the Secret's updates."""
+    container = only_container(deployment)
+    path = Path(flag(container["args"], option))
+    [mount] = [m for m in container["volumeMounts"] if m["mountPath"] == str(path.parent)]
+    assert mount == {"name": mount["name"], "mountPath": str(path.parent), "readOnly": True}
+    spec = deployment["spec"]["template"]["spec"]
+    [volume] = [v for v in spec["volumes"] if v["name"] == mount["name"]]
+    return volume["secret"]["secretName"], path.name
+
+
+def test_api_keys_from_secrets_for_the_gateway_and_the_autoscaler() -> None:
+    resources = render("overlays/cpu+api-keys")
+    gateway = find(resources, "Deployment", "bazaar-gateway")
+    assert secret_behind(gateway, "--api-keys") == ("bazaar-api-keys", "keys.json")
+    autoscaler = find(resources, "Deployment", "bazaar-autoscaler")
+    assert secret_behind(autoscaler, "--gateway-token-file") == (
+        "bazaar-autoscaler-gateway-token",
+        "token",
+    )
+    base = render("overlays/cpu")
+    for name in ("bazaar-gateway", "bazaar-autoscaler"):  # appended to, not restated
+        before = only_container(find(base, "Deployment", name))["args"]
+        assert only_container(find(resources, "Deployment", name))["args"][:-1] == before
+
+
+def test_model_control_takes_its_token_from_a_secret_on_either_overlay() -> None:
+    for overlay in ("overlays/cpu", "overlays/gpu"):
+        resources = build(
+            DEPLOY, {"resources": [overlay], "components": ["components/model-control"]}
+        )
+        [model] = models(resources)
+        args = only_container(model)["args"]
+        assert args[: len(args) - 2] == only_container(models(render(overlay))[0])["args"]
+        assert "--enable-model-control" in args
+        assert secret_behind(model, "--control-token-file") == (
+            "bazaar-model-control-token",
+            "token",
+        )
+
+
+@pytest.mark.parametrize("component", ["api-keys", "model-control"])
+def test_the_example_secrets_are_what_the_code_reads_and_fail_closed(component: str) -> None:
+    """Each example Secret is valid, holds the files the component mounts, in the format
+    the code reads; its placeholders grant nothing (no token has a digest of zeros) or are
+    refused at start."""
+    [example] = (DEPLOY / "components" / component).glob("*.example.yaml")
+    secrets = load_all(example)
+    mounted = {
+        secret_behind(deployment, option)
+        for deployment in of_kind(render(f"overlays/cpu+{component}"), "Deployment")
+        for option in ("--api-keys", "--gateway-token-file", "--control-token-file")
+        if any(arg.startswith(f"{option}=") for arg in only_container(deployment)["args"])
+    }
+    assert mounted == {(s["metadata"]["name"], key) for s in secrets for key in s["stringData"]}
+    for secret in secrets:
+        kubernetes_validate.validate(secret, K8S_VERSION, strict=True)
+        assert secret["metadata"]["namespace"] == NAMESPACE
+        for key, text in secret["stringData"].items():
+            if key == "keys.json":
+                keys = parse_keys_file(text.encode(), key)
+                assert {digest.hex().lstrip("0") for digest in keys} == {"1", "2", "3"}
+            else:
+                with pytest.raises(ConfigError, match="at least 32"):
+                    parse_token(text.encode(), key)
 
 
 def test_monitors_scrape_the_metrics_ports() -> None:

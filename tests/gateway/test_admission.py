@@ -27,8 +27,8 @@ from gateway.dispatcher import BatchPolicy, Dispatcher
 from gateway.metrics import GatewayMetrics
 from gateway.router import EndpointPool
 from gateway.tenants import TenantPolicies, TenantPolicy
+from protocol.auth import TENANT
 from protocol.edge import ON_DISCONNECT
-from protocol.fastpath import TENANT
 from protocol.schema import ModelMetadata
 from tests.gateway.fakes import FakePods
 
