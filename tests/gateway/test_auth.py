@@ -206,3 +206,30 @@ def test_a_bad_keys_file_stops_the_gateway_at_start_with_exit_code_2(
     assert done.returncode == 2, done.stderr
     for word in [str(keys), *words]:
         assert word in done.stderr
+
+
+def test_each_key_s_tenant_has_its_own_quota(
+    model_server: str, tmp_path: Path, tokens: dict[str, str]
+) -> None:
+    """The tenant a key names is the one the tenants file meters (auth → quotas, end to end)."""
+    metered, free = new_token(), new_token()
+    keys = tmp_path / "keys.json"
+    write_keys(keys, key_entry(metered, "metered", INFER), key_entry(free, "free", INFER))
+    tenants = tmp_path / "tenants.yaml"
+    tenants.write_text("tenants:\n  metered: {requests_per_second: 0.01, burst: 1}\n")
+    url, args, log = gateway_args(tmp_path, model_server, keys, "--tenants", str(tenants))
+    body = {"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": [0.0] * 64}]}
+
+    def infer(token: str) -> httpx.Response:
+        headers = {"Authorization": f"Bearer {token}"}
+        return httpx.post(f"{url}/v2/models/digits/infer", headers=headers, json=body, timeout=10)
+
+    with bazaar_process(args, log, f"{url}/v2/health/ready"):
+        ready = "/v2/models/digits/ready"
+        wait_until(lambda: call(url, "GET", ready, free).status_code == 200, 30, "digits")
+        assert infer(metered).status_code == 200  # its burst of one
+        refused = infer(metered)
+        assert refused.status_code == 429
+        assert refused.json() == {"error": "tenant 'metered' is over its request rate of 0.01/s"}
+        assert int(refused.headers["retry-after"]) > 90
+        assert [infer(free).status_code for _ in range(3)] == [200, 200, 200]
