@@ -208,9 +208,7 @@ def test_a_bad_keys_file_stops_the_gateway_at_start_with_exit_code_2(
         assert word in done.stderr
 
 
-def test_each_key_s_tenant_has_its_own_quota(
-    model_server: str, tmp_path: Path, tokens: dict[str, str]
-) -> None:
+def test_each_key_s_tenant_has_its_own_quota(model_server: str, tmp_path: Path) -> None:
     """The tenant a key names is the one the tenants file meters (auth → quotas, end to end)."""
     metered, free = new_token(), new_token()
     keys = tmp_path / "keys.json"
