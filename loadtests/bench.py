@@ -12,8 +12,11 @@ this driver run pinned to core 1, so the generator never steals the servers' cor
 4. ``bazaar serve`` (gateway and one worker per model, all on core 0): mlp and digits with
    JSON bodies, mlp_wide with binary tensors, c=1/16/64; then, on the same worker, the mlp
    JSON request sent straight to it at c=1 (the gateway's added latency) and sequential
-   binary batches of 1/8/32 rows (per-batch latency through a model server).
+   binary batches of 1/8/32 rows (per-batch latency through a model server);
+5. a second ``bazaar serve`` (mlp alone) past its capacity and under hostile clients, with
+   every request accounted for (``loadtests.overload``).
 
+``--scenarios`` picks among ``serving`` (1 to 4) and ``overload`` and ``hostile`` (5).
 Each wrk point is warmed up for ``WARMUP_S`` first and is refused if wrk saw any non-2xx
 answer or socket error. Results: markdown on stdout, ``summary.json`` and
 ``BENCHMARKS-table.md`` in ``--out``. Processes are always stopped, whatever fails.
@@ -39,11 +42,15 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from loadtests import report
+from loadtests.loadgen import raise_fd_limit
 from loadtests.ortbench import OrtPoint, measure_ort, model_file, sample_rows
+from loadtests.overload import ROWS, run_overload
+from loadtests.overload import SCENARIOS as OVERLOAD_SCENARIOS
 from loadtests.procs import PinnedServer, http_get
-from loadtests.report import BatchLatency, HttpPoint
+from loadtests.report import BatchLatency, HttpPoint, LoadPoint
 from loadtests.wrk import BenchError, Body, run_wrk
 from protocol.codec import InferenceRequest, encode_request
+from protocol.limits import EdgeLimits
 from protocol.support import free_port
 
 SERVER_CORE = 0
@@ -55,6 +62,11 @@ READY_DEADLINE_S = 180.0
 LATENCY_BATCHES = (1, 8, 32)
 LATENCY_CALLS = 200
 LATENCY_WARMUP_CALLS = 20
+
+FD_LIMIT = 2 * EdgeLimits().max_connections
+"""Open files wanted, here and in the servers started from here: a gateway's connection cap
+is at most three quarters of its limit, and the idle attack holds a tenth past that cap
+beside the normal traffic's connections."""
 
 DEMO_WIDTHS = {"digits": 64, "mlp": 256, "mlp_wide": 1024}
 BINARY_MODELS = {"mlp_wide"}
@@ -142,6 +154,8 @@ class Results:
     added: dict[str, float] = field(default_factory=dict)
     """The gateway's added p50 at c=1: through it, straight to the worker, the difference."""
     latencies: list[BatchLatency] = field(default_factory=list)
+    overload: list[LoadPoint] = field(default_factory=list)
+    """The overload and hostile-client points (``loadtests.overload``)."""
 
 
 def run_bench(
@@ -241,9 +255,10 @@ def run_bench(
     return results
 
 
-def summarise(results: Results, duration: float, targets: list[report.Target]) -> dict[str, Any]:
-    trivial = report.find(results.points, "trivial", TRIVIAL_CONNECTIONS)
-    return {
+def summarise(
+    results: Results, scenarios: list[str], duration: float, targets: list[report.Target]
+) -> dict[str, Any]:
+    summary: dict[str, Any] = {
         "machine": {
             "platform": platform.platform(),
             "python": platform.python_version(),
@@ -252,30 +267,48 @@ def summarise(results: Results, duration: float, targets: list[report.Target]) -
             "client_core": CLIENT_CORE,
             "load_average_at_end": os.getloadavg(),
         },
+        "scenarios": scenarios,
         "duration_s": duration,
         "warmup_s": WARMUP_S,
-        "http": [asdict(point) for point in results.points],
-        "generator_ceiling_rps": None if trivial is None else trivial.rps,
-        "raw_ort": {model: [asdict(p) for p in points] for model, points in results.ort.items()},
-        "gateway_added_latency": results.added,
-        "per_batch_latency": [asdict(item) for item in results.latencies],
-        "targets": [asdict(target) | {"verdict": target.verdict} for target in targets],
     }
+    if "serving" in scenarios:
+        trivial = report.find(results.points, "trivial", TRIVIAL_CONNECTIONS)
+        summary |= {
+            "http": [asdict(point) for point in results.points],
+            "generator_ceiling_rps": None if trivial is None else trivial.rps,
+            "raw_ort": {m: [asdict(p) for p in points] for m, points in results.ort.items()},
+            "gateway_added_latency": results.added,
+            "per_batch_latency": [asdict(item) for item in results.latencies],
+        }
+    if results.overload:
+        summary["overload"] = [asdict(point) for point in results.overload]
+    summary["targets"] = [asdict(target) | {"verdict": target.verdict} for target in targets]
+    return summary
 
 
-def render(results: Results, targets: list[report.Target]) -> str:
+def render(results: Results, scenarios: list[str], targets: list[report.Target]) -> str:
     points, added = results.points, results.added
-    trivial = report.find(points, "trivial", TRIVIAL_CONNECTIONS)
-    sections = [
-        "## HTTP throughput (closed loop, wrk -t1, servers on core 0, wrk on core 1)",
-        report.http_table(points),
-    ]
-    if trivial is not None:
-        sections.append(
-            f"Generator ceiling: wrk against the trivial endpoint gives {trivial.rps:.0f} req/s; "
-            "that is the ceiling this generator can measure on this machine."
-        )
+    sections = []
+    if "serving" in scenarios:
+        sections += [
+            "## HTTP throughput (closed loop, wrk -t1, servers on core 0, wrk on core 1)",
+            report.http_table(points),
+        ]
+        trivial = report.find(points, "trivial", TRIVIAL_CONNECTIONS)
+        if trivial is not None:
+            sections.append(
+                f"Generator ceiling: wrk against the trivial endpoint gives {trivial.rps:.0f} "
+                "req/s; that is the ceiling this generator can measure on this machine."
+            )
+    if results.overload:
+        sections += [
+            f"## Overload and hostile clients ({ROWS}-row mlp JSON, bazaar serve with mlp "
+            "alone on core 0, the Python generator on core 1)",
+            report.load_table(results.overload),
+        ]
     sections += ["## Targets", report.target_table(targets)]
+    if "serving" not in scenarios:
+        return "\n\n".join(sections) + "\n"
     sections += ["## Raw in-process ONNX Runtime (core 0, 1 thread)", report.ort_table(results.ort)]
     if added:
         sections += [
@@ -306,7 +339,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"needs cores {SERVER_CORE} and {CLIENT_CORE}", file=sys.stderr)
         return 2
     os.sched_setaffinity(0, {CLIENT_CORE})
+    # Before any server starts: they inherit it, and a gateway's connection cap follows it.
+    fd_limit = raise_fd_limit(FD_LIMIT)
     args.out.mkdir(parents=True, exist_ok=True)
+    scenarios = [name for name in ("serving", *OVERLOAD_SCENARIOS) if name in args.scenarios]
 
     def say(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
@@ -322,13 +358,22 @@ def run(args: argparse.Namespace) -> int:
                 check=True,
             )
         try:
-            results = run_bench(args.out, repository, args.models, args.duration, say)
+            results = Results()
+            if "serving" in scenarios:
+                results = run_bench(args.out, repository, args.models, args.duration, say)
+            overload = [name for name in scenarios if name in OVERLOAD_SCENARIOS]
+            if overload:
+                results.overload = run_overload(
+                    args.out, repository, overload, args.duration, WARMUP_S, SERVER_CORE,
+                    READY_DEADLINE_S, fd_limit, say,
+                )  # fmt: skip
         except BenchError as exc:
             print(f"benchmark invalid: {exc}", file=sys.stderr)
             return 1
-    targets = report.judge(results.points, results.ort)
-    summary = summarise(results, args.duration, targets)
-    tables = render(results, targets)
+    targets = report.judge(results.points, results.ort) if "serving" in scenarios else []
+    targets += report.judge_overload(results.overload)
+    summary = summarise(results, scenarios, args.duration, targets)
+    tables = render(results, scenarios, targets)
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (args.out / "BENCHMARKS-table.md").write_text(tables)
     print(tables)

@@ -22,6 +22,8 @@ from protocol.support import missing_extra
 
 BENCH_MODELS = ("digits", "mlp", "mlp_wide")
 """The demo models the benchmark knows the input width of."""
+BENCH_SCENARIOS = ("serving", "overload", "hostile")
+"""What ``bazaar bench --scenarios`` may run (``loadtests.bench``, ``loadtests.overload``)."""
 _DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s?)?$")
 
 
@@ -145,6 +147,15 @@ def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, default=Path("results/bench"), metavar="DIR")
     parser.add_argument(
         "--models", nargs="+", choices=BENCH_MODELS, default=["mlp", "digits", "mlp_wide"]
+    )
+    parser.add_argument(
+        "--scenarios",
+        nargs="+",
+        choices=BENCH_SCENARIOS,
+        default=list(BENCH_SCENARIOS),
+        help="serving: against raw ONNX Runtime and reference servers (--models); overload: "
+        "mlp at 64, 512 and 2,048 connections and at 3x capacity; hostile: normal traffic "
+        "under slow, idle and oversized clients (default: all three)",
     )
     parser.add_argument(
         "--repository",

@@ -5,6 +5,10 @@ workers of ``bazaar serve``, inherit the affinity) in a session of its own, poll
 URL until it answers 200 or a deadline passes, and on exit sends SIGTERM, waits, then kills
 whatever is left of its process group, so a crashed or hung server leaves nothing behind.
 Output goes to a log file next to the results, where a failed start can be read.
+
+Memory is read from ``/proc``: ``reset_peak_rss`` sets a process's high-water mark back to
+its current RSS (``/proc/PID/clear_refs``, Linux 4.0 on), so that ``peak_rss_bytes`` after a
+measured interval is the most it held during that interval, however briefly.
 """
 
 from __future__ import annotations
@@ -27,6 +31,33 @@ TERMINATE_GRACE_S = 15.0
 def http_get(url: str, timeout_s: float = 2.0) -> bytes:
     with urllib.request.urlopen(url, timeout=timeout_s) as response:
         return bytes(response.read())
+
+
+def children(pid: int) -> list[int]:
+    """The processes ``pid`` started (``bazaar serve``'s workers)."""
+    text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    return [int(child) for child in text.split()]
+
+
+def reset_peak_rss(pid: int) -> None:
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
+
+
+def peak_rss_bytes(pid: int) -> int:
+    """The most memory ``pid`` has held resident since it started or since
+    ``reset_peak_rss``."""
+    return _status_kib(pid, "VmHWM") * 1024
+
+
+def rss_bytes(pid: int) -> int:
+    return _status_kib(pid, "VmRSS") * 1024
+
+
+def _status_kib(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1])
+    raise BenchError(f"/proc/{pid}/status has no {field}")
 
 
 class PinnedServer:

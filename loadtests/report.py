@@ -7,6 +7,7 @@ never PASS.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -26,6 +27,40 @@ class HttpPoint:
     requests: int
     mean_batch: float | None = None
     """Rows per batch the gateway sent to its pod during the point; None off bazaar."""
+
+
+@dataclass(frozen=True, slots=True)
+class LoadPoint:
+    """One overload or hostile-client point, every request accounted for
+    (``loadtests.loadgen``)."""
+
+    scenario: str
+    """``closed loop``, ``open loop``, ``normal traffic`` or ``normal traffic + ATTACK``."""
+    load: str
+    """``c=2048`` for a closed loop, ``1455 req/s`` for an open loop."""
+    sent: int
+    statuses: dict[int, int]
+    """Answers by HTTP status."""
+    lost: int
+    """Sent and never answered: connection errors and requests unanswered at the deadline."""
+    missed: int
+    """Open loop: due while every allowed connection was busy, so never sent."""
+    not_connected: int
+    """Connections that could not be opened: their requests were never sent."""
+    goodput: float
+    """200s per second while the load ran."""
+    capacity: float
+    """Goodput of the same run's closed loop at 64 connections."""
+    p99_ms: float | None
+    """Of the 200s, from when each request was due; None without any."""
+    shed_before_decode: float | None
+    shed_after_decode: float | None
+    """The gateway's shed counter by stage over the point; None when it has no stage."""
+    gateway_peak_bytes: int
+    workers_peak_bytes: int
+    """The sum of the workers' peaks."""
+    attack: str = ""
+    """How the gateway ended the hostile clients' connections, e.g. ``408 x1000``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +132,55 @@ def judge(points: Sequence[HttpPoint], ort: dict[str, list[OrtPoint]]) -> list[T
     ]
 
 
+CLOSED_LOOP = "closed loop"
+OPEN_LOOP = "open loop"
+NORMAL = "normal traffic"
+MIN_GOODPUT_AT_2048 = 0.8
+"""Of capacity, at 2,048 connections."""
+MAX_P99_UNDER_ATTACK = 2.0
+"""Normal traffic's p99 under any attack, against the same traffic unloaded."""
+
+
+def judge_overload(points: Sequence[LoadPoint]) -> list[Target]:
+    """Goodput at 2,048 connections against capacity, normal traffic's p99 under the
+    hostile clients against unloaded, and no request lost anywhere."""
+    targets = []
+    crowd = next((p for p in points if p.scenario == CLOSED_LOOP and p.load == "c=2048"), None)
+    if crowd is not None:
+        ratio = crowd.goodput / crowd.capacity if crowd.capacity else 0.0
+        targets.append(
+            Target(
+                "goodput at c=2048 vs capacity (closed loop c=64)",
+                f"{crowd.goodput:.0f} / {crowd.capacity:.0f} = {ratio:.2f}x",
+                f">= {MIN_GOODPUT_AT_2048:.2f}x",
+                ratio >= MIN_GOODPUT_AT_2048,
+            )
+        )
+    unloaded = next((p for p in points if p.scenario == NORMAL), None)
+    attacked = [p for p in points if p.scenario.startswith(f"{NORMAL} + ")]
+    if unloaded is not None and attacked:
+        name = "normal traffic p99 under hostile clients vs unloaded"
+        worst = max(attacked, key=lambda p: math.inf if p.p99_ms is None else p.p99_ms)
+        if unloaded.p99_ms is None or worst.p99_ms is None:
+            targets.append(Target(name, "no 200s", f"<= {MAX_P99_UNDER_ATTACK:.2f}x", False))
+        else:
+            ratio = worst.p99_ms / unloaded.p99_ms
+            targets.append(
+                Target(
+                    f"{name} (worst: {worst.scenario.removeprefix(f'{NORMAL} + ')})",
+                    f"{worst.p99_ms:.1f} / {unloaded.p99_ms:.1f} ms = {ratio:.2f}x",
+                    f"<= {MAX_P99_UNDER_ATTACK:.2f}x",
+                    ratio <= MAX_P99_UNDER_ATTACK,
+                )
+            )
+    if points:
+        lost = sum(p.lost for p in points)
+        targets.append(
+            Target("requests lost (sent - answered), every point", str(lost), "0", lost == 0)
+        )
+    return targets
+
+
 def _ratio(name: str, ours: HttpPoint | None, theirs: HttpPoint | None, at_least: float) -> Target:
     if ours is None or theirs is None:
         return Target(name, "-", f">= {at_least:.2f}x", None)
@@ -137,6 +221,39 @@ def target_table(targets: Sequence[Target]) -> str:
         ["target", "measured", "required", "verdict"],
         [[t.name, t.measured, t.required, t.verdict] for t in targets],
     )
+
+
+def load_table(points: Sequence[LoadPoint]) -> str:
+    def shed(value: float | None) -> str:
+        return "-" if value is None else f"{value:.0f}"
+
+    return table(
+        [
+            "scenario", "load", "sent", "answered", "lost", "missed", "not connected",
+            "goodput/s",
+            "x capacity", "p99 ms", "shed before / after decode", "gateway MB", "workers MB",
+            "hostile connections ended",
+        ],
+        [
+            [
+                point.scenario,
+                point.load,
+                str(point.sent),
+                " ".join(f"{status}: {n}" for status, n in sorted(point.statuses.items())),
+                str(point.lost),
+                str(point.missed),
+                str(point.not_connected),
+                f"{point.goodput:.0f}",
+                f"{point.goodput / point.capacity:.2f}" if point.capacity else "-",
+                "-" if point.p99_ms is None else f"{point.p99_ms:.1f}",
+                f"{shed(point.shed_before_decode)} / {shed(point.shed_after_decode)}",
+                f"{point.gateway_peak_bytes / 2**20:.0f}",
+                f"{point.workers_peak_bytes / 2**20:.0f}",
+                point.attack,
+            ]
+            for point in points
+        ],
+    )  # fmt: skip
 
 
 def ort_table(ort: dict[str, list[OrtPoint]]) -> str:

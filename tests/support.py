@@ -8,6 +8,7 @@ import os
 import ssl
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
@@ -16,6 +17,7 @@ import httpx
 import uvicorn
 from starlette.types import ASGIApp
 
+from loadtests.loadgen import DRAIN_S, Request, Tally, closed_loop
 from protocol.support import free_port
 
 
@@ -112,3 +114,45 @@ async def serve(app: ASGIApp, timeout_s: float = 10.0) -> AsyncIterator[str]:
     finally:
         server.should_exit = True
         await task
+
+
+class BackgroundLoad:
+    """A closed loop (``loadtests.loadgen``) on a thread and event loop of its own, for a
+    test that attacks the server meanwhile. On exit the load stops and every request in
+    flight is waited for; ``tally`` then accounts for each one."""
+
+    def __init__(self, port: int, request: Request, connections: int) -> None:
+        self.port = port
+        self.request = request
+        self.connections = connections
+        self.tally = Tally()
+        self._started = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._thread = threading.Thread(target=asyncio.run, args=(self._run(),), daemon=True)
+
+    @property
+    def ok(self) -> int:
+        """200s so far (safe to read from another thread)."""
+        return len(self.tally.ok_latencies_s)
+
+    def wait_for_ok(self, count: int, timeout_s: float = 60.0) -> None:
+        wait_until(lambda: self.ok >= count, timeout_s, f"{count} answers to the normal traffic")
+
+    async def _run(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        self._started.set()
+        await closed_loop(
+            "127.0.0.1", self.port, self.request, self.connections, self._stop, tally=self.tally
+        )
+
+    def __enter__(self) -> BackgroundLoad:
+        self._thread.start()
+        self._started.wait()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        assert self._loop is not None and self._stop is not None
+        self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(DRAIN_S + 10)

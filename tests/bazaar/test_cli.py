@@ -24,7 +24,7 @@ from protocol.limits import EdgeLimits
         (["autoscaler"], ["--namespace", "--gateway", "--prometheus"]),
         (["simulate"], ["--trace", "--policy", "--cold-start-s"]),
         (["loadtest"], ["--host", "--scenario", "--slo-p99-ms"]),
-        (["bench"], ["--quick", "--duration", "--models"]),
+        (["bench"], ["--quick", "--duration", "--models", "--scenarios"]),
         (["models", "build-demo"], ["DIR"]),
     ],
 )

@@ -1,0 +1,289 @@
+"""The overload and hostile-client benchmarks: ``bazaar serve`` past its capacity, and
+normal traffic while hostile clients attack, each against the same run's capacity.
+
+One ``bazaar serve`` with the demo ``mlp`` alone, one worker and no autoscaler (so capacity
+holds still within the run), pinned to the servers' core; the generator
+(``loadtests.loadgen``) runs in this process and the attacks (``loadtests.hostile``) in a
+child, both on the client core. Every request is ``mlp`` in JSON with ``ROWS`` rows, which
+keeps a Python generator well ahead of the gateway. In order:
+
+1. capacity: a closed loop at 64 connections after a warm-up; its goodput (200s per
+   second) is what every other point is compared with;
+2. overload (``--scenarios overload``): closed loops at 512 and 2,048 connections, then an
+   open loop at ``OPEN_LOOP_LOAD`` times capacity on at most ``MAX_OPEN_CONNECTIONS``;
+3. hostile (``--scenarios hostile``): normal traffic, an open loop at ``NORMAL_LOAD`` of
+   capacity, alone (unloaded), then again under each attack in turn, the attack started
+   ``ATTACK_RAMP_S`` before the traffic and stopped after it. The attack runs in a process
+   of its own at the lowest priority (``python -m loadtests.hostile``), on the same core:
+   it gets the core whenever the generator does not need it, and never delays it.
+
+Each point accounts for every request (sent, answered by status, lost), and reads around
+itself the gateway's shed counter by stage (``bazaar_gateway_shed_requests_total``) and
+the peak RSS of the gateway and its workers (high-water marks reset at its start). A lost
+request does not invalidate a point, unlike a wrk error: it is what the point found, and
+a target says so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import random
+import shutil
+import signal
+import sys
+import tempfile
+from collections import Counter
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+import uvloop
+from prometheus_client.parser import text_string_to_metric_families
+
+from loadtests import hostile
+from loadtests.loadgen import Request, Tally, closed_loop, open_loop, stop_after
+from loadtests.payloads import ModelSpec, TensorSpec, build_payload
+from loadtests.procs import PinnedServer, children, http_get, peak_rss_bytes, reset_peak_rss
+from loadtests.report import CLOSED_LOOP, NORMAL, OPEN_LOOP, LoadPoint
+from loadtests.wrk import BenchError
+from protocol.edge import connection_cap
+from protocol.limits import EdgeLimits
+from protocol.support import free_port
+
+MODEL = "mlp"
+WIDTH = 256
+ROWS = 8
+"""Rows per request: a quarter of mlp's largest batch, so batches still gather requests."""
+CAPACITY_CONNECTIONS = 64
+CROWD_CONNECTIONS = (512, 2048)
+OPEN_LOOP_LOAD = 3.0
+"""The open loop's rate, in multiples of capacity."""
+MAX_OPEN_CONNECTIONS = 2048
+"""The open loop's bound on connections, as many as the largest closed loop."""
+NORMAL_LOAD = 0.5
+"""Normal traffic's rate beside the hostile clients, as a fraction of capacity."""
+ATTACK_RAMP_S = 2.0
+"""How long an attack runs before the normal traffic starts (the idle attack: longer)."""
+SLOW_CONNECTIONS = 1000
+HUGE_HEADER_CONNECTIONS = 2
+HUGE_BODY_CONNECTIONS = 1
+METRICS_TIMEOUT_S = 120.0
+"""A gateway busy with a 250 MB body may take this long to answer its ``/metrics``."""
+SCENARIOS = ("overload", "hostile")
+
+
+def overload_request(rows: int = ROWS) -> Request:
+    """``rows`` seeded random rows for ``mlp``, as a JSON inference request."""
+    spec = ModelSpec(MODEL, (TensorSpec("input", "FP32", (-1, WIDTH)),))
+    payload = build_payload(spec, random.Random(0), binary=False, rows=rows)
+    return Request(f"/v2/models/{MODEL}/infer", payload.body, tuple(payload.headers.items()))
+
+
+def shed_by_stage(metrics: str, model: str) -> dict[str, float]:
+    """The gateway's shed requests of ``model`` by their ``stage`` label (``before_decode``,
+    ``after_decode``; ``""`` for a counter without that label)."""
+    counts: dict[str, float] = {}
+    for family in text_string_to_metric_families(metrics):
+        for sample in family.samples:
+            if sample.name == "bazaar_gateway_shed_requests_total" and (
+                sample.labels.get("model") == model
+            ):
+                stage = sample.labels.get("stage", "")
+                counts[stage] = counts.get(stage, 0.0) + sample.value
+    return counts
+
+
+def idle_connections(fd_limit: int) -> int:
+    """The idle attack's connections: a tenth past the cap of a server with ``fd_limit``."""
+    return connection_cap(EdgeLimits().max_connections, fd_limit) * 11 // 10
+
+
+def attack_connections(fd_limit: int) -> dict[str, int]:
+    return {
+        "slow-headers": SLOW_CONNECTIONS,
+        "slow-body": SLOW_CONNECTIONS,
+        "idle": idle_connections(fd_limit),
+        "huge-headers": HUGE_HEADER_CONNECTIONS,
+        "huge-bodies": HUGE_BODY_CONNECTIONS,
+    }
+
+
+class _Meter:
+    """Reads the gateway's shed counter and the processes' peak RSS around a point."""
+
+    def __init__(self, base: str, pid: int) -> None:
+        self.base = base
+        self.pid = pid
+        self.shed: dict[str, float] = {}
+        self.workers: list[int] = []
+
+    async def start(self) -> None:
+        self.shed = shed_by_stage(await self._metrics(), MODEL)
+        self.workers = children(self.pid)
+        for pid in (self.pid, *self.workers):
+            reset_peak_rss(pid)
+
+    async def point(
+        self, scenario: str, load: str, tally: Tally, capacity: float, attack: str = ""
+    ) -> LoadPoint:
+        gateway_peak = peak_rss_bytes(self.pid)
+        workers_peak = sum(peak_rss_bytes(pid) for pid in self.workers)
+        shed = shed_by_stage(await self._metrics(), MODEL)
+
+        def delta(stage: str) -> float | None:
+            if stage not in shed:
+                return None
+            return shed[stage] - self.shed.get(stage, 0.0)
+
+        return LoadPoint(
+            scenario=scenario,
+            load=load,
+            sent=tally.sent,
+            statuses=dict(tally.statuses),
+            lost=tally.lost,
+            missed=tally.missed,
+            not_connected=sum(tally.connect_errors.values()),
+            goodput=tally.goodput,
+            capacity=capacity,
+            p99_ms=tally.ok_percentile_ms(99),
+            shed_before_decode=delta("before_decode"),
+            shed_after_decode=delta("after_decode"),
+            gateway_peak_bytes=gateway_peak,
+            workers_peak_bytes=workers_peak,
+            attack=attack,
+        )
+
+    async def _metrics(self) -> str:
+        url = f"{self.base}/metrics"
+        return (await asyncio.to_thread(http_get, url, METRICS_TIMEOUT_S)).decode()
+
+
+async def _measure(
+    base: str,
+    port: int,
+    pid: int,
+    scenarios: list[str],
+    duration_s: float,
+    warmup_s: float,
+    fd_limit: int,
+    say: Callable[[str], None],
+) -> list[LoadPoint]:
+    host = "127.0.0.1"
+    request = overload_request()
+    meter = _Meter(base, pid)
+    points: list[LoadPoint] = []
+
+    def report(point: LoadPoint) -> None:
+        points.append(point)
+        statuses = ", ".join(f"{s}: {n}" for s, n in sorted(point.statuses.items()))
+        say(
+            f"  {point.scenario} {point.load}: sent {point.sent} ({statuses}), lost "
+            f"{point.lost}, missed {point.missed}, not connected {point.not_connected}, "
+            f"goodput {point.goodput:.0f}/s, p99 "
+            + ("-" if point.p99_ms is None else f"{point.p99_ms:.1f} ms")
+            + (f"; hostile: {point.attack}" if point.attack else "")
+        )
+
+    async def closed(connections: int, capacity: float) -> LoadPoint:
+        await meter.start()
+        tally = await closed_loop(host, port, request, connections, stop_after(duration_s))
+        return await meter.point(CLOSED_LOOP, f"c={connections}", tally, capacity)
+
+    async def opened(rate: float) -> Tally:
+        return await open_loop(
+            host, port, request, rate, MAX_OPEN_CONNECTIONS, stop_after(duration_s)
+        )
+
+    say(f"capacity: closed loop at c={CAPACITY_CONNECTIONS}, {ROWS}-row {MODEL} JSON")
+    await closed_loop(host, port, request, CAPACITY_CONNECTIONS, stop_after(warmup_s))
+    baseline = await closed(CAPACITY_CONNECTIONS, 0.0)
+    capacity = baseline.goodput
+    report(dataclasses.replace(baseline, capacity=capacity))
+    if capacity <= 0:
+        return points
+
+    if "overload" in scenarios:
+        for connections in CROWD_CONNECTIONS:
+            say(f"overload: closed loop at c={connections}")
+            report(await closed(connections, capacity))
+        rate = OPEN_LOOP_LOAD * capacity
+        say(f"overload: open loop at {OPEN_LOOP_LOAD:g}x capacity, {rate:.0f} req/s")
+        await meter.start()
+        tally = await opened(rate)
+        report(await meter.point(OPEN_LOOP, f"{rate:.0f} req/s", tally, capacity))
+
+    if "hostile" in scenarios:
+        rate = NORMAL_LOAD * capacity
+        say(f"hostile: normal traffic at {NORMAL_LOAD:g}x capacity, {rate:.0f} req/s, alone")
+        await meter.start()
+        tally = await opened(rate)
+        report(await meter.point(NORMAL, f"{rate:.0f} req/s", tally, capacity))
+        for kind, connections in attack_connections(fd_limit).items():
+            say(f"hostile: normal traffic under {kind} ({connections} connections)")
+            await meter.start()
+            attacker = await _start_attack(kind, port, connections)
+            try:
+                ramp_s = ATTACK_RAMP_S
+                if kind == "idle":
+                    ramp_s += connections / hostile.IDLE_REOPEN_PER_S
+                await asyncio.sleep(ramp_s)
+                tally = await opened(rate)
+                attacker.send_signal(signal.SIGTERM)
+                output, _ = await attacker.communicate()
+            finally:
+                if attacker.returncode is None:
+                    attacker.kill()
+                    await attacker.wait()
+            outcomes = hostile.describe(Counter(json.loads(output)))
+            scenario = f"{NORMAL} + {kind}"
+            report(await meter.point(scenario, f"{rate:.0f} req/s", tally, capacity, outcomes))
+    return points
+
+
+async def _start_attack(kind: str, port: int, connections: int) -> asyncio.subprocess.Process:
+    """``python -m loadtests.hostile`` at the lowest priority, once it is attacking."""
+    attacker = await asyncio.create_subprocess_exec(
+        "nice", "-n", "19", sys.executable, "-m", "loadtests.hostile", kind,
+        "--port", str(port), "--connections", str(connections), "--model", MODEL,
+        "--width", str(WIDTH), stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert attacker.stdout is not None
+    if not await attacker.stdout.readline():
+        raise BenchError(f"the {kind} attack exited with {await attacker.wait()}")
+    return attacker
+
+
+def run_overload(
+    out: Path,
+    repository: Path,
+    scenarios: list[str],
+    duration_s: float,
+    warmup_s: float,
+    server_core: int,
+    ready_deadline_s: float,
+    fd_limit: int,
+    say: Callable[[str], None],
+) -> list[LoadPoint]:
+    """Start ``bazaar serve`` with ``mlp`` alone and measure the ``scenarios`` against it."""
+    if not (repository / MODEL).is_dir():
+        raise BenchError(f"the overload scenarios need the demo model {MODEL} in {repository}")
+    with tempfile.TemporaryDirectory(prefix="bazaar-overload-") as scratch:
+        mlp_only = Path(scratch) / "repository"
+        shutil.copytree(repository / MODEL, mlp_only / MODEL)
+        port = free_port()
+        base = f"http://127.0.0.1:{port}"
+        command = [
+            str(Path(sys.executable).with_name("bazaar")), "serve",
+            "--model-repository", str(mlp_only), "--port", str(port),
+            "--workers-per-model", "1", "--no-autoscale",
+        ]  # fmt: skip
+        ready = f"{base}/v2/models/{MODEL}/ready"
+        say(f"bazaar serve, {MODEL} alone, one worker, no autoscaler")
+        with PinnedServer("bazaar-overload", command, server_core, ready, out) as server:
+            server.start(ready_deadline_s)
+            measure: Coroutine[Any, Any, list[LoadPoint]] = _measure(
+                base, port, server.pid, scenarios, duration_s, warmup_s, fd_limit, say
+            )
+            return uvloop.run(measure)
