@@ -68,6 +68,10 @@ LINGER_BYTES = 1024 * 1024
 """... and how much of it, at most; then reading stops until the connection closes."""
 RETRY_AFTER_S = 1
 """The Retry-After of a 503 past the concurrent request cap."""
+MIN_IDLE_TO_CLOSE_S = 1.0
+"""At the connection cap, the least time a keep-alive connection must have been idle to be
+closed for a new one. A client between two requests may already have sent the next one,
+unread yet under load; closing its connection would lose that request unanswered."""
 ON_DISCONNECT = "bazaar.on_disconnect"
 """The scope key under which an app may leave a callable that the edge calls when the
 connection is lost before the response is complete: how a handler learns that its client
@@ -152,8 +156,8 @@ class EdgeProtocol(HttpToolsProtocol):
 
     limits: ClassVar[EdgeLimits] = EdgeLimits()
     max_connections: ClassVar[int] = EdgeLimits().max_connections
-    idle: ClassVar[dict[EdgeProtocol, None]] = {}
-    """The server's idle connections, idlest first."""
+    idle: ClassVar[dict[EdgeProtocol, float]] = {}
+    """The server's idle connections, idlest first, with when each became idle."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -238,7 +242,7 @@ class EdgeProtocol(HttpToolsProtocol):
     def on_response_complete(self) -> None:
         super().on_response_complete()
         if self.timeout_keep_alive_task is not None:
-            self.idle[self] = None
+            self.idle[self] = self.loop.time()
 
     # Parser callbacks
 
@@ -300,7 +304,7 @@ class EdgeProtocol(HttpToolsProtocol):
         raise _Refused(message)
 
     def _become_idle(self) -> None:
-        self.idle[self] = None
+        self.idle[self] = self.loop.time()
         if self.timeout_keep_alive_task is None:
             self.timeout_keep_alive_task = self.loop.call_later(
                 self.timeout_keep_alive, self.timeout_keep_alive_handler
@@ -308,7 +312,9 @@ class EdgeProtocol(HttpToolsProtocol):
 
     def _close_idlest(self) -> bool:
         while self.idle:
-            idlest = next(iter(self.idle))
+            idlest, since = next(iter(self.idle.items()))
+            if self.loop.time() - since < MIN_IDLE_TO_CLOSE_S:
+                return False
             del self.idle[idlest]
             if not idlest.transport.is_closing():
                 idlest.transport.close()

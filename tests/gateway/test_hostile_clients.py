@@ -25,6 +25,7 @@ import pytest
 from loadtests import hostile
 from loadtests.overload import overload_request
 from loadtests.procs import peak_rss_bytes, reset_peak_rss, rss_bytes
+from protocol.edge import MIN_IDLE_TO_CLOSE_S
 from tests.protocol.test_edge import closed, read_response, ready
 from tests.support import (
     BackgroundLoad,
@@ -187,10 +188,17 @@ def test_a_client_sending_at_a_trickle_is_answered_408(
 def test_idle_connections_past_the_cap_make_room_for_new_clients(
     gateway: tuple[int, int],
 ) -> None:
+    """At the cap a new connection closes the idlest, but only one idle for a while: a client
+    between two requests (the normal traffic here) may have sent its next one already."""
     port, _ = gateway
     with normal_traffic(port):
-        idle = [connect(port) for _ in range(MAX_CONNECTIONS + 10)]
+        idle = [connect(port) for _ in range(MAX_CONNECTIONS - NORMAL_CONNECTIONS)]
         try:
+            fresh = connect(port)  # every idle one became idle just now: this one gives way
+            wait_until(lambda: closed(fresh, 0.01), 10, "the new connection to be closed")
+            fresh.close()
+            time.sleep(MIN_IDLE_TO_CLOSE_S)  # the idle ones are now idle long enough to go
+            idle += [connect(port) for _ in range(10)]
             wait_until(
                 lambda: all(closed(sock, 0.01) for sock in idle[:10]), 10, "the idlest to close"
             )

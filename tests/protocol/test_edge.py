@@ -16,7 +16,7 @@ import uvicorn
 from starlette.applications import Starlette
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from protocol.edge import connection_cap, uvicorn_options
+from protocol.edge import MIN_IDLE_TO_CLOSE_S, connection_cap, uvicorn_options
 from protocol.errors import ConfigError
 from protocol.fastpath import MAX_BODY_BYTES, Answer, Headers, with_infer_route
 from protocol.limits import EdgeLimits
@@ -244,8 +244,13 @@ def test_a_connection_that_sends_nothing_is_closed_after_the_keep_alive_timeout(
 
 def test_at_the_connection_cap_the_idlest_connections_make_room() -> None:
     with edge_server(EdgeLimits(max_connections=10, keep_alive_timeout_s=60)) as port:
-        idle = [connect(port) for _ in range(15)]
+        idle = [connect(port) for _ in range(10)]
         try:
+            fresh = connect(port)  # the others have just become idle: this one gives way
+            wait_until(lambda: closed(fresh, 0.01), 5, "the new connection to be closed")
+            fresh.close()
+            time.sleep(MIN_IDLE_TO_CLOSE_S)  # now they have been idle long enough to go
+            idle += [connect(port) for _ in range(5)]
             wait_until(
                 lambda: all(closed(sock, 0.01) for sock in idle[:5]), 5, "the idlest to close"
             )
