@@ -636,7 +636,15 @@ def _model_server(args: argparse.Namespace) -> int:
         max_models=args.max_models,
     )
     store = ModelStore(repository, args.models, args.device, limits)
-    app = create_app(store, None, args.control_port, args.enable_model_control, control_keys)
+    edge = _edge_limits(args)
+    app = create_app(
+        store,
+        None,
+        args.control_port,
+        args.enable_model_control,
+        control_keys,
+        edge.max_infer_body_bytes,
+    )
     family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
     ports = [args.port] if args.control_port is None else [args.port, args.control_port]
     sockets = [socket.create_server((args.host, port), family=family) for port in ports]
@@ -653,7 +661,7 @@ def _model_server(args: argparse.Namespace) -> int:
         log_level=args.log_level,
         access_log=False,
         timeout_graceful_shutdown=60,
-        **uvicorn_options(_edge_limits(args)),
+        **uvicorn_options(edge),
     )
     uvicorn.Server(config).run(sockets=sockets)
     return 0

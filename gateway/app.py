@@ -51,7 +51,8 @@ TIMEOUT_HEADER = b"x-request-timeout-ms"
 def create_app(catalog: ModelCatalog) -> ASGIApp:
     """The gateway's ASGI app: the inference route in front of ``routes(catalog)``."""
     starlette = Starlette(routes=routes(catalog), exception_handlers=EXCEPTION_HANDLERS)
-    return with_infer_route(starlette, _infer_handler(catalog))
+    max_body_bytes = catalog.config.edge.max_infer_body_bytes
+    return with_infer_route(starlette, _infer_handler(catalog), max_body_bytes)
 
 
 def _infer_handler(catalog: ModelCatalog) -> InferHandler:

@@ -35,7 +35,7 @@ from models.store import ModelStore
 from models.utilisation import GpuMonitor
 from protocol.auth import CONTROL, SCOPES, ApiKeyAuth, KeyFile
 from protocol.errors import BazaarError, DeadlineExceeded, InvalidRequest
-from protocol.fastpath import Answer, Headers, answer, decode, with_infer_route
+from protocol.fastpath import MAX_BODY_BYTES, Answer, Headers, answer, decode, with_infer_route
 from protocol.responses import (
     EXCEPTION_HANDLERS,
     index_ready_only,
@@ -58,6 +58,7 @@ def create_app(
     control_port: int | None = None,
     model_control: bool = False,
     control_keys: KeyFile | None = None,
+    max_infer_body_bytes: int = MAX_BODY_BYTES,
 ) -> ASGIApp:
     """The pod's app. With ``control_port``, ``/metrics`` and the repository routes answer only
     on that port and the data plane (metadata, inference) only on the others, so a
@@ -156,7 +157,7 @@ def create_app(
             Route("/v2/repository/models/{model}/unload", repository_unload, methods=["POST"]),
         ]
     app = Starlette(routes=routes, exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan)
-    served = with_infer_route(app, infer)
+    served = with_infer_route(app, infer, max_infer_body_bytes)
     if control_keys is not None:
         served = ApiKeyAuth(served, control_keys, open_scopes=SCOPES - {CONTROL})
     return served if control_port is None else _split_ports(served, control_port)

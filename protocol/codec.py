@@ -15,6 +15,13 @@ tensor on the first mismatch, so nothing malformed reaches a runtime. No other e
 escapes it for any input; the tests hold it to that with random bodies. ``decode_response``
 reads a pod's answer: a malformed one is the pod's fault, so it raises ``UpstreamError`` (502).
 
+What a decode costs is bounded by its body, whatever the body holds. JSON that orjson would
+take more than a few times its size to parse is refused (413, ``TooCostlyToDecode``, an
+``InvalidRequest``) before it is parsed, as are BYTES elements too many for their bytes
+(``protocol.budget``); every check that can refuse a request runs before any array is built;
+tensor entries are read only up to the first unknown or repeated name, JSON ``data`` nests no
+deeper than its shape and a shape has at most ``MAX_DIMENSIONS``. Time is linear in the body.
+
 Decoded binary tensors are read-only views of the body, so the body stays alive with them.
 """
 
@@ -26,6 +33,7 @@ from typing import Any
 
 import orjson
 
+from protocol.budget import check_json
 from protocol.errors import BazaarError, InvalidRequest, UpstreamError
 from protocol.schema import ModelMetadata, TensorSpec, datatype_of
 from protocol.tensors import (
@@ -40,6 +48,11 @@ from protocol.tensors import (
 )
 
 _MISSING = object()
+
+MAX_DIMENSIONS = 32
+"""The most dimensions a tensor's shape may have: numpy's limit before numpy 2. It also keeps
+a shape's element count cheap to compute (``math.prod`` of 100,000 large dimensions took
+two minutes) and to quote in a message."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,11 +124,10 @@ def decode_request(
         raise InvalidRequest(f"request 'id' must be a string, got {json_type(request_id)}")
     parameters = _parameters("request", header.get("parameters", {}))
     binary_output = _flag("request", parameters, "binary_data_output")
-    wire = _wire_tensors("input", header.get("inputs", _MISSING), allow_empty=False)
+    expected = [spec.name for spec in metadata.inputs]
+    wire = _wire_tensors("input", header.get("inputs", _MISSING), False, expected, metadata.name)
     chunks = _chunks(wire, rest, header_length is not None)
     given = {tensor.name: tensor for tensor in wire}
-    expected = [spec.name for spec in metadata.inputs]
-    _check_known("input", given, expected, metadata.name)
     for name in expected:
         if name not in given:
             raise InvalidRequest(
@@ -126,11 +138,13 @@ def decode_request(
         _check_against_spec(tensor, spec)
     if metadata.max_batch_size > 0:
         _check_batch(ordered, metadata.max_batch_size)
+    outputs = _requested_outputs(header.get("outputs"), metadata)
+    # Arrays last: everything that can refuse the request cheaply has.
     return InferenceRequest(
         id=request_id,
         parameters=parameters,
         inputs={tensor.name: _array(tensor, chunks) for tensor in ordered},
-        outputs=_requested_outputs(header.get("outputs"), metadata),
+        outputs=outputs,
         binary_output=bool(binary_output),
     )
 
@@ -230,6 +244,7 @@ def _split_body(body: bytes, header_length: int | None) -> tuple[dict[str, Any],
             f"Inference-Header-Content-Length {header_length} must be between 1 and "
             f"the body length {len(view)}"
         )
+    check_json(body, header_length)
     try:
         # orjson reads bytes faster than a memoryview slice: slice only when binary follows.
         header = orjson.loads(body if whole else view[:header_length])
@@ -264,17 +279,28 @@ def _flag(where: str, parameters: dict[str, Any], key: str) -> bool | None:
     return value
 
 
-def _wire_tensors(kind: str, value: object, allow_empty: bool) -> list[_WireTensor]:
+def _wire_tensors(
+    kind: str,
+    value: object,
+    allow_empty: bool,
+    expected: list[str] | None = None,
+    model: str = "",
+) -> list[_WireTensor]:
+    """The tensor entries, each checked as it is read: a name repeated or, when ``expected``
+    is given, not among them stops the reading, so a request with a million entries costs
+    no more than one with a model's count plus one."""
     if not isinstance(value, list) or not (value or allow_empty):
         got = "nothing" if value is _MISSING else json_type(value) if value else "an empty array"
         raise InvalidRequest(f"'{kind}s' must be a non-empty array of tensors, got {got}")
-    tensors = [_wire_tensor(kind, index, item) for index, item in enumerate(value)]
-    seen: set[str] = set()
-    for tensor in tensors:
-        if tensor.name in seen:
+    tensors: dict[str, _WireTensor] = {}
+    for index, item in enumerate(value):
+        tensor = _wire_tensor(kind, index, item)
+        if tensor.name in tensors:
             raise InvalidRequest(f"{tensor.what} appears more than once")
-        seen.add(tensor.name)
-    return tensors
+        if expected is not None:
+            _check_known(kind, [tensor.name], expected, model)
+        tensors[tensor.name] = tensor
+    return list(tensors.values())
 
 
 def _wire_tensor(kind: str, index: int, item: object) -> _WireTensor:
@@ -288,6 +314,11 @@ def _wire_tensor(kind: str, index: int, item: object) -> _WireTensor:
     if not isinstance(datatype, str):
         raise InvalidRequest(f"{what}: 'datatype' must be a string, got {_got(datatype)}")
     shape = item.get("shape", _MISSING)
+    if isinstance(shape, list) and len(shape) > MAX_DIMENSIONS:
+        raise InvalidRequest(
+            f"{what}: 'shape' has {len(shape)} dimensions, more than the {MAX_DIMENSIONS} "
+            "a tensor may have"
+        )
     if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
         raise InvalidRequest(
             f"{what}: 'shape' must be an array of non-negative integers, got {_show(shape)}"

@@ -32,6 +32,19 @@ class InvalidRequest(BazaarError):
     status = 400
 
 
+class TooCostlyToDecode(InvalidRequest):
+    """Decoding the request would take more memory than its size allows (413); an
+    ``InvalidRequest`` still, so the codec's callers catch one class."""
+
+    status = 413
+
+    def __init__(self, what: str, allowed_bytes: int, advice: str) -> None:
+        super().__init__(
+            f"{what} would take more than the {allowed_bytes / 2**20:,.0f} MiB allowed for "
+            f"its size to decode; {advice}"
+        )
+
+
 class PayloadTooLarge(BazaarError):
     """The request body exceeds what the server reads into memory (413)."""
 

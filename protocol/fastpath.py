@@ -27,6 +27,7 @@ from protocol.auth import TENANT
 from protocol.codec import InferenceRequest, InferenceResponse, decode_request, encode_response
 from protocol.edge import ON_DISCONNECT
 from protocol.errors import InvalidRequest, PayloadTooLarge
+from protocol.limits import EdgeLimits
 from protocol.responses import error_response, json_response
 from protocol.schema import ModelMetadata
 from protocol.tensors import Array
@@ -39,13 +40,18 @@ InferHandler = Callable[[str, str | None, bytes, Headers, str | None], Awaitable
 """(model, version, body, headers, tenant) → answer."""
 
 
-MAX_BODY_BYTES = 256 * 1024 * 1024
-"""The largest inference body read into memory; a larger one is answered 413 part way."""
+MAX_BODY_BYTES = EdgeLimits().max_infer_body_bytes
+"""The default of ``with_infer_route``'s limit: the edge's, which holds when nothing is
+configured."""
 
 
 def with_infer_route(
     app: ASGIApp, handler: InferHandler, max_body_bytes: int = MAX_BODY_BYTES
 ) -> ASGIApp:
+    """``app`` with the inference route in front. A body over ``max_body_bytes`` is answered
+    413 part way; servers pass their configured ``EdgeLimits.max_infer_body_bytes``, which the
+    edge enforces first when it is in front."""
+
     async def asgi(scope: Scope, receive: Receive, send: Send) -> None:
         target = infer_target(scope["path"]) if scope["type"] == "http" else None
         if target is None:
@@ -128,6 +134,7 @@ async def _infer(
         if not message.get("more_body", False):
             break
     body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    del chunks  # a body that came in pieces must not be held twice while it is handled
     headers: Headers = dict(scope["headers"])
     task = asyncio.current_task()
     assert task is not None

@@ -9,7 +9,8 @@ Speed is the point of the shapes below. JSON data is flattened a row at a time, 
 types are collected in one C-level pass (``set(map(type, flat))``), integer ranges are checked
 with ``min``/``max``, and numpy converts the list in one call; binary data becomes an
 ``np.frombuffer`` view of the request body, without a copy (so it is read-only). Only BYTES
-elements are handled one at a time, since each becomes its own ``bytes`` object.
+elements are handled one at a time, since each becomes its own ``bytes`` object; binary ones
+are counted against the shape and the memory budget (``protocol.budget``) before the first.
 
 JSON has no NaN or infinity: orjson writes them as ``null``, which the reader refuses, so
 clients that need them ask for binary outputs.
@@ -26,6 +27,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from protocol.budget import check_bytes_elements
 from protocol.errors import InvalidRequest
 from protocol.schema import DATATYPES, datatype_of
 
@@ -75,7 +77,7 @@ def check_datatype(what: str, datatype: str) -> None:
 
 def from_json(what: str, datatype: str, shape: Sequence[int], data: object) -> Array:
     """The array for JSON ``data`` of a known ``datatype``, checked against ``shape``."""
-    flat = _flatten(what, data)
+    flat = _flatten(what, data, shape)
     _check_count(what, shape, len(flat))
     dtype = DATATYPES[datatype]
     types = set(map(type, flat))
@@ -152,13 +154,22 @@ def binary_data(array: Array) -> bytes | memoryview:
     return contiguous.reshape(-1).view(np.uint8).data
 
 
-def _flatten(what: str, data: object) -> list[Any]:
+def _flatten(what: str, data: object, shape: Sequence[int]) -> list[Any]:
     # Nesting is flattened level by level, so the per-element work stays in C; like Triton,
-    # only the element count has to match the shape, not the nesting.
+    # only the element count has to match the shape, not the nesting. Nesting deeper than the
+    # shape's rank is neither of the spec's forms (nested as the shape, or flat), and refusing
+    # it bounds the levels walked by the shape.
     if not isinstance(data, list):
         raise InvalidRequest(f"{what}: 'data' must be an array, got {json_type(data)}")
     flat: list[Any] = data
+    depth = 1
     while flat and type(flat[0]) is list:
+        depth += 1
+        if depth > max(len(shape), 1):
+            raise InvalidRequest(
+                f"{what}: 'data' nests deeper than shape {format_shape(shape)}: at most "
+                f"{max(len(shape), 1)} levels of arrays"
+            )
         if not all(type(item) is list for item in flat):
             raise InvalidRequest(f"{what}: 'data' mixes arrays and values at the same level")
         flat = list(chain.from_iterable(flat))
@@ -192,28 +203,39 @@ def _check_range(what: str, datatype: str, low: int, high: int) -> None:
 
 
 def _bytes_elements(what: str, shape: Sequence[int], chunk: memoryview) -> Array:
-    needed = math.prod(shape)
+    needed, size = math.prod(shape), len(chunk)
+    if needed * _LENGTH.size > size:
+        raise InvalidRequest(
+            f"{what}: shape {format_shape(shape)} needs {needed} elements, at least "
+            f"{needed * _LENGTH.size} bytes, but binary_data_size is {size}"
+        )
+    check_bytes_elements(what, needed, size)
+    # Slicing a bytes copy makes each element in one step (a memoryview slice takes two);
+    # the loop is the one place the codec handles elements one at a time.
+    raw, unpack, offset = chunk.tobytes(), _LENGTH.unpack_from, 0
     elements: list[bytes] = []
-    offset, end = 0, len(chunk)
-    while offset < end:
-        if len(elements) == needed:
+    for index in range(needed):
+        if offset == size:
             raise InvalidRequest(
-                f"{what}: shape {format_shape(shape)} needs {needed} elements, "
-                f"but {end - offset} bytes follow the last one"
+                f"{what}: shape {format_shape(shape)} needs {needed} elements, got {index}"
             )
-        if end - offset < _LENGTH.size:
-            raise InvalidRequest(f"{what}: BYTES element {len(elements)} has a truncated length")
-        (length,) = _LENGTH.unpack_from(chunk, offset)
-        offset += _LENGTH.size
-        if length > end - offset:
+        start = offset + _LENGTH.size
+        if start > size:
+            raise InvalidRequest(f"{what}: BYTES element {index} has a truncated length")
+        (length,) = unpack(raw, offset)
+        offset = start + length
+        if offset > size:
             raise InvalidRequest(
-                f"{what}: BYTES element {len(elements)} of {length} bytes overruns the "
-                f"{end - offset} bytes left in binary_data_size"
+                f"{what}: BYTES element {index} of {length} bytes overruns the "
+                f"{size - start} bytes left in binary_data_size"
             )
-        elements.append(bytes(chunk[offset : offset + length]))
-        offset += length
-    _check_count(what, shape, len(elements))
-    array = np.empty(len(elements), dtype=object)
+        elements.append(raw[start:offset])
+    if offset < size:
+        raise InvalidRequest(
+            f"{what}: shape {format_shape(shape)} needs {needed} elements, "
+            f"but {size - offset} bytes follow the last one"
+        )
+    array = np.empty(needed, dtype=object)
     array[:] = elements
     return array
 

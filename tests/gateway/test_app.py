@@ -27,6 +27,7 @@ from gateway.client import HttpModelClient
 from gateway.config import GatewayConfig
 from gateway.metrics import GatewayMetrics
 from models.demo import digits_samples
+from protocol.limits import EdgeLimits
 from tests.support import eventually
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -608,3 +609,13 @@ async def test_a_request_whose_deadline_passes_in_the_queue_gets_504(
     text = (await gateway.http.get("/metrics")).text
     assert samples(text, "bazaar_gateway_requests_total", model="mlp_wide", outcome="504") == [1]
     assert samples(text, "bazaar_gateway_expired_requests_total", model="mlp_wide") == [1]
+
+
+async def test_the_configured_inference_body_limit_reaches_the_route(
+    make_gateway: MakeGateway,
+) -> None:
+    """Behind the edge or not (here: not), the gateway reads no more than its limit."""
+    gateway = await make_gateway(["mlp"], GatewayConfig(edge=EdgeLimits(max_infer_body_bytes=100)))
+    answer = await gateway.http.post("/v2/models/mlp/infer", content=b"x" * 101)
+    assert answer.status_code == 413
+    assert "100 bytes" in answer.json()["error"]

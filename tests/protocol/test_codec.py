@@ -506,7 +506,7 @@ BINARY_CASES: list[tuple[str, tuple[bytes, int | None], str]] = [
     ),
     (
         "bytes truncated length",
-        binary_body({"t": strings(b"a") + b"\x01\x00"}),
+        binary_body({"t": strings(b"abc") + b"\x01\x00"}),
         "input 't': BYTES element 1 has a truncated length",
     ),
     (
@@ -516,8 +516,13 @@ BINARY_CASES: list[tuple[str, tuple[bytes, int | None], str]] = [
     ),
     (
         "bytes too few",
-        binary_body({"t": strings(b"a")}),
+        binary_body({"t": strings(b"abcdefgh")}),
         r"input 't': shape \[2\] needs 2 elements, got 1",
+    ),
+    (
+        "bytes too short for the count",
+        binary_body({"t": strings(b"a")}),
+        r"input 't': shape \[2\] needs 2 elements, at least 8 bytes, but binary_data_size is 5",
     ),
 ]
 

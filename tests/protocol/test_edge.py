@@ -18,7 +18,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from protocol.edge import MIN_IDLE_TO_CLOSE_S, connection_cap, uvicorn_options
 from protocol.errors import ConfigError
-from protocol.fastpath import MAX_BODY_BYTES, Answer, Headers, with_infer_route
+from protocol.fastpath import Answer, Headers, with_infer_route
 from protocol.limits import EdgeLimits
 from protocol.support import free_port
 from tests.support import wait_until
@@ -304,10 +304,6 @@ def test_limits_refuse_zero_and_negative_values() -> None:
         EdgeLimits(header_timeout_s=0)
     with pytest.raises(ConfigError, match="max_connections"):
         EdgeLimits(max_connections=-1)
-
-
-def test_the_inference_body_limit_defaults_to_the_fast_path_s() -> None:
-    assert EdgeLimits().max_infer_body_bytes == MAX_BODY_BYTES
 
 
 def test_a_client_that_disconnects_cancels_its_inference_handler() -> None:
