@@ -46,15 +46,14 @@ EXTENSIONS = ["binary_tensor_data", "model_repository", "schedule_policy", "para
 TIMEOUT_HEADER = b"x-request-timeout-ms"
 
 
-def create_app(catalog: ModelCatalog) -> ASGIApp:
-    """The gateway's ASGI app: the inference route in front of ``routes(catalog)``."""
+def create_app(catalog: ModelCatalog, inference: GatewayInference | None = None) -> ASGIApp:
+    """The gateway's ASGI app: the inference route in front of ``routes(catalog)``.
+    ``inference``: the steps shared with gRPC, when it is served too (one set of quotas)."""
     starlette = Starlette(routes=routes(catalog), exception_handlers=EXCEPTION_HANDLERS)
-    return with_infer_route(starlette, _infer_handler(catalog))
+    return with_infer_route(starlette, _infer_handler(inference or GatewayInference(catalog)))
 
 
-def _infer_handler(catalog: ModelCatalog) -> InferHandler:
-    inference = GatewayInference(catalog)
-
+def _infer_handler(inference: GatewayInference) -> InferHandler:
     async def infer(
         model: str, version: str | None, body: bytes, headers: Headers, tenant_name: str | None
     ) -> Answer:
