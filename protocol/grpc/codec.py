@@ -84,6 +84,8 @@ def decode_request(message: ModelInferRequest, metadata: ModelMetadata) -> Infer
             raise InvalidRequest(f"{what} appears more than once")
         seen.add(tensor.name)
         _refuse_extensions(what, tensor.parameters)
+        if raw and tensor.HasField("contents"):
+            raise InvalidRequest(f"{what}: give its data raw or in 'contents', not both")
         if any(dim < 0 for dim in tensor.shape):
             raise InvalidRequest(
                 f"{what}: 'shape' must be non-negative integers, got {format_shape(tensor.shape)}"

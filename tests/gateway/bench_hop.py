@@ -1,4 +1,4 @@
-"""The gateway→pod hop, binary HTTP against gRPC: ``python -m loadtests.hop REPOSITORY``.
+"""The gateway→pod hop, binary HTTP against gRPC: ``python -m tests.gateway.bench_hop REPOSITORY``.
 
 One pod (``bazaar model-server`` in a child process, serving HTTP and gRPC) and, in this
 process, the gateway's side of the hop: today's ``gateway.client.HttpModelClient`` (aiohttp,
