@@ -7,7 +7,7 @@ INSTALLED := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: serve test check bench loadtest simulate clean
+.PHONY: serve test check bench loadtest simulate grpc-protos clean
 
 $(INSTALLED): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -45,6 +45,11 @@ check: $(INSTALLED)
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
 	$(BIN)/mypy protocol cluster models gateway autoscaler loadtests bazaar
+
+# Regenerate protocol/grpc/*_pb2*.py from Triton's .proto files there (grpcio-tools, pinned
+# in the dev extra); see protocol/grpc/generate.sh for the two edits made after protoc.
+grpc-protos: $(INSTALLED)
+	PATH=$(abspath $(BIN)):$$PATH bash protocol/grpc/generate.sh
 
 clean:
 	rm -rf $(VENV) .bazaar .pytest_cache .mypy_cache .ruff_cache .import_linter_cache

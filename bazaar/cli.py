@@ -21,7 +21,13 @@ from autoscaler.command import add_parser as add_autoscaler_parser
 from autoscaler.simulation.command import add_parser as add_simulate_parser
 from loadtests.command import add_bench_parser, add_loadtest_parser
 from protocol import __version__
-from protocol.arguments import non_negative_float, port, positive_float, positive_int
+from protocol.arguments import (
+    non_negative_float,
+    port,
+    port_or_off,
+    positive_float,
+    positive_int,
+)
 from protocol.auth import HEALTH, INFER, METRICS, OPEN_BY_DEFAULT, STATS
 from protocol.errors import ConfigError
 from protocol.limits import EdgeLimits
@@ -80,6 +86,15 @@ def parser() -> argparse.ArgumentParser:
         metavar="PORT",
         help="serve /metrics and the repository routes on this port only, and the data plane "
         "only on --port (for a NetworkPolicy; default: everything on --port)",
+    )
+    server.add_argument(
+        "--grpc-port",
+        type=port_or_off,
+        default=0,
+        metavar="PORT",
+        help="also serve the data plane over gRPC (Triton's inference.GRPCInferenceService: "
+        "health, metadata, inference) on this port; deploy/ uses Triton's 8001 (default: "
+        "no gRPC; the gateway calls pods over HTTP)",
     )
     server.add_argument(
         "--model",
@@ -149,7 +164,15 @@ def parser() -> argparse.ArgumentParser:
         help=f"default: the demo repository, built in {DEMO_REPOSITORY} when missing",
     )
     serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=port, default=8000)
+    serve.add_argument("--port", type=port, default=8000, help="HTTP (default %(default)s)")
+    serve.add_argument(
+        "--grpc-port",
+        type=port_or_off,
+        default=8001,
+        metavar="PORT",
+        help="gRPC, Triton's inference.GRPCInferenceService (default %(default)s, Triton's; "
+        "0: no gRPC)",
+    )
     serve.add_argument(
         "--workers-per-model",
         type=positive_int,
@@ -207,7 +230,15 @@ def parser() -> argparse.ArgumentParser:
         "else ~/.kube/config)",
     )
     gateway.add_argument("--host", default="127.0.0.1")
-    gateway.add_argument("--port", type=port, default=8000)
+    gateway.add_argument("--port", type=port, default=8000, help="HTTP (default %(default)s)")
+    gateway.add_argument(
+        "--grpc-port",
+        type=port_or_off,
+        default=8001,
+        metavar="PORT",
+        help="gRPC, Triton's inference.GRPCInferenceService (default %(default)s, Triton's; "
+        "0: no gRPC)",
+    )
     _gateway_options(gateway)
     _tls_options(gateway)
     gateway.set_defaults(run=_gateway)
@@ -474,6 +505,7 @@ def _serve(args: argparse.Namespace) -> int:
         args.log_level,
         keys=keys,
         open_scopes=_open_scopes(args),
+        grpc_port=args.grpc_port or None,
     )
     _run_async(main)
     return 0
@@ -508,6 +540,7 @@ def _gateway(args: argparse.Namespace) -> int:
         keys=keys,
         open_scopes=_open_scopes(args),
         tls=tls,
+        grpc_port=args.grpc_port or None,
     )
     _run_async(main)
     return 0
@@ -624,7 +657,7 @@ def _model_server(args: argparse.Namespace) -> int:
 
     from models.limits import ModelLimits, cpu_count
     from models.repository import ModelRepository
-    from models.server import create_app
+    from models.server import GrpcListener, create_app
     from models.store import ModelStore
     from protocol.edge import uvicorn_options
 
@@ -637,12 +670,14 @@ def _model_server(args: argparse.Namespace) -> int:
     )
     store = ModelStore(repository, args.models, args.device, limits)
     edge = _edge_limits(args)
+    grpc = GrpcListener(args.host, args.grpc_port, edge) if args.grpc_port else None
     app = create_app(
         store,
         None,
         args.control_port,
         args.enable_model_control,
         control_keys,
+        grpc,
         edge.max_infer_body_bytes,
     )
     family = socket.AF_INET6 if ":" in args.host else socket.AF_INET

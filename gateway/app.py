@@ -1,15 +1,15 @@
 """The gateway's HTTP app: the Open Inference Protocol v2 API in front of the dispatchers.
 
-Handlers decode, submit, encode. ``infer`` first asks the model's dispatcher whether the
-request fits, knowing only its headers: one that will not is refused (503, ``Retry-After``)
-before its body is decoded, which is what keeps an overloaded gateway serving at capacity.
-Then it validates the body against the model's metadata (a bad request is answered 400 here
-and never reaches a pod), reads the schedule parameters (``priority``, ``timeout`` in µs as
-in Triton, or the ``X-Request-Timeout-Ms`` header), waits on the dispatcher's future and
-encodes the caller's own rows as it asked (JSON or binary, only the outputs it named). A
-client that disconnects meanwhile cancels the wait, and with it its place in the queue. A
-request for a model the gateway knows but has not yet seen an endpoint of (scaled to zero
-before the gateway started) is held until one appears, up to the queue time.
+Handlers decode, submit, encode. ``infer`` runs the steps gRPC shares
+(``gateway.inference``): the model's dispatcher first asks whether the request fits, knowing
+only its headers, so one that will not is refused (503, ``Retry-After``) before its body is
+decoded; then the body is validated against the model's metadata (a bad request is answered
+400 here and never reaches a pod), the schedule parameters are read (``priority``,
+``timeout`` in µs as in Triton, or the ``X-Request-Timeout-Ms`` header), and the caller's own
+rows are encoded as it asked (JSON or binary, only the outputs it named). A client that
+disconnects meanwhile cancels the wait, and with it its place in the queue. A request for a
+model the gateway knows but has not yet seen an endpoint of (scaled to zero before the
+gateway started) is held until one appears, up to the queue time.
 
 Routes: ``/v2``, ``/v2/health/{live,ready}``, ``/v2/models/{m}[/versions/{v}]`` with
 ``/ready`` and ``POST /infer``, ``POST /v2/repository/index``, ``/metrics`` and ``/stats``
@@ -18,9 +18,6 @@ Routes: ``/v2``, ``/v2/health/{live,ready}``, ``/v2/models/{m}[/versions/{v}]`` 
 
 from __future__ import annotations
 
-import asyncio
-import time
-from collections.abc import Mapping
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -31,9 +28,9 @@ from starlette.routing import Route
 from starlette.types import ASGIApp
 
 from gateway.catalog import ModelCatalog
-from gateway.metrics import CANCELLED, outcome_of
-from gateway.tenants import Tenants
-from protocol.errors import BazaarError, InvalidRequest, QuotaExceeded
+from gateway.inference import GatewayInference
+from protocol.codec import InferenceRequest
+from protocol.errors import InvalidRequest
 from protocol.fastpath import Answer, Headers, InferHandler, answer, decode, with_infer_route
 from protocol.responses import (
     EXCEPTION_HANDLERS,
@@ -42,60 +39,31 @@ from protocol.responses import (
     model_routes,
     server_routes,
 )
+from protocol.schema import ModelMetadata
 
 SERVER_NAME = "bazaar"
 EXTENSIONS = ["binary_tensor_data", "model_repository", "schedule_policy", "parameters"]
 TIMEOUT_HEADER = b"x-request-timeout-ms"
 
 
-def create_app(catalog: ModelCatalog) -> ASGIApp:
-    """The gateway's ASGI app: the inference route in front of ``routes(catalog)``."""
+def create_app(catalog: ModelCatalog, inference: GatewayInference | None = None) -> ASGIApp:
+    """The gateway's ASGI app: the inference route in front of ``routes(catalog)``.
+    ``inference``: the steps shared with gRPC, when it is served too (one set of quotas)."""
     starlette = Starlette(routes=routes(catalog), exception_handlers=EXCEPTION_HANDLERS)
-    max_body_bytes = catalog.config.edge.max_infer_body_bytes
-    return with_infer_route(starlette, _infer_handler(catalog), max_body_bytes)
+    handler = _infer_handler(inference or GatewayInference(catalog))
+    return with_infer_route(starlette, handler, catalog.config.edge.max_infer_body_bytes)
 
 
-def _infer_handler(catalog: ModelCatalog) -> InferHandler:
-    tenants = Tenants(catalog.config.tenants)
-    quota_refusals = catalog.metrics.quota_refusals
-
+def _infer_handler(inference: GatewayInference) -> InferHandler:
     async def infer(
         model: str, version: str | None, body: bytes, headers: Headers, tenant_name: str | None
     ) -> Answer:
-        started = time.perf_counter()
-        served = await catalog.serving(model, version, catalog.config.max_queue_time_s)
-        dispatcher = served.dispatcher
-        tenant = tenants.get(tenant_name)
-        rows = 0
-        status = 500
-        try:
-            tenant.admit(asyncio.get_running_loop().time())
-            dispatcher.admit(_header_timeout_s(headers), tenant)
-            metadata = served.metadata
-            request = decode(body, headers, metadata)
-            priority, timeout_s = _schedule(request.parameters, headers)
-            request_rows = request.rows(metadata.max_batch_size)
-            tenant.take_rows(request_rows)
-            rows = request_rows
-            future = dispatcher.submit(request.inputs, rows, priority, timeout_s, tenant)
-            response = answer(request, metadata, await future)
-            status = 200
-            return response
-        except QuotaExceeded as exc:
-            status = exc.status
-            quota_refusals.labels(tenant.name, exc.quota).inc()
-            raise
-        except BazaarError as exc:
-            status = exc.status
-            raise
-        except asyncio.CancelledError:
-            status = CANCELLED
-            raise
-        finally:
-            if rows:
-                tenant.release_rows(rows)
-            served.metrics.requests[outcome_of(status)].inc()
-            served.metrics.request_seconds.observe(time.perf_counter() - started)
+        def decode_body(metadata: ModelMetadata) -> tuple[InferenceRequest, float | None]:
+            return decode(body, headers, metadata), _header_limit_s(headers)
+
+        return await inference.run(
+            model, version, tenant_name, _header_timeout_s(headers), decode_body, answer
+        )
 
     return infer
 
@@ -140,31 +108,16 @@ def _header_timeout_s(headers: Headers) -> float | None:
     return timeout_s if timeout_s > 0 else None
 
 
-def _schedule(parameters: Mapping[str, Any], headers: Headers) -> tuple[int, float | None]:
-    """Triton's schedule parameters: ``priority`` (1 highest, 0 default), ``timeout`` (µs)."""
-    priority = parameters.get("priority", 0)
-    if not isinstance(priority, int) or isinstance(priority, bool) or priority < 0:
-        raise InvalidRequest(f"parameter 'priority' must be an integer >= 0, got {priority!r}")
-    timeout = parameters.get("timeout")
-    timeout_s: float | None = None
-    if timeout is not None:
-        if not isinstance(timeout, int) or isinstance(timeout, bool) or timeout < 0:
-            raise InvalidRequest(
-                "parameter 'timeout' must be an integer number of microseconds >= 0, "
-                f"got {timeout!r}"
-            )
-        timeout_s = timeout / 1_000_000 or None
+def _header_limit_s(headers: Headers) -> float | None:
+    """``X-Request-Timeout-Ms`` in seconds (0 or absent: none); 400 unless a number >= 0."""
     header = headers.get(TIMEOUT_HEADER)
-    if header is not None:
-        try:
-            header_s = float(header) / 1000
-        except ValueError:
-            header_s = -1.0
-        if not header_s >= 0:  # also refuses NaN
-            shown = header.decode(errors="replace")
-            raise InvalidRequest(
-                f"header X-Request-Timeout-Ms must be a number >= 0, got {shown!r}"
-            )
-        if header_s:
-            timeout_s = min(timeout_s, header_s) if timeout_s else header_s
-    return priority, timeout_s
+    if header is None:
+        return None
+    try:
+        header_s = float(header) / 1000
+    except ValueError:
+        header_s = -1.0
+    if not header_s >= 0:  # also refuses NaN
+        shown = header.decode(errors="replace")
+        raise InvalidRequest(f"header X-Request-Timeout-Ms must be a number >= 0, got {shown!r}")
+    return header_s or None

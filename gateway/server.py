@@ -4,11 +4,13 @@
 
 1. startup: the HTTP client, the metrics registry, the catalog, and the endpoint source
    (a static file, or the local supervisor that starts model workers);
-2. serve until SIGINT or SIGTERM, behind the edge's limits on what clients send and how
-   slowly (``protocol.edge``, set by ``config.edge``), over TLS when given ``tls``
+2. serve HTTP, and with ``grpc_port`` Triton's gRPC API (``gateway.grpc``: the same
+   dispatchers, quotas, keys and limits), until SIGINT or SIGTERM, behind the edge's limits
+   on what clients send and how slowly (``protocol.edge``, set by ``config.edge``), over
+   TLS when given ``tls``
    (``protocol.tls``), and with ``keys`` only to callers with a key for the route's scope
    (``protocol.auth``: the tenant reaches the app in the ASGI scope);
-3. drain: uvicorn stops accepting connections and waits for the requests in flight, whose
+3. drain: uvicorn and gRPC stop accepting and wait for the requests in flight, whose
    handlers wait on the dispatchers, so every admitted request is answered first (for at
    most ``drain_timeout_s``, which outlasts any request: a bound, not a budget);
 4. shutdown: the dispatchers and probes stop, then the source (the local workers last, so
@@ -23,21 +25,25 @@ import logging
 import math
 import signal
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 from prometheus_client import CollectorRegistry
 
-from gateway.app import create_app
+from gateway.app import EXTENSIONS, SERVER_NAME, create_app
 from gateway.catalog import ModelCatalog
 from gateway.client import HttpModelClient
 from gateway.config import GatewayConfig
 from gateway.discovery import EndpointSource
+from gateway.inference import GatewayInference
 from gateway.metrics import GatewayMetrics
 from protocol.auth import OPEN_BY_DEFAULT, ApiKeyAuth, KeyFile
 from protocol.edge import uvicorn_options
 from protocol.server import ManagedServer
 from protocol.tls import ServerTls
+
+if TYPE_CHECKING:
+    import grpc
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +58,11 @@ async def run(
     keys: KeyFile | None = None,
     open_scopes: frozenset[str] = OPEN_BY_DEFAULT,
     tls: ServerTls | None = None,
+    grpc_port: int | None = None,
 ) -> None:
     async with _gateway(source, config) as catalog:
-        app = create_app(catalog)
+        inference = GatewayInference(catalog)
+        app = create_app(catalog, inference)
         if keys is not None:
             app = ApiKeyAuth(app, keys, open_scopes)
         tls_options: dict[str, Any] = {} if tls is None else tls.uvicorn_options()
@@ -71,10 +79,47 @@ async def run(
                 **tls_options,
             )
         )
+        grpc = None
+        if grpc_port is not None:
+            grpc = await _grpc_serving(inference, host, grpc_port, config, keys, open_scopes, tls)
+        stopping: list[asyncio.Task[None]] = []
+
+        def stop() -> None:
+            server.stop()
+            if grpc is not None and not stopping:
+                # gRPC stops taking calls with HTTP and drains alongside it.
+                stopping.append(asyncio.create_task(grpc.stop(config.drain_timeout_s)))
+
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, server.stop)
-        await server.serve()
+            loop.add_signal_handler(sig, stop)
+        try:
+            await server.serve()
+        finally:
+            if grpc is not None:
+                await (stopping[0] if stopping else grpc.stop(config.drain_timeout_s))
+
+
+async def _grpc_serving(
+    inference: GatewayInference,
+    host: str,
+    port: int,
+    config: GatewayConfig,
+    keys: KeyFile | None,
+    open_scopes: frozenset[str],
+    tls: ServerTls | None,
+) -> grpc.aio.Server:
+    """The gRPC API, started (grpc is imported here: without gRPC it is never loaded)."""
+    from gateway.grpc import GatewayGrpcBackend
+    from protocol.grpc.service import InferenceService, grpc_server
+
+    backend = GatewayGrpcBackend(inference, SERVER_NAME, EXTENSIONS)
+    server, bound = grpc_server(
+        InferenceService(backend, keys, open_scopes), host, port, config.edge, tls
+    )
+    await server.start()
+    log.info("gRPC on %s:%d%s", host, bound, " (TLS)" if tls is not None else "")
+    return server
 
 
 @contextlib.asynccontextmanager

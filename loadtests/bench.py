@@ -214,7 +214,7 @@ def run_bench(
     base = f"http://127.0.0.1:{port}"
     serve_cmd = [
         str(Path(python).with_name("bazaar")), "serve", "--model-repository", str(repository),
-        "--port", str(port), "--workers-per-model", "1",
+        "--port", str(port), "--grpc-port", "0", "--workers-per-model", "1",
     ]  # fmt: skip
     with PinnedServer("bazaar", serve_cmd, SERVER_CORE, f"{base}/v2/health/ready", out) as server:
         server.start(READY_DEADLINE_S)

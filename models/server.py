@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -30,12 +31,14 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from models.inference import PodInference
 from models.metrics import PodMetrics
 from models.store import ModelStore
 from models.utilisation import GpuMonitor
 from protocol.auth import CONTROL, SCOPES, ApiKeyAuth, KeyFile
-from protocol.errors import BazaarError, DeadlineExceeded, InvalidRequest
+from protocol.errors import InvalidRequest
 from protocol.fastpath import MAX_BODY_BYTES, Answer, Headers, answer, decode, with_infer_route
+from protocol.limits import EdgeLimits
 from protocol.responses import (
     EXCEPTION_HANDLERS,
     index_ready_only,
@@ -50,6 +53,8 @@ log = logging.getLogger(__name__)
 
 SERVER_NAME = "bazaar-model-server"
 EXTENSIONS = ["binary_tensor_data", "model_repository"]
+GRPC_DRAIN_S = 60
+"""At shutdown, how long gRPC calls in flight may take to finish (the gateway's call timeout)."""
 
 
 def create_app(
@@ -58,6 +63,7 @@ def create_app(
     control_port: int | None = None,
     model_control: bool = False,
     control_keys: KeyFile | None = None,
+    grpc_listener: GrpcListener | None = None,
     max_infer_body_bytes: int = MAX_BODY_BYTES,
 ) -> ASGIApp:
     """The pod's app. With ``control_port``, ``/metrics`` and the repository routes answer only
@@ -67,14 +73,10 @@ def create_app(
     what the pod serves, so it is off unless ``model_control``: Kubernetes decides what a pod
     serves (its args and volume), not whoever can reach it. With ``control_keys``, load and
     unload answer only a caller with a key for the ``control`` scope; everything else stays
-    open (a NetworkPolicy guards it)."""
+    open (a NetworkPolicy guards it). With ``grpc_listener``, the app's lifespan also serves
+    the data plane over gRPC (``models.grpc``), in the same event loop, start-up to shutdown."""
     registry = registry if registry is not None else CollectorRegistry()
-    metrics = PodMetrics(registry, store, GpuMonitor())
-
-    def model_metadata(name: str, version: str | None) -> dict[str, Any]:
-        runtime = store.get(name, version)
-        versions = [str(v) for v in sorted(store.models[name].versions)]
-        return runtime.metadata.to_json(versions if version is None else None)
+    inference = PodInference(store, PodMetrics(registry, store, GpuMonitor()))
 
     def model_config(name: str, version: str | None) -> dict[str, Any]:
         runtime = store.get(name, version)
@@ -85,40 +87,9 @@ def create_app(
     async def infer(
         model: str, version: str | None, body: bytes, headers: Headers, tenant: str | None
     ) -> Answer:
-        arrived = asyncio.get_running_loop().time()
-        runtime = store.get(model, version)
-        outcome = "server_error"
-        try:
-            request = decode(body, headers, runtime.metadata)
-            timeout_s = _timeout_s(request.parameters)
-            deadline = None if timeout_s is None else arrived + timeout_s
-            names = (
-                [o.name for o in request.outputs]
-                if request.outputs is not None
-                else [spec.name for spec in runtime.metadata.outputs]
-            )
-            rows = request.rows(runtime.metadata.max_batch_size)
-            try:
-                outputs, compute_s = await runtime.infer(request.inputs, names, deadline)
-            except DeadlineExceeded:
-                raise  # dropped before computing: not a batch
-            except BaseException:
-                metrics.batches.labels(model, "failure").inc()
-                raise
-            metrics.batches.labels(model, "success").inc()
-            metrics.batch_size.labels(model).observe(rows)
-            metrics.compute_seconds.labels(model).observe(compute_s)
-            response = answer(request, runtime.metadata, outputs)
-            outcome = "success"
-            return response
-        except BazaarError as exc:
-            outcome = "client_error" if exc.status < 500 else "server_error"
-            raise
-        except asyncio.CancelledError:
-            outcome = "cancelled"  # the gateway let go of the batch: every caller left
-            raise
-        finally:
-            metrics.requests.labels(model, outcome).inc()
+        return await inference.run(
+            model, version, lambda metadata: decode(body, headers, metadata), answer
+        )
 
     async def repository_index(request: Request) -> Response:
         return json_response(store.index(await index_ready_only(request)))
@@ -139,15 +110,18 @@ def create_app(
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         # Load after the socket is open: liveness answers during long loads.
         loading = asyncio.create_task(store.load_all())
-        try:
-            yield
-        finally:
-            await cancel_and_wait(loading)
-            await asyncio.to_thread(store.close)
+        async with contextlib.AsyncExitStack() as stack:
+            if grpc_listener is not None:
+                await stack.enter_async_context(_grpc_serving(inference, grpc_listener))
+            try:
+                yield
+            finally:
+                await cancel_and_wait(loading)
+                await asyncio.to_thread(store.close)
 
     routes = [
         *server_routes(SERVER_NAME, EXTENSIONS, store.ready),
-        *model_routes(model_metadata, store.is_ready, model_config),
+        *model_routes(inference.model_metadata, store.is_ready, model_config),
         Route("/metrics", prometheus),
         Route("/v2/repository/index", repository_index, methods=["POST"]),
     ]
@@ -161,6 +135,38 @@ def create_app(
     if control_keys is not None:
         served = ApiKeyAuth(served, control_keys, open_scopes=SCOPES - {CONTROL})
     return served if control_port is None else _split_ports(served, control_port)
+
+
+@dataclass(frozen=True, slots=True)
+class GrpcListener:
+    """Where and within which limits the pod serves gRPC."""
+
+    host: str
+    port: int
+    """0: a free port (then ``bound`` tells which)."""
+    limits: EdgeLimits
+    bound: list[int] = field(default_factory=list)
+    """The port bound, once serving."""
+
+
+@contextlib.asynccontextmanager
+async def _grpc_serving(inference: PodInference, listener: GrpcListener) -> AsyncIterator[None]:
+    # grpc is imported here, so a pod without gRPC never loads it.
+    from models.grpc import PodGrpcBackend
+    from protocol.grpc.service import InferenceService, grpc_server
+
+    backend = PodGrpcBackend(inference, SERVER_NAME, EXTENSIONS)
+    server, port = grpc_server(
+        InferenceService(backend), listener.host, listener.port, listener.limits
+    )
+    await server.start()
+    listener.bound.append(port)
+    log.info("gRPC on %s:%d", listener.host, port)
+    try:
+        yield
+    finally:
+        # uvicorn has drained HTTP by now; calls in flight get as long as a pod call may last.
+        await server.stop(GRPC_DRAIN_S)
 
 
 def _split_ports(app: ASGIApp, control_port: int) -> ASGIApp:
@@ -180,19 +186,6 @@ def _split_ports(app: ASGIApp, control_port: int) -> ASGIApp:
         await app(scope, receive, send)
 
     return asgi
-
-
-def _timeout_s(parameters: dict[str, Any]) -> float | None:
-    """``parameters.timeout`` in seconds: Triton's microseconds the request may wait; 0 or
-    absent, no limit."""
-    timeout = parameters.get("timeout")
-    if timeout is None:
-        return None
-    if not isinstance(timeout, int) or isinstance(timeout, bool) or timeout < 0:
-        raise InvalidRequest(
-            f"parameter 'timeout' must be an integer number of microseconds >= 0, got {timeout!r}"
-        )
-    return timeout / 1_000_000 or None
 
 
 def _config_override(body: dict[str, Any]) -> dict[str, Any] | None:

@@ -47,6 +47,16 @@ def port(text: str) -> int:
     return value
 
 
+def port_or_off(text: str) -> int:
+    """A TCP port, 1 to 65535, or 0 for none."""
+    value = _number(int, text, "a port number, 1 to 65535, or 0 for none")
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(
+            f"must be a port number, 1 to 65535, or 0 for none, got {text!r}"
+        )
+    return value
+
+
 def _number(kind: type[Number], text: str, what: str) -> Number:
     try:
         value = kind(text)

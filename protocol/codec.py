@@ -97,8 +97,8 @@ class InferenceResponse:
 
 
 @dataclass(frozen=True, slots=True)
-class _WireTensor:
-    """A tensor entry of the JSON header, checked for form but not yet against a model."""
+class WireTensor:
+    """A tensor entry of a request, checked for form but not yet against a model."""
 
     what: str
     """How messages name it: ``input 'x'`` or ``output 'y'``."""
@@ -127,7 +127,25 @@ def decode_request(
     expected = [spec.name for spec in metadata.inputs]
     wire = _wire_tensors("input", header.get("inputs", _MISSING), False, expected, metadata.name)
     chunks = _chunks(wire, rest, header_length is not None)
+    ordered = check_inputs(wire, metadata)
+    outputs = requested_outputs(header.get("outputs"), metadata)
+    # Arrays last: everything that can refuse the request cheaply has.
+    return InferenceRequest(
+        id=request_id,
+        parameters=parameters,
+        inputs={tensor.name: _array(tensor, chunks) for tensor in ordered},
+        outputs=outputs,
+        binary_output=bool(binary_output),
+    )
+
+
+def check_inputs(wire: list[WireTensor], metadata: ModelMetadata) -> list[WireTensor]:
+    """The request's input tensors in ``metadata``'s order, each checked against its spec and
+    the batch dimension across them (``InvalidRequest`` on the first fault). Shared with the
+    gRPC codec, which reads the same fields from protobuf."""
     given = {tensor.name: tensor for tensor in wire}
+    expected = [spec.name for spec in metadata.inputs]
+    _check_known("input", given, expected, metadata.name)
     for name in expected:
         if name not in given:
             raise InvalidRequest(
@@ -138,15 +156,7 @@ def decode_request(
         _check_against_spec(tensor, spec)
     if metadata.max_batch_size > 0:
         _check_batch(ordered, metadata.max_batch_size)
-    outputs = _requested_outputs(header.get("outputs"), metadata)
-    # Arrays last: everything that can refuse the request cheaply has.
-    return InferenceRequest(
-        id=request_id,
-        parameters=parameters,
-        inputs={tensor.name: _array(tensor, chunks) for tensor in ordered},
-        outputs=outputs,
-        binary_output=bool(binary_output),
-    )
+    return ordered
 
 
 def encode_request(request: InferenceRequest, binary: bool = True) -> tuple[bytes, int | None]:
@@ -285,14 +295,14 @@ def _wire_tensors(
     allow_empty: bool,
     expected: list[str] | None = None,
     model: str = "",
-) -> list[_WireTensor]:
+) -> list[WireTensor]:
     """The tensor entries, each checked as it is read: a name repeated or, when ``expected``
     is given, not among them stops the reading, so a request with a million entries costs
     no more than one with a model's count plus one."""
     if not isinstance(value, list) or not (value or allow_empty):
         got = "nothing" if value is _MISSING else json_type(value) if value else "an empty array"
         raise InvalidRequest(f"'{kind}s' must be a non-empty array of tensors, got {got}")
-    tensors: dict[str, _WireTensor] = {}
+    tensors: dict[str, WireTensor] = {}
     for index, item in enumerate(value):
         tensor = _wire_tensor(kind, index, item)
         if tensor.name in tensors:
@@ -303,7 +313,7 @@ def _wire_tensors(
     return list(tensors.values())
 
 
-def _wire_tensor(kind: str, index: int, item: object) -> _WireTensor:
+def _wire_tensor(kind: str, index: int, item: object) -> WireTensor:
     if not isinstance(item, dict):
         raise InvalidRequest(f"{kind}s[{index}] must be an object, got {json_type(item)}")
     name = item.get("name", _MISSING)
@@ -333,11 +343,11 @@ def _wire_tensor(kind: str, index: int, item: object) -> _WireTensor:
             f"{what}: needs exactly one of 'data' and parameters.binary_data_size, got "
             + ("both" if size is not None else "neither")
         )
-    return _WireTensor(what, name, datatype, tuple(shape), item.get("data"), size)
+    return WireTensor(what, name, datatype, tuple(shape), item.get("data"), size)
 
 
 def _chunks(
-    tensors: list[_WireTensor], rest: memoryview, has_header_length: bool
+    tensors: list[WireTensor], rest: memoryview, has_header_length: bool
 ) -> dict[str, memoryview]:
     """Each binary tensor's slice of the bytes after the JSON, which they must use up exactly."""
     chunks: dict[str, memoryview] = {}
@@ -371,7 +381,7 @@ def _check_known(kind: str, names: Iterable[str], expected: list[str], model: st
             )
 
 
-def _check_against_spec(tensor: _WireTensor, spec: TensorSpec) -> None:
+def _check_against_spec(tensor: WireTensor, spec: TensorSpec) -> None:
     what, shape = tensor.what, tensor.shape
     check_datatype(what, tensor.datatype)
     if tensor.datatype != spec.datatype:
@@ -389,7 +399,7 @@ def _check_against_spec(tensor: _WireTensor, spec: TensorSpec) -> None:
             )
 
 
-def _check_batch(tensors: list[_WireTensor], max_batch_size: int) -> None:
+def _check_batch(tensors: list[WireTensor], max_batch_size: int) -> None:
     """The first dimension is the batch: one size for all inputs, from 1 to the model's limit."""
     first = tensors[0]
     for tensor in tensors:
@@ -407,15 +417,14 @@ def _check_batch(tensors: list[_WireTensor], max_batch_size: int) -> None:
             )
 
 
-def _array(tensor: _WireTensor, chunks: dict[str, memoryview]) -> Array:
+def _array(tensor: WireTensor, chunks: dict[str, memoryview]) -> Array:
     if tensor.binary_size is None:
         return from_json(tensor.what, tensor.datatype, tensor.shape, tensor.data)
     return from_binary(tensor.what, tensor.datatype, tensor.shape, chunks[tensor.name])
 
 
-def _requested_outputs(
-    value: object, metadata: ModelMetadata
-) -> tuple[RequestedOutput, ...] | None:
+def requested_outputs(value: object, metadata: ModelMetadata) -> tuple[RequestedOutput, ...] | None:
+    """A request's ``outputs`` (JSON), each a known output of the model, none twice."""
     # An empty list counts as none given, as tritonclient treats it: every output comes back.
     if value is None or value == []:
         return None

@@ -65,6 +65,10 @@ def bazaar_process(
     Its output goes to ``log_path``, which is printed when start-up fails. ``verify``: how
     an https ``ready`` URL's certificate is checked (an SSL context trusting a test CA).
     """
+    if args and args[0] in ("serve", "gateway") and "--grpc-port" not in args:
+        # Their gRPC default, Triton's 8001, is one port for the whole machine, where other
+        # test runs may be serving at the same time: HTTP tests leave gRPC off.
+        args = [*args, "--grpc-port", "0"]
     with log_path.open("wb") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "bazaar", *args],

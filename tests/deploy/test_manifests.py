@@ -534,12 +534,20 @@ def test_the_gateway_discovers_every_model_through_a_labelled_service(
             assert ports["metrics"]["targetPort"] == "metrics"
 
 
-def test_the_gateway_runs_two_replicas_and_answers_on_one_port(stack: list[Resource]) -> None:
+def test_the_gateway_runs_two_replicas_and_answers_http_and_grpc(stack: list[Resource]) -> None:
     deployment = find(stack, "Deployment", "bazaar-gateway")
     assert deployment["spec"]["replicas"] == 2
     container = only_container(deployment)
-    assert container["ports"] == [{"name": "http", "containerPort": 8000}]
+    assert container["ports"] == [
+        {"name": "http", "containerPort": 8000},
+        {"name": "grpc", "containerPort": 8001},
+    ]
     assert flag(container["args"], "--port") == "8000"
+    assert flag(container["args"], "--grpc-port") == "8001"
+    service = find(stack, "Service", "bazaar-gateway")
+    assert {"name": "grpc", "port": 8001, "targetPort": "grpc", "appProtocol": "grpc"} in (
+        service["spec"]["ports"]
+    )
     assert container["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": "http"}
     assert container["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": "http"}
 
@@ -732,7 +740,7 @@ def test_the_gateway_is_open_to_clients_and_the_autoscaler_to_monitoring(
     stack: list[Resource],
 ) -> None:
     gateway = find(stack, "Deployment", "bazaar-gateway")
-    assert ingress_peers(stack, gateway) == {"http": ["*"]}
+    assert ingress_peers(stack, gateway) == {"http": ["*"], "grpc": ["*"]}
     autoscaler = find(stack, "Deployment", "bazaar-autoscaler")
     assert ingress_peers(stack, autoscaler) == {
         "metrics": [{"namespaceSelector": {"matchLabels": MONITORING_NAMESPACE}}]

@@ -1,0 +1,68 @@
+"""The gateway's gRPC API: Triton's ``inference.GRPCInferenceService`` on the dispatchers.
+
+``ModelInfer`` takes the HTTP route's path (``gateway.inference``, the same instance, so
+tenants' quotas count both transports together) with the protobuf codec: the dispatcher's
+admission sees the call's deadline before the message is decoded, the request's timeout is
+the sooner of ``parameters.timeout`` and that deadline, and a call that is cancelled or runs
+out of time cancels its wait, which frees its place in the queue. Answers carry raw outputs.
+Health, metadata, readiness and the repository index read the catalog as the HTTP routes do.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gateway.catalog import ModelCatalog
+from gateway.inference import GatewayInference
+from gateway.router import Tensors
+from protocol.codec import InferenceRequest, InferenceResponse
+from protocol.errors import DeadlineExceeded
+from protocol.grpc import codec
+from protocol.grpc import grpc_service_pb2 as pb
+from protocol.schema import ModelMetadata
+
+
+class GatewayGrpcBackend:
+    """Implements ``protocol.grpc.service.InferenceBackend`` for the gateway."""
+
+    def __init__(
+        self, inference: GatewayInference, server_name: str, extensions: list[str]
+    ) -> None:
+        self.inference = inference
+        self.catalog: ModelCatalog = inference.catalog
+        self.server_name = server_name
+        self.extensions = extensions
+
+    def ready(self) -> bool:
+        return True  # as over HTTP: the gateway takes requests whatever the models' replicas
+
+    def model_metadata(self, name: str, version: str | None) -> dict[str, Any]:
+        return self.catalog.get(name, version).metadata.to_json()
+
+    def model_ready(self, name: str, version: str | None) -> bool:
+        return self.catalog.is_ready(name, version)
+
+    def index(self, ready_only: bool) -> list[dict[str, str]]:
+        return self.catalog.index(ready_only)
+
+    async def infer(
+        self, message: pb.ModelInferRequest, limit_s: float | None, tenant: str | None
+    ) -> pb.ModelInferResponse:
+        if limit_s is not None and limit_s <= 0:
+            raise DeadlineExceeded("the call's deadline passed before it reached the gateway")
+
+        def decode(metadata: ModelMetadata) -> tuple[InferenceRequest, float | None]:
+            return codec.decode_request(message, metadata), limit_s
+
+        return await self.inference.run(
+            message.model_name, message.model_version or None, tenant, limit_s, decode, encode
+        )
+
+
+def encode(
+    request: InferenceRequest, metadata: ModelMetadata, outputs: Tensors
+) -> pb.ModelInferResponse:
+    """The caller's own rows: its id echoed, the outputs it asked for, raw."""
+    response = InferenceResponse(metadata.name, metadata.version, request.id, {}, outputs)
+    names = None if request.outputs is None else tuple(o.name for o in request.outputs)
+    return codec.encode_response(response, names)

@@ -1,0 +1,110 @@
+"""One inference at the gateway, whatever carried it: the steps HTTP and gRPC share.
+
+``GatewayInference.run`` is the hot path's order, which is what keeps an overloaded gateway
+serving at capacity: the model's dispatcher (held until one appears for a model without an
+endpoint yet, up to the queue time) → the tenant's rate quota → the dispatcher's admission,
+knowing only the transport's headers or deadline, so a request that will not fit is refused
+before its body is decoded → decode (the transport's own codec, validating against the
+model's metadata) → Triton's schedule parameters → the tenant's rows quota → submit → wait →
+encode. A caller that leaves cancels the wait, and with it its place in the queue. Every
+outcome is counted once, per model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
+
+from gateway.catalog import ModelCatalog
+from gateway.metrics import CANCELLED, outcome_of
+from gateway.router import Tensors
+from gateway.tenants import Tenants
+from protocol.codec import InferenceRequest
+from protocol.errors import BazaarError, InvalidRequest, QuotaExceeded
+from protocol.schema import ModelMetadata
+
+Answer = TypeVar("Answer")
+Decode = Callable[[ModelMetadata], tuple[InferenceRequest, float | None]]
+"""The request body for a model's metadata, and the transport's own limit on its wait in
+seconds (``X-Request-Timeout-Ms``, the gRPC deadline), None when it sets none."""
+
+
+class GatewayInference:
+    """The inference steps both transports call; create it with the catalog it serves."""
+
+    def __init__(self, catalog: ModelCatalog) -> None:
+        self.catalog = catalog
+        self.tenants = Tenants(catalog.config.tenants)
+        self._quota_refusals = catalog.metrics.quota_refusals
+
+    async def run(
+        self,
+        model: str,
+        version: str | None,
+        tenant_name: str | None,
+        admission_timeout_s: float | None,
+        decode: Decode,
+        encode: Callable[[InferenceRequest, ModelMetadata, Tensors], Answer],
+    ) -> Answer:
+        """Serve one request (see the module docstring); raises ``BazaarError`` to refuse it.
+
+        ``admission_timeout_s`` is what the transport knows of the request's time before its
+        body is decoded (None: nothing).
+        """
+        started = time.perf_counter()
+        catalog = self.catalog
+        served = await catalog.serving(model, version, catalog.config.max_queue_time_s)
+        dispatcher = served.dispatcher
+        tenant = self.tenants.get(tenant_name)
+        rows = 0
+        status = 500
+        try:
+            tenant.admit(asyncio.get_running_loop().time())
+            dispatcher.admit(admission_timeout_s, tenant)
+            metadata = served.metadata
+            request, limit_s = decode(metadata)
+            priority, timeout_s = schedule(request.parameters, limit_s)
+            request_rows = request.rows(metadata.max_batch_size)
+            tenant.take_rows(request_rows)
+            rows = request_rows
+            future = dispatcher.submit(request.inputs, rows, priority, timeout_s, tenant)
+            response = encode(request, metadata, await future)
+            status = 200
+            return response
+        except QuotaExceeded as exc:
+            status = exc.status
+            self._quota_refusals.labels(tenant.name, exc.quota).inc()
+            raise
+        except BazaarError as exc:
+            status = exc.status
+            raise
+        except asyncio.CancelledError:
+            status = CANCELLED
+            raise
+        finally:
+            if rows:
+                tenant.release_rows(rows)
+            served.metrics.requests[outcome_of(status)].inc()
+            served.metrics.request_seconds.observe(time.perf_counter() - started)
+
+
+def schedule(parameters: Mapping[str, Any], limit_s: float | None) -> tuple[int, float | None]:
+    """Triton's schedule parameters: ``priority`` (1 highest, 0 default) and ``timeout`` (µs),
+    the timeout shortened to the transport's ``limit_s`` when that is sooner."""
+    priority = parameters.get("priority", 0)
+    if not isinstance(priority, int) or isinstance(priority, bool) or priority < 0:
+        raise InvalidRequest(f"parameter 'priority' must be an integer >= 0, got {priority!r}")
+    timeout = parameters.get("timeout")
+    timeout_s: float | None = None
+    if timeout is not None:
+        if not isinstance(timeout, int) or isinstance(timeout, bool) or timeout < 0:
+            raise InvalidRequest(
+                "parameter 'timeout' must be an integer number of microseconds >= 0, "
+                f"got {timeout!r}"
+            )
+        timeout_s = timeout / 1_000_000 or None
+    if limit_s:
+        timeout_s = min(timeout_s, limit_s) if timeout_s else limit_s
+    return priority, timeout_s

@@ -1,0 +1,60 @@
+"""The pod's gRPC server: Triton's ``inference.GRPCInferenceService`` on the pod's store.
+
+The same steps as the HTTP route (``models.inference``) with the protobuf codec
+(``protocol.grpc.codec``): raw or typed inputs in, raw outputs back. The call's deadline
+bounds the request's wait for an instance, as ``parameters.timeout`` does. It serves the data
+plane only (health, metadata, readiness, the repository index, inference): loading and
+unloading stay on the HTTP control port, behind its token.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from models.inference import PodInference
+from protocol.codec import InferenceRequest, InferenceResponse
+from protocol.grpc import codec
+from protocol.grpc import grpc_service_pb2 as pb
+from protocol.schema import ModelMetadata
+from protocol.tensors import Array
+
+
+class PodGrpcBackend:
+    """Implements ``protocol.grpc.service.InferenceBackend`` for one pod."""
+
+    def __init__(self, inference: PodInference, server_name: str, extensions: list[str]) -> None:
+        self.inference = inference
+        self.store = inference.store
+        self.server_name = server_name
+        self.extensions = extensions
+
+    def ready(self) -> bool:
+        return self.store.ready()
+
+    def model_metadata(self, name: str, version: str | None) -> dict[str, Any]:
+        return self.inference.model_metadata(name, version)
+
+    def model_ready(self, name: str, version: str | None) -> bool:
+        return self.store.is_ready(name, version)
+
+    def index(self, ready_only: bool) -> list[dict[str, str]]:
+        return self.store.index(ready_only)
+
+    async def infer(
+        self, message: pb.ModelInferRequest, limit_s: float | None, tenant: str | None
+    ) -> pb.ModelInferResponse:
+        def decode(metadata: ModelMetadata) -> InferenceRequest:
+            return codec.decode_request(message, metadata)
+
+        return await self.inference.run(
+            message.model_name, message.model_version or None, decode, encode, limit_s
+        )
+
+
+def encode(
+    request: InferenceRequest, metadata: ModelMetadata, outputs: dict[str, Array]
+) -> pb.ModelInferResponse:
+    """The answer to ``request``: its id echoed, the outputs it asked for, raw."""
+    response = InferenceResponse(metadata.name, metadata.version, request.id, {}, outputs)
+    names = None if request.outputs is None else tuple(o.name for o in request.outputs)
+    return codec.encode_response(response, names)

@@ -1,0 +1,97 @@
+"""One inference at the pod, whatever carried it: the steps HTTP and gRPC share.
+
+``PodInference.run``: the model's runtime → decode (the transport's codec, validating against
+the metadata, 400 before the runtime sees anything) → ``parameters.timeout`` (µs, as in
+Triton: how long the request may wait for a free instance), shortened to the transport's own
+limit (the gRPC deadline) → the runtime in a worker thread → encode. Past its time a request
+is answered 504 and never computed. Every outcome and batch is counted once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from models.metrics import PodMetrics
+from models.store import ModelStore
+from protocol.codec import InferenceRequest
+from protocol.errors import BazaarError, DeadlineExceeded, InvalidRequest
+from protocol.schema import ModelMetadata
+from protocol.tensors import Array
+
+Answer = TypeVar("Answer")
+
+
+class PodInference:
+    """The inference steps both transports call, on one store and its metrics."""
+
+    def __init__(self, store: ModelStore, metrics: PodMetrics) -> None:
+        self.store = store
+        self.metrics = metrics
+
+    def model_metadata(self, name: str, version: str | None) -> dict[str, Any]:
+        """The model's v2 metadata JSON; every version it has when none is named."""
+        runtime = self.store.get(name, version)
+        versions = [str(v) for v in sorted(self.store.models[name].versions)]
+        return runtime.metadata.to_json(versions if version is None else None)
+
+    async def run(
+        self,
+        model: str,
+        version: str | None,
+        decode: Callable[[ModelMetadata], InferenceRequest],
+        encode: Callable[[InferenceRequest, ModelMetadata, dict[str, Array]], Answer],
+        limit_s: float | None = None,
+    ) -> Answer:
+        """Serve one request (see the module docstring); raises ``BazaarError`` to refuse it."""
+        arrived = asyncio.get_running_loop().time()
+        runtime = self.store.get(model, version)
+        metrics = self.metrics
+        outcome = "server_error"
+        try:
+            request = decode(runtime.metadata)
+            timeout_s = _timeout_s(request.parameters)
+            if limit_s is not None:
+                timeout_s = min(timeout_s, limit_s) if timeout_s else limit_s
+            deadline = None if timeout_s is None else arrived + timeout_s
+            names = (
+                [o.name for o in request.outputs]
+                if request.outputs is not None
+                else [spec.name for spec in runtime.metadata.outputs]
+            )
+            rows = request.rows(runtime.metadata.max_batch_size)
+            try:
+                outputs, compute_s = await runtime.infer(request.inputs, names, deadline)
+            except DeadlineExceeded:
+                raise  # dropped before computing: not a batch
+            except BaseException:
+                metrics.batches.labels(model, "failure").inc()
+                raise
+            metrics.batches.labels(model, "success").inc()
+            metrics.batch_size.labels(model).observe(rows)
+            metrics.compute_seconds.labels(model).observe(compute_s)
+            response = encode(request, runtime.metadata, outputs)
+            outcome = "success"
+            return response
+        except BazaarError as exc:
+            outcome = "client_error" if exc.status < 500 else "server_error"
+            raise
+        except asyncio.CancelledError:
+            outcome = "cancelled"  # the gateway let go of the batch: every caller left
+            raise
+        finally:
+            metrics.requests.labels(model, outcome).inc()
+
+
+def _timeout_s(parameters: dict[str, Any]) -> float | None:
+    """``parameters.timeout`` in seconds: Triton's microseconds the request may wait; 0 or
+    absent, no limit."""
+    timeout = parameters.get("timeout")
+    if timeout is None:
+        return None
+    if not isinstance(timeout, int) or isinstance(timeout, bool) or timeout < 0:
+        raise InvalidRequest(
+            f"parameter 'timeout' must be an integer number of microseconds >= 0, got {timeout!r}"
+        )
+    return timeout / 1_000_000 or None

@@ -1,0 +1,263 @@
+"""Triton's ``inference.GRPCInferenceService`` over ``grpc.aio``, for the gateway and the pods.
+
+``InferenceService`` answers every RPC a v2 server answers from an ``InferenceBackend`` (the
+gateway's catalog and dispatchers, or the pod's store and runtimes): health, server and model
+metadata, readiness, the repository index, and ``ModelInfer``, whose decoding, scheduling
+and encoding are the backend's. The RPCs bazaar does not implement (streaming, model config,
+statistics, shared memory, load/unload, trace and log settings) keep the generated
+``UNIMPLEMENTED``. ``grpc_server`` runs it in the calling event loop (the one uvicorn serves
+HTTP in), behind the same edge as HTTP:
+
+- errors: a ``BazaarError`` is answered with the gRPC code Triton gives its HTTP status
+  (``GRPC_CODES``) and its message; ``Retry-After`` goes into the trailing metadata;
+  anything else is a bug, logged and answered ``INTERNAL``;
+- keys: with a ``KeyFile``, the token in ``authorization: Bearer`` or ``x-api-key`` metadata,
+  with ``protocol.auth``'s scopes (health RPCs are ``health``, every other ``infer``);
+- limits: messages up to the inference body limit, metadata up to the header limit, at most
+  ``max_concurrent_requests`` RPCs in progress (beyond, ``RESOURCE_EXHAUSTED``), a bounded
+  number of streams per connection, keepalive pings answered and sent;
+- deadlines and cancellation: the backend is given the call's remaining time, and grpc.aio
+  cancels the handler when the client cancels or its deadline passes, which cancels the
+  backend's wait (at the gateway, the request's place in the queue).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol, TypeVar
+
+import grpc
+
+from protocol import __version__
+from protocol.auth import HEALTH, INFER, OPEN_BY_DEFAULT, KeyFile, presented_token
+from protocol.errors import BazaarError
+from protocol.grpc import grpc_service_pb2 as pb
+from protocol.grpc.grpc_service_pb2_grpc import (
+    GRPCInferenceServiceServicer,
+    add_GRPCInferenceServiceServicer_to_server,
+)
+from protocol.limits import EdgeLimits
+from protocol.tls import ServerTls
+
+log = logging.getLogger(__name__)
+
+GRPC_CODES = {
+    400: grpc.StatusCode.INVALID_ARGUMENT,
+    401: grpc.StatusCode.UNAUTHENTICATED,
+    403: grpc.StatusCode.PERMISSION_DENIED,
+    404: grpc.StatusCode.NOT_FOUND,
+    413: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    429: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    502: grpc.StatusCode.UNAVAILABLE,
+    503: grpc.StatusCode.UNAVAILABLE,
+    504: grpc.StatusCode.DEADLINE_EXCEEDED,
+}
+"""gRPC status code by ``BazaarError.status``; any other status is ``INTERNAL``."""
+
+MAX_STREAMS_PER_CONNECTION = 128
+"""Concurrent RPCs one HTTP/2 connection may carry (``grpc.max_concurrent_streams``)."""
+KEEPALIVE_S = 60
+"""Idle connections are pinged this often, and dropped 20 s after an unanswered ping."""
+MIN_CLIENT_PING_INTERVAL_S = 10
+"""A client pinging more often than this is sent GOAWAY (ping floods cost the server)."""
+MAX_CONNECTION_IDLE_S = 300
+"""A connection without an RPC this long is closed (a channel reconnects when it needs to)."""
+
+
+class InferenceBackend(Protocol):
+    """What a v2 server serves, for ``InferenceService``. Views raise ``BazaarError``."""
+
+    server_name: str
+    extensions: list[str]
+
+    def ready(self) -> bool: ...
+
+    def model_metadata(self, name: str, version: str | None) -> dict[str, Any]:
+        """The model's v2 metadata JSON (``ModelMetadata.to_json``)."""
+        ...
+
+    def model_ready(self, name: str, version: str | None) -> bool: ...
+
+    def index(self, ready_only: bool) -> list[dict[str, str]]:
+        """The repository index: ``name``, ``version``, ``state``, ``reason`` per model."""
+        ...
+
+    async def infer(
+        self, message: pb.ModelInferRequest, limit_s: float | None, tenant: str | None
+    ) -> pb.ModelInferResponse:
+        """Serve one inference; ``limit_s`` is the time left until the call's deadline."""
+        ...
+
+
+Response = TypeVar("Response")
+
+
+class InferenceService(GRPCInferenceServiceServicer):
+    """The servicer: the backend's answers, behind keys (when given) and the error table."""
+
+    def __init__(
+        self,
+        backend: InferenceBackend,
+        keys: KeyFile | None = None,
+        open_scopes: frozenset[str] = OPEN_BY_DEFAULT,
+    ) -> None:
+        self.backend = backend
+        self.keys = keys
+        self.open_scopes = open_scopes
+
+    async def ServerLive(
+        self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ServerLiveResponse:
+        await self._authorize(context, HEALTH)
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(
+        self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ServerReadyResponse:
+        await self._authorize(context, HEALTH)
+        return pb.ServerReadyResponse(ready=self.backend.ready())
+
+    async def ServerMetadata(
+        self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ServerMetadataResponse:
+        await self._authorize(context, HEALTH)
+        backend = self.backend
+        return pb.ServerMetadataResponse(
+            name=backend.server_name, version=__version__, extensions=backend.extensions
+        )
+
+    async def ModelReady(
+        self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ModelReadyResponse:
+        await self._authorize(context, INFER)
+        ready = await self._answer(
+            context, lambda: self.backend.model_ready(request.name, request.version or None)
+        )
+        return pb.ModelReadyResponse(ready=ready)
+
+    async def ModelMetadata(
+        self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ModelMetadataResponse:
+        await self._authorize(context, INFER)
+        view = await self._answer(
+            context, lambda: self.backend.model_metadata(request.name, request.version or None)
+        )
+        return metadata_response(view)
+
+    async def RepositoryIndex(
+        self, request: pb.RepositoryIndexRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.RepositoryIndexResponse:
+        await self._authorize(context, INFER)
+        models = await self._answer(context, lambda: self.backend.index(request.ready))
+        return pb.RepositoryIndexResponse(
+            models=[pb.RepositoryIndexResponse.ModelIndex(**model) for model in models]
+        )
+
+    async def ModelInfer(
+        self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ModelInferResponse:
+        tenant = await self._authorize(context, INFER)
+        try:
+            return await self.backend.infer(request, context.time_remaining(), tenant)
+        except Exception as exc:
+            await _abort(context, exc)
+            raise  # unreachable: abort raises
+
+    async def _answer(
+        self, context: grpc.aio.ServicerContext[Any, Any], view: Callable[[], Response]
+    ) -> Response:
+        try:
+            return view()
+        except Exception as exc:
+            await _abort(context, exc)
+            raise  # unreachable: abort raises
+
+    async def _authorize(
+        self, context: grpc.aio.ServicerContext[Any, Any], scope: str
+    ) -> str | None:
+        """The caller's tenant, or the call aborted (UNAUTHENTICATED, PERMISSION_DENIED)."""
+        if self.keys is None or scope in self.open_scopes:
+            return None
+        metadata = context.invocation_metadata() or ()
+        token = presented_token(
+            (str(key).encode(), value if isinstance(value, bytes) else str(value).encode())
+            for key, value in metadata
+        )
+        if token is None:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "this RPC needs an API key")
+        key = self.keys.lookup(token) if token is not None else None
+        if key is None:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "the API key is not valid")
+            raise AssertionError("unreachable: abort raises")
+        if scope not in key.scopes:
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"the API key does not grant the '{scope}' scope",
+            )
+        return key.tenant
+
+
+def metadata_response(view: Mapping[str, Any]) -> pb.ModelMetadataResponse:
+    """A model's v2 metadata JSON as the gRPC message."""
+    tensor = pb.ModelMetadataResponse.TensorMetadata
+    return pb.ModelMetadataResponse(
+        name=view["name"],
+        versions=view["versions"],
+        platform=view["platform"],
+        inputs=[tensor(**spec) for spec in view["inputs"]],
+        outputs=[tensor(**spec) for spec in view["outputs"]],
+    )
+
+
+async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: Exception) -> None:
+    if isinstance(exc, BazaarError):
+        code = GRPC_CODES.get(exc.status, grpc.StatusCode.INTERNAL)
+        trailing = tuple((key.lower(), value) for key, value in exc.headers().items())
+        await context.abort(code, exc.message, trailing_metadata=trailing)
+    log.exception("unhandled error", exc_info=exc)
+    await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+
+
+def grpc_server(
+    service: InferenceService,
+    host: str,
+    port: int,
+    limits: EdgeLimits,
+    tls: ServerTls | None = None,
+) -> tuple[grpc.aio.Server, int]:
+    """The server (not started; start and stop it in the serving loop) and its bound port
+    (``port`` 0 binds a free one)."""
+    options = [
+        ("grpc.max_receive_message_length", limits.max_infer_body_bytes),
+        ("grpc.max_send_message_length", limits.max_infer_body_bytes),
+        ("grpc.max_metadata_size", limits.max_header_bytes),
+        ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION),
+        ("grpc.keepalive_time_ms", KEEPALIVE_S * 1000),
+        ("grpc.keepalive_timeout_ms", 20_000),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", MIN_CLIENT_PING_INTERVAL_S * 1000),
+        ("grpc.max_connection_idle_ms", MAX_CONNECTION_IDLE_S * 1000),
+        ("grpc.so_reuseport", 0),
+    ]
+    server = grpc.aio.server(
+        options=options, maximum_concurrent_rpcs=limits.max_concurrent_requests
+    )
+    add_GRPCInferenceServiceServicer_to_server(service, server)  # type: ignore[no-untyped-call]
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if tls is None:
+        bound = server.add_insecure_port(address)
+    else:
+        bound = server.add_secure_port(address, _credentials(tls))
+    return server, bound
+
+
+def _credentials(tls: ServerTls) -> grpc.ServerCredentials:
+    with open(tls.certfile, "rb") as cert, open(tls.keyfile or tls.certfile, "rb") as key:
+        pair = (key.read(), cert.read())
+    root = None
+    if tls.ca_certs is not None:
+        with open(tls.ca_certs, "rb") as ca:
+            root = ca.read()
+    return grpc.ssl_server_credentials(
+        [pair], root_certificates=root, require_client_auth=tls.client_cert == "required"
+    )
