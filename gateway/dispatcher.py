@@ -83,7 +83,7 @@ class BatchPolicy:
     """How long the oldest request may wait for a fuller batch; 0 = work-conserving."""
     preferred_batch_sizes: tuple[int, ...] = ()
     """Batch sizes that leave at once when reached (ascending)."""
-    max_queue_size: int = 1024
+    max_queue_size: int = 4096
     """Requests queued at most; beyond it requests are refused with 503."""
     default_timeout_s: float | None = None
     """Queue deadline of a request that sets none; None = no deadline."""

@@ -110,6 +110,10 @@ class WireTensor:
     binary_size: int | None
 
 
+MAX_ID_CHARS = 1024
+"""The longest request ``id``: a correlation key, not a payload."""
+
+
 def decode_request(
     body: bytes, header_length: int | None, metadata: ModelMetadata
 ) -> InferenceRequest:
@@ -120,8 +124,14 @@ def decode_request(
     """
     header, rest = _split_body(body, header_length)
     request_id = header.get("id")
-    if request_id is not None and not isinstance(request_id, str):
-        raise InvalidRequest(f"request 'id' must be a string, got {json_type(request_id)}")
+    if request_id is not None:
+        if not isinstance(request_id, str):
+            raise InvalidRequest(f"request 'id' must be a string, got {json_type(request_id)}")
+        if len(request_id) > MAX_ID_CHARS:
+            # It is echoed in the answer: a 250 MB id would be sent back whole.
+            raise InvalidRequest(
+                f"request 'id' has {len(request_id)} characters, more than {MAX_ID_CHARS}"
+            )
     parameters = _parameters("request", header.get("parameters", {}))
     binary_output = _flag("request", parameters, "binary_data_output")
     expected = [spec.name for spec in metadata.inputs]

@@ -149,7 +149,7 @@ def test_defaults() -> None:
     assert config.dynamic_batching == DynamicBatching(
         max_queue_delay_ms=0.0,
         preferred_batch_sizes=(),
-        max_queue_size=1024,
+        max_queue_size=4096,
         default_timeout_ms=0.0,
         priority_levels=1,
         default_priority_level=1,

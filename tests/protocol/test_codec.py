@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from protocol.codec import (
+    MAX_ID_CHARS,
     InferenceRequest,
     InferenceResponse,
     RequestedOutput,
@@ -194,6 +195,15 @@ def test_request_id_reaches_the_decoded_request() -> None:
         }
     )
     assert decode_request(body, None, one_tensor_model("FP32")).id == "42"
+
+
+def test_a_request_id_longer_than_the_limit_is_refused_not_echoed() -> None:
+    tensor = {"name": "x", "datatype": "FP32", "shape": [1, 3], "data": [1, 2, 3]}
+    at_limit = orjson.dumps({"id": "a" * MAX_ID_CHARS, "inputs": [tensor]})
+    assert decode_request(at_limit, None, one_tensor_model("FP32")).id == "a" * MAX_ID_CHARS
+    over = orjson.dumps({"id": "a" * (MAX_ID_CHARS + 1), "inputs": [tensor]})
+    with pytest.raises(InvalidRequest, match=f"'id' has {MAX_ID_CHARS + 1} characters, more than"):
+        decode_request(over, None, one_tensor_model("FP32"))
 
 
 def test_only_requested_outputs_in_requested_order() -> None:
