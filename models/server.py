@@ -9,7 +9,8 @@ bounds its wait for a free instance; past it, the pod answers 504 and never comp
 
 Routes: ``/v2``, ``/v2/health/{live,ready}``, ``/v2/models/{m}[/versions/{v}]`` with
 ``/ready``, ``/config`` and ``POST /infer``, the repository extension
-(``/v2/repository/index``, ``/v2/repository/models/{m}/{load,unload}``) and ``/metrics``.
+(``/v2/repository/index``, ``/v2/repository/models/{m}/{load,unload}``), ``/metrics`` and
+``/openapi.json``.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from models.store import ModelStore
 from models.utilisation import GpuMonitor
 from protocol.errors import BazaarError, DeadlineExceeded, InvalidRequest
 from protocol.fastpath import Answer, Headers, answer, decode, with_infer_route
+from protocol.openapi import openapi_route
 from protocol.responses import (
     EXCEPTION_HANDLERS,
     index_ready_only,
@@ -138,6 +140,7 @@ def create_app(
         *model_routes(model_metadata, store.is_ready, model_config),
         Route("/metrics", prometheus),
         Route("/v2/repository/index", repository_index, methods=["POST"]),
+        openapi_route(lambda: [loaded.default.metadata for loaded in store.models.values()]),
     ]
     if model_control:
         routes += [

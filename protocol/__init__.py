@@ -4,8 +4,9 @@ Everything else of ours may import this package; it imports nothing of ours. It 
 wire format and what every v2 server of ours answers the same way: the codec between bodies
 and typed tensors (``codec``, ``tensors``), what a model accepts (``schema``), the error tree
 and its HTTP table (``errors``, ``responses``), the bare-ASGI inference route
-(``fastpath``), the HTTP edge's limits before any of it (``edge``, ``limits``), and what
-every process shares (``server``, ``support``, ``arguments``).
+(``fastpath``), the HTTP edge's limits before any of it (``edge``, ``limits``), the OpenAPI
+description of it all (``openapi``, ``jsonschemas``), and what every process shares
+(``server``, ``support``, ``arguments``).
 """
 
 __version__ = "0.1.0"
