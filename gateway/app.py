@@ -32,6 +32,7 @@ from gateway.inference import GatewayInference
 from protocol.codec import InferenceRequest
 from protocol.errors import InvalidRequest
 from protocol.fastpath import Answer, Headers, InferHandler, answer, decode, with_infer_route
+from protocol.openapi import openapi_route
 from protocol.responses import (
     EXCEPTION_HANDLERS,
     index_ready_only,
@@ -92,6 +93,7 @@ def routes(catalog: ModelCatalog) -> list[Route]:
         Route("/v2/repository/index", repository_index, methods=["POST"]),
         Route("/metrics", prometheus),
         Route("/stats", stats),
+        openapi_route(lambda: [served.metadata for served in catalog.models.values()]),
     ]
 
 

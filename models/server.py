@@ -9,9 +9,9 @@ bounds its wait for a free instance; past it, the pod answers 504 and never comp
 
 Routes: ``/v2``, ``/v2/health/{live,ready}``, ``/v2/models/{m}[/versions/{v}]`` with
 ``/ready``, ``/config`` and ``POST /infer``, the repository extension
-(``/v2/repository/index``, ``/v2/repository/models/{m}/{load,unload}``) and ``/metrics``.
-Load and unload are served only with model control on, and then, given a control token,
-only to callers presenting it (``protocol.auth``, scope ``control``).
+(``/v2/repository/index``, ``/v2/repository/models/{m}/{load,unload}``), ``/metrics`` and
+``/openapi.json``. Load and unload are served only with model control on, and then, given a
+control token, only to callers presenting it (``protocol.auth``, scope ``control``).
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from protocol.auth import CONTROL, SCOPES, ApiKeyAuth, KeyFile
 from protocol.errors import InvalidRequest
 from protocol.fastpath import MAX_BODY_BYTES, Answer, Headers, answer, decode, with_infer_route
 from protocol.limits import EdgeLimits
+from protocol.openapi import openapi_route
 from protocol.responses import (
     EXCEPTION_HANDLERS,
     index_ready_only,
@@ -124,6 +125,7 @@ def create_app(
         *model_routes(inference.model_metadata, store.is_ready, model_config),
         Route("/metrics", prometheus),
         Route("/v2/repository/index", repository_index, methods=["POST"]),
+        openapi_route(lambda: [loaded.default.metadata for loaded in store.models.values()]),
     ]
     if model_control:
         routes += [

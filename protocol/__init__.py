@@ -5,7 +5,8 @@ wire format and what every v2 server of ours answers the same way: the codec bet
 and typed tensors (``codec``, ``tensors``) and what decoding may cost (``budget``), what a
 model accepts (``schema``), the error tree and its HTTP table (``errors``, ``responses``),
 the bare-ASGI inference route (``fastpath``), the HTTP edge's limits before any of it
-(``edge``, ``limits``, ``tls``), who may call which route (``auth``), and what every
+(``edge``, ``limits``, ``tls``), who may call which route (``auth``), the OpenAPI
+description of it all (``openapi``, ``jsonschemas``), the gRPC API (``grpc``), and what every
 process shares (``server``, ``support``, ``arguments``).
 """
 

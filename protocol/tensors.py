@@ -62,8 +62,9 @@ def _rounds_to_infinity(dtype: np.dtype[Any]) -> float:
     return float(info.max) + float(info.eps) * 2.0 ** (info.maxexp - 2)
 
 
-_ROUNDS_TO_INFINITY = {name: _rounds_to_infinity(DATATYPES[name]) for name in ("FP16", "FP32")}
-_ROUNDS_TO_INFINITY["FP64"] = float("inf")
+ROUNDS_TO_INFINITY = {name: _rounds_to_infinity(DATATYPES[name]) for name in ("FP16", "FP32")}
+"""Per float datatype, the magnitude JSON data must stay under (FP64: any finite number)."""
+ROUNDS_TO_INFINITY["FP64"] = float("inf")
 
 
 def check_datatype(what: str, datatype: str) -> None:
@@ -98,7 +99,7 @@ def from_json(what: str, datatype: str, shape: Sequence[int], data: object) -> A
         # Through float64 (exact for any JSON number numpy accepts) and a range check:
         # cheaper than np.errstate on every request, and JSON carries no infinities.
         wide = np.array(flat, dtype=np.float64)
-        if wide.size and float(np.abs(wide).max()) >= _ROUNDS_TO_INFINITY[datatype]:
+        if wide.size and float(np.abs(wide).max()) >= ROUNDS_TO_INFINITY[datatype]:
             bad, limit = max(flat, key=abs), float(np.finfo(dtype).max)
             raise InvalidRequest(
                 f"{what}: value {bad} is out of range for {datatype} (largest {limit:g})"
