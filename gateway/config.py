@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from gateway.dispatcher import BatchPolicy
+from gateway.dispatcher import DEFAULT_MAX_QUEUE_SIZE, BatchPolicy
 from gateway.tenants import TenantPolicies
 from protocol.errors import ConfigError
 from protocol.limits import EdgeLimits
@@ -54,7 +54,7 @@ def batch_policy(config: Mapping[str, Any], gateway: GatewayConfig) -> BatchPoli
         max_batch_size=max_batch_size,
         max_queue_delay_s=delay_s,
         preferred_batch_sizes=tuple(sorted(int(p) for p in preferred if int(p) <= max_batch_size)),
-        max_queue_size=int(batching.get("max_queue_size", 0)) or BatchPolicy.max_queue_size,
+        max_queue_size=int(batching.get("max_queue_size", 0)) or DEFAULT_MAX_QUEUE_SIZE,
         default_timeout_s=default_timeout_ms / 1000 if default_timeout_ms else None,
         priority_levels=levels,
         default_priority_level=int(batching.get("default_priority_level", 0)) or (levels + 1) // 2,

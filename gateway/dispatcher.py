@@ -73,6 +73,11 @@ log = logging.getLogger(__name__)
 TIMER_SLACK_S = 1e-6
 
 
+DEFAULT_MAX_QUEUE_SIZE = 4096
+"""Above the edge's 2,048 requests in progress: as many clients waiting in a closed loop
+queue rather than cycle through 503s (each queued request is one in progress)."""
+
+
 @dataclass(frozen=True, slots=True)
 class BatchPolicy:
     """How one model's requests are batched and bounded (from its pod's config)."""
@@ -83,7 +88,7 @@ class BatchPolicy:
     """How long the oldest request may wait for a fuller batch; 0 = work-conserving."""
     preferred_batch_sizes: tuple[int, ...] = ()
     """Batch sizes that leave at once when reached (ascending)."""
-    max_queue_size: int = 4096
+    max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE
     """Requests queued at most; beyond it requests are refused with 503."""
     default_timeout_s: float | None = None
     """Queue deadline of a request that sets none; None = no deadline."""
