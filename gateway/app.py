@@ -9,7 +9,9 @@ in Triton, or the ``X-Request-Timeout-Ms`` header), waits on the dispatcher's fu
 encodes the caller's own rows as it asked (JSON or binary, only the outputs it named). A
 client that disconnects meanwhile cancels the wait, and with it its place in the queue. A
 request for a model the gateway knows but has not yet seen an endpoint of (scaled to zero
-before the gateway started) is held until one appears, up to the queue time.
+before the gateway started) is held until one appears, up to the queue time. A model the
+gateway cannot validate has its requests passed through as sent (``gateway.passthrough``),
+with the same quotas, admission and queue.
 
 Routes: ``/v2``, ``/v2/health/{live,ready}``, ``/v2/models/{m}[/versions/{v}]`` with
 ``/ready`` and ``POST /infer``, ``POST /v2/repository/index``, ``/metrics`` and ``/stats``
@@ -32,6 +34,7 @@ from starlette.types import ASGIApp
 
 from gateway.catalog import ModelCatalog
 from gateway.metrics import CANCELLED, outcome_of
+from gateway.passthrough import raw_request
 from gateway.tenants import Tenants
 from protocol.errors import BazaarError, InvalidRequest, QuotaExceeded
 from protocol.fastpath import Answer, Headers, InferHandler, answer, decode, with_infer_route
@@ -70,6 +73,14 @@ def _infer_handler(catalog: ModelCatalog) -> InferHandler:
         try:
             tenant.admit(asyncio.get_running_loop().time())
             dispatcher.admit(_header_timeout_s(headers), tenant)
+            if served.passthrough:
+                raw, parameters = raw_request(body, headers)
+                priority, timeout_s = _schedule(parameters, headers)
+                tenant.take_rows(1)
+                rows = 1
+                passed = await dispatcher.submit(raw, rows, priority, timeout_s, tenant)
+                status = 200
+                return passed
             metadata = served.metadata
             request = decode(body, headers, metadata)
             priority, timeout_s = _schedule(request.parameters, headers)

@@ -9,6 +9,11 @@ drop a batch whose time is up before it starts), and waits no longer itself.
 What a pod's answer means to the router: 200 is the outputs; 400 is the client's fault
 (``InvalidRequest``, passed through, not retried); anything else, a refused connection or
 a timeout is ``UpstreamError``, which the router retries once on another endpoint.
+
+``forward`` sends a request passed through as its client sent it (``gateway.passthrough``)
+with the headers that say how to read it, and returns a 200 answer as the pod sent it (at
+most ``MAX_ANSWER_BYTES``); its other answers mean the same as ``infer``'s, except that any
+4xx but 404, 408 and 429 is the client's: the gateway knew nothing of the request to check.
 """
 
 from __future__ import annotations
@@ -18,11 +23,16 @@ from typing import Any
 import aiohttp
 import orjson
 
-from gateway.router import Tensors
+from gateway.router import RawRequest, Tensors
 from protocol.codec import InferenceRequest, decode_response, encode_request
 from protocol.errors import InvalidRequest, UpstreamError
+from protocol.fastpath import Answer
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
+MAX_ANSWER_BYTES = 256 * 1024 * 1024
+"""The largest answer to a passed-through request read into memory (the request's limit)."""
+NOT_THE_CLIENTS = frozenset({404, 408, 429})
+"""4xx answers that say something of the pod, not of the request."""
 
 
 class HttpModelClient:
@@ -67,6 +77,31 @@ class HttpModelClient:
             raise UpstreamError(f"pod {url} sent {HEADER_LENGTH}: {length!r}") from None
         return decode_response(payload, header_length).outputs
 
+    async def forward(self, url: str, model: str, request: RawRequest, timeout_s: float) -> Answer:
+        target = f"{url}/v2/models/{model}/infer"
+        try:
+            async with self._session.post(
+                target,
+                data=request.body,
+                headers=request.headers,
+                timeout=aiohttp.ClientTimeout(total=timeout_s),
+            ) as response:
+                status = response.status
+                length = response.headers.get(HEADER_LENGTH)
+                payload = await _bounded_read(response, url)
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            raise UpstreamError(f"pod {url} failed: {type(exc).__name__}: {exc}") from None
+        if status != 200:
+            message = _error_message(payload)
+            if 400 <= status < 500 and status not in NOT_THE_CLIENTS:
+                raise InvalidRequest(f"the pod refused the request ({status}): {message}")
+            raise UpstreamError(f"pod {url} answered {status}: {message}")
+        try:
+            header_length = int(length) if length is not None else None
+        except ValueError:
+            raise UpstreamError(f"pod {url} sent {HEADER_LENGTH}: {length!r}") from None
+        return payload, header_length
+
     async def ready(self, url: str, model: str) -> bool:
         try:
             async with self._session.get(
@@ -76,8 +111,9 @@ class HttpModelClient:
         except (TimeoutError, aiohttp.ClientError, OSError):
             return False
 
-    async def get_json(self, url: str, path: str) -> Any:
-        """A control-plane GET (metadata, config); ``UpstreamError`` unless 200 with JSON."""
+    async def get_json(self, url: str, path: str, *, optional: bool = False) -> Any:
+        """A control-plane GET (metadata, config); ``UpstreamError`` unless 200 with JSON.
+        ``optional``: a route the pod may not have (404, 405) is None."""
         try:
             async with self._session.get(
                 f"{url}{path}", timeout=aiohttp.ClientTimeout(total=10.0)
@@ -86,6 +122,8 @@ class HttpModelClient:
                 status = response.status
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise UpstreamError(f"pod {url} failed: {type(exc).__name__}: {exc}") from None
+        if optional and status in (404, 405):
+            return None
         if status != 200:
             raise UpstreamError(f"GET {url}{path} answered {status}: {_error_message(payload)}")
         try:
@@ -95,6 +133,20 @@ class HttpModelClient:
 
     async def close(self) -> None:
         await self._session.close()
+
+
+async def _bounded_read(response: aiohttp.ClientResponse, url: str) -> bytes:
+    """The whole body, or ``UpstreamError`` past ``MAX_ANSWER_BYTES`` (before reading it all)."""
+    if (response.content_length or 0) > MAX_ANSWER_BYTES:
+        raise UpstreamError(f"pod {url} answered {response.content_length} bytes, over the limit")
+    chunks = []
+    size = 0
+    async for chunk in response.content.iter_chunked(1 << 20):
+        size += len(chunk)
+        if size > MAX_ANSWER_BYTES:
+            raise UpstreamError(f"pod {url} answered over {MAX_ANSWER_BYTES} bytes, the limit")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _error_message(payload: bytes) -> str:
