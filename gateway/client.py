@@ -2,7 +2,10 @@
 
 One pooled aiohttp session for the whole gateway, keep-alive connections per pod. Batches
 travel as binary tensors both ways, so a batch costs one JSON header and a memcpy per tensor
-instead of formatting thousands of floats. Each call tells the pod how long its answer is
+instead of formatting thousands of floats; to a server whose ``GET /v2`` does not list the
+``binary_tensor_data`` extension (MLServer), as JSON. That is asked once per server, on the
+first batch sent to it; a server without the route is sent binary, and one that cannot be
+reached is asked again on the next batch. Each call tells the pod how long its answer is
 worth waiting for, as ``parameters.timeout`` in microseconds (Triton's semantics: a pod may
 drop a batch whose time is up before it starts), and waits no longer itself.
 
@@ -43,17 +46,22 @@ class HttpModelClient:
             connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60),
             timeout=aiohttp.ClientTimeout(sock_connect=connect_timeout_s),
         )
+        self._binary: dict[str, bool] = {}
+        """Per server URL, whether it speaks the binary tensor extension."""
 
     async def infer(self, url: str, model: str, inputs: Tensors, timeout_s: float) -> Tensors:
+        binary = self._binary.get(url)
+        if binary is None:
+            binary = await self._speaks_binary(url)
         request = InferenceRequest(
             id=None,
             parameters={"timeout": max(1, int(timeout_s * 1_000_000))},
             inputs=inputs,
             outputs=None,
-            binary_output=True,
+            binary_output=binary,
         )
-        body, header_length = encode_request(request, binary=True)
-        headers = {"Content-Type": "application/octet-stream"}
+        body, header_length = encode_request(request, binary=binary)
+        headers = {"Content-Type": "application/octet-stream" if binary else "application/json"}
         if header_length is not None:
             headers[HEADER_LENGTH] = str(header_length)
         target = f"{url}/v2/models/{model}/infer"
@@ -101,6 +109,17 @@ class HttpModelClient:
         except ValueError:
             raise UpstreamError(f"pod {url} sent {HEADER_LENGTH}: {length!r}") from None
         return payload, header_length
+
+    async def _speaks_binary(self, url: str) -> bool:
+        try:
+            server = await self.get_json(url, "/v2", optional=True)
+        except UpstreamError:
+            return True  # asked again on the next batch
+        extensions = server.get("extensions") if isinstance(server, dict) else None
+        binary = self._binary[url] = server is None or (
+            isinstance(extensions, list) and "binary_tensor_data" in extensions
+        )
+        return binary
 
     async def ready(self, url: str, model: str) -> bool:
         try:

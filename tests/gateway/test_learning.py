@@ -92,8 +92,12 @@ class FakeUpstream:
             )
             return Response(encoded, headers=headers)
 
+        async def server(request: Request) -> Response:
+            return Response(b'{"name": "fake", "extensions": ["binary_tensor_data"]}')
+
         return Starlette(
             routes=[
+                Route("/v2", server),
                 Route("/v2/models/m/ready", ready),
                 Route("/v2/models/m/config", config),
                 Route("/v2/models/m/infer", infer, methods=["POST"]),
