@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import pytest
@@ -26,13 +26,23 @@ def venv(name: str, script: str) -> Path:
 
 @contextlib.contextmanager
 def upstream_process(
-    args: Sequence[str], cwd: Path, log_path: Path, ready: str, timeout_s: float = 60.0
+    args: Sequence[str],
+    cwd: Path,
+    log_path: Path,
+    ready: str,
+    timeout_s: float = 60.0,
+    env: Mapping[str, str] | None = None,
 ) -> Iterator[subprocess.Popen[bytes]]:
     """Run a server until ``ready`` answers 200; stop it (SIGTERM, then SIGKILL) afterwards.
     Its output goes to ``log_path``, shown when it fails to start."""
     with log_path.open("wb") as log:
         process = subprocess.Popen(
-            list(args), cwd=cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            list(args),
+            cwd=cwd,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
     try:
         try:
