@@ -21,11 +21,14 @@ serve: $(INSTALLED)
 	$(BIN)/bazaar serve --host $(HOST) --port $(PORT)
 
 # Set-up outside the checkout, once: the real Kubernetes control plane the tests run against
-# (tests/controlplane/build.sh: about 10 minutes on 2 cores the first time, then nothing) and
-# checkov in a venv of its own (its pins conflict with ours).
+# (tests/controlplane/build.sh: about 10 minutes on 2 cores the first time, then nothing),
+# checkov, MLServer and PyTriton (Triton's server) in venvs of their own (their pins conflict
+# with ours; about 6 minutes each the first time).
 test: $(INSTALLED)
 	bash tests/controlplane/build.sh
 	bash tests/deploy/checkov.sh
+	bash tests/upstreams/mlserver.sh
+	bash tests/upstreams/triton.sh
 	$(BIN)/python -m pytest
 
 # Throughput and latency against raw ONNX Runtime and two reference servers (BENCHMARKS.md).

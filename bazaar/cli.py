@@ -9,6 +9,7 @@ start quickly.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import secrets
@@ -518,11 +519,13 @@ def _gateway(args: argparse.Namespace) -> int:
     from gateway.server import run
 
     source: EndpointSource
+    config = _gateway_config(args)
     if args.endpoints is not None:
         if args.kubeconfig is not None:
             log.error("--kubeconfig goes with --kubernetes-namespace")
             return 2
         source = StaticEndpoints(args.endpoints)
+        config = dataclasses.replace(config, models=source.settings)
     else:
         from cluster.api import Cluster, connect
 
@@ -535,7 +538,7 @@ def _gateway(args: argparse.Namespace) -> int:
         source,
         args.host,
         args.port,
-        _gateway_config(args),
+        config,
         args.log_level,
         keys=keys,
         open_scopes=_open_scopes(args),

@@ -9,7 +9,9 @@ decoded; then the body is validated against the model's metadata (a bad request 
 rows are encoded as it asked (JSON or binary, only the outputs it named). A client that
 disconnects meanwhile cancels the wait, and with it its place in the queue. A request for a
 model the gateway knows but has not yet seen an endpoint of (scaled to zero before the
-gateway started) is held until one appears, up to the queue time.
+gateway started) is held until one appears, up to the queue time. A model the gateway cannot
+validate has its requests passed through as sent (``gateway.passthrough``), with the same
+quotas, admission and queue.
 
 Routes: ``/v2``, ``/v2/health/{live,ready}``, ``/v2/models/{m}[/versions/{v}]`` with
 ``/ready`` and ``POST /infer``, ``POST /v2/repository/index``, ``/metrics`` and ``/stats``
@@ -28,7 +30,8 @@ from starlette.routing import Route
 from starlette.types import ASGIApp
 
 from gateway.catalog import ModelCatalog
-from gateway.inference import GatewayInference
+from gateway.inference import Forwarded, GatewayInference
+from gateway.passthrough import raw_request
 from protocol.codec import InferenceRequest
 from protocol.errors import InvalidRequest
 from protocol.fastpath import Answer, Headers, InferHandler, answer, decode, with_infer_route
@@ -62,8 +65,12 @@ def _infer_handler(inference: GatewayInference) -> InferHandler:
         def decode_body(metadata: ModelMetadata) -> tuple[InferenceRequest, float | None]:
             return decode(body, headers, metadata), _header_limit_s(headers)
 
+        def forward() -> Forwarded:
+            raw, parameters = raw_request(body, headers)
+            return raw, parameters, _header_limit_s(headers)
+
         return await inference.run(
-            model, version, tenant_name, _header_timeout_s(headers), decode_body, answer
+            model, version, tenant_name, _header_timeout_s(headers), decode_body, answer, forward
         )
 
     return infer

@@ -2,11 +2,23 @@
 
 Endpoint sources (the static file, the local supervisor, later Kubernetes EndpointSlices)
 call ``set_endpoints(model, urls)``; that is the whole seam. The first time a model has an
-endpoint, the catalog reads its metadata and batching config from it (``GET
-/v2/models/{m}`` and ``.../config``), then creates its ``EndpointPool`` and ``Dispatcher``
-and starts the collector. It keeps them when the endpoints go away: a model at zero
-endpoints still validates and queues requests, which wait (bounded by their deadline and
-the queue) until an endpoint joins.
+endpoint, the catalog learns it from one (``read_model``): its metadata (``GET
+/v2/models/{m}``) and its batching config (``.../config``, a Triton extension; a server
+without it, MLServer or KServe, is taken at its metadata's word, ``parameters.max_batch_size``
+or 0), with what the endpoints file says of the model on top (``GatewayConfig.models``).
+Then it creates the model's ``EndpointPool`` and ``Dispatcher`` and starts the collector.
+It keeps them when the endpoints go away: a model at zero endpoints still validates and
+queues requests, which wait (bounded by their deadline and the queue) until an endpoint
+joins.
+
+A model whose metadata declares no tensors (common with custom MLServer runtimes), or that
+the endpoints file marks ``validate: false``, cannot be validated: its requests are passed
+through as sent (``gateway.passthrough``), one per call, and it stays so while served.
+
+Learning never gives up while the model has endpoints: whatever goes wrong (no answer, an
+error status, a body that is not metadata, a bug) is logged once while it lasts, and the
+endpoints are tried again with exponential backoff, from ``LEARN_BACKOFF_S`` up to
+``max_learn_backoff_s``.
 
 What a pod serves can change under the gateway: the repository API unloads a model, or
 reloads it with another config (``max_batch_size`` lowered, say). So while a model is
@@ -41,13 +53,13 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from gateway.client import HttpModelClient
-from gateway.config import GatewayConfig, batch_policy
+from gateway.config import DEFAULT_MODEL_SETTINGS, GatewayConfig, ModelSettings, batch_policy
 from gateway.dispatcher import BatchPolicy, Dispatcher, DispatcherStats
 from gateway.metrics import GatewayMetrics, ModelMetrics
 from gateway.router import EndpointPool
-from protocol.errors import BazaarError, ModelNotFound, ModelNotReady
+from protocol.errors import BazaarError, ModelNotFound, ModelNotReady, UpstreamError
 from protocol.schema import ModelMetadata
-from protocol.support import cancel_and_wait
+from protocol.support import ProblemLog, cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +69,10 @@ EndpointListener = Callable[[str, list[str]], None]
 
 REFRESH_S = 5.0
 """How often a served model's endpoints are re-read (``ModelCatalog.refresh_s``)."""
+LEARN_BACKOFF_S = 0.2
+"""The first wait before an unlearned model's endpoints are tried again; it doubles."""
+MAX_LEARN_BACKOFF_S = 5.0
+"""The longest wait between tries to learn a model."""
 
 
 @dataclasses.dataclass(slots=True)
@@ -65,6 +81,8 @@ class ServedModel:
     dispatcher: Dispatcher
     metrics: ModelMetrics
     collector: asyncio.Task[None]
+    passthrough: bool = False
+    """Requests go to the endpoints as sent, unvalidated and unbatched."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -73,6 +91,48 @@ class Reading:
 
     metadata: ModelMetadata
     policy: BatchPolicy
+    passthrough: bool = False
+    """Requests cannot be validated (the metadata lacks inputs or outputs) or must not be
+    (the endpoints file says ``validate: false``): they pass through as sent."""
+
+
+async def read_model(
+    client: HttpModelClient,
+    url: str,
+    model: str,
+    settings: ModelSettings,
+    config: GatewayConfig,
+) -> Reading:
+    """What ``url`` serves of ``model``, as the gateway will treat it (see the module's
+    docstring); raises whatever went wrong (``UpstreamError``, or a ``ValueError`` & co.
+    from a body that is not metadata)."""
+    metadata_json = await client.get_json(url, f"/v2/models/{model}")
+    if not isinstance(metadata_json, dict):
+        raise UpstreamError(f"GET {url}/v2/models/{model} answered {metadata_json!r:.200}")
+    config_json = await client.get_json(url, f"/v2/models/{model}/config", optional=True)
+    if config_json is None:  # no config route: the metadata's word
+        parameters = metadata_json.get("parameters") or {}
+        config_json = {"max_batch_size": parameters.get("max_batch_size", 0)}
+    elif not isinstance(config_json, dict):
+        raise UpstreamError(f"GET {url}/v2/models/{model}/config answered {config_json!r:.200}")
+    if settings.max_batch_size is not None:
+        config_json = {**config_json, "max_batch_size": settings.max_batch_size}
+    policy = batch_policy(config_json, config)
+    metadata = ModelMetadata.from_json(
+        {
+            **metadata_json,
+            "inputs": metadata_json.get("inputs") or [],
+            "outputs": metadata_json.get("outputs") or [],
+            "parameters": {"max_batch_size": policy.max_batch_size},
+        }
+    )
+    if settings.validate and metadata.inputs and metadata.outputs:
+        return Reading(metadata, policy)
+    return Reading(
+        dataclasses.replace(metadata, max_batch_size=0),
+        dataclasses.replace(policy, max_batch_size=0, preferred_batch_sizes=()),
+        passthrough=True,
+    )
 
 
 NOT_SERVING = "not serving"
@@ -123,12 +183,15 @@ class ModelCatalog:
         metrics: GatewayMetrics,
         config: GatewayConfig,
         refresh_s: float = REFRESH_S,
+        max_learn_backoff_s: float = MAX_LEARN_BACKOFF_S,
     ) -> None:
         self.client = client
         self.metrics = metrics
         self.config = config
         self.refresh_s = refresh_s
         """Seconds between re-reads of a served model's endpoints."""
+        self.max_learn_backoff_s = max_learn_backoff_s
+        """The longest wait between tries to learn a model."""
         self.models: dict[str, ServedModel] = {}
         self._endpoints: dict[str, list[str]] = {}
         self._pooled: dict[str, list[str]] = {}
@@ -252,26 +315,34 @@ class ModelCatalog:
             await served.dispatcher.pool.close()
 
     async def _learn(self, model: str) -> None:
-        """Read metadata and config from an endpoint, retrying while the model has any."""
-        delay = 0.2
-        while self._endpoints.get(model):
-            for url in self._endpoints[model]:
-                try:
-                    metadata_json = await self.client.get_json(url, f"/v2/models/{model}")
-                    config_json = await self.client.get_json(url, f"/v2/models/{model}/config")
-                except BazaarError as exc:
-                    log.info("%s: cannot read metadata from %s yet: %s", model, url, exc)
-                    continue
-                policy = batch_policy(config_json, self.config)
-                metadata = ModelMetadata.from_json(
-                    {**metadata_json, "parameters": {"max_batch_size": policy.max_batch_size}}
-                )
-                self._serve(model, metadata, policy)
-                return
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
+        """Learn the model from the first endpoint that answers, trying them all again with
+        backoff while it has any; every failure is logged once while it lasts."""
+        problems = ProblemLog(log)
+        settings = self.config.models.get(model, DEFAULT_MODEL_SETTINGS)
+        delay = min(LEARN_BACKOFF_S, self.max_learn_backoff_s)
+        try:
+            while urls := list(self._endpoints.get(model, [])):
+                failing: dict[tuple[str, str], str] = {}
+                for url in urls:
+                    try:
+                        reading = await read_model(self.client, url, model, settings, self.config)
+                    except Exception as exc:  # learning outlives any failure, bugs included
+                        problem = _problem(exc)
+                        failing[url, problem] = (
+                            f"{model}: cannot learn it from {url} yet (retrying): {problem}"
+                        )
+                        continue
+                    self._serve(model, reading)
+                    return
+                problems.only(failing)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.max_learn_backoff_s)
+        finally:
+            if self._learning.get(model) is asyncio.current_task():
+                del self._learning[model]
 
-    def _serve(self, model: str, metadata: ModelMetadata, policy: BatchPolicy) -> None:
+    def _serve(self, model: str, reading: Reading) -> None:
+        metadata, policy, passthrough = reading.metadata, reading.policy, reading.passthrough
         pool = EndpointPool(
             model,
             self.client,
@@ -282,16 +353,16 @@ class ModelCatalog:
         metrics = self.metrics.for_model(model)
         dispatcher = Dispatcher(model, policy, pool, metrics)
         collector = asyncio.create_task(dispatcher.run(), name=f"dispatcher-{model}")
-        self.models[model] = ServedModel(metadata, dispatcher, metrics, collector)
-        self._learning.pop(model, None)
+        self.models[model] = ServedModel(metadata, dispatcher, metrics, collector, passthrough)
         self._learned[model].set()
         self._pooled[model] = list(self._endpoints.get(model, []))
         self._wake[model] = asyncio.Event()
         self._watchers[model] = asyncio.create_task(self._watch(model), name=f"watch-{model}")
         log.info(
-            "serving %s version %s: max_batch_size %d, delay %.1f ms, queue %d, %d endpoint(s)",
+            "serving %s version %s%s: max_batch_size %d, delay %.1f ms, queue %d, %d endpoint(s)",
             model,
             metadata.version,
+            " (requests passed through unvalidated)" if passthrough else "",
             policy.max_batch_size,
             policy.max_queue_delay_s * 1000,
             policy.max_queue_size,
@@ -301,22 +372,33 @@ class ModelCatalog:
     async def _watch(self, model: str) -> None:
         """Re-read the model's endpoints every ``refresh_s``, or sooner when woken."""
         wake = self._wake[model]
+        problems = ProblemLog(log)
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(wake.wait(), self.refresh_s)
             wake.clear()
+            unread: dict[tuple[str, str], str] = {}
             try:
-                await self._reread(model)
-            except Exception:  # a bug here must not stop the watching
-                log.exception("%s: re-reading its endpoints failed", model)
+                await self._reread(model, unread)
+            except Exception as exc:  # a bug here must not stop the watching
+                unread["", repr(exc)] = f"{model}: re-reading its endpoints failed: {exc!r}"
+            problems.only(unread)
 
-    async def _reread(self, model: str) -> None:
+    async def _reread(self, model: str, unread: dict[tuple[str, str], str]) -> None:
+        """Re-read every endpoint and apply ``reconcile``; ``unread`` gets a message per
+        endpoint that could not be read."""
         served = self.models[model]
         urls = list(self._endpoints.get(model, []))
-        readings = await asyncio.gather(*(self._read(url, model) for url in urls))
+        readings = await asyncio.gather(*(self._read(url, model, unread) for url in urls))
         result = reconcile(
             served.metadata, dict(zip(urls, readings, strict=True)), self._pooled[model]
         )
+        if served.passthrough:  # it stays so while served: its queue may hold raw requests
+            result = dataclasses.replace(
+                result,
+                metadata=dataclasses.replace(result.metadata, max_batch_size=0),
+                max_batch_size=0,
+            )
         if self._endpoints.get(model, []) != urls:
             return  # discovery moved on while we read; its change has woken us again
         dispatcher = served.dispatcher
@@ -345,17 +427,20 @@ class ModelCatalog:
             self._pooled[model] = result.urls
             dispatcher.pool.set_endpoints(result.urls)
 
-    async def _read(self, url: str, model: str) -> EndpointReading:
+    async def _read(
+        self, url: str, model: str, unread: dict[tuple[str, str], str]
+    ) -> EndpointReading:
         if not await self.client.ready(url, model):
             return NOT_SERVING
+        settings = self.config.models.get(model, DEFAULT_MODEL_SETTINGS)
         try:
-            metadata_json = await self.client.get_json(url, f"/v2/models/{model}")
-            config_json = await self.client.get_json(url, f"/v2/models/{model}/config")
-            policy = batch_policy(config_json, self.config)
-            metadata = ModelMetadata.from_json(
-                {**metadata_json, "parameters": {"max_batch_size": policy.max_batch_size}}
-            )
-        except (BazaarError, ValueError, TypeError, KeyError, AttributeError) as exc:
-            log.info("%s: cannot read its metadata from %s: %s", model, url, exc)
+            return await read_model(self.client, url, model, settings, self.config)
+        except Exception as exc:  # whatever it is, the endpoint stays where it was
+            problem = _problem(exc)
+            unread[url, problem] = f"{model}: cannot read its metadata from {url}: {problem}"
             return UNREAD
-        return Reading(metadata, policy)
+
+
+def _problem(exc: Exception) -> str:
+    """An exception as a log line: our own errors say it all, others need their type."""
+    return exc.message if isinstance(exc, BazaarError) else f"{type(exc).__name__}: {exc}"

@@ -2,13 +2,21 @@
 
 One pooled aiohttp session for the whole gateway, keep-alive connections per pod. Batches
 travel as binary tensors both ways, so a batch costs one JSON header and a memcpy per tensor
-instead of formatting thousands of floats. Each call tells the pod how long its answer is
+instead of formatting thousands of floats; to a server whose ``GET /v2`` does not list the
+``binary_tensor_data`` extension (MLServer), as JSON. That is asked once per server, on the
+first batch sent to it; a server without the route is sent binary, and one that cannot be
+reached is asked again on the next batch. Each call tells the pod how long its answer is
 worth waiting for, as ``parameters.timeout`` in microseconds (Triton's semantics: a pod may
 drop a batch whose time is up before it starts), and waits no longer itself.
 
 What a pod's answer means to the router: 200 is the outputs; 400 is the client's fault
 (``InvalidRequest``, passed through, not retried); anything else, a refused connection or
 a timeout is ``UpstreamError``, which the router retries once on another endpoint.
+
+``forward`` sends a request passed through as its client sent it (``gateway.passthrough``)
+with the headers that say how to read it, and returns a 200 answer as the pod sent it (at
+most ``MAX_ANSWER_BYTES``); its other answers mean the same as ``infer``'s, except that any
+4xx but 404, 408 and 429 is the client's: the gateway knew nothing of the request to check.
 """
 
 from __future__ import annotations
@@ -18,11 +26,16 @@ from typing import Any
 import aiohttp
 import orjson
 
-from gateway.router import Tensors
+from gateway.router import RawRequest, Tensors
 from protocol.codec import InferenceRequest, decode_response, encode_request
 from protocol.errors import InvalidRequest, UpstreamError
+from protocol.fastpath import Answer
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
+MAX_ANSWER_BYTES = 256 * 1024 * 1024
+"""The largest answer to a passed-through request read into memory (the request's limit)."""
+NOT_THE_CLIENTS = frozenset({404, 408, 429})
+"""4xx answers that say something of the pod, not of the request."""
 
 
 class HttpModelClient:
@@ -33,17 +46,22 @@ class HttpModelClient:
             connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60),
             timeout=aiohttp.ClientTimeout(sock_connect=connect_timeout_s),
         )
+        self._binary: dict[str, bool] = {}
+        """Per server URL, whether it speaks the binary tensor extension."""
 
     async def infer(self, url: str, model: str, inputs: Tensors, timeout_s: float) -> Tensors:
+        binary = self._binary.get(url)
+        if binary is None:
+            binary = await self._speaks_binary(url)
         request = InferenceRequest(
             id=None,
             parameters={"timeout": max(1, int(timeout_s * 1_000_000))},
             inputs=inputs,
             outputs=None,
-            binary_output=True,
+            binary_output=binary,
         )
-        body, header_length = encode_request(request, binary=True)
-        headers = {"Content-Type": "application/octet-stream"}
+        body, header_length = encode_request(request, binary=binary)
+        headers = {"Content-Type": "application/octet-stream" if binary else "application/json"}
         if header_length is not None:
             headers[HEADER_LENGTH] = str(header_length)
         target = f"{url}/v2/models/{model}/infer"
@@ -67,6 +85,42 @@ class HttpModelClient:
             raise UpstreamError(f"pod {url} sent {HEADER_LENGTH}: {length!r}") from None
         return decode_response(payload, header_length).outputs
 
+    async def forward(self, url: str, model: str, request: RawRequest, timeout_s: float) -> Answer:
+        target = f"{url}/v2/models/{model}/infer"
+        try:
+            async with self._session.post(
+                target,
+                data=request.body,
+                headers=request.headers,
+                timeout=aiohttp.ClientTimeout(total=timeout_s),
+            ) as response:
+                status = response.status
+                length = response.headers.get(HEADER_LENGTH)
+                payload = await _bounded_read(response, url)
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            raise UpstreamError(f"pod {url} failed: {type(exc).__name__}: {exc}") from None
+        if status != 200:
+            message = _error_message(payload)
+            if 400 <= status < 500 and status not in NOT_THE_CLIENTS:
+                raise InvalidRequest(f"the pod refused the request ({status}): {message}")
+            raise UpstreamError(f"pod {url} answered {status}: {message}")
+        try:
+            header_length = int(length) if length is not None else None
+        except ValueError:
+            raise UpstreamError(f"pod {url} sent {HEADER_LENGTH}: {length!r}") from None
+        return payload, header_length
+
+    async def _speaks_binary(self, url: str) -> bool:
+        try:
+            server = await self.get_json(url, "/v2", optional=True)
+        except UpstreamError:
+            return True  # asked again on the next batch
+        extensions = server.get("extensions") if isinstance(server, dict) else None
+        binary = self._binary[url] = server is None or (
+            isinstance(extensions, list) and "binary_tensor_data" in extensions
+        )
+        return binary
+
     async def ready(self, url: str, model: str) -> bool:
         try:
             async with self._session.get(
@@ -76,8 +130,9 @@ class HttpModelClient:
         except (TimeoutError, aiohttp.ClientError, OSError):
             return False
 
-    async def get_json(self, url: str, path: str) -> Any:
-        """A control-plane GET (metadata, config); ``UpstreamError`` unless 200 with JSON."""
+    async def get_json(self, url: str, path: str, *, optional: bool = False) -> Any:
+        """A control-plane GET (metadata, config); ``UpstreamError`` unless 200 with JSON.
+        ``optional``: a route the pod may not have (404, 405) is None."""
         try:
             async with self._session.get(
                 f"{url}{path}", timeout=aiohttp.ClientTimeout(total=10.0)
@@ -86,6 +141,8 @@ class HttpModelClient:
                 status = response.status
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise UpstreamError(f"pod {url} failed: {type(exc).__name__}: {exc}") from None
+        if optional and status in (404, 405):
+            return None
         if status != 200:
             raise UpstreamError(f"GET {url}{path} answered {status}: {_error_message(payload)}")
         try:
@@ -95,6 +152,20 @@ class HttpModelClient:
 
     async def close(self) -> None:
         await self._session.close()
+
+
+async def _bounded_read(response: aiohttp.ClientResponse, url: str) -> bytes:
+    """The whole body, or ``UpstreamError`` past ``MAX_ANSWER_BYTES`` (before reading it all)."""
+    if (response.content_length or 0) > MAX_ANSWER_BYTES:
+        raise UpstreamError(f"pod {url} answered {response.content_length} bytes, over the limit")
+    chunks = []
+    size = 0
+    async for chunk in response.content.iter_chunked(1 << 20):
+        size += len(chunk)
+        if size > MAX_ANSWER_BYTES:
+            raise UpstreamError(f"pod {url} answered over {MAX_ANSWER_BYTES} bytes, the limit")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _error_message(payload: bytes) -> str:

@@ -1,4 +1,23 @@
-"""The gateway's own settings, and how a model's batching policy is read from its pod."""
+"""The gateway's own settings, how a model's batching policy is read from its pod, and the
+static endpoints file.
+
+The endpoints file (``bazaar gateway --endpoints FILE``) lists each model's endpoints, any
+v2 servers; a model may also say how the gateway treats it::
+
+    models:
+      digits: [http://10.0.0.5:8000, http://10.0.0.6:8000]   # a list of URLs, or:
+      sentiment:
+        endpoints: [http://10.0.0.7:8080]
+        max_batch_size: 8     # rows per batch, instead of what the upstream says
+        validate: false       # pass requests through as sent, unbatched
+
+``max_batch_size`` is for upstreams that do not say theirs (MLServer has no ``/config``):
+without it the gateway takes the upstream's config, else its metadata's
+``parameters.max_batch_size``, else 0 (one request per call). ``validate: false`` is for
+upstreams whose metadata does not describe their tensors truthfully: the gateway forwards
+each request's body as sent (``gateway.passthrough``), as it does for a model whose
+metadata declares no tensors; such a model never batches, so it takes no ``max_batch_size``.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +32,27 @@ from gateway.dispatcher import DEFAULT_MAX_QUEUE_SIZE, BatchPolicy
 from gateway.tenants import TenantPolicies
 from protocol.errors import ConfigError
 from protocol.limits import EdgeLimits
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSettings:
+    """What the endpoints file says of one model beyond its endpoints."""
+
+    validate: bool = True
+    """False: requests pass through to an endpoint as sent, unvalidated and unbatched."""
+    max_batch_size: int | None = None
+    """Rows per batch; None = the upstream's (its config's, else its metadata's, else 0)."""
+
+
+DEFAULT_MODEL_SETTINGS = ModelSettings()
+
+
+@dataclass(frozen=True, slots=True)
+class StaticModel:
+    """One model of the endpoints file."""
+
+    endpoints: list[str]
+    settings: ModelSettings
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +72,8 @@ class GatewayConfig:
     edge: EdgeLimits = field(default_factory=EdgeLimits)
     """What a client may send and how slowly: header, URL and body sizes, read and idle
     timeouts, the connection and concurrent request caps (``protocol.limits``)."""
+    models: Mapping[str, ModelSettings] = field(default_factory=dict)
+    """Per model, what the endpoints file says of it (``ModelSettings``); default for others."""
 
 
 def batch_policy(config: Mapping[str, Any], gateway: GatewayConfig) -> BatchPolicy:
@@ -62,8 +104,9 @@ def batch_policy(config: Mapping[str, Any], gateway: GatewayConfig) -> BatchPoli
     )
 
 
-def load_static_endpoints(path: Path) -> dict[str, list[str]]:
-    """The static endpoint file: ``models: {name: [url, ...]}``."""
+def load_static_endpoints(path: Path) -> dict[str, StaticModel]:
+    """The static endpoints file (see the module's docstring); ``ConfigError`` naming the
+    model and key on any fault."""
     where = str(path)
     try:
         data = yaml.safe_load(path.read_text())
@@ -75,13 +118,58 @@ def load_static_endpoints(path: Path) -> dict[str, list[str]]:
         or not isinstance(data["models"], dict)
     ):
         raise ConfigError(where, None, "must be a mapping with one key, 'models'")
-    endpoints: dict[str, list[str]] = {}
-    for model, urls in data["models"].items():
-        key = f"models.{model}"
-        if not isinstance(urls, list) or not urls:
-            raise ConfigError(where, key, f"must be a non-empty list of URLs, got {urls!r}")
-        for url in urls:
-            if not isinstance(url, str) or not url.startswith(("http://", "https://")):
-                raise ConfigError(where, key, f"{url!r} is not an http(s) URL")
-        endpoints[str(model)] = [url.rstrip("/") for url in urls]
-    return endpoints
+    return {
+        str(model): _static_model(where, f"models.{model}", entry)
+        for model, entry in data["models"].items()
+    }
+
+
+def _static_model(where: str, key: str, entry: object) -> StaticModel:
+    if isinstance(entry, list):
+        return StaticModel(_urls(where, key, entry), DEFAULT_MODEL_SETTINGS)
+    if not isinstance(entry, dict):
+        raise ConfigError(
+            where,
+            key,
+            f"must be a list of URLs or a mapping with 'endpoints', got {entry!r}",
+        )
+    unknown = set(entry) - {"endpoints", "max_batch_size", "validate"}
+    if unknown:
+        raise ConfigError(
+            where,
+            key,
+            f"unknown key(s) {', '.join(sorted(map(str, unknown)))}: "
+            "expected endpoints, max_batch_size, validate",
+        )
+    if "endpoints" not in entry:
+        raise ConfigError(where, key, "has no 'endpoints'")
+    validate = entry.get("validate", True)
+    if not isinstance(validate, bool):
+        raise ConfigError(where, f"{key}.validate", f"must be true or false, got {validate!r}")
+    max_batch_size = entry.get("max_batch_size")
+    if max_batch_size is not None and (
+        not isinstance(max_batch_size, int)
+        or isinstance(max_batch_size, bool)
+        or max_batch_size < 0
+    ):
+        raise ConfigError(
+            where, f"{key}.max_batch_size", f"must be an integer >= 0, got {max_batch_size!r}"
+        )
+    if not validate and max_batch_size:
+        raise ConfigError(
+            where,
+            f"{key}.max_batch_size",
+            "an unvalidated model (validate: false) is passed through unbatched; "
+            "batching needs its tensors validated",
+        )
+    urls = _urls(where, f"{key}.endpoints", entry["endpoints"])
+    return StaticModel(urls, ModelSettings(validate, max_batch_size))
+
+
+def _urls(where: str, key: str, urls: object) -> list[str]:
+    if not isinstance(urls, list) or not urls:
+        raise ConfigError(where, key, f"must be a non-empty list of URLs, got {urls!r}")
+    for url in urls:
+        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+            raise ConfigError(where, key, f"{url!r} is not an http(s) URL")
+    return [url.rstrip("/") for url in urls]

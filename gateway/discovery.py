@@ -4,7 +4,9 @@ An endpoint source reports each model's ready endpoint URLs through the catalog'
 (``catalog.set_endpoints``); that call is the whole seam. ``bazaar serve``'s local workers
 are the third source, in the command package.
 
-``StaticEndpoints`` reads a file once: ``models: {name: [url, ...]}``, any v2 servers.
+``StaticEndpoints`` reads a file once: ``models: {name: [url, ...]}``, any v2 servers, and
+what the file says of each model beyond its endpoints (``gateway.config``), which the
+composition root hands the catalog as ``GatewayConfig.models``.
 
 ``EndpointSlices`` follows the model Services of one namespace (``cluster.endpoints``: one
 endpoint per ready pod, so the router's least-outstanding-work choice and per-endpoint
@@ -40,7 +42,7 @@ from prometheus_client import CollectorRegistry
 from cluster.api import Cluster, Forbidden, KubernetesError
 from cluster.endpoints import DISCOVERY_RBAC, model_endpoints
 from gateway.catalog import EndpointListener
-from gateway.config import load_static_endpoints
+from gateway.config import ModelSettings, load_static_endpoints
 from protocol.support import ProblemLog, cancel_and_wait
 
 log = logging.getLogger(__name__)
@@ -61,7 +63,12 @@ class StaticEndpoints:
     """Endpoints listed in a file, per model; they can be any v2 server (Triton, MLServer)."""
 
     def __init__(self, path: Path) -> None:
-        self.endpoints = load_static_endpoints(path)
+        models = load_static_endpoints(path)
+        self.endpoints = {name: model.endpoints for name, model in models.items()}
+        self.settings: dict[str, ModelSettings] = {
+            name: model.settings for name, model in models.items()
+        }
+        """Per model, what the file says of it beyond its endpoints."""
 
     async def start(self, listener: EndpointListener, registry: CollectorRegistry) -> None:
         for model, urls in self.endpoints.items():

@@ -34,6 +34,11 @@ One collector task, ``run``, forms batches:
   members, and the outputs are sliced back so every caller gets exactly its own rows. A
   failure fails only that batch's requests.
 
+A request passed through as sent (``RawRequest``, ``gateway.passthrough``) queues, expires,
+is cancelled and routed like any other; it counts one row and never batches: its model's
+policy has ``max_batch_size`` 0, so each leaves alone and its future resolves to the
+upstream's answer as is.
+
 Every admitted future is resolved exactly once: with its rows, or an error. If the collector
 itself dies, every waiter gets the error, and ``close`` fails whatever is still queued.
 The loop's clock is the only clock (``loop.time()``), so tests run it on virtual time.
@@ -50,12 +55,12 @@ import weakref
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast, overload
 
 import numpy as np
 
 from gateway.metrics import ModelMetrics
-from gateway.router import Endpoint, EndpointPool, Tensors
+from gateway.router import Endpoint, EndpointPool, RawRequest, Tensors
 from gateway.tenants import ANONYMOUS_TENANT, Tenant
 from protocol.errors import (
     BazaarError,
@@ -65,6 +70,7 @@ from protocol.errors import (
     Overloaded,
     UpstreamError,
 )
+from protocol.fastpath import Answer
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +111,8 @@ class BatchPolicy:
 class Pending:
     """One admitted request."""
 
-    inputs: Tensors
+    inputs: Tensors | RawRequest
+    """Its tensors, or its body passed through as sent (a model with max_batch_size 0)."""
     rows: int
     arrived: float
     deadline: float
@@ -113,7 +120,8 @@ class Pending:
     call_deadline: float | None
     """When its answer is no use to its caller any more: the request's own timeout (not the
     model's default, a queue timeout as in Triton), which also bounds the pod call."""
-    future: asyncio.Future[Tensors]
+    future: asyncio.Future[Any]
+    """Resolves to its output rows (``Tensors``), or for a ``RawRequest`` the ``Answer``."""
     signature: tuple[tuple[int, ...], ...]
     """Non-batch dimensions of every input; requests batch together only when equal."""
     flow: _Flow
@@ -149,7 +157,7 @@ class _Batch:
     task: asyncio.Task[None] | None = None
 
 
-class _RequestFuture(asyncio.Future[Tensors]):
+class _RequestFuture(asyncio.Future[Any]):
     """A request's future that tells its dispatcher the moment its caller cancels it.
 
     A done-callback on every future would do the same, but costs every request an extra turn
@@ -253,6 +261,7 @@ class Dispatcher:
         if refusal is not None:
             raise refusal
 
+    @overload
     def submit(
         self,
         inputs: Tensors,
@@ -260,8 +269,28 @@ class Dispatcher:
         priority: int = 0,
         timeout_s: float | None = None,
         tenant: Tenant = ANONYMOUS_TENANT,
-    ) -> asyncio.Future[Tensors]:
-        """Admit a request; its future resolves to its own output rows."""
+    ) -> asyncio.Future[Tensors]: ...
+
+    @overload
+    def submit(
+        self,
+        inputs: RawRequest,
+        rows: int,
+        priority: int = 0,
+        timeout_s: float | None = None,
+        tenant: Tenant = ANONYMOUS_TENANT,
+    ) -> asyncio.Future[Answer]: ...
+
+    def submit(
+        self,
+        inputs: Tensors | RawRequest,
+        rows: int,
+        priority: int = 0,
+        timeout_s: float | None = None,
+        tenant: Tenant = ANONYMOUS_TENANT,
+    ) -> asyncio.Future[Any]:
+        """Admit a request; its future resolves to its own output rows (or, passed through,
+        to the upstream's answer)."""
         policy = self.policy
         if not 0 <= priority <= policy.priority_levels:
             raise InvalidRequest(
@@ -286,7 +315,11 @@ class Dispatcher:
             deadline=now + min(own_timeout_s or policy.max_queue_time_s, policy.max_queue_time_s),
             call_deadline=now + timeout_s if timeout_s else None,
             future=future,
-            signature=tuple(a.shape[1:] for a in inputs.values()) if policy.max_batch_size else (),
+            signature=(
+                tuple(a.shape[1:] for a in inputs.values())
+                if policy.max_batch_size and not isinstance(inputs, RawRequest)
+                else ()
+            ),
             flow=flow,
             tag=tag,
         )
@@ -624,26 +657,28 @@ def _prefix(batch: list[Pending], size: int) -> tuple[list[Pending], int]:
 
 
 def _concatenate(batch: list[Pending]) -> Tensors:
-    names = batch[0].inputs.keys()
-    return {name: np.concatenate([p.inputs[name] for p in batch]) for name in names}
+    # Only tensors batch: a RawRequest's model has max_batch_size 0, so it leaves alone.
+    members = [cast(Tensors, p.inputs) for p in batch]
+    return {name: np.concatenate([m[name] for m in members]) for name in members[0]}
 
 
-def _split(model: str, batch: list[Pending], rows: int, outputs: Tensors) -> None:
-    if len(batch) > 1:
-        for name, out in outputs.items():
-            if out.ndim == 0 or out.shape[0] != rows:
-                raise UpstreamError(
-                    f"a pod of model '{model}' answered a batch of {rows} rows with output "
-                    f"'{name}' of shape {list(out.shape)}"
-                )
+def _split(model: str, batch: list[Pending], rows: int, answer: Tensors | Answer) -> None:
+    if len(batch) == 1:
+        if not batch[0].future.done():
+            batch[0].future.set_result(answer)
+        return
+    outputs = cast(Tensors, answer)  # a batch of several is tensors (``_concatenate``)
+    for name, out in outputs.items():
+        if out.ndim == 0 or out.shape[0] != rows:
+            raise UpstreamError(
+                f"a pod of model '{model}' answered a batch of {rows} rows with output "
+                f"'{name}' of shape {list(out.shape)}"
+            )
     offset = 0
     for pending in batch:
         end = offset + pending.rows
         if not pending.future.done():
-            if len(batch) == 1:
-                pending.future.set_result(outputs)
-            else:
-                pending.future.set_result({name: out[offset:end] for name, out in outputs.items()})
+            pending.future.set_result({name: out[offset:end] for name, out in outputs.items()})
         offset += pending.rows
 
 

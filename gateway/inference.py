@@ -7,7 +7,9 @@ knowing only the transport's headers or deadline, so a request that will not fit
 before its body is decoded → decode (the transport's own codec, validating against the
 model's metadata) → Triton's schedule parameters → the tenant's rows quota → submit → wait →
 encode. A caller that leaves cancels the wait, and with it its place in the queue. Every
-outcome is counted once, per model.
+outcome is counted once, per model. A model that cannot be validated (it declares no
+tensors) skips decoding: its request goes as sent, one row, through the same quotas and
+queue (``gateway.passthrough``).
 """
 
 from __future__ import annotations
@@ -15,11 +17,11 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Mapping
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from gateway.catalog import ModelCatalog
 from gateway.metrics import CANCELLED, outcome_of
-from gateway.router import Tensors
+from gateway.router import RawRequest, Tensors
 from gateway.tenants import Tenants
 from protocol.codec import InferenceRequest
 from protocol.errors import BazaarError, InvalidRequest, QuotaExceeded
@@ -29,6 +31,9 @@ Answer = TypeVar("Answer")
 Decode = Callable[[ModelMetadata], tuple[InferenceRequest, float | None]]
 """The request body for a model's metadata, and the transport's own limit on its wait in
 seconds (``X-Request-Timeout-Ms``, the gRPC deadline), None when it sets none."""
+Forwarded = tuple[RawRequest, Mapping[str, Any], float | None]
+"""For a model passed through unvalidated (``gateway.passthrough``): the request as sent, its
+``parameters`` as far as they could be read, and the transport's limit on its wait."""
 
 
 class GatewayInference:
@@ -47,11 +52,14 @@ class GatewayInference:
         admission_timeout_s: float | None,
         decode: Decode,
         encode: Callable[[InferenceRequest, ModelMetadata, Tensors], Answer],
+        forward: Callable[[], Forwarded] | None = None,
     ) -> Answer:
         """Serve one request (see the module docstring); raises ``BazaarError`` to refuse it.
 
         ``admission_timeout_s`` is what the transport knows of the request's time before its
-        body is decoded (None: nothing).
+        body is decoded (None: nothing). ``forward``: how the transport passes a request
+        through as sent, to a model that cannot be validated (HTTP; the answer is the
+        upstream's, as it sent it).
         """
         started = time.perf_counter()
         catalog = self.catalog
@@ -63,6 +71,19 @@ class GatewayInference:
         try:
             tenant.admit(asyncio.get_running_loop().time())
             dispatcher.admit(admission_timeout_s, tenant)
+            if served.passthrough:
+                if forward is None:
+                    raise InvalidRequest(
+                        f"model '{model}' declares no tensors: its requests are passed through "
+                        "as sent, over HTTP only"
+                    )
+                raw, parameters, limit_s = forward()
+                priority, timeout_s = schedule(parameters, limit_s)
+                tenant.take_rows(1)
+                rows = 1
+                passed = await dispatcher.submit(raw, rows, priority, timeout_s, tenant)
+                status = 200
+                return cast(Answer, passed)
             metadata = served.metadata
             request, limit_s = decode(metadata)
             priority, timeout_s = schedule(request.parameters, limit_s)

@@ -18,6 +18,9 @@ ahead of new batches, for as long as the deadline (or ``call_timeout_s``) allows
 endpoint that fails ``eject_after`` times in a row is ejected: it takes no batches until a
 background probe of its readiness succeeds, with the probe interval doubling up to
 ``max_eject_s``.
+
+A batch is tensors, or one ``RawRequest`` of a model the gateway passes requests through to
+(``gateway.passthrough``): the pool routes, retries and ejects alike for both.
 """
 
 from __future__ import annotations
@@ -27,11 +30,12 @@ import logging
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, overload
 
 import numpy as np
 
 from protocol.errors import BazaarError, DeadlineExceeded, UpstreamError
+from protocol.fastpath import Answer
 from protocol.support import cancel_and_wait
 
 log = logging.getLogger(__name__)
@@ -45,11 +49,24 @@ DEADLINE_SLACK_S = 0.001
 timer (the client's, the pod's) may fire a little before the pool's."""
 
 
+@dataclass(frozen=True, slots=True)
+class RawRequest:
+    """An inference request passed through as its client sent it: its body, and the headers
+    that say how to read it (by their lower-case names)."""
+
+    body: bytes
+    headers: dict[str, str]
+
+
 class ModelClient(Protocol):
     """How the gateway talks to a pod (HTTP in production, a fake in tests)."""
 
     async def infer(self, url: str, model: str, inputs: Tensors, timeout_s: float) -> Tensors:
         """The pod's outputs; ``timeout_s`` bounds the call and is sent to the pod too."""
+        ...
+
+    async def forward(self, url: str, model: str, request: RawRequest, timeout_s: float) -> Answer:
+        """The pod's answer to a request passed through as sent, bounded by ``timeout_s``."""
         ...
 
     async def ready(self, url: str, model: str) -> bool: ...
@@ -151,9 +168,19 @@ class EndpointPool:
             endpoint.inflight_rows += rows
         return endpoint
 
+    @overload
     async def call(
         self, endpoint: Endpoint, inputs: Tensors, rows: int, deadline: float | None
-    ) -> Tensors:
+    ) -> Tensors: ...
+
+    @overload
+    async def call(
+        self, endpoint: Endpoint, inputs: RawRequest, rows: int, deadline: float | None
+    ) -> Answer: ...
+
+    async def call(
+        self, endpoint: Endpoint, inputs: Tensors | RawRequest, rows: int, deadline: float | None
+    ) -> Tensors | Answer:
         """Send a batch on an acquired endpoint; retried once elsewhere on a retryable failure.
 
         Releases every slot it used. Raises what the pod answered (a 4xx passes through),
@@ -214,8 +241,8 @@ class EndpointPool:
         return any(not e.ejected and not e.removed and e is not exclude for e in self.endpoints)
 
     async def _call_once(
-        self, endpoint: Endpoint, inputs: Tensors, rows: int, deadline: float | None
-    ) -> Tensors:
+        self, endpoint: Endpoint, inputs: Tensors | RawRequest, rows: int, deadline: float | None
+    ) -> Tensors | Answer:
         loop = asyncio.get_running_loop()
         timeout_s = self.call_timeout_s
         if deadline is not None:
@@ -224,8 +251,16 @@ class EndpointPool:
             if timeout_s <= 0:
                 raise DeadlineExceeded(f"deadline passed before a call to {endpoint.url}")
             try:
+                outputs: Tensors | Answer
                 async with asyncio.timeout(timeout_s):
-                    outputs = await self._client.infer(endpoint.url, self.model, inputs, timeout_s)
+                    if isinstance(inputs, RawRequest):
+                        outputs = await self._client.forward(
+                            endpoint.url, self.model, inputs, timeout_s
+                        )
+                    else:
+                        outputs = await self._client.infer(
+                            endpoint.url, self.model, inputs, timeout_s
+                        )
             except (TimeoutError, BazaarError) as exc:
                 if deadline is not None and loop.time() >= deadline - DEADLINE_SLACK_S:
                     raise DeadlineExceeded(

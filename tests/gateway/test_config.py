@@ -1,0 +1,60 @@
+"""The endpoints file: URLs per model, or a mapping that also says how to treat the model;
+every fault is a ``ConfigError`` naming the model and the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gateway.config import ModelSettings, StaticModel, load_static_endpoints
+from gateway.discovery import StaticEndpoints
+from protocol.errors import ConfigError
+
+
+def test_a_list_of_urls_and_a_mapping_both_read(tmp_path: Path) -> None:
+    path = tmp_path / "endpoints.yaml"
+    path.write_text(
+        "models:\n"
+        "  digits: [http://a:8000/, http://b:8000]\n"
+        "  echo:\n"
+        "    endpoints: [http://c:8080]\n"
+        "    validate: false\n"
+        "  sklearn:\n"
+        "    endpoints: [https://d:8080]\n"
+        "    max_batch_size: 8\n"
+    )
+    assert load_static_endpoints(path) == {
+        "digits": StaticModel(["http://a:8000", "http://b:8000"], ModelSettings()),
+        "echo": StaticModel(["http://c:8080"], ModelSettings(validate=False)),
+        "sklearn": StaticModel(["https://d:8080"], ModelSettings(max_batch_size=8)),
+    }
+    source = StaticEndpoints(path)
+    assert source.endpoints["echo"] == ["http://c:8080"]
+    assert source.settings["echo"] == ModelSettings(validate=False)
+
+
+@pytest.mark.parametrize(
+    ("entry", "problem"),
+    [
+        ("[]", "models.m: must be a non-empty list of URLs"),
+        ("[ftp://x]", "models.m: 'ftp://x' is not an http(s) URL"),
+        ("7", "models.m: must be a list of URLs or a mapping with 'endpoints'"),
+        ("{validate: false}", "models.m: has no 'endpoints'"),
+        ("{endpoints: [http://x], batch: 2}", "models.m: unknown key(s) batch"),
+        ("{endpoints: http://x}", "models.m.endpoints: must be a non-empty list of URLs"),
+        ("{endpoints: [http://x], validate: no-thanks}", "models.m.validate: must be true or"),
+        ("{endpoints: [http://x], max_batch_size: -1}", "models.m.max_batch_size: must be an"),
+        ("{endpoints: [http://x], max_batch_size: 2.5}", "models.m.max_batch_size: must be an"),
+        (
+            "{endpoints: [http://x], validate: false, max_batch_size: 4}",
+            "models.m.max_batch_size: an unvalidated model (validate: false) is passed through",
+        ),
+    ],
+)
+def test_a_bad_entry_is_refused_naming_its_key(tmp_path: Path, entry: str, problem: str) -> None:
+    path = tmp_path / "endpoints.yaml"
+    path.write_text(f"models:\n  m: {entry}\n")
+    with pytest.raises(ConfigError) as refused:
+        load_static_endpoints(path)
+    assert problem in str(refused.value)

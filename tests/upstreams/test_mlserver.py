@@ -1,0 +1,133 @@
+"""The gateway in front of a real MLServer (PyPI ``mlserver``, from its own venv:
+tests/upstreams/mlserver.sh): ``bazaar gateway --endpoints FILE``, tritonclient and plain
+HTTP at the gateway.
+
+MLServer has no ``/config`` route and no binary tensor extension. ``doubler`` declares its
+tensors in its model settings: the gateway learns it from the metadata alone, validates
+and batches its requests (the endpoints file gives ``max_batch_size``) and sends them as
+JSON. ``echo``'s runtime declares none: its requests pass through as sent.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import httpx
+import numpy as np
+import pytest
+import tritonclient.http as triton
+
+from tests.support import bazaar_process, free_port, models_ready
+from tests.upstreams.support import upstream_process, venv
+
+RUNTIMES = """
+import numpy as np
+from mlserver import MLModel
+from mlserver.codecs import NumpyCodec
+from mlserver.types import InferenceRequest, InferenceResponse, ResponseOutput
+
+
+class Doubler(MLModel):
+    async def predict(self, payload: InferenceRequest) -> InferenceResponse:
+        x = NumpyCodec.decode_input(payload.inputs[0])
+        y = NumpyCodec.encode_output("y", (x * 2).astype(np.float32))
+        return InferenceResponse(model_name=self.name, outputs=[y])
+
+
+class Echo(MLModel):
+    async def predict(self, payload: InferenceRequest) -> InferenceResponse:
+        outputs = [
+            ResponseOutput(name=t.name, shape=t.shape, datatype=t.datatype, data=t.data)
+            for t in payload.inputs
+        ]
+        return InferenceResponse(model_name=self.name, id=payload.id, outputs=outputs)
+"""
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """MLServer serving ``doubler`` and ``echo``, and a gateway in front; yields its URL."""
+    mlserver = venv("mlserver-1.7.1", "mlserver.sh") / "bin" / "mlserver"
+    root = tmp_path_factory.mktemp("mlserver")
+    port = free_port()
+    settings = {
+        "http_port": port,
+        "grpc_port": free_port(),
+        "metrics_port": free_port(),
+        "parallel_workers": 0,
+    }
+    (root / "settings.json").write_text(json.dumps(settings))
+    (root / "runtimes.py").write_text(RUNTIMES)
+    tensors = {
+        "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 2]}],
+        "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1, 2]}],
+    }
+    models = {
+        "doubler": {"implementation": "runtimes.Doubler", **tensors},
+        "echo": {"implementation": "runtimes.Echo"},
+    }
+    for name, model_settings in models.items():
+        (root / name).mkdir()
+        (root / name / "model-settings.json").write_text(
+            json.dumps({"name": name, **model_settings})
+        )
+    upstream = f"http://127.0.0.1:{port}"
+    endpoints = root / "endpoints.yaml"
+    endpoints.write_text(
+        "models:\n"
+        f"  doubler: {{endpoints: [{upstream}], max_batch_size: 4}}\n"
+        f"  echo: [{upstream}]\n"
+    )
+    gateway_port = free_port()
+    url = f"http://127.0.0.1:{gateway_port}"
+    args = ["gateway", "--endpoints", str(endpoints), "--port", str(gateway_port)]
+    logs = tmp_path_factory.mktemp("logs")
+    with (
+        upstream_process(
+            [str(mlserver), "start", str(root)],
+            root,
+            logs / "mlserver.log",
+            f"{upstream}/v2/models/echo/ready",
+        ),
+        bazaar_process(args, logs / "gateway.log", models_ready(url, list(models))),
+    ):
+        yield url
+
+
+def test_a_model_declared_in_its_settings_is_validated_and_batched(gateway: str) -> None:
+    metadata = httpx.get(f"{gateway}/v2/models/doubler").json()
+    assert metadata["inputs"] == [{"name": "x", "datatype": "FP32", "shape": [-1, 2]}]
+    assert metadata["parameters"] == {"max_batch_size": 4}
+    client = triton.InferenceServerClient(gateway.removeprefix("http://"), concurrency=8)
+    assert client.is_model_ready("doubler")
+
+    def infer(row: int, binary: bool) -> triton.InferAsyncRequest:
+        x = np.array([[row, row + 1]], dtype=np.float32)
+        tensor = triton.InferInput("x", [1, 2], "FP32")
+        tensor.set_data_from_numpy(x, binary_data=binary)
+        wanted = [triton.InferRequestedOutput("y", binary_data=binary)]
+        return client.async_infer("doubler", [tensor], outputs=wanted)
+
+    # Sixteen at once, JSON and binary: they queue at the gateway and leave in batches.
+    pending = [infer(row, binary=row % 2 == 0) for row in range(16)]
+    for row, request in enumerate(pending):
+        np.testing.assert_array_equal(request.get_result().as_numpy("y"), [[2 * row, 2 * row + 2]])
+    client.close()
+    wrong = httpx.post(f"{gateway}/v2/models/doubler/infer", json={"inputs": []})
+    assert wrong.status_code == 400  # refused at the gateway: MLServer never sees it
+
+
+def test_a_runtime_that_declares_no_tensors_is_passed_through(gateway: str) -> None:
+    assert httpx.get(f"{gateway}/v2/models/echo/ready").status_code == 200
+    body = {
+        "id": "42",
+        "inputs": [{"name": "text", "shape": [2], "datatype": "BYTES", "data": ["a", "b"]}],
+    }
+    response = httpx.post(f"{gateway}/v2/models/echo/infer", json=body)
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    assert (answer["model_name"], answer["id"]) == ("echo", "42")
+    assert answer["outputs"][0]["data"] == ["a", "b"]
+    refused = httpx.post(f"{gateway}/v2/models/echo/infer", json={"inputs": "none"})
+    assert refused.status_code == 400  # MLServer's refusal, the client's answer
