@@ -13,8 +13,9 @@ Attacks (``ATTACKS``), each holding ``connections`` connections at once:
   so it presses on the cap without becoming a connect flood.
 - ``huge-headers``: a header ``HUGE_HEADER_BYTES`` long (100 MiB) streamed as fast as the
   server reads it; 431 once past the header limit.
-- ``huge-bodies``: inference bodies of ``HUGE_BODY_BYTES`` (250 MiB, under the 256 MiB
-  limit, so the edge lets them through), one of each of ``body_shapes`` in turn: a tensor of
+- ``huge-bodies``: inference bodies of ``HUGE_BODY_BYTES`` (250 MiB: over the default 64 MiB
+  limit, so refused as declared, or once past it when sent chunked; under a limit raised
+  past them, the codec's bounds refuse them), one of each of ``body_shapes`` in turn: a tensor of
   tens of millions of numbers, millions of small tensors, nesting past any parser's depth,
   one huge string, a binary tensor, the numbers sent chunked (no length declared), and
   bytes that are not JSON at all. Each body is generated as it is sent, from a repeated
