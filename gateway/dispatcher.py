@@ -80,8 +80,9 @@ TIMER_SLACK_S = 1e-6
 
 
 DEFAULT_MAX_QUEUE_SIZE = 4096
-"""Above the edge's 2,048 requests in progress: as many clients waiting in a closed loop
-queue rather than cycle through 503s (each queued request is one in progress)."""
+"""As many as the edge's requests in progress (each queued request is one of them), so that
+only the edge's cap binds: clients waiting in a closed loop queue rather than cycle
+through 503s."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -47,9 +47,9 @@ class DynamicBatching:
     """Batch sizes worth waiting for, ascending and unique, each 1..max_batch_size; default
     none."""
     max_queue_size: int = 4096
-    """Requests queued at most; the queue is always bounded. Default 4096: above the
-    gateway's 2,048 requests in progress, so that as many clients waiting in a closed loop
-    queue rather than cycle through 503s (each queued request is one in progress)."""
+    """Requests queued at most; the queue is always bounded. Default 4096: the gateway's
+    requests in progress, so that clients waiting in a closed loop queue rather than cycle
+    through 503s (each queued request is one in progress)."""
     default_timeout_ms: float = 0.0
     """Deadline in milliseconds for requests that set none; default 0 (no deadline)."""
     priority_levels: int = 1

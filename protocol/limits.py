@@ -44,8 +44,10 @@ class EdgeLimits:
     """Open connections per process (10,000; at most three quarters of the process's file
     descriptor limit). At the cap a new connection closes the longest-idle keep-alive one;
     with none idle, the new one is closed."""
-    max_concurrent_requests: int = 2048
-    """Requests in progress per process (2,048); beyond, 503 with Retry-After."""
+    max_concurrent_requests: int = 4096
+    """Requests in progress per process (4,096); beyond, 503 with Retry-After. Well above
+    the clients a gateway is expected to serve in a closed loop (2,048): at the cap each
+    refused client comes straight back, and goodput goes to answering 503s."""
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
