@@ -7,7 +7,7 @@ INSTALLED := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: serve test check bench loadtest simulate grpc-protos clean
+.PHONY: serve test check bench loadtest simulate grpc-protos prometheus-rules clean
 
 $(INSTALLED): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,10 +23,11 @@ serve: $(INSTALLED)
 # Set-up outside the checkout, once: the real Kubernetes control plane the tests run against
 # (tests/controlplane/build.sh: about 10 minutes on 2 cores the first time, then nothing),
 # checkov, MLServer and PyTriton (Triton's server) in venvs of their own (their pins conflict
-# with ours; about 6 minutes each the first time).
+# with ours; about 6 minutes each the first time); promtool from Debian's prometheus package.
 test: $(INSTALLED)
 	bash tests/controlplane/build.sh
 	bash tests/deploy/checkov.sh
+	bash tests/deploy/promtool.sh
 	bash tests/upstreams/mlserver.sh
 	bash tests/upstreams/triton.sh
 	$(BIN)/python -m pytest
@@ -53,6 +54,10 @@ check: $(INSTALLED)
 # in the dev extra); see protocol/grpc/generate.sh for the two edits made after protoc.
 grpc-protos: $(INSTALLED)
 	PATH=$(abspath $(BIN)):$$PATH bash protocol/grpc/generate.sh
+
+# The PrometheusRule of deploy/components/prometheus-operator/, from deploy/prometheus/rules.yaml.
+prometheus-rules: $(INSTALLED)
+	$(BIN)/python deploy/prometheus/prometheusrule.py
 
 clean:
 	rm -rf $(VENV) .bazaar .pytest_cache .mypy_cache .ruff_cache .import_linter_cache

@@ -124,7 +124,7 @@ def add_loadtest_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--results",
         type=Path,
         metavar="DIR",
-        help="default: results/loadtest/<time>-<scenario>",
+        help="default: results/loadtest/<time>-<scenario> under the current directory",
     )
     parser.set_defaults(run=run_loadtest)
     return parser
@@ -144,7 +144,13 @@ def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="measured seconds per point (default %(default)s)",
     )
     length.add_argument("--quick", action="store_true", help="3 s per point, for a smoke run")
-    parser.add_argument("--out", type=Path, default=Path("results/bench"), metavar="DIR")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("results/bench"),
+        metavar="DIR",
+        help="default: %(default)s under the current directory",
+    )
     parser.add_argument(
         "--models", nargs="+", choices=BENCH_MODELS, default=["mlp", "digits", "mlp_wide"]
     )
@@ -184,7 +190,10 @@ def run_loadtest(args: argparse.Namespace) -> int:
     if not all(p.isdigit() for p in priorities):
         print(f"loadtest: --priorities {args.priorities!r}: expected integers like 1,2")
         return 2
-    results = args.results or Path("results", "loadtest", _stamp() + f"-{args.scenario}")
+    # Absolute here, where the path enters: Locust runs in another working directory.
+    results = (
+        args.results or Path("results", "loadtest", f"{_stamp()}-{args.scenario}")
+    ).absolute()
     config = LoadTestConfig(
         host=args.host,
         scenario=args.scenario,

@@ -68,6 +68,7 @@ class LoadTestConfig:
     """Model mix ``NAME[:WEIGHT],...``; empty = every ready model, equally."""
     slo: Slo
     results: Path
+    """Folder for the report, CSVs, tally and plot; absolute, since Locust runs in it."""
     binary_ratio: float = 0.5
     """Fraction of requests sent with binary tensors (the rest JSON)."""
     priorities: str = ""
@@ -80,6 +81,10 @@ class LoadTestConfig:
     """Fraction of requests sent with a wrong shape (to see the 400 path counted)."""
     max_outstanding: int = 1000
     """Open loop: requests in flight at most before a due one counts as missed."""
+
+    def __post_init__(self) -> None:
+        if not self.results.is_absolute():
+            raise ValueError(f"results must be an absolute path, got {self.results}")
 
 
 def run(config: LoadTestConfig, out: TextIO | None = None) -> int:
@@ -124,7 +129,9 @@ def _run(config: LoadTestConfig, out: TextIO) -> int:
             command,
             stdout=log,
             stderr=subprocess.STDOUT,
-            cwd=ROOT,
+            # Anything Locust writes by a relative name lands with the results, not in the
+            # caller's directory or wherever the package is installed.
+            cwd=config.results,
             env={**os.environ, "PYTHONPATH": os.pathsep.join(_pythonpath())},
         )
     try:
@@ -207,7 +214,7 @@ def _ready_models(host: str) -> list[str]:
 
 
 def _pythonpath() -> list[str]:
-    # The locustfile imports loadtests.*, which lives at the root of this checkout.
+    # The locustfile imports loadtests.*, which lives in ROOT: this checkout, or site-packages.
     return [str(ROOT), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
 
 

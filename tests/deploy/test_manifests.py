@@ -67,11 +67,13 @@ KUSTOMIZE_SUBSET = {
 }
 CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding"}
 MONITORING_KINDS = {"PodMonitor", "ServiceMonitor"}
+OPERATOR_KINDS = {*MONITORING_KINDS, "PrometheusRule"}
+"""The Prometheus operator's CRDs (the PrometheusRule: tests/deploy/test_rules.py)."""
 MODEL_LABEL = "bazaar.dev/model"
 NAMESPACE = "bazaar"
 IMAGE = "ghcr.io/bazaar-dev/bazaar"
 VERSION = "0.1.0"
-COMPONENT_LABELS = {"gateway", "model-server", "autoscaler", "loadtest"}
+COMPONENT_LABELS = {"gateway", "model-server", "autoscaler", "loadtest", "monitoring"}
 MONITORING_NAMESPACE = {"kubernetes.io/metadata.name": "monitoring"}
 # Pod Security Standards, restricted: the volume types it admits (image: Kubernetes 1.33+).
 RESTRICTED_VOLUMES = {
@@ -342,8 +344,8 @@ def test_our_render_is_what_kustomize_renders(name: str, tmp_path: Path) -> None
 
 def test_resources_are_valid_kubernetes_objects(rendered: list[Resource]) -> None:
     for resource in rendered:
-        if resource["kind"] in MONITORING_KINDS:
-            continue  # a CRD: no schema here; checked by test_monitors_*
+        if resource["kind"] in OPERATOR_KINDS:
+            continue  # a CRD: no schema here; checked by test_monitors_* and test_rules.py
         try:
             kubernetes_validate.validate(resource, K8S_VERSION, strict=True)
         except SchemaNotFoundError:

@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import shutil
+import subprocess
+import sys
 import threading
 from collections import Counter
 from collections.abc import Iterator
@@ -26,7 +29,7 @@ import pytest
 
 from loadtests.command import add_loadtest_parser
 from loadtests.payloads import ModelSpec, build_payload
-from loadtests.runner import scrape
+from loadtests.runner import ROOT, scrape
 from tests.support import bazaar_process, free_port, models_ready
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -160,6 +163,94 @@ def test_the_open_loop_offers_its_rate(
     requests = summary_of(tmp_path)["requests"]
     # 100/s for 3 s, give or take the keepers' start-up and the last tick.
     assert 240 <= requests["due"] <= 320, requests
+
+
+@pytest.fixture(scope="module")
+def installed_bazaar(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A venv with bazaar installed from a wheel of this checkout (not editable); its bin.
+
+    The dependencies are this interpreter's site-packages, named in a ``.pth`` file of the new
+    venv, so nothing is downloaded; the build runs on a copy, so the checkout stays clean.
+    """
+    work = tmp_path_factory.mktemp("installed")
+    source = work / "source"
+    shutil.copytree(
+        ROOT,
+        source,
+        ignore=shutil.ignore_patterns(
+            ".git", ".venv", ".bazaar", "results", "build", "*.egg-info", "__pycache__", ".*cache"
+        ),
+    )
+    venv = work / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    site = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    (Path(site) / "bazaar-dependencies.pth").write_text(
+        "\n".join(p for p in sys.path if p.endswith("site-packages")) + "\n"
+    )
+    subprocess.run(
+        [sys.executable, "-m", "pip", "--python", str(python), "install", "--quiet",
+         "--no-deps", "--no-build-isolation", str(source)],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )  # fmt: skip
+    return venv / "bin"
+
+
+def outside_the_checkout() -> dict[str, str]:
+    """The environment without PYTHONPATH, so only what is installed can be imported."""
+    return {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+
+
+def test_an_installed_loadtest_run_from_another_directory_writes_its_results_there(
+    gateway: str, installed_bazaar: Path, tmp_path: Path
+) -> None:
+    package = subprocess.run(
+        [str(installed_bazaar / "python"), "-c", "import loadtests; print(loadtests.__file__)"],
+        cwd=tmp_path,
+        env=outside_the_checkout(),
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert package.startswith(str(installed_bazaar.parent)), package
+    done = subprocess.run(
+        [str(installed_bazaar / "bazaar"), "loadtest", "--host", gateway, "--duration", "2s",
+         "--users", "2", "--models", "digits", "--slo-p99-ms", "5000"],
+        cwd=tmp_path,
+        env=outside_the_checkout(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    (results,) = (tmp_path / "results" / "loadtest").iterdir()
+    assert results.name.endswith("-steady")
+    assert f"results in {results}/" in done.stdout
+    assert summary_of(results)["requests"]["ok"] > 0
+    assert (results / "report.html").stat().st_size > 0
+    assert (results / "plot.png").read_bytes().startswith(PNG_MAGIC)
+    assert not (Path(package).parent.parent / "results").exists()
+
+
+def test_a_relative_results_folder_is_the_callers(gateway: str, tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "bazaar", "loadtest", "--host", gateway, "--duration", "1s",
+         "--users", "1", "--models", "digits", "--slo-p99-ms", "5000", "--results", "here"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert summary_of(tmp_path / "here")["requests"]["ok"] > 0
+    assert not (ROOT / "here").exists()
 
 
 ECHO_METADATA = {
