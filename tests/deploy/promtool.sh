@@ -13,5 +13,9 @@ if [[ $(id -u) -ne 0 ]] || ! command -v apt-get >/dev/null; then
     exit 1
 fi
 echo "promtool.sh: installing Debian's prometheus package for promtool (once)"
-DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus </dev/null >/dev/null
+export DEBIAN_FRONTEND=noninteractive
+if ! apt-get install -y -qq prometheus </dev/null >/dev/null; then
+    apt-get update -qq </dev/null >/dev/null  # a fresh machine's package lists may be stale
+    apt-get install -y -qq prometheus </dev/null >/dev/null
+fi
 promtool --version >/dev/null
