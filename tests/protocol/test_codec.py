@@ -711,10 +711,10 @@ def test_shared_memory_inputs_and_outputs_are_refused_by_name() -> None:
     body, header_length = triton.InferenceServerClient.generate_request_body(
         [tensor], outputs=[output]
     )
-    with pytest.raises(InvalidRequest, match="output 'y': .*'shared_memory_region'.*shared memory"):
+    with pytest.raises(InvalidRequest, match=r"output 'y'.*'shared_memory_region'.*shared memory"):
         decode_request(body, header_length, one_tensor_model("FP32"))
     shared = triton.InferInput("x", [1, 3], "FP32")
     shared.set_shared_memory("region", 12)
     body, header_length = triton.InferenceServerClient.generate_request_body([shared])
-    with pytest.raises(InvalidRequest, match="input 'x': .*'shared_memory_region'.*shared memory"):
+    with pytest.raises(InvalidRequest, match=r"input 'x': .*'shared_memory_region'.*shared memory"):
         decode_request(body, header_length, one_tensor_model("FP32"))
