@@ -83,6 +83,9 @@ def create_app(
         runtime = store.get(name, version)
         config = runtime.config.to_json()
         config["max_batch_size"] = runtime.metadata.max_batch_size
+        if runtime.metadata.labels:
+            # Triton's config names a label file; its labels travel here, for the gateway.
+            config["labels"] = list(runtime.metadata.labels)
         return {"name": name, **config}
 
     async def infer(

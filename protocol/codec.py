@@ -62,6 +62,8 @@ class RequestedOutput:
     name: str
     binary: bool | None
     """Its ``parameters.binary_data``; None when the client did not say."""
+    classification: int = 0
+    """Its ``parameters.classification``: answer the top this many classes (0: the scores)."""
 
 
 @dataclass(slots=True)
@@ -456,7 +458,13 @@ def requested_outputs(value: object, metadata: ModelMetadata) -> tuple[Requested
             raise InvalidRequest(f"{what} is requested more than once")
         parameters = _parameters(what, item.get("parameters", {}))
         refuse_shared_memory(what, parameters)
-        requested.append(RequestedOutput(name, _flag(what, parameters, "binary_data")))
+        classification = parameters.get("classification", 0)
+        if type(classification) is not int or classification < 0:
+            raise InvalidRequest(
+                f"{what}: parameters.classification must be an integer >= 0, got {classification!r}"
+            )
+        binary = _flag(what, parameters, "binary_data")
+        requested.append(RequestedOutput(name, binary, classification))
     return tuple(requested)
 
 

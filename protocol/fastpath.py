@@ -26,6 +26,7 @@ from typing import Any
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from protocol.auth import TENANT
+from protocol.classification import classify
 from protocol.codec import InferenceRequest, InferenceResponse, decode_request, encode_response
 from protocol.compression import compress, decompress, response_coding
 from protocol.edge import ON_DISCONNECT
@@ -73,7 +74,20 @@ def decode(body: bytes, headers: Headers, metadata: ModelMetadata) -> InferenceR
 
 
 def answer(request: InferenceRequest, metadata: ModelMetadata, outputs: dict[str, Array]) -> Answer:
-    """The response to ``request``: its id echoed, the outputs it asked for, as it asked."""
+    """The response to ``request``: its id echoed, the outputs it asked for, as it asked
+    (the top classes of those it asked to classify)."""
+    for output in request.outputs or ():
+        if output.classification and output.name in outputs:
+            outputs = {
+                **outputs,
+                output.name: classify(
+                    f"output '{output.name}'",
+                    outputs[output.name],
+                    output.classification,
+                    metadata.labels,
+                    metadata.max_batch_size > 0,
+                ),
+            }
     response = InferenceResponse(
         model_name=metadata.name,
         model_version=metadata.version,
