@@ -42,11 +42,15 @@ from protocol.responses import (
     json_response,
     model_routes,
     server_routes,
+    shared_memory_routes,
 )
 from protocol.schema import ModelMetadata
 
 SERVER_NAME = "bazaar"
-EXTENSIONS = ["binary_tensor_data", "model_repository", "schedule_policy", "parameters"]
+EXTENSIONS = ["binary_tensor_data", "classification", "schedule_policy", "parameters"]
+"""What the HTTP API implements: ``model_repository`` is not listed, its index alone is."""
+GRPC_EXTENSIONS = [extension for extension in EXTENSIONS if extension != "classification"]
+"""What the gRPC API implements: its codec refuses classification by name."""
 TIMEOUT_HEADER = b"x-request-timeout-ms"
 
 
@@ -98,6 +102,7 @@ def routes(catalog: ModelCatalog) -> list[Route]:
         *server_routes(SERVER_NAME, EXTENSIONS, lambda: True),
         *model_routes(model_metadata, catalog.is_ready),
         Route("/v2/repository/index", repository_index, methods=["POST"]),
+        *shared_memory_routes(),
         Route("/metrics", prometheus),
         Route("/stats", stats),
         openapi_route(lambda: [served.metadata for served in catalog.models.values()]),

@@ -126,6 +126,10 @@ async def read_model(
             "parameters": {"max_batch_size": policy.max_batch_size},
         }
     )
+    labels = config_json.get("labels")
+    if isinstance(labels, list) and all(isinstance(label, str) for label in labels):
+        # A bazaar pod's: the classification extension answers with them here.
+        metadata = dataclasses.replace(metadata, labels=tuple(labels))
     if settings.validate and metadata.inputs and metadata.outputs:
         return Reading(metadata, policy)
     return Reading(

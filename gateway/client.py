@@ -45,6 +45,10 @@ class HttpModelClient:
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60),
             timeout=aiohttp.ClientTimeout(sock_connect=connect_timeout_s),
+            # aiohttp asks for gzip by default, and pods compress what a caller accepts: the
+            # hop would pay for it both ways. The client's own Accept-Encoding is the
+            # gateway's to honour.
+            headers={"Accept-Encoding": "identity"},
         )
         self._binary: dict[str, bool] = {}
         """Per server URL, whether it speaks the binary tensor extension."""

@@ -11,7 +11,7 @@ outstanding work, retry and ejection. Each request counts one row and leaves the
 alone (the model's policy has ``max_batch_size`` 0).
 
 Priority and timeout are read from the request's ``parameters`` when its JSON header
-parses (a compressed body's cannot be read: then only ``X-Request-Timeout-Ms`` counts);
+parses (a compressed body arrives here decoded, ``protocol.compression``);
 what the upstream makes of the rest is its business, and its 4xx is the client's answer.
 """
 
@@ -24,7 +24,7 @@ import orjson
 from gateway.router import RawRequest
 from protocol.fastpath import Headers, header_length
 
-FORWARDED_HEADERS = (b"content-type", b"content-encoding", b"inference-header-content-length")
+FORWARDED_HEADERS = (b"content-type", b"inference-header-content-length")
 """The request headers an upstream needs to read a body passed through."""
 
 
@@ -39,8 +39,6 @@ def raw_request(body: bytes, headers: Headers) -> tuple[RawRequest, dict[str, An
 
 
 def _parameters(body: bytes, headers: Headers) -> dict[str, Any]:
-    if b"content-encoding" in headers:
-        return {}
     length = header_length(headers)
     try:
         header = orjson.loads(body if length is None else body[:length])

@@ -1,6 +1,8 @@
 """The model repository on disk, laid out as Triton's::
 
     <root>/<model>/config.yaml           optional; see ``models.config``
+    <root>/<model>/labels.txt            optional; class labels, one a line, for the
+                                         classification extension (Triton's label_filename)
     <root>/<model>/<version>/model.onnx  version: a positive integer without leading zeros
 
 Model names arrive in URLs and load requests, so ``model_dir`` is the one way from a name to a
@@ -39,6 +41,9 @@ _VERSION = re.compile(r"^[1-9][0-9]*$")
 
 CONFIG_FILE = "config.yaml"
 MODEL_FILE = "model.onnx"
+LABELS_FILE = "labels.txt"
+MAX_LABELS_BYTES = 16 * 1024 * 1024
+"""The largest labels file read (16 MiB): its labels are held and sent in the config."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +114,15 @@ class ModelRepository:
         if overrides is None:
             return load_config(model_dir / CONFIG_FILE)
         return parse_config(overrides, f"load request for model '{name}'")
+
+    def labels(self, name: str) -> tuple[str, ...]:
+        """The model's class labels by index (line ``i`` of ``labels.txt``); none without it."""
+        path = self.model_dir(name) / LABELS_FILE
+        if not path.is_file():
+            return ()
+        if path.stat().st_size > MAX_LABELS_BYTES:
+            raise ConfigError(str(path), None, f"larger than {MAX_LABELS_BYTES} bytes")
+        return tuple(path.read_text(encoding="utf-8").splitlines())
 
     def versions(self, name: str, config: ModelConfig) -> list[ModelVersionFiles]:
         """The versions ``config.version_policy`` selects, ascending.

@@ -21,6 +21,7 @@ when present and falls back to the CPU provider otherwise.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -102,7 +103,14 @@ def warmup_batch_sizes(max_batch_size: int, preferred: tuple[int, ...]) -> list[
 class ModelRuntime:
     """One loaded model version: its session, metadata and busy time."""
 
-    def __init__(self, name: str, version: int, path: Path, config: ModelConfig) -> None:
+    def __init__(
+        self,
+        name: str,
+        version: int,
+        path: Path,
+        config: ModelConfig,
+        labels: tuple[str, ...] = (),
+    ) -> None:
         where = str(path)
         options = ort.SessionOptions()
         options.intra_op_num_threads = config.intra_op_threads
@@ -135,6 +143,7 @@ class ModelRuntime:
             graph_specs(self._session.get_outputs(), where),
             where,
         )
+        self.metadata = dataclasses.replace(self.metadata, labels=labels)
         self.busy = BusyTracker(config.instances)
         self._executor = ThreadPoolExecutor(config.instances, thread_name_prefix=f"ort-{name}")
         self._slots: asyncio.Semaphore | None = None

@@ -47,13 +47,17 @@ from protocol.responses import (
     json_response,
     model_routes,
     server_routes,
+    shared_memory_routes,
 )
 from protocol.support import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
 SERVER_NAME = "bazaar-model-server"
-EXTENSIONS = ["binary_tensor_data", "model_repository"]
+EXTENSIONS = ["binary_tensor_data", "classification", "model_repository"]
+"""What the HTTP API implements."""
+GRPC_EXTENSIONS = [extension for extension in EXTENSIONS if extension != "classification"]
+"""What the gRPC API implements: its codec refuses classification by name."""
 GRPC_DRAIN_S = 60
 """At shutdown, how long gRPC calls in flight may take to finish (the gateway's call timeout)."""
 
@@ -83,6 +87,9 @@ def create_app(
         runtime = store.get(name, version)
         config = runtime.config.to_json()
         config["max_batch_size"] = runtime.metadata.max_batch_size
+        if runtime.metadata.labels:
+            # Triton's config names a label file; its labels travel here, for the gateway.
+            config["labels"] = list(runtime.metadata.labels)
         return {"name": name, **config}
 
     async def infer(
@@ -125,6 +132,7 @@ def create_app(
         *model_routes(inference.model_metadata, store.is_ready, model_config),
         Route("/metrics", prometheus),
         Route("/v2/repository/index", repository_index, methods=["POST"]),
+        *shared_memory_routes(),
         openapi_route(lambda: [loaded.default.metadata for loaded in store.models.values()]),
     ]
     if model_control:
@@ -157,7 +165,7 @@ async def _grpc_serving(inference: PodInference, listener: GrpcListener) -> Asyn
     from models.grpc import PodGrpcBackend
     from protocol.grpc.service import InferenceService, grpc_server
 
-    backend = PodGrpcBackend(inference, SERVER_NAME, EXTENSIONS)
+    backend = PodGrpcBackend(inference, SERVER_NAME, GRPC_EXTENSIONS)
     server, port = grpc_server(
         InferenceService(backend), listener.host, listener.port, listener.limits
     )

@@ -226,10 +226,13 @@ class ModelStore:
             self.limits.check_override(config, f"load request for model '{name}'")
         if self.device is not None:
             config = dataclasses.replace(config, device=self.device)
+        labels = self.repository.labels(name)
         versions = {}
         try:
             for files in self.repository.versions(name, config):
-                versions[files.version] = ModelRuntime(name, files.version, files.path, config)
+                versions[files.version] = ModelRuntime(
+                    name, files.version, files.path, config, labels
+                )
         except BaseException:
             for runtime in versions.values():
                 runtime.close()

@@ -62,6 +62,8 @@ class RequestedOutput:
     name: str
     binary: bool | None
     """Its ``parameters.binary_data``; None when the client did not say."""
+    classification: int = 0
+    """Its ``parameters.classification``: answer the top this many classes (0: the scores)."""
 
 
 @dataclass(slots=True)
@@ -343,7 +345,9 @@ def _wire_tensor(kind: str, index: int, item: object) -> WireTensor:
         raise InvalidRequest(
             f"{what}: 'shape' must be an array of non-negative integers, got {_show(shape)}"
         )
-    size = _parameters(what, item.get("parameters", {})).get("binary_data_size")
+    parameters = _parameters(what, item.get("parameters", {}))
+    refuse_shared_memory(what, parameters)
+    size = parameters.get("binary_data_size")
     if size is not None and (type(size) is not int or size < 0):
         raise InvalidRequest(
             f"{what}: parameters.binary_data_size must be a non-negative integer, got {size!r}"
@@ -453,8 +457,27 @@ def requested_outputs(value: object, metadata: ModelMetadata) -> tuple[Requested
         if any(output.name == name for output in requested):
             raise InvalidRequest(f"{what} is requested more than once")
         parameters = _parameters(what, item.get("parameters", {}))
-        requested.append(RequestedOutput(name, _flag(what, parameters, "binary_data")))
+        refuse_shared_memory(what, parameters)
+        classification = parameters.get("classification", 0)
+        if type(classification) is not int or classification < 0:
+            raise InvalidRequest(
+                f"{what}: parameters.classification must be an integer >= 0, got {classification!r}"
+            )
+        binary = _flag(what, parameters, "binary_data")
+        requested.append(RequestedOutput(name, binary, classification))
     return tuple(requested)
+
+
+def refuse_shared_memory(what: str, parameters: Iterable[str]) -> None:
+    """``InvalidRequest`` naming the extension if a tensor's parameters ask for shared memory
+    (``shared_memory_region``, ``_byte_size``, ``_offset``): bazaar has no region registry,
+    and ignoring them would answer a client that reads a region nobody wrote."""
+    for key in parameters:
+        if key.startswith("shared_memory_"):
+            raise InvalidRequest(
+                f"{what}: parameter '{key}' asks for the shared memory extension, "
+                "which this server does not implement"
+            )
 
 
 def _requested_json(name: str, binary: bool | None) -> dict[str, Any]:

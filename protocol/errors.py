@@ -50,8 +50,17 @@ class PayloadTooLarge(BazaarError):
 
     status = 413
 
-    def __init__(self, limit_bytes: int) -> None:
-        super().__init__(f"request body is larger than the limit of {limit_bytes} bytes")
+    def __init__(self, limit_bytes: int, what: str = "request body") -> None:
+        super().__init__(f"{what} is larger than the limit of {limit_bytes} bytes")
+
+
+class UnsupportedEncoding(InvalidRequest):
+    """A ``Content-Encoding`` the server cannot decode (415, as RFC 7694 says)."""
+
+    status = 415
+
+    def __init__(self, encoding: str, supported: str) -> None:
+        super().__init__(f"Content-Encoding {encoding!r} is not supported; send {supported}")
 
 
 class ConfigError(BazaarError):

@@ -4,7 +4,9 @@
 clients, Starlette's request objects, router and exception middleware cost about as much
 CPU per request as decoding, batching and encoding together, so this route skips them: it
 matches the path itself, reads the body from ``receive`` and answers with two ``send``
-calls. The semantics stay those of every other route: the handler raises ``BazaarError``
+calls. A gzip or deflate body is decoded before the handler sees it, within the route's body
+limit, and the answer compressed when the client accepts it (``protocol.compression``). The
+semantics stay those of every other route: the handler raises ``BazaarError``
 and the same error table answers (``responses.error_response``). Everything else goes to
 the Starlette app unchanged. Gateway and pods alike write their handler as
 ``decode`` → run → ``answer``.
@@ -24,7 +26,9 @@ from typing import Any
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from protocol.auth import TENANT
+from protocol.classification import classify
 from protocol.codec import InferenceRequest, InferenceResponse, decode_request, encode_response
+from protocol.compression import compress, decompress, response_coding
 from protocol.edge import ON_DISCONNECT
 from protocol.errors import InvalidRequest, PayloadTooLarge
 from protocol.limits import EdgeLimits
@@ -70,7 +74,20 @@ def decode(body: bytes, headers: Headers, metadata: ModelMetadata) -> InferenceR
 
 
 def answer(request: InferenceRequest, metadata: ModelMetadata, outputs: dict[str, Array]) -> Answer:
-    """The response to ``request``: its id echoed, the outputs it asked for, as it asked."""
+    """The response to ``request``: its id echoed, the outputs it asked for, as it asked
+    (the top classes of those it asked to classify)."""
+    for output in request.outputs or ():
+        if output.classification and output.name in outputs:
+            outputs = {
+                **outputs,
+                output.name: classify(
+                    f"output '{output.name}'",
+                    outputs[output.name],
+                    output.classification,
+                    metadata.labels,
+                    metadata.max_batch_size > 0,
+                ),
+            }
     response = InferenceResponse(
         model_name=metadata.name,
         model_version=metadata.version,
@@ -147,6 +164,9 @@ async def _infer(
 
     scope[ON_DISCONNECT] = client_left
     try:
+        encoding = headers.pop(b"content-encoding", None)
+        if encoding is not None:
+            body = decompress(body, encoding, max_body_bytes)
         encoded, header_length = await handler(
             target[0], target[1], body, headers, scope.get(TENANT)
         )
@@ -160,9 +180,14 @@ async def _infer(
         return
     finally:
         del scope[ON_DISCONNECT]
-    response_headers: list[tuple[bytes, bytes]] = [
-        (b"content-length", str(len(encoded)).encode()),
-    ]
+    response_headers: list[tuple[bytes, bytes]] = []
+    accept_encoding = headers.get(b"accept-encoding")
+    if accept_encoding is not None:
+        coding = response_coding(accept_encoding)
+        if coding is not None:
+            encoded = compress(encoded, coding)
+            response_headers.append((b"content-encoding", coding))
+    response_headers.append((b"content-length", str(len(encoded)).encode()))
     if header_length is None:
         response_headers.append((b"content-type", b"application/json"))
     else:

@@ -43,6 +43,7 @@ from protocol.errors import (
     ModelNotReady,
     Overloaded,
     PayloadTooLarge,
+    UnsupportedEncoding,
     UpstreamError,
 )
 from protocol.fastpath import INFER_PATHS
@@ -59,7 +60,7 @@ from protocol.jsonschemas import (
     inference_response,
     record,
 )
-from protocol.responses import json_response
+from protocol.responses import SHARED_MEMORY_PATHS, json_response
 from protocol.schema import ModelMetadata
 
 OPENAPI_PATH = "/openapi.json"
@@ -122,6 +123,10 @@ OPERATIONS: dict[str, Operation] = {
     "/v2/repository/models/{model}/unload": Operation(
         "Unload a model", {200: OBJECT}, (InvalidRequest, ModelNotFound)
     ),
+    **{
+        path: Operation("Shared memory: not implemented, always refused", {}, (InvalidRequest,))
+        for path in SHARED_MEMORY_PATHS
+    },
     "/metrics": Operation("Prometheus metrics", {200: STRING}, media_type="text/plain"),
     OPENAPI_PATH: Operation("This document, for the models served now", {200: OBJECT}),
 }
@@ -130,6 +135,7 @@ OPERATIONS: dict[str, Operation] = {
 INFER_ERRORS = (
     InvalidRequest,
     PayloadTooLarge,
+    UnsupportedEncoding,
     ModelNotFound,
     ModelNotReady,
     Overloaded,
@@ -161,7 +167,12 @@ the bytes of each tensor that has `parameters.binary_data_size` instead of `data
 order the tensors appear in the JSON: little-endian, row-major, a BYTES element as a
 4-byte little-endian length and its bytes. `{HEADER_LENGTH}` is the JSON part's length.
 Outputs come back binary when asked (`binary_data_output`, or an output's `binary_data`),
-in the same layout and with the same header."""
+in the same layout and with the same header.
+
+`Content-Encoding: gzip` or `deflate` bodies are decoded (the body limit holds for the
+decoded body); answers are compressed when `Accept-Encoding` accepts gzip or deflate. An
+output's `parameters.classification: k` answers its top k classes as BYTES
+`"score:index[:label]"` strings, as Triton does. `shared_memory_*` parameters are refused."""
 INFER_HEADERS = [
     {
         "name": HEADER_LENGTH,

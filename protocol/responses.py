@@ -99,6 +99,34 @@ def server_routes(name: str, extensions: list[str], ready: Callable[[], bool]) -
     ]
 
 
+SHARED_MEMORY_PATHS = tuple(
+    prefix + tail
+    for prefix in ("/v2/systemsharedmemory", "/v2/cudasharedmemory")
+    for tail in (
+        "/status",
+        "/region/{region}/status",
+        "/region/{region}/register",
+        "/unregister",
+        "/region/{region}/unregister",
+    )
+)
+"""Triton's shared memory routes, system and CUDA: status (GET), register and unregister."""
+
+
+def shared_memory_routes() -> list[Route]:
+    """Triton's shared memory extension (status, register, unregister), refused by name: 400
+    as Triton answers when it is not built in, not a 404 a client could read as a typo."""
+
+    async def refuse(request: Request) -> Response:
+        kind = "system" if request.url.path.startswith("/v2/system") else "CUDA"
+        raise InvalidRequest(f"this server does not implement the {kind} shared memory extension")
+
+    return [
+        Route(path, refuse, methods=["GET"] if path.endswith("/status") else ["POST"])
+        for path in SHARED_MEMORY_PATHS
+    ]
+
+
 ModelView = Callable[[str, str | None], dict[str, Any]]
 """A model's JSON view (metadata, config) by (model, version); raises ``BazaarError``."""
 

@@ -72,6 +72,10 @@ class ModelMetadata:
     outputs: tuple[TensorSpec, ...]
     max_batch_size: int
     """Rows per request the model takes along its first dimension; 0 = the model does not batch."""
+    labels: tuple[str, ...] = ()
+    """Class labels by index, for the classification extension (``protocol.classification``):
+    the pod reads them from the model's labels file, the gateway from the pod's config. Not
+    part of the v2 metadata."""
 
     def input(self, name: str) -> TensorSpec | None:
         for spec in self.inputs:

@@ -37,7 +37,11 @@ def test_health_and_server_metadata(model_server: str) -> None:
     assert httpx.get(f"{model_server}/v2/health/live").json() == {"live": True}
     assert httpx.get(f"{model_server}/v2/health/ready").json() == {"ready": True}
     metadata = httpx.get(f"{model_server}/v2").json()
-    assert {"binary_tensor_data", "model_repository"} <= set(metadata["extensions"])
+    assert set(metadata["extensions"]) == {
+        "binary_tensor_data",
+        "classification",
+        "model_repository",
+    }
 
 
 def test_model_metadata_describes_the_demo_models(model_server: str) -> None:

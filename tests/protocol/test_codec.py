@@ -700,3 +700,21 @@ def test_tritonclient_reads_our_responses(datatype: str, binary: bool) -> None:
         assert got.tolist() == [[e.decode() for e in row] for row in array.tolist()]
     else:
         assert_same(got, array)
+
+
+def test_shared_memory_inputs_and_outputs_are_refused_by_name() -> None:
+    """Before, both decoded: the input's data was missing (400 'neither'), the output's
+    region was ignored and the client read a region nobody wrote."""
+    tensor = triton.InferInput("x", [1, 3], "FP32").set_data_from_numpy(sample("FP32", (1, 3)))
+    output = triton.InferRequestedOutput("y")
+    output.set_shared_memory("region", 12)
+    body, header_length = triton.InferenceServerClient.generate_request_body(
+        [tensor], outputs=[output]
+    )
+    with pytest.raises(InvalidRequest, match=r"output 'y'.*'shared_memory_region'.*shared memory"):
+        decode_request(body, header_length, one_tensor_model("FP32"))
+    shared = triton.InferInput("x", [1, 3], "FP32")
+    shared.set_shared_memory("region", 12)
+    body, header_length = triton.InferenceServerClient.generate_request_body([shared])
+    with pytest.raises(InvalidRequest, match=r"input 'x': .*'shared_memory_region'.*shared memory"):
+        decode_request(body, header_length, one_tensor_model("FP32"))
