@@ -157,6 +157,7 @@ async def _serve(
             host=args.metrics_host,
             port=args.metrics_port,
             log_level="warning",
+            log_config=None,
             access_log=False,
             lifespan="off",
         )

@@ -13,7 +13,6 @@ import dataclasses
 import logging
 import os
 import secrets
-import sys
 from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from autoscaler.command import add_parser as add_autoscaler_parser
 from autoscaler.simulation.command import add_parser as add_simulate_parser
 from loadtests.command import add_bench_parser, add_loadtest_parser
-from protocol import __version__
+from protocol import __version__, logs
 from protocol.arguments import (
     non_negative_float,
     port,
@@ -53,11 +52,7 @@ DRAIN_TIMEOUT_S = 95.0
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    logs.configure(args.log_level, args.log_format)
     try:
         return int(args.run(args))
     except ConfigError as exc:
@@ -73,6 +68,12 @@ def parser() -> argparse.ArgumentParser:
     )
     root.add_argument("--version", action="version", version=f"bazaar {__version__}")
     root.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    root.add_argument(
+        "--log-format",
+        default="text",
+        choices=logs.FORMATS,
+        help="text, or one JSON object a line (default %(default)s)",
+    )
     commands = root.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     server = commands.add_parser("model-server", help="serve a model repository (one pod)")
@@ -152,6 +153,7 @@ def parser() -> argparse.ArgumentParser:
         help="compute every model on this device, whatever its config says (a pod that "
         "holds a GPU says cuda: it then fails to load rather than compute on the CPU)",
     )
+    _access_log_option(server)
     _edge_options(server)
     server.set_defaults(run=_model_server)
 
@@ -295,6 +297,7 @@ def _gateway_options(parser: argparse.ArgumentParser) -> None:
         "see gateway/tenants.py); default: no limits",
     )
     _access_options(parser)
+    _access_log_option(parser)
     _edge_options(parser)
 
 
@@ -362,6 +365,14 @@ def _tls_options(parser: argparse.ArgumentParser) -> None:
 
 
 EDGE = EdgeLimits()
+
+
+def _access_log_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--access-log",
+        action="store_true",
+        help="log every request (uvicorn's access log; off: it costs the hot path)",
+    )
 
 
 def _edge_options(parser: argparse.ArgumentParser) -> None:
@@ -504,6 +515,7 @@ def _serve(args: argparse.Namespace) -> int:
         args.port,
         _gateway_config(args),
         args.log_level,
+        access_log=args.access_log,
         keys=keys,
         open_scopes=_open_scopes(args),
         grpc_port=args.grpc_port or None,
@@ -540,6 +552,7 @@ def _gateway(args: argparse.Namespace) -> int:
         args.port,
         config,
         args.log_level,
+        access_log=args.access_log,
         keys=keys,
         open_scopes=_open_scopes(args),
         tls=tls,
@@ -697,7 +710,8 @@ def _model_server(args: argparse.Namespace) -> int:
     config = uvicorn.Config(
         app,
         log_level=args.log_level,
-        access_log=False,
+        log_config=None,
+        access_log=args.access_log,
         timeout_graceful_shutdown=60,
         **uvicorn_options(edge),
     )

@@ -38,6 +38,7 @@ from pathlib import Path
 import aiohttp
 
 from gateway.catalog import EndpointListener
+from protocol import logs
 from protocol.support import free_port
 
 log = logging.getLogger(__name__)
@@ -200,6 +201,8 @@ class WorkerSupervisor:
             "bazaar",
             "--log-level",
             self._log_level,
+            "--log-format",
+            logs.configured_format(),
             "model-server",
             "--model-repository",
             str(self._repository),
