@@ -663,6 +663,7 @@ def _model_server(args: argparse.Namespace) -> int:
     from models.server import GrpcListener, create_app
     from models.store import ModelStore
     from protocol.edge import uvicorn_options
+    from protocol.metrics import process_registry
 
     repository = ModelRepository(args.model_repository)
     limits = ModelLimits(
@@ -676,7 +677,7 @@ def _model_server(args: argparse.Namespace) -> int:
     grpc = GrpcListener(args.host, args.grpc_port, edge) if args.grpc_port else None
     app = create_app(
         store,
-        None,
+        process_registry("pod"),
         args.control_port,
         args.enable_model_control,
         control_keys,
