@@ -15,6 +15,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from protocol.metrics import OUTCOMES
+
 if TYPE_CHECKING:
     from gateway.dispatcher import Dispatcher
 
@@ -22,24 +24,11 @@ LATENCY_BUCKETS = (
     0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0,
 )  # fmt: skip
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
-OUTCOMES = ("200", "4xx", "429", "503", "504", "5xx", "cancelled")
 SHED_STAGES = ("before_decode", "after_decode")
 """Where a refused request was refused: before its body was decoded, or after
 (only for what the body alone says, such as a tighter ``timeout`` parameter)."""
 SHED_REASONS = ("queue_full", "deadline")
 """Why: the queue was at ``max_queue_size``, or its expected wait exceeded the deadline."""
-CANCELLED = 0
-"""The status of a request whose client went away before its answer (no answer is sent)."""
-
-
-def outcome_of(status: int) -> str:
-    if status == CANCELLED:
-        return "cancelled"
-    if status == 200:
-        return "200"
-    if status in (429, 503, 504):
-        return str(status)
-    return "4xx" if status < 500 else "5xx"
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,8 +51,8 @@ class GatewayMetrics:
         self.registry = registry
         self._requests = Counter(
             "bazaar_gateway_requests",
-            "Inference requests, by model and outcome (200, 4xx, 429, 503, 504, 5xx, and"
-            " cancelled: the client went away before its answer).",
+            "Inference requests, by model and outcome (success, client_error, rate_limited: 429, "
+            "shed: 503, expired: 504, server_error, cancelled: the client went away first).",
             ["model", "outcome"],
             registry=registry,
         )

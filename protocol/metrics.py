@@ -47,3 +47,39 @@ def process_registry(component: str) -> CollectorRegistry:
         registry=registry,
     ).labels(__version__, platform.python_version(), component).set(1)
     return registry
+
+
+OUTCOMES = (
+    "success",
+    "client_error",
+    "rate_limited",
+    "shed",
+    "expired",
+    "server_error",
+    "cancelled",
+)
+"""The ``outcome`` label of the gateway's and the pods' request counters, one set for both.
+
+Named for what happened rather than the status, so each ratio an operator alerts on is one
+value over the sum: ``shed`` (503: refused for capacity, or no ready endpoint), ``expired``
+(504: the deadline passed before an answer), ``rate_limited`` (429: the tenant's quota, the
+caller's doing and not a capacity signal), ``server_error`` (other 5xx), ``client_error``
+(other 4xx) and ``cancelled`` (the caller went away first; nothing was answered)."""
+
+CANCELLED = 0
+"""The status of a request whose caller went away before its answer (no answer is sent)."""
+
+
+def outcome_of(status: int) -> str:
+    """The ``outcome`` of a request answered ``status`` (``CANCELLED``: never answered)."""
+    if status == CANCELLED:
+        return "cancelled"
+    if 200 <= status < 300:
+        return "success"
+    if status == 429:
+        return "rate_limited"
+    if status == 503:
+        return "shed"
+    if status == 504:
+        return "expired"
+    return "client_error" if status < 500 else "server_error"

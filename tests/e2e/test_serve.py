@@ -133,7 +133,7 @@ def test_64_concurrent_clients_each_get_their_own_rows(
         assert status == 200, data
         np.testing.assert_allclose(data, expected[index % 64], rtol=1e-5, atol=1e-5)
     metrics = httpx.get(f"{url}/metrics").text
-    assert 'bazaar_gateway_requests_total{model="mlp",outcome="200"}' in metrics
+    assert 'bazaar_gateway_requests_total{model="mlp",outcome="success"}' in metrics
 
 
 def test_killing_a_worker_under_load_loses_no_request(
