@@ -2,7 +2,9 @@
 
 The hot path updates pre-bound children (``ModelMetrics``), so a request costs no label
 lookups. Queue depth and in-flight counts describe the present and are read from the live
-dispatchers at scrape time (``QueueCollector``), never kept in a second copy.
+dispatchers at scrape time (``QueueCollector``), never kept in a second copy; so are the rows
+admitted and completed, counters the dispatchers keep anyway (for ``/stats``, which the
+autoscaler reads): Prometheus takes their ``rate()``, the arrival rate and the throughput.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from protocol.metrics import OUTCOMES
@@ -129,7 +131,7 @@ class QueueCollector(Collector):
     def __init__(self, dispatchers: Callable[[], Mapping[str, Dispatcher]]) -> None:
         self._dispatchers = dispatchers
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         depth = GaugeMetricFamily(
             "bazaar_gateway_queue_depth", "Requests queued in the gateway.", labels=["model"]
         )
@@ -146,9 +148,21 @@ class QueueCollector(Collector):
             "Endpoints taking batches (not ejected).",
             labels=["model"],
         )
+        admitted = CounterMetricFamily(
+            "bazaar_gateway_admitted_rows",
+            "Rows admitted to the queue (their rate: the arrival rate the autoscaler reads).",
+            labels=["model"],
+        )
+        completed = CounterMetricFamily(
+            "bazaar_gateway_completed_rows",
+            "Rows answered by the model's endpoints (their rate: the throughput).",
+            labels=["model"],
+        )
         for model, dispatcher in sorted(self._dispatchers().items()):
             stats = dispatcher.stats()
             depth.add_metric([model], stats.queued)
+            admitted.add_metric([model], stats.admitted_rows)
+            completed.add_metric([model], stats.completed_rows)
             rows.add_metric([model], stats.queued_rows)
             endpoints.add_metric([model], dispatcher.pool.ready_endpoints)
             # Per model, not per endpoint: pod URLs churn with every pod, and a label per URL
@@ -158,3 +172,5 @@ class QueueCollector(Collector):
         yield rows
         yield inflight
         yield endpoints
+        yield admitted
+        yield completed

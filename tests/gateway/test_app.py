@@ -548,6 +548,10 @@ async def test_concurrent_requests_each_get_their_own_rows_and_are_batched(
     assert samples(text, "bazaar_gateway_request_seconds_count", **model) == [64]
     assert samples(text, "bazaar_gateway_queue_depth", **model) == [0]
     assert samples(text, "bazaar_gateway_ready_endpoints", **model) == [1]
+    # Counters of rows (one per request here), for rate(): no rate gauges.
+    assert samples(text, "bazaar_gateway_admitted_rows_total", **model) == [64]
+    assert samples(text, "bazaar_gateway_completed_rows_total", **model) == [64]
+    assert "rows_per_second" not in text
 
 
 async def test_metrics_count_outcomes(gateway: Gateway) -> None:
