@@ -487,6 +487,7 @@ def _serve(args: argparse.Namespace) -> int:
     if repository is None:
         return 2
     from bazaar.local import LocalWorkers
+    from bazaar.worker_metrics import worker_metrics_route
     from gateway.server import run
 
     host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
@@ -507,6 +508,7 @@ def _serve(args: argparse.Namespace) -> int:
         keys=keys,
         open_scopes=_open_scopes(args),
         grpc_port=args.grpc_port or None,
+        extra_routes=[worker_metrics_route(source.worker_urls)],
     )
     _run_async(main)
     return 0

@@ -24,10 +24,11 @@ import contextlib
 import logging
 import math
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import uvicorn
+from starlette.routing import BaseRoute
 
 from gateway.app import EXTENSIONS, SERVER_NAME, create_app
 from gateway.catalog import ModelCatalog
@@ -59,10 +60,11 @@ async def run(
     open_scopes: frozenset[str] = OPEN_BY_DEFAULT,
     tls: ServerTls | None = None,
     grpc_port: int | None = None,
+    extra_routes: Sequence[BaseRoute] = (),
 ) -> None:
     async with _gateway(source, config) as catalog:
         inference = GatewayInference(catalog)
-        app = create_app(catalog, inference)
+        app = create_app(catalog, inference, extra_routes)
         if keys is not None:
             app = ApiKeyAuth(app, keys, open_scopes)
         tls_options: dict[str, Any] = {} if tls is None else tls.uvicorn_options()
