@@ -141,15 +141,15 @@ async def _serve(
 ) -> None:
     import aiohttp
     import uvicorn
-    from prometheus_client import CollectorRegistry
 
     from autoscaler.loop import Autoscaler
     from autoscaler.metrics import AutoscalerMetrics
     from autoscaler.sources import DCGM_QUERY, GatewayStats, PodMetrics, PrometheusQuery, Signals
+    from protocol.metrics import process_registry
     from protocol.server import ManagedServer
     from protocol.support import cancel_and_wait
 
-    metrics = AutoscalerMetrics(CollectorRegistry())
+    metrics = AutoscalerMetrics(process_registry("autoscaler"))
     stuck_after_s = max(STUCK_AFTER_S, 10 * args.interval_s)
     server = ManagedServer(
         uvicorn.Config(

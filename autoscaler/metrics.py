@@ -1,8 +1,9 @@
 """The autoscaler's own Prometheus metrics, on a registry it is given, and its ``/stats``.
 
-Per model: the replicas the policy wants, the replicas asked for and serving now, every
-signal the policy saw, a counter of decisions by kind, and the last decision by kind and reason
-code. Labels are enums (model, kind, reason code: closed sets, declared in :data:`KINDS` and
+Per model: the replicas the policy wants, the replicas asked for and serving now, the
+signals the policy saw but the rates (those are ``rate()`` of the gateway's row counters), a
+counter of decisions by kind, and the last decision by kind and reason code. Labels are enums
+(model, kind, reason code: closed sets, declared in :data:`KINDS` and
 :data:`autoscaler.policy.REASON_CODES`), so the series stay one per model however the numbers
 move; the policy's free-text reason goes to the log and to :meth:`AutoscalerMetrics.stats`,
 never into a label.
@@ -27,18 +28,16 @@ from autoscaler.policy import Decision, Sample
 
 KINDS = ("scale_up", "scale_down", "hold", "to_zero", "from_zero")
 
-# Sample field → (metric name, help): one family per signal, so units never mix.
-_SIGNALS = {
+SIGNALS = ("queued", "inflight", "arrival_rate", "completion_rate", "busy_ratio", "gpu_utilization")
+"""The ``Sample`` fields the policy decides on, all on ``/stats``."""
+
+# Sample field → (metric name, help): one gauge per signal, so units never mix. The rates
+# have none: a gauge of a rate averaged over the autoscaler's own window is what Prometheus
+# users compute themselves, with rate() over the gateway's counters of the same rows
+# (bazaar_gateway_admitted_rows_total, bazaar_gateway_completed_rows_total).
+_SIGNAL_GAUGES = {
     "queued": ("bazaar_autoscaler_queued_rows", "Rows queued in the gateways, summed."),
     "inflight": ("bazaar_autoscaler_inflight_rows", "Rows sent to pods and not yet answered."),
-    "arrival_rate": (
-        "bazaar_autoscaler_arrival_rows_per_second",
-        "Rows per second admitted by the gateways.",
-    ),
-    "completion_rate": (
-        "bazaar_autoscaler_completion_rows_per_second",
-        "Rows per second answered by the pods.",
-    ),
     "busy_ratio": ("bazaar_autoscaler_busy_ratio", "Mean busy ratio of the ready pods (0..1)."),
     "gpu_utilization": (
         "bazaar_autoscaler_gpu_utilization_ratio",
@@ -104,7 +103,7 @@ class AutoscalerMetrics:
                 "kind": observation.kind,
                 "reason_code": observation.decision.code,
                 "reason": observation.decision.reason,
-                "signals": {field: getattr(observation.sample, field) for field in _SIGNALS},
+                "signals": {field: getattr(observation.sample, field) for field in SIGNALS},
                 "time_s": observation.sample.time_s,
             }
             for model, observation in sorted(self._last.items())
@@ -136,7 +135,7 @@ class _LastObservation(Collector):
         )
         signals = {
             field: GaugeMetricFamily(name, help_text, labels=["model"])
-            for field, (name, help_text) in _SIGNALS.items()
+            for field, (name, help_text) in _SIGNAL_GAUGES.items()
         }
         for model, observation in sorted(self._last.items()):
             sample = observation.sample

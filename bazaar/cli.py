@@ -498,6 +498,7 @@ def _serve(args: argparse.Namespace) -> int:
     if repository is None:
         return 2
     from bazaar.local import LocalWorkers
+    from bazaar.worker_metrics import worker_metrics_route
     from gateway.server import run
 
     host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
@@ -519,6 +520,7 @@ def _serve(args: argparse.Namespace) -> int:
         keys=keys,
         open_scopes=_open_scopes(args),
         grpc_port=args.grpc_port or None,
+        extra_routes=[worker_metrics_route(source.worker_urls)],
     )
     _run_async(main)
     return 0
@@ -676,6 +678,7 @@ def _model_server(args: argparse.Namespace) -> int:
     from models.server import GrpcListener, create_app
     from models.store import ModelStore
     from protocol.edge import uvicorn_options
+    from protocol.metrics import process_registry
 
     repository = ModelRepository(args.model_repository)
     limits = ModelLimits(
@@ -689,7 +692,7 @@ def _model_server(args: argparse.Namespace) -> int:
     grpc = GrpcListener(args.host, args.grpc_port, edge) if args.grpc_port else None
     app = create_app(
         store,
-        None,
+        process_registry("pod"),
         args.control_port,
         args.enable_model_control,
         control_keys,

@@ -4,7 +4,8 @@ Every model in the repository starts with ``workers`` ``bazaar model-server`` pr
 from the ``WorkerSupervisor``. With autoscaling on (the default), the same control loop the
 Kubernetes autoscaler runs reads the gateway's own ``/stats`` and the workers' ``/metrics``
 every second and scales each model within the ``ScaleConfig``'s bounds through the local
-scaler; its metrics join the gateway's ``/metrics``. A model scaled to zero keeps its
+scaler; its metrics join the gateway's ``/metrics``, and the workers' are served together on
+the gateway's ``/metrics/workers`` (``bazaar.worker_metrics``). A model scaled to zero keeps its
 metadata in the gateway, so its next request is validated and held in the queue, where the
 autoscaler sees it and starts a worker. With ``gateway_token`` (the gateway takes API keys),
 the autoscaler presents it to read ``/stats``, on a session of its own: the workers never see
@@ -68,6 +69,10 @@ class LocalWorkers:
                 self.autoscale.min_replicas,
                 self.autoscale.max_replicas,
             )
+
+    def worker_urls(self) -> dict[str, str]:
+        """``MODEL/N`` -> URL of every running worker (``WorkerSupervisor.worker_urls``)."""
+        return {} if self.supervisor is None else self.supervisor.worker_urls()
 
     async def stop(self) -> None:
         await cancel_and_wait(self._autoscaler)

@@ -131,6 +131,16 @@ class WorkerSupervisor:
         """The desired worker count of ``model`` (ready or not)."""
         return len(self._workers.get(model, []))
 
+    def worker_urls(self) -> dict[str, str]:
+        """``MODEL/N`` -> URL of every running worker, N its place among its model's workers
+        (1: the oldest; a restart keeps the place, scaling down retires the last)."""
+        return {
+            f"{model}/{place}": worker.url
+            for model, workers in sorted(self._workers.items())
+            for place, worker in enumerate(workers, 1)
+            if worker.process is not None and worker.process.returncode is None
+        }
+
     def endpoints(self, model: str) -> list[str]:
         """URLs of ``model``'s ready workers, oldest worker first."""
         return [w.url for w in self._workers.get(model, []) if w.ready]

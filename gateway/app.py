@@ -20,13 +20,14 @@ Routes: ``/v2``, ``/v2/health/{live,ready}``, ``/v2/models/{m}[/versions/{v}]`` 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp
 
 from gateway.catalog import ModelCatalog
@@ -54,10 +55,18 @@ GRPC_EXTENSIONS = [extension for extension in EXTENSIONS if extension != "classi
 TIMEOUT_HEADER = b"x-request-timeout-ms"
 
 
-def create_app(catalog: ModelCatalog, inference: GatewayInference | None = None) -> ASGIApp:
+def create_app(
+    catalog: ModelCatalog,
+    inference: GatewayInference | None = None,
+    extra_routes: Sequence[BaseRoute] = (),
+) -> ASGIApp:
     """The gateway's ASGI app: the inference route in front of ``routes(catalog)``.
-    ``inference``: the steps shared with gRPC, when it is served too (one set of quotas)."""
-    starlette = Starlette(routes=routes(catalog), exception_handlers=EXCEPTION_HANDLERS)
+    ``inference``: the steps shared with gRPC, when it is served too (one set of quotas);
+    ``extra_routes``: what the endpoint source serves besides (``bazaar serve``'s workers'
+    metrics)."""
+    starlette = Starlette(
+        routes=[*routes(catalog), *extra_routes], exception_handlers=EXCEPTION_HANDLERS
+    )
     handler = _infer_handler(inference or GatewayInference(catalog))
     return with_infer_route(starlette, handler, catalog.config.edge.max_infer_body_bytes)
 

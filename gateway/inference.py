@@ -20,11 +20,11 @@ from collections.abc import Callable, Mapping
 from typing import Any, TypeVar, cast
 
 from gateway.catalog import ModelCatalog
-from gateway.metrics import CANCELLED, outcome_of
 from gateway.router import RawRequest, Tensors
 from gateway.tenants import Tenants
 from protocol.codec import InferenceRequest
 from protocol.errors import BazaarError, InvalidRequest, QuotaExceeded
+from protocol.metrics import CANCELLED, outcome_of
 from protocol.schema import ModelMetadata
 
 Answer = TypeVar("Answer")

@@ -2,7 +2,9 @@
 
 The hot path updates pre-bound children (``ModelMetrics``), so a request costs no label
 lookups. Queue depth and in-flight counts describe the present and are read from the live
-dispatchers at scrape time (``QueueCollector``), never kept in a second copy.
+dispatchers at scrape time (``QueueCollector``), never kept in a second copy; so are the rows
+admitted and completed, counters the dispatchers keep anyway (for ``/stats``, which the
+autoscaler reads): Prometheus takes their ``rate()``, the arrival rate and the throughput.
 """
 
 from __future__ import annotations
@@ -12,8 +14,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from protocol.metrics import OUTCOMES
 
 if TYPE_CHECKING:
     from gateway.dispatcher import Dispatcher
@@ -22,24 +26,11 @@ LATENCY_BUCKETS = (
     0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0,
 )  # fmt: skip
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
-OUTCOMES = ("200", "4xx", "429", "503", "504", "5xx", "cancelled")
 SHED_STAGES = ("before_decode", "after_decode")
 """Where a refused request was refused: before its body was decoded, or after
 (only for what the body alone says, such as a tighter ``timeout`` parameter)."""
 SHED_REASONS = ("queue_full", "deadline")
 """Why: the queue was at ``max_queue_size``, or its expected wait exceeded the deadline."""
-CANCELLED = 0
-"""The status of a request whose client went away before its answer (no answer is sent)."""
-
-
-def outcome_of(status: int) -> str:
-    if status == CANCELLED:
-        return "cancelled"
-    if status == 200:
-        return "200"
-    if status in (429, 503, 504):
-        return str(status)
-    return "4xx" if status < 500 else "5xx"
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,8 +53,8 @@ class GatewayMetrics:
         self.registry = registry
         self._requests = Counter(
             "bazaar_gateway_requests",
-            "Inference requests, by model and outcome (200, 4xx, 429, 503, 504, 5xx, and"
-            " cancelled: the client went away before its answer).",
+            "Inference requests, by model and outcome (success, client_error, rate_limited: 429, "
+            "shed: 503, expired: 504, server_error, cancelled: the client went away first).",
             ["model", "outcome"],
             registry=registry,
         )
@@ -140,7 +131,7 @@ class QueueCollector(Collector):
     def __init__(self, dispatchers: Callable[[], Mapping[str, Dispatcher]]) -> None:
         self._dispatchers = dispatchers
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         depth = GaugeMetricFamily(
             "bazaar_gateway_queue_depth", "Requests queued in the gateway.", labels=["model"]
         )
@@ -157,9 +148,21 @@ class QueueCollector(Collector):
             "Endpoints taking batches (not ejected).",
             labels=["model"],
         )
+        admitted = CounterMetricFamily(
+            "bazaar_gateway_admitted_rows",
+            "Rows admitted to the queue (their rate: the arrival rate the autoscaler reads).",
+            labels=["model"],
+        )
+        completed = CounterMetricFamily(
+            "bazaar_gateway_completed_rows",
+            "Rows answered by the model's endpoints (their rate: the throughput).",
+            labels=["model"],
+        )
         for model, dispatcher in sorted(self._dispatchers().items()):
             stats = dispatcher.stats()
             depth.add_metric([model], stats.queued)
+            admitted.add_metric([model], stats.admitted_rows)
+            completed.add_metric([model], stats.completed_rows)
             rows.add_metric([model], stats.queued_rows)
             endpoints.add_metric([model], dispatcher.pool.ready_endpoints)
             # Per model, not per endpoint: pod URLs churn with every pod, and a label per URL
@@ -169,3 +172,5 @@ class QueueCollector(Collector):
         yield rows
         yield inflight
         yield endpoints
+        yield admitted
+        yield completed

@@ -2,8 +2,8 @@
 
 ``run`` wires one gateway around an endpoint source and serves it with uvicorn:
 
-1. startup: the HTTP client, the metrics registry, the catalog, and the endpoint source
-   (a static file, or the local supervisor that starts model workers);
+1. startup: the HTTP client, the metrics registry (``protocol.metrics``), the catalog, and
+   the endpoint source (a static file, or the local supervisor that starts model workers);
 2. serve HTTP, and with ``grpc_port`` Triton's gRPC API (``gateway.grpc``: the same
    dispatchers, quotas, keys and limits), until SIGINT or SIGTERM, behind the edge's limits
    on what clients send and how slowly (``protocol.edge``, set by ``config.edge``), over
@@ -24,11 +24,11 @@ import contextlib
 import logging
 import math
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import uvicorn
-from prometheus_client import CollectorRegistry
+from starlette.routing import BaseRoute
 
 from gateway.app import GRPC_EXTENSIONS, SERVER_NAME, create_app
 from gateway.catalog import ModelCatalog
@@ -39,6 +39,7 @@ from gateway.inference import GatewayInference
 from gateway.metrics import GatewayMetrics
 from protocol.auth import OPEN_BY_DEFAULT, ApiKeyAuth, KeyFile
 from protocol.edge import uvicorn_options
+from protocol.metrics import process_registry
 from protocol.server import ManagedServer
 from protocol.tls import ServerTls
 
@@ -60,10 +61,11 @@ async def run(
     open_scopes: frozenset[str] = OPEN_BY_DEFAULT,
     tls: ServerTls | None = None,
     grpc_port: int | None = None,
+    extra_routes: Sequence[BaseRoute] = (),
 ) -> None:
     async with _gateway(source, config) as catalog:
         inference = GatewayInference(catalog)
-        app = create_app(catalog, inference)
+        app = create_app(catalog, inference, extra_routes)
         if keys is not None:
             app = ApiKeyAuth(app, keys, open_scopes)
         tls_options: dict[str, Any] = {} if tls is None else tls.uvicorn_options()
@@ -127,7 +129,7 @@ async def _grpc_serving(
 @contextlib.asynccontextmanager
 async def _gateway(source: EndpointSource, config: GatewayConfig) -> AsyncIterator[ModelCatalog]:
     client = HttpModelClient()
-    registry = CollectorRegistry()
+    registry = process_registry("gateway")
     catalog = ModelCatalog(client, GatewayMetrics(registry), config)
     try:
         await source.start(catalog.set_endpoints, registry)

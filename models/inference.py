@@ -17,6 +17,7 @@ from models.metrics import PodMetrics
 from models.store import ModelStore
 from protocol.codec import InferenceRequest
 from protocol.errors import BazaarError, DeadlineExceeded, InvalidRequest
+from protocol.metrics import outcome_of
 from protocol.schema import ModelMetadata
 from protocol.tensors import Array
 
@@ -75,7 +76,7 @@ class PodInference:
             outcome = "success"
             return response
         except BazaarError as exc:
-            outcome = "client_error" if exc.status < 500 else "server_error"
+            outcome = outcome_of(exc.status)
             raise
         except asyncio.CancelledError:
             outcome = "cancelled"  # the gateway let go of the batch: every caller left

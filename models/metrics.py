@@ -39,8 +39,8 @@ class PodMetrics:
     def __init__(self, registry: CollectorRegistry, store: ModelStore, gpus: GpuMonitor) -> None:
         self.requests = Counter(
             "bazaar_model_inference_requests",
-            "Inference requests by model and outcome "
-            "(success, client_error, server_error, cancelled: the caller left).",
+            "Inference requests by model and outcome (success, client_error, rate_limited: 429, "
+            "shed: 503, expired: 504, server_error, cancelled: the caller left).",
             ["model", "outcome"],
             registry=registry,
         )

@@ -6,7 +6,8 @@
 ``scope["path"]``, the field the routers match on:
 
 - ``health``: ``/v2`` and ``/v2/health/*``, open by default (probes);
-- ``metrics``: ``/metrics``; ``stats``: ``/stats``;
+- ``metrics``: ``/metrics`` and below (``bazaar serve``'s ``/metrics/workers``); ``stats``:
+  ``/stats``;
 - ``control``: the pods' ``/v2/repository/models/*`` (load, unload);
 - ``infer``: everything else: inference, model metadata and readiness, the repository
   index, and any path no route serves, so that a new route is protected until it is given
@@ -100,7 +101,7 @@ def route_scope(path: str) -> str:
         return INFER
     if path == "/v2" or path.startswith("/v2/health/"):
         return HEALTH
-    if path == "/metrics":
+    if path == "/metrics" or path.startswith("/metrics/"):
         return METRICS
     if path == "/stats":
         return STATS

@@ -193,7 +193,6 @@ async def test_metrics_export_replicas_decisions_and_present_signals() -> None:
     assert value("bazaar_autoscaler_queued_rows") == 8.0
     assert value("bazaar_autoscaler_inflight_rows") == 2.0
     assert value("bazaar_autoscaler_busy_ratio") is None  # missing: absent, not zero
-    assert value("bazaar_autoscaler_arrival_rows_per_second") is None
     assert value("bazaar_autoscaler_last_decision", kind="hold", reason="hold") == 1
     assert loop.metrics.stats() == {
         "mlp": {

@@ -14,7 +14,10 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import tritonclient.http as triton
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
 
+from protocol import __version__ as bazaar_version
 from tests.support import bazaar_process, free_port, http_ok, models_ready, wait_until
 
 
@@ -133,7 +136,47 @@ def test_64_concurrent_clients_each_get_their_own_rows(
         assert status == 200, data
         np.testing.assert_allclose(data, expected[index % 64], rtol=1e-5, atol=1e-5)
     metrics = httpx.get(f"{url}/metrics").text
-    assert 'bazaar_gateway_requests_total{model="mlp",outcome="200"}' in metrics
+    assert 'bazaar_gateway_requests_total{model="mlp",outcome="success"}' in metrics
+
+
+def _families(text: str) -> dict[str, list[Sample]]:
+    """Family name -> samples; parsing fails the test unless ``text`` is a valid exposition."""
+    return {family.name: family.samples for family in text_string_to_metric_families(text)}
+
+
+def test_the_gateway_exports_process_and_build_metrics_and_no_created_series(
+    serve: tuple[str, int],
+) -> None:
+    url, _ = serve
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    families = _families(text)
+    assert "_created" not in text
+    (build,) = families["bazaar_build_info"]
+    assert build.labels["component"] == "gateway"
+    assert build.labels["version"] == bazaar_version
+    assert {"process_cpu_seconds", "process_resident_memory_bytes", "python_info"} <= set(families)
+
+
+def test_metrics_workers_serves_every_worker_labelled_by_worker(serve: tuple[str, int]) -> None:
+    url, _ = serve
+    answer = httpx.get(f"{url}/metrics/workers", timeout=10)
+    assert answer.status_code == 200
+    assert answer.headers["content-type"].startswith("text/plain")
+    assert "_created" not in answer.text
+    families = _families(answer.text)
+    workers = {"digits/1", "digits/2", "mlp/1", "mlp/2"}
+    up = {sample.labels["worker"]: sample.value for sample in families["bazaar_worker_up"]}
+    assert up == dict.fromkeys(workers, 1.0)
+    build = families["bazaar_build_info"]
+    assert {sample.labels["worker"] for sample in build} == workers
+    assert {sample.labels["component"] for sample in build} == {"pod"}
+    # Each worker's own process and its own model's series, told apart by the label.
+    started = [s.labels["worker"] for s in families["process_start_time_seconds"]]
+    assert sorted(started) == sorted(workers)
+    served = {
+        (s.labels["worker"], s.labels["model"]) for s in families["bazaar_model_busy_seconds"]
+    }
+    assert served == {(worker, worker.partition("/")[0]) for worker in workers}
 
 
 def test_killing_a_worker_under_load_loses_no_request(

@@ -158,7 +158,7 @@ async def test_a_full_queue_refuses_before_the_body_is_decoded(make: MakeGateway
     shed = "bazaar_gateway_shed_requests_total"
     assert gateway.sample(shed, stage="before_decode", reason="queue_full") == 1
     assert gateway.sample(shed, stage="after_decode", reason="queue_full") == 0
-    assert gateway.sample("bazaar_gateway_requests_total", outcome="503") == 1
+    assert gateway.sample("bazaar_gateway_requests_total", outcome="shed") == 1
 
 
 async def test_a_client_that_leaves_takes_its_rows_out_of_the_queue(make: MakeGateway) -> None:
@@ -238,4 +238,4 @@ async def test_a_tenant_over_its_quota_is_answered_429_before_decoding(make: Mak
         "bazaar_gateway_quota_refusals_total", {"tenant": "metered", "quota": "rows"}
     )
     assert refusals == 1
-    assert gateway.sample("bazaar_gateway_requests_total", outcome="429") == 1
+    assert gateway.sample("bazaar_gateway_requests_total", outcome="rate_limited") == 1

@@ -546,12 +546,16 @@ async def test_concurrent_requests_each_get_their_own_rows_and_are_batched(
     assert samples(text, "bazaar_gateway_batch_size_sum", **model) == [64]
     (batches,) = samples(text, "bazaar_gateway_batch_size_count", **model)
     assert batches < 64  # some batch carried more than one request
-    assert samples(text, "bazaar_gateway_requests_total", **model, outcome="200") == [64]
+    assert samples(text, "bazaar_gateway_requests_total", **model, outcome="success") == [64]
     assert samples(text, "bazaar_gateway_queue_wait_seconds_count", **model) == [64]
     assert samples(text, "bazaar_gateway_pod_seconds_count", **model) == [batches]
     assert samples(text, "bazaar_gateway_request_seconds_count", **model) == [64]
     assert samples(text, "bazaar_gateway_queue_depth", **model) == [0]
     assert samples(text, "bazaar_gateway_ready_endpoints", **model) == [1]
+    # Counters of rows (one per request here), for rate(): no rate gauges.
+    assert samples(text, "bazaar_gateway_admitted_rows_total", **model) == [64]
+    assert samples(text, "bazaar_gateway_completed_rows_total", **model) == [64]
+    assert "rows_per_second" not in text
 
 
 async def test_metrics_count_outcomes(gateway: Gateway) -> None:
@@ -561,7 +565,8 @@ async def test_metrics_count_outcomes(gateway: Gateway) -> None:
     assert answer.status_code == 200
     assert answer.headers["content-type"].startswith("text/plain")
     text = answer.text
-    for outcome, count in [("200", 1), ("4xx", 1), ("503", 0), ("504", 0), ("5xx", 0)]:
+    counts = [("success", 1), ("client_error", 1), ("shed", 0), ("expired", 0), ("server_error", 0)]
+    for outcome, count in counts:
         assert samples(text, "bazaar_gateway_requests_total", model="mlp", outcome=outcome) == [
             count
         ]
@@ -611,7 +616,9 @@ async def test_a_request_whose_deadline_passes_in_the_queue_gets_504(
     assert all(answer.status_code == 200 for answer in await asyncio.gather(*full))
     assert await pod_inference_requests(pod, "mlp_wide") == computed_before + 4  # not doomed
     text = (await gateway.http.get("/metrics")).text
-    assert samples(text, "bazaar_gateway_requests_total", model="mlp_wide", outcome="504") == [1]
+    assert samples(text, "bazaar_gateway_requests_total", model="mlp_wide", outcome="expired") == [
+        1
+    ]
     assert samples(text, "bazaar_gateway_expired_requests_total", model="mlp_wide") == [1]
 
 

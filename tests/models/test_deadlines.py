@@ -89,4 +89,8 @@ async def test_a_batch_whose_timeout_passes_while_an_instance_is_busy_is_never_c
         "bazaar_model_inference_batches_total", {"model": "slow", "outcome": "failure"}
     )
     assert (batches, failed) == (2, None)
+    expired = registry.get_sample_value(
+        "bazaar_model_inference_requests_total", {"model": "slow", "outcome": "expired"}
+    )
+    assert expired == 1  # the pod's outcomes are the gateway's: a 504 is expired at both
     await asyncio.to_thread(store.close)

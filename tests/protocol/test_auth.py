@@ -117,6 +117,7 @@ def test_a_token_file_grants_its_one_scope_whatever_whitespace_surrounds_it() ->
         ("/v2/health/live", HEALTH),
         ("/v2/health/ready", HEALTH),
         ("/metrics", METRICS),
+        ("/metrics/workers", METRICS),
         ("/stats", STATS),
         ("/v2/models/m", INFER),
         ("/v2/models/m/versions/1/infer", INFER),
