@@ -92,7 +92,10 @@ def test_an_idle_model_goes_to_zero_and_its_next_request_brings_a_worker_back(
             {"name": "input", "shape": [1, 1024], "datatype": "FP32", "data": rows.ravel().tolist()}
         ]
     }
-    with bazaar_process(args, tmp_path / "serve.log", models_ready(url, ["mlp_wide"])):
+    # Ready is the gateway's own health, not the model's: with two seconds to zero, a loaded
+    # machine may scale the worker away before the gateway has learned the model, and the
+    # request below must be held and answered either way.
+    with bazaar_process(args, tmp_path / "serve.log", f"{url}/v2/health/ready"):
         wait_until(lambda: _workers(url) == (0, 0), 60, "mlp_wide to scale to zero")
         # Held in the gateway's queue while the autoscaler starts a worker, then answered.
         response = httpx.post(f"{url}/v2/models/mlp_wide/infer", json=body, timeout=60)
