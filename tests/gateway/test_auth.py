@@ -31,7 +31,7 @@ OPEN = {"/v2", "/v2/health/live", "/v2/health/ready"}
 """The routes open without a key by default: health, for probes. Every other is protected."""
 SCOPE_OF = {"/stats": STATS, "/metrics": METRICS}
 """The scope each protected route needs, where it is not ``infer``."""
-PATH_PARAMETERS = {"model": "digits", "version": "1"}
+PATH_PARAMETERS = {"model": "digits", "version": "1", "region": "r0"}
 
 
 def enumerated_routes() -> list[tuple[str, str]]:
