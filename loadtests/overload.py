@@ -276,7 +276,7 @@ def run_overload(
         base = f"http://127.0.0.1:{port}"
         command = [
             str(Path(sys.executable).with_name("bazaar")), "serve",
-            "--model-repository", str(mlp_only), "--port", str(port),
+            "--model-repository", str(mlp_only), "--port", str(port), "--grpc-port", "0",
             "--workers-per-model", "1", "--no-autoscale",
         ]  # fmt: skip
         ready = f"{base}/v2/models/{MODEL}/ready"
