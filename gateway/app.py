@@ -75,15 +75,28 @@ def _infer_handler(inference: GatewayInference) -> InferHandler:
     async def infer(
         model: str, version: str | None, body: bytes, headers: Headers, tenant_name: str | None
     ) -> Answer:
+        # Read once: admission uses it before the body is decoded, a bad value is answered
+        # 400 after the body's own faults, as the other schedule parameters are.
+        bad: InvalidRequest | None = None
+        try:
+            limit_s = _header_limit_s(headers)
+        except InvalidRequest as exc:
+            limit_s, bad = None, exc
+
         def decode_body(metadata: ModelMetadata) -> tuple[InferenceRequest, float | None]:
-            return decode(body, headers, metadata), _header_limit_s(headers)
+            request = decode(body, headers, metadata)
+            if bad is not None:
+                raise bad
+            return request, limit_s
 
         def forward() -> Forwarded:
+            if bad is not None:
+                raise bad
             raw, parameters = raw_request(body, headers)
-            return raw, parameters, _header_limit_s(headers)
+            return raw, parameters, limit_s
 
         return await inference.run(
-            model, version, tenant_name, _header_timeout_s(headers), decode_body, answer, forward
+            model, version, tenant_name, limit_s, decode_body, answer, forward
         )
 
     return infer
@@ -116,19 +129,6 @@ def routes(catalog: ModelCatalog) -> list[Route]:
         Route("/stats", stats),
         openapi_route(lambda: [served.metadata for served in catalog.models.values()]),
     ]
-
-
-def _header_timeout_s(headers: Headers) -> float | None:
-    """``X-Request-Timeout-Ms`` in seconds, for admission before the body is decoded; a bad
-    value counts as none here (``_schedule`` answers it 400 once the body is decoded)."""
-    header = headers.get(TIMEOUT_HEADER)
-    if header is None:
-        return None
-    try:
-        timeout_s = float(header) / 1000
-    except ValueError:
-        return None
-    return timeout_s if timeout_s > 0 else None
 
 
 def _header_limit_s(headers: Headers) -> float | None:

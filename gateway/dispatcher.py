@@ -361,7 +361,7 @@ class Dispatcher:
         flow = self._flows.get(tenant.name)
         if flow is None:
             levels = self.policy.priority_levels
-            flow = self._flows[tenant.name] = _Flow(tenant.weight, [0.0] * levels)
+            flow = self._flows[tenant.name] = _Flow(tenant.policy.weight, [0.0] * levels)
         return flow
 
     def _refusal(self, timeout_s: float | None, flow: _Flow, stage: str) -> BazaarError | None:

@@ -70,10 +70,8 @@ class Tenant:
     tokens: float = 0.0
     refilled: float | None = None
     rows_in_flight: int = 0
-    weight: float = field(init=False)
 
     def __post_init__(self) -> None:
-        self.weight = self.policy.weight
         self.tokens = self._burst()
 
     def admit(self, now: float) -> None:
