@@ -32,6 +32,7 @@ from protocol.codec import (
     InferenceResponse,
     WireTensor,
     check_inputs,
+    refuse_shared_memory,
     requested_outputs,
 )
 from protocol.errors import InvalidRequest, UpstreamError
@@ -59,11 +60,6 @@ _CONTENTS_FIELD = {
     "FP64": "fp64_contents",
     "BYTES": "bytes_contents",
 }
-_EXTENSION_PARAMETERS = {
-    "shared_memory_region": "shared memory",
-    "classification": "classification",
-}
-"""Tensor parameters of extensions bazaar does not implement: refused by name, not ignored."""
 
 
 def decode_request(message: ModelInferRequest, metadata: ModelMetadata) -> InferenceRequest:
@@ -196,15 +192,14 @@ def _set_parameter(parameter: InferParameter, value: bool | int | float | str) -
 
 
 def _refuse_extensions(what: str, parameters: Mapping[str, InferParameter]) -> None:
-    for key in parameters:
-        extension = _EXTENSION_PARAMETERS.get(key)
-        if extension is None and key.startswith("shared_memory_"):
-            extension = "shared memory"
-        if extension is not None:
-            raise InvalidRequest(
-                f"{what}: parameter '{key}' asks for the {extension} extension, "
-                "which this server does not implement"
-            )
+    """Extensions not served over gRPC are refused by name, not ignored: shared memory (as
+    over HTTP) and classification (HTTP only, for now)."""
+    refuse_shared_memory(what, parameters)
+    if "classification" in parameters:
+        raise InvalidRequest(
+            f"{what}: parameter 'classification' asks for the classification extension, "
+            "which this server implements over HTTP only"
+        )
 
 
 def _from_contents(

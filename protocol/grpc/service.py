@@ -186,7 +186,8 @@ class InferenceService(GRPCInferenceServiceServicer):
         )
         if token is None:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "this RPC needs an API key")
-        key = self.keys.lookup(token) if token is not None else None
+            raise AssertionError("unreachable: abort raises")
+        key = self.keys.lookup(token)
         if key is None:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "the API key is not valid")
             raise AssertionError("unreachable: abort raises")
