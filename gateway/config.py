@@ -101,6 +101,7 @@ def batch_policy(config: Mapping[str, Any], gateway: GatewayConfig) -> BatchPoli
         priority_levels=levels,
         default_priority_level=int(batching.get("default_priority_level", 0)) or (levels + 1) // 2,
         max_queue_time_s=gateway.max_queue_time_s,
+        max_batch_bytes=gateway.edge.max_infer_body_bytes,
     )
 
 

@@ -106,6 +106,9 @@ class BatchPolicy:
     max_queue_time_s: float = 30.0
     """Cap on any request's time in the queue, so nothing waits forever (for an endpoint,
     say, while a model has none)."""
+    max_batch_bytes: int = 64 * 1024 * 1024
+    """The most tensor bytes in one batch: a pod reads a batch as one body, under its own
+    inference body limit (the gateway's, by default), however many rows it may take."""
 
 
 @dataclass(slots=True, eq=False, weakref_slot=True)
@@ -123,6 +126,8 @@ class Pending:
     model's default, a queue timeout as in Triton), which also bounds the pod call."""
     future: asyncio.Future[Any]
     """Resolves to its output rows (``Tensors``), or for a ``RawRequest`` the ``Answer``."""
+    nbytes: int
+    """Its tensors' bytes, counted against ``max_batch_bytes``."""
     signature: tuple[tuple[int, ...], ...]
     """Non-batch dimensions of every input; requests batch together only when equal."""
     flow: _Flow
@@ -309,6 +314,10 @@ class Dispatcher:
         index = (priority or policy.default_priority_level) - 1
         tag = max(self._virtual[index], flow.finish[index])
         flow.finish[index] = tag + rows / flow.weight
+        nbytes, signature = 0, ()
+        if policy.max_batch_size and not isinstance(inputs, RawRequest):
+            nbytes = sum(array.nbytes for array in inputs.values())
+            signature = tuple(array.shape[1:] for array in inputs.values())
         pending = Pending(
             inputs=inputs,
             rows=rows,
@@ -316,11 +325,8 @@ class Dispatcher:
             deadline=now + min(own_timeout_s or policy.max_queue_time_s, policy.max_queue_time_s),
             call_deadline=now + timeout_s if timeout_s else None,
             future=future,
-            signature=(
-                tuple(a.shape[1:] for a in inputs.values())
-                if policy.max_batch_size and not isinstance(inputs, RawRequest)
-                else ()
-            ),
+            nbytes=nbytes,
+            signature=signature,
             flow=flow,
             tag=tag,
         )
@@ -495,7 +501,7 @@ class Dispatcher:
         """The next batch in queue order, its rows, and whether it can grow no further."""
         limit = self.policy.max_batch_size
         batch: list[Pending] = []
-        rows = 0
+        rows = size = 0
         for level in self._queue.levels:
             for pending in level:
                 if pending.future.done():
@@ -503,11 +509,14 @@ class Dispatcher:
                 if not limit:
                     return [pending], pending.rows, True
                 if batch and (
-                    rows + pending.rows > limit or pending.signature != batch[0].signature
+                    rows + pending.rows > limit
+                    or pending.signature != batch[0].signature
+                    or size + pending.nbytes > self.policy.max_batch_bytes
                 ):
                     return batch, rows, True
                 batch.append(pending)
                 rows += pending.rows
+                size += pending.nbytes
                 if rows == limit:
                     return batch, rows, True
         return batch, rows, False

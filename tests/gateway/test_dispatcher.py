@@ -607,3 +607,15 @@ async def test_a_full_queue_still_admits_a_tenant_under_its_share(
     await asyncio.gather(running, *queued, *mine)
     # A tenant with nothing queued starts at the front of the fair order, then they alternate.
     assert [c.inputs["x"][0, 0] for c in pods.calls] == [0, 2, 1, 2, 1, 1, 1]
+
+
+async def test_a_batch_stops_at_the_pods_body_limit_in_bytes(make: MakeDispatcher) -> None:
+    """Rows alone would let requests of the largest allowed size add up to a batch no pod
+    reads (one body, under its inference body limit)."""
+    pods = FakePods(latency_s=0.010)
+    dispatcher = make(pods, max_batch_size=512, max_batch_bytes=3 * 4 * 100)  # 300 FP32 values
+    busy = dispatcher.submit(rows_of(0), 1)
+    await asyncio.sleep(0.001)  # the pod is busy: the next ones queue together
+    big = [dispatcher.submit(rows_of(*[1.0] * 100), 100) for _ in range(4)]
+    await asyncio.gather(busy, *big)
+    assert [call.rows for call in pods.calls] == [1, 300, 100]
