@@ -568,7 +568,6 @@ def _key_file(args: argparse.Namespace, stats_token: str | None = None) -> KeyFi
     """``--api-keys`` loaded (``ConfigError`` if it cannot be), plus a key for the stats
     scope with ``stats_token``; None without keys, said loudly off loopback."""
     from protocol.auth import ApiKey, KeyFile, parse_keys_file, token_digest
-    from protocol.errors import ConfigError
 
     if args.api_keys is None:
         if args.open_scopes is not None:
@@ -587,7 +586,6 @@ def _open_scopes(args: argparse.Namespace) -> frozenset[str]:
 
 
 def _server_tls(args: argparse.Namespace) -> ServerTls | None:
-    from protocol.errors import ConfigError
     from protocol.tls import ServerTls
 
     if args.ssl_certfile is None:
@@ -726,7 +724,6 @@ def _control_keys(args: argparse.Namespace) -> KeyFile | None:
     """The control token's key file; none where model control is off, or on loopback only
     and no token was given (``ConfigError`` off loopback: anyone could load and unload)."""
     from protocol.auth import CONTROL, KeyFile, parse_token_file
-    from protocol.errors import ConfigError
 
     if not args.enable_model_control:
         if args.control_token_file is not None:
@@ -746,7 +743,6 @@ def _control_keys(args: argparse.Namespace) -> KeyFile | None:
 
 def _fetch(args: argparse.Namespace) -> int:
     from models.fetch import fetch_repository
-    from protocol.errors import ConfigError
 
     try:
         fetch_repository(args.url, args.sha256, args.directory)

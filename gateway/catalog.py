@@ -23,11 +23,10 @@ endpoints are tried again with exponential backoff, from ``LEARN_BACKOFF_S`` up 
 What a pod serves can change under the gateway: the repository API unloads a model, or
 reloads it with another config (``max_batch_size`` lowered, say). So while a model is
 served, its watcher re-reads every discovered endpoint (readiness of the model, metadata,
-config) every ``refresh_s``, and sooner when told (``refresh``: discovery added an
-endpoint, or a pod's answer suggests the gateway's view is stale). Periodic re-reading is
-the robust choice: it works against any v2 server, sees a change in either direction
-(a limit raised as well as lowered) with or without traffic, and needs nothing the data
-port does not already serve; a pod's repository index would need the control port, which
+config) every ``refresh_s``, and at once when discovery adds an endpoint (``refresh``).
+Periodic re-reading is the robust choice: it works against any v2 server, sees a change in
+either direction (a limit raised as well as lowered) with or without traffic, and needs
+nothing the data port does not already serve; a pod's repository index would need the control port, which
 the gateway may not reach, and a 400 from a pod only arrives after a batch has failed.
 ``reconcile`` decides, a pure function of the readings:
 
@@ -225,8 +224,7 @@ class ModelCatalog:
             self._learning[model] = asyncio.create_task(self._learn(model))
 
     def refresh(self, model: str) -> None:
-        """Re-read ``model``'s endpoints now: a pod's answer suggests they have changed (a
-        pod said it does not serve the model, or refused a batch the gateway validated)."""
+        """Re-read ``model``'s endpoints now (discovery added one)."""
         wake = self._wake.get(model)
         if wake is not None:
             wake.set()

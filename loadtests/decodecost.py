@@ -16,16 +16,17 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import subprocess
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import orjson
 
+from loadtests.procs import peak_rss_bytes, reset_peak_rss, rss_bytes
 from protocol.codec import decode_request
 from protocol.errors import BazaarError
 from protocol.schema import ModelMetadata, TensorSpec
@@ -218,19 +219,13 @@ CASES: dict[str, Callable[[int], Body]] = {
 """Each body shape by name: a function of the body's approximate size in bytes."""
 
 
-def _rss_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
 def measure(case: str, size: int) -> dict[str, object]:
     """Decode one body in this process: its size, the peak RSS over it, the time, the outcome."""
     body, header_length = CASES[case](size)
     gc.collect()
-    Path("/proc/self/clear_refs").write_text("5")  # peak RSS := current RSS
-    before = _rss_kib("VmRSS")
+    pid = os.getpid()
+    reset_peak_rss(pid)  # peak RSS := current RSS
+    before = rss_bytes(pid)
     started = time.process_time()
     try:
         request = decode_request(body, header_length, MODEL)
@@ -238,12 +233,12 @@ def measure(case: str, size: int) -> dict[str, object]:
     except BazaarError as exc:
         outcome = f"{exc.status} {exc.message[:90]}"
     elapsed = time.process_time() - started
-    peak = _rss_kib("VmHWM") - before
+    peak = peak_rss_bytes(pid) - before
     return {
         "case": case,
         "body_mib": len(body) / 2**20,
-        "peak_mib": peak / 1024,
-        "ratio": peak * 1024 / len(body),
+        "peak_mib": peak / 2**20,
+        "ratio": peak / len(body),
         "seconds": elapsed,
         "outcome": outcome,
     }
