@@ -92,7 +92,7 @@ def from_json(what: str, datatype: str, shape: Sequence[int], data: object) -> A
     elif dtype.kind in "iu":
         _check_types(what, datatype, types, {int}, "integers")
         if flat:
-            _check_range(what, datatype, min(flat), max(flat))
+            check_range(what, datatype, min(flat), max(flat))
         array = np.array(flat, dtype=dtype)
     else:
         _check_types(what, datatype, types, {int, float}, "numbers")
@@ -194,7 +194,8 @@ def _check_types(
         raise InvalidRequest(f"{what}: {datatype} data must be {expected}, got {got}")
 
 
-def _check_range(what: str, datatype: str, low: int, high: int) -> None:
+def check_range(what: str, datatype: str, low: int, high: int) -> None:
+    """``InvalidRequest`` if integers from ``low`` to ``high`` do not fit ``datatype``."""
     info = np.iinfo(DATATYPES[datatype])
     bad = high if high > info.max else low if low < info.min else None
     if bad is not None:

@@ -43,7 +43,14 @@ from protocol.grpc.grpc_service_pb2 import (
     ModelInferResponse,
 )
 from protocol.schema import DATATYPES, ModelMetadata, datatype_of
-from protocol.tensors import Array, binary_data, check_datatype, format_shape, from_binary
+from protocol.tensors import (
+    Array,
+    binary_data,
+    check_datatype,
+    check_range,
+    format_shape,
+    from_binary,
+)
 
 # The typed ``contents`` field of each datatype, as Triton reads them. FP16 has none: raw only.
 _CONTENTS_FIELD = {
@@ -223,11 +230,5 @@ def _from_contents(
     dtype = DATATYPES[datatype]
     wide = np.array(values, dtype=np.int64 if dtype.kind == "i" else None)
     if dtype.kind in "iu" and wide.size and dtype.itemsize < 4:
-        info = np.iinfo(dtype)
-        low, high = int(wide.min()), int(wide.max())
-        if low < info.min or high > info.max:
-            bad = high if high > info.max else low
-            raise InvalidRequest(
-                f"{what}: value {bad} is out of range for {datatype} [{info.min}, {info.max}]"
-            )
+        check_range(what, datatype, int(wide.min()), int(wide.max()))
     return wide.astype(dtype).reshape(shape)
