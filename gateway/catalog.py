@@ -26,8 +26,9 @@ served, its watcher re-reads every discovered endpoint (readiness of the model, 
 config) every ``refresh_s``, and at once when discovery adds an endpoint (``refresh``).
 Periodic re-reading is the robust choice: it works against any v2 server, sees a change in
 either direction (a limit raised as well as lowered) with or without traffic, and needs
-nothing the data port does not already serve; a pod's repository index would need the control port, which
-the gateway may not reach, and a 400 from a pod only arrives after a batch has failed.
+nothing the data port does not already serve; a pod's repository index would need the
+control port, which the gateway may not reach, and a 400 from a pod only arrives after a
+batch has failed.
 ``reconcile`` decides, a pure function of the readings:
 
 * An endpoint that answers that it does not serve the model leaves the model's pool (its
