@@ -68,34 +68,35 @@ class HttpModelClient:
         headers = {"Content-Type": "application/octet-stream" if binary else "application/json"}
         if header_length is not None:
             headers[HEADER_LENGTH] = str(header_length)
-        target = f"{url}/v2/models/{model}/infer"
-        try:
-            async with self._session.post(
-                target, data=body, headers=headers, timeout=aiohttp.ClientTimeout(total=timeout_s)
-            ) as response:
-                payload = await response.read()
-                status = response.status
-                length = response.headers.get(HEADER_LENGTH)
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            raise UpstreamError(f"pod {url} failed: {type(exc).__name__}: {exc}") from None
+        status, payload, header_length = await self._post(url, model, body, headers, timeout_s)
         if status != 200:
             message = _error_message(payload)
             if status == 400:
                 raise InvalidRequest(f"the pod refused the request: {message}")
             raise UpstreamError(f"pod {url} answered {status}: {message}")
-        try:
-            header_length = int(length) if length is not None else None
-        except ValueError:
-            raise UpstreamError(f"pod {url} sent {HEADER_LENGTH}: {length!r}") from None
         return decode_response(payload, header_length).outputs
 
     async def forward(self, url: str, model: str, request: RawRequest, timeout_s: float) -> Answer:
-        target = f"{url}/v2/models/{model}/infer"
+        status, payload, header_length = await self._post(
+            url, model, request.body, request.headers, timeout_s
+        )
+        if status != 200:
+            message = _error_message(payload)
+            if 400 <= status < 500 and status not in NOT_THE_CLIENTS:
+                raise InvalidRequest(f"the pod refused the request ({status}): {message}")
+            raise UpstreamError(f"pod {url} answered {status}: {message}")
+        return payload, header_length
+
+    async def _post(
+        self, url: str, model: str, body: bytes, headers: dict[str, str], timeout_s: float
+    ) -> tuple[int, bytes, int | None]:
+        """An inference body sent to ``url``'s ``model``: the answer's status, body (bounded)
+        and, on a 200, its ``Inference-Header-Content-Length``. ``UpstreamError`` if none came."""
         try:
             async with self._session.post(
-                target,
-                data=request.body,
-                headers=request.headers,
+                f"{url}/v2/models/{model}/infer",
+                data=body,
+                headers=headers,
                 timeout=aiohttp.ClientTimeout(total=timeout_s),
             ) as response:
                 status = response.status
@@ -103,16 +104,12 @@ class HttpModelClient:
                 payload = await _bounded_read(response, url)
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise UpstreamError(f"pod {url} failed: {type(exc).__name__}: {exc}") from None
-        if status != 200:
-            message = _error_message(payload)
-            if 400 <= status < 500 and status not in NOT_THE_CLIENTS:
-                raise InvalidRequest(f"the pod refused the request ({status}): {message}")
-            raise UpstreamError(f"pod {url} answered {status}: {message}")
+        if status != 200 or length is None:
+            return status, payload, None
         try:
-            header_length = int(length) if length is not None else None
+            return status, payload, int(length)
         except ValueError:
             raise UpstreamError(f"pod {url} sent {HEADER_LENGTH}: {length!r}") from None
-        return payload, header_length
 
     async def _speaks_binary(self, url: str) -> bool:
         try:
