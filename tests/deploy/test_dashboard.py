@@ -29,6 +29,7 @@ import httpx
 import pytest
 import yaml
 
+from loadtests.dashboard import draw, grafana_query
 from tests.support import bazaar_process, free_port, models_ready, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -252,13 +253,7 @@ def _body(metadata: dict[str, Any]) -> dict[str, Any]:
 
 
 def grafana(expr: str) -> str:
-    """``expr`` as Grafana sends it with the namespace chosen and every model and gateway."""
-    return (
-        expr.replace("$namespace", "bazaar")
-        .replace("$model", ".*")
-        .replace("$instance", ".*")
-        .replace("$__rate_interval", RATE_INTERVAL)
-    )
+    return grafana_query(expr, "bazaar", RATE_INTERVAL)
 
 
 @pytest.mark.parametrize("panel", panels(), ids=lambda panel: panel["title"])
@@ -293,3 +288,17 @@ def test_the_variables_list_the_namespace_models_and_gateway(prometheus: str, lo
     assert found["namespace"] == ["bazaar"]
     assert set(found["model"]) == {"digits", "mlp"}
     assert len(found["instance"]) == 1
+
+
+def test_the_dashboard_picture_draws_every_panel_from_prometheus(
+    prometheus: str, loaded: Load
+) -> None:
+    dashboard = json.loads(DASHBOARD.read_text())
+    figure = draw(prometheus, "bazaar", 1.0, RATE_INTERVAL, dashboard)
+    by_title = {axis.get_title(loc="left"): axis for axis in figure.axes}
+    assert set(by_title) == {panel["title"] for panel in dashboard["panels"]}
+    for title, axis in by_title.items():
+        if title == "GPU utilisation":
+            assert [text.get_text() for text in axis.texts] == ["no data"]
+        else:
+            assert axis.get_lines(), title
