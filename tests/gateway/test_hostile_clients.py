@@ -196,8 +196,13 @@ def test_idle_connections_past_the_cap_make_room_for_new_clients(
     the module's tests, whose leftover connections may be among the idlest.)"""
     port, _ = gateway
     with normal_traffic(port):
-        idle = [connect(port) for _ in range(MAX_CONNECTIONS)]
+        idle = [connect(port) for _ in range(MAX_CONNECTIONS - NORMAL_CONNECTIONS)]
         try:
+            # The server accepts in order: once the last is answered, it holds them all, and
+            # from then on each has been idle as long as this test waits (a loaded machine
+            # may accept them well after they were opened).
+            idle[-1].sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert idle[-1].recv(64).startswith(b"HTTP/1.1 200")
             time.sleep(MIN_IDLE_TO_CLOSE_S)  # now they may be closed for new connections
             newest = [connect(port) for _ in range(10)]
             idle += newest
