@@ -7,7 +7,7 @@ INSTALLED := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: serve test check bench loadtest simulate grpc-protos prometheus-rules clean
+.PHONY: serve test check bench loadtest simulate grpc-protos prometheus-rules grafana-dashboard clean
 
 $(INSTALLED): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -58,6 +58,10 @@ grpc-protos: $(INSTALLED)
 # The PrometheusRule of deploy/components/prometheus-operator/, from deploy/prometheus/rules.yaml.
 prometheus-rules: $(INSTALLED)
 	$(BIN)/python deploy/prometheus/prometheusrule.py
+
+# deploy/grafana-dashboard.json, from the panels in deploy/dashboard.py.
+grafana-dashboard: $(INSTALLED)
+	$(BIN)/python deploy/dashboard.py
 
 clean:
 	rm -rf $(VENV) .bazaar .pytest_cache .mypy_cache .ruff_cache .import_linter_cache

@@ -78,6 +78,11 @@ class AutoscalerMetrics:
 
     def observe(self, model: str, sample: Sample, decision: Decision, kind: str) -> None:
         """Record one decision: what the policy saw, what it wants, its kind and why."""
+        if model not in self._last:
+            # Every kind from the first decision on, at 0 until it happens: rate() and
+            # increase() over a kind not yet decided then read 0, not nothing.
+            for each in KINDS:
+                self._decisions.labels(model, each)
         self._last[model] = _Observation(sample, decision, kind)
         self._decisions.labels(model, kind).inc()
 

@@ -154,6 +154,7 @@ def parser() -> argparse.ArgumentParser:
         "holds a GPU says cuda: it then fails to load rather than compute on the CPU)",
     )
     _access_log_option(server)
+    _tracing_option(server)
     _edge_options(server)
     server.set_defaults(run=_model_server)
 
@@ -298,6 +299,7 @@ def _gateway_options(parser: argparse.ArgumentParser) -> None:
     )
     _access_options(parser)
     _access_log_option(parser)
+    _tracing_option(parser)
     _edge_options(parser)
 
 
@@ -373,6 +375,22 @@ def _access_log_option(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="log every request (uvicorn's access log; off: it costs the hot path)",
     )
+
+
+def _tracing_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--otlp-endpoint",
+        metavar="URL",
+        help="send OpenTelemetry traces over OTLP/HTTP to URL, e.g. http://collector:4318 "
+        "(protocol/tracing.py); default: $OTEL_EXPORTER_OTLP_ENDPOINT, else no tracing",
+    )
+
+
+def _trace(service: str, args: argparse.Namespace) -> None:
+    from protocol import tracing
+
+    if tracing.configure(service, args.otlp_endpoint):
+        log.info("tracing to %s", args.otlp_endpoint or "the OTEL_EXPORTER_OTLP_* endpoint")
 
 
 def _edge_options(parser: argparse.ArgumentParser) -> None:
@@ -497,6 +515,10 @@ def _serve(args: argparse.Namespace) -> int:
     repository = args.model_repository or _demo_repository()
     if repository is None:
         return 2
+    if args.otlp_endpoint is not None:
+        # The workers trace to it too: they read the standard variable, inherited.
+        os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"] = args.otlp_endpoint
+    _trace("bazaar-gateway", args)
     from bazaar.local import LocalWorkers
     from bazaar.worker_metrics import worker_metrics_route
     from gateway.server import run
@@ -529,6 +551,7 @@ def _serve(args: argparse.Namespace) -> int:
 def _gateway(args: argparse.Namespace) -> int:
     keys = _key_file(args)  # before the heavier imports: a mistake is told at once
     tls = _server_tls(args)
+    _trace("bazaar-gateway", args)
     from gateway.discovery import EndpointSlices, EndpointSource, StaticEndpoints
     from gateway.server import run
 
@@ -666,6 +689,7 @@ def _freeze_startup_objects() -> None:
 
 def _model_server(args: argparse.Namespace) -> int:
     control_keys = _control_keys(args)  # before the heavier imports: a mistake is told at once
+    _trace("bazaar-model-server", args)
 
     import socket
 

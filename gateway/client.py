@@ -27,6 +27,7 @@ import aiohttp
 import orjson
 
 from gateway.router import RawRequest, Tensors
+from protocol import tracing
 from protocol.codec import InferenceRequest, decode_response, encode_request
 from protocol.errors import InvalidRequest, UpstreamError
 from protocol.fastpath import Answer
@@ -92,6 +93,17 @@ class HttpModelClient:
     ) -> tuple[int, bytes, int | None]:
         """An inference body sent to ``url``'s ``model``: the answer's status, body (bounded)
         and, on a 200, its ``Inference-Header-Content-Length``. ``UpstreamError`` if none came."""
+        tracer = tracing.TRACER
+        if tracer is None:
+            return await self._send(url, model, body, headers, timeout_s)
+        with tracing.client_span(tracer, "pod call"):
+            headers = dict(headers)
+            tracing.inject(headers)
+            return await self._send(url, model, body, headers, timeout_s)
+
+    async def _send(
+        self, url: str, model: str, body: bytes, headers: dict[str, str], timeout_s: float
+    ) -> tuple[int, bytes, int | None]:
         try:
             async with self._session.post(
                 f"{url}/v2/models/{model}/infer",

@@ -47,6 +47,7 @@ The loop's clock is the only clock (``loop.time()``), so tests run it on virtual
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import heapq
 import itertools
@@ -62,6 +63,7 @@ import numpy as np
 from gateway.metrics import ModelMetrics
 from gateway.router import Endpoint, EndpointPool, RawRequest, Tensors
 from gateway.tenants import ANONYMOUS_TENANT, Tenant
+from protocol import tracing
 from protocol.errors import (
     BazaarError,
     DeadlineExceeded,
@@ -137,6 +139,8 @@ class Pending:
     queued: bool = True
     batch: _Batch | None = None
     """The batch it left in, while that is in flight."""
+    waiting: tracing.Waiting | None = None
+    """Its trace, when the gateway traces: its span's context and when it was queued."""
 
 
 @dataclass(slots=True, eq=False)
@@ -330,6 +334,8 @@ class Dispatcher:
             flow=flow,
             tag=tag,
         )
+        if tracing.TRACER is not None:
+            pending.waiting = tracing.waiting()
         # A weak reference: a strong one would make pending -> future -> pending a cycle,
         # left to the cyclic collector after every request.
         future.on_cancel = functools.partial(self._left, weakref.ref(pending))
@@ -603,9 +609,10 @@ class Dispatcher:
             inputs = _concatenate(batch) if len(batch) > 1 else batch[0].inputs
             started = loop.time()
             deadlines = [p.call_deadline for p in batch if p.call_deadline is not None]
-            outputs = await self.pool.call(
-                endpoint, inputs, rows, min(deadlines) if deadlines else None
-            )
+            with self._traced(batch, rows):
+                outputs = await self.pool.call(
+                    endpoint, inputs, rows, min(deadlines) if deadlines else None
+                )
             self.metrics.pod_seconds.observe(loop.time() - started)
             _split(self.model, batch, rows, outputs)
             self._drain.record(rows, loop.time(), backlogged=self._queue.size > 0)
@@ -631,6 +638,24 @@ class Dispatcher:
             self._inflight.discard(asyncio.current_task())
             self._inflight_rows -= rows
             self._wakeup()
+
+    def _traced(self, batch: list[Pending], rows: int) -> contextlib.AbstractContextManager[Any]:
+        """The batch's span, current while it is in flight, after each traced member's
+        queue span; nothing when the gateway does not trace."""
+        tracer = tracing.TRACER
+        members = [p.waiting for p in batch if p.waiting is not None]
+        if tracer is None or not members:
+            return contextlib.nullcontext()
+        for member in members:
+            tracing.waited(tracer, "queue", member)
+        attributes: dict[str, str | int] = {
+            "bazaar.model": self.model,
+            "bazaar.rows": rows,
+            "bazaar.requests": len(batch),
+        }
+        return tracing.batch_span(
+            tracer, f"batch {self.model}", [m[0] for m in members], attributes
+        )
 
     def _retry_after_s(self) -> float:
         if self._drain.rate <= 0:

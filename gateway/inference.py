@@ -22,6 +22,7 @@ from typing import Any, TypeVar, cast
 from gateway.catalog import ModelCatalog
 from gateway.router import RawRequest, Tensors
 from gateway.tenants import Tenants
+from protocol import tracing
 from protocol.codec import InferenceRequest
 from protocol.errors import BazaarError, InvalidRequest, QuotaExceeded
 from protocol.metrics import CANCELLED, outcome_of
@@ -61,6 +62,33 @@ class GatewayInference:
         through as sent, to a model that cannot be validated (HTTP; the answer is the
         upstream's, as it sent it).
         """
+        tracer = tracing.TRACER
+        if tracer is None:
+            return await self._run(
+                model, version, tenant_name, admission_timeout_s, decode, encode, forward
+            )
+        attributes = {"bazaar.model": model, "bazaar.version": version or ""}
+        with tracing.server_span(tracer, f"infer {model}", attributes):
+            return await self._run(
+                model,
+                version,
+                tenant_name,
+                admission_timeout_s,
+                tracing.traced(tracer, "decode", decode),
+                tracing.traced(tracer, "encode", encode),
+                forward,
+            )
+
+    async def _run(
+        self,
+        model: str,
+        version: str | None,
+        tenant_name: str | None,
+        admission_timeout_s: float | None,
+        decode: Decode,
+        encode: Callable[[InferenceRequest, ModelMetadata, Tensors], Answer],
+        forward: Callable[[], Forwarded] | None,
+    ) -> Answer:
         started = time.perf_counter()
         catalog = self.catalog
         served = await catalog.serving(model, version, catalog.config.max_queue_time_s)

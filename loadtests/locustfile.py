@@ -5,6 +5,10 @@ Run it through ``bazaar loadtest`` (which adds the verdict, report and plot), or
     locust -f loadtests/locustfile.py --host http://127.0.0.1:8000 --scenario steady \\
         --peak-users 20 --scenario-duration 60 --model-mix digits:3,mlp:1
 
+or with Locust's own options and no scenario, on every model the server has ready::
+
+    locust -f loadtests/locustfile.py --host http://127.0.0.1:8000 --headless -u 5 -r 5 -t 30s
+
 When a test starts, every process that sends load reads each model's metadata from
 ``/v2/models/{m}`` and builds a small pool of random bodies per model, encoding, priority and
 shape mode (``loadtests.payloads``), so a request costs a pick from the pool, not the building
@@ -36,7 +40,6 @@ import json
 import logging
 import random
 import time
-import urllib.request
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -45,6 +48,7 @@ from typing import Any
 
 import gevent
 import gevent.pool
+import locust.stats
 from locust import FastHttpUser, LoadTestShape, User, constant, events, task
 from locust.contrib.fasthttp import FastHttpSession
 from locust.env import Environment
@@ -52,6 +56,7 @@ from locust.runners import MasterRunner, WorkerRunner
 
 from loadtests.payloads import ModelSpec, Payload, build_payload
 from loadtests.shapes import OPEN_LOOP, SCENARIOS, users_at
+from loadtests.target import fetch_spec, ready_models
 from loadtests.verdict import classify, latency_bucket
 
 logger = logging.getLogger("bazaar.loadtest")
@@ -62,6 +67,11 @@ TALLY_KEY = "bazaar_tally"
 STOP_GRACE_S = 10.0
 """How long a stopping open-loop keeper waits for its outstanding requests."""
 TIMELINE_INTERVAL_S = 1.0
+
+# Locust's own HTML report charts the percentile the verdict judges (p99, not its default
+# p95), and a point a second rather than one every five.
+locust.stats.PERCENTILES_TO_CHART = [0.5, 0.99]
+locust.stats.HISTORY_STATS_INTERVAL_SEC = 1
 
 
 class Tally:
@@ -111,8 +121,10 @@ class Request:
 class Workload:
     """What requests to send, from the custom arguments; bodies built once per process."""
 
-    def __init__(self, options: Any, specs: dict[str, ModelSpec], rng: random.Random) -> None:
-        self.models, self.weights = parse_mix(options.model_mix)
+    def __init__(
+        self, options: Any, mix: str, specs: dict[str, ModelSpec], rng: random.Random
+    ) -> None:
+        self.models, self.weights = parse_mix(mix)
         self.binary_ratio: float = options.binary_ratio
         self.wrong_shape_ratio: float = options.wrong_shape_ratio
         levels = [int(p) for p in options.priorities.split(",") if p.strip()]
@@ -171,11 +183,6 @@ def parse_mix(mix: str) -> tuple[list[str], list[float]]:
 TALLY = Tally()
 WORKLOAD: Workload | None = None
 _first_failures: set[str] = set()
-
-
-def fetch_spec(host: str, model: str) -> ModelSpec:
-    with urllib.request.urlopen(f"{host.rstrip('/')}/v2/models/{model}", timeout=10) as answer:
-        return ModelSpec.from_metadata(json.loads(answer.read()))
 
 
 def send(client: FastHttpSession, rng: random.Random) -> None:
@@ -248,12 +255,22 @@ class OpenLoopUser(FastHttpUser):
 
 
 class ScenarioShape(LoadTestShape):
-    """Plays ``--scenario`` for ``--scenario-duration`` seconds, then stops the test."""
+    """Plays ``--scenario`` for ``--scenario-duration`` seconds, then stops the test.
+
+    Without ``--scenario`` it plays Locust's own options instead: ``-u`` closed-loop users
+    started at ``-r`` a second, for ``-t`` (or until stopped).
+    """
+
+    use_common_options = True
 
     def tick(self) -> tuple[int, float, list[type[User]] | None] | None:
         assert self.runner is not None
         options: Any = self.runner.environment.parsed_options
         elapsed_s = time.perf_counter() - self.start_time  # get_run_time(), which is untyped
+        if not options.scenario:
+            if options.run_time and elapsed_s >= options.run_time:
+                return None
+            return options.num_users or 1, options.spawn_rate or 1.0, [InferenceUser]
         users = users_at(options.scenario, elapsed_s, options.scenario_duration, options.peak_users)
         if users is None:
             return None
@@ -264,7 +281,12 @@ class ScenarioShape(LoadTestShape):
 
 def _arguments(parser: Any) -> None:
     group = parser.add_argument_group("bazaar", "the v2 inference workload (loadtests/)")
-    group.add_argument("--scenario", choices=list(SCENARIOS), default="steady")
+    group.add_argument(
+        "--scenario",
+        choices=list(SCENARIOS),
+        default=None,
+        help="default: none, Locust's own -u/-r/-t (closed loop)",
+    )
     group.add_argument("--scenario-duration", type=float, default=30.0, help="seconds")
     group.add_argument(
         "--peak-users", type=int, default=10, help="users (schedule keepers in open loop)"
@@ -278,7 +300,9 @@ def _arguments(parser: Any) -> None:
         default=1000,
         help="requests in flight at most, all open-loop keepers together",
     )
-    group.add_argument("--model-mix", default="", help="NAME[:WEIGHT],... (required)")
+    group.add_argument(
+        "--model-mix", default="", help="NAME[:WEIGHT],... (default: every ready model, equally)"
+    )
     group.add_argument("--binary-ratio", type=float, default=0.5)
     group.add_argument("--priorities", default="", help="e.g. 1,2: each request picks one")
     group.add_argument("--timeout-ms", type=float, default=0.0, help="0 = none")
@@ -341,9 +365,10 @@ def _start(environment: Environment, **_: Any) -> None:
     if isinstance(environment.runner, MasterRunner):
         return
     try:
-        models = parse_mix(options.model_mix)[0]
+        mix = options.model_mix or ",".join(ready_models(environment.host))
+        models = parse_mix(mix)[0]
         specs = {model: fetch_spec(environment.host, model) for model in models}
-        WORKLOAD = Workload(options, specs, random.Random())
+        WORKLOAD = Workload(options, mix, specs, random.Random())
     except Exception as exc:
         logger.error("cannot build the workload against %s: %s", environment.host, exc)
         environment.process_exit_code = 2

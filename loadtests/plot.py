@@ -7,7 +7,10 @@ Panels share the time axis (seconds since the start):
 2. latency: p50 and p99 over Locust's last-10-second window, with the SLO's p99 as a line and
    the first moment p99 went over it marked on every panel;
 3. only when the target is bazaar: the gateway's queue depth and ready endpoints (replicas)
-   per model, read from its ``/metrics`` during the run.
+   per model, read from its ``/metrics`` during the run. Each model's replica line is
+   shifted by a few hundredths of a replica, so models with equal counts stay distinguishable.
+
+Legends sit outside the panels, to the right, so they never hide data.
 
 Saturation reads as throughput flattening while the offered load still rises, latency turning
 up and the queue growing, all at the same x. ``matplotlib.figure.Figure`` is drawn without
@@ -73,6 +76,10 @@ def first_over(timeline: Sequence[TimelinePoint], slo_p99_ms: float) -> float | 
     return None
 
 
+REPLICA_SHIFT = 0.04
+"""Replicas between two models' lines when their counts are equal."""
+
+
 def plot_run(
     path: Path,
     title: str,
@@ -82,6 +89,16 @@ def plot_run(
     arrival_rate: float | None,
 ) -> None:
     """Draw the run to ``path``; ``arrival_rate`` is the open loop's offered rate, else None."""
+    draw_run(title, timeline, samples, slo_p99_ms, arrival_rate).savefig(path, dpi=100)
+
+
+def draw_run(
+    title: str,
+    timeline: Sequence[TimelinePoint],
+    samples: Sequence[MetricsSample],
+    slo_p99_ms: float,
+    arrival_rate: float | None,
+) -> Figure:
     start = timeline[0].t if timeline else samples[0].t if samples else 0.0
     panels = 3 if samples else 2
     figure = Figure(figsize=(11, 3.2 * panels), layout="constrained")
@@ -109,8 +126,9 @@ def plot_run(
         users.set_ylabel("users")
         users.set_ylim(bottom=0)
         users.yaxis.set_major_locator(MaxNLocator(integer=True))
-        users.legend(loc="upper right")
-    load.legend(loc="upper left")
+        _legend_outside(load, users)
+    else:
+        _legend_outside(load)
     load.set_title("offered load and throughput")
 
     latency = axes[1]
@@ -121,19 +139,21 @@ def plot_run(
     latency.set_ylabel("ms")
     latency.set_ylim(bottom=0)
     latency.set_title("latency (all responses, last 10 s)")
-    latency.legend(loc="upper left")
+    _legend_outside(latency)
 
     if samples:
         gateway = axes[2]
         replicas = gateway.twinx()
-        for model in sorted(samples[-1].queue_depth):
+        models = sorted(samples[-1].queue_depth)
+        for index, model in enumerate(models):
+            shift = (index - (len(models) - 1) / 2) * REPLICA_SHIFT
             times = [s.t - start for s in samples]
             (queue,) = gateway.plot(
                 times, [s.queue_depth.get(model, 0) for s in samples], label=model
             )
             replicas.step(
                 times,
-                [s.replicas.get(model, 0) for s in samples],
+                [s.replicas.get(model, 0) + shift for s in samples],
                 where="post",
                 linestyle="--",
                 color=queue.get_color(),
@@ -146,8 +166,7 @@ def plot_run(
         replicas.set_ylim(0, most + 1)
         replicas.yaxis.set_major_locator(MaxNLocator(integer=True))
         gateway.set_title("gateway queue depth (solid) and replicas (dashed)")
-        gateway.legend(loc="upper left")
-        replicas.legend(loc="upper right")
+        _legend_outside(gateway, replicas)
 
     over = first_over(timeline, slo_p99_ms)
     if over is not None:
@@ -161,4 +180,11 @@ def plot_run(
             color="red",
         )
     axes[-1].set_xlabel("seconds since start")
-    figure.savefig(path, dpi=100)
+    return figure
+
+
+def _legend_outside(*axes: Axes) -> None:
+    """One legend for a panel (and its twin axis), right of the panel."""
+    handles = [handle for axis in axes for handle in axis.get_legend_handles_labels()[0]]
+    labels = [label for axis in axes for label in axis.get_legend_handles_labels()[1]]
+    axes[-1].legend(handles, labels, loc="upper left", bbox_to_anchor=(1.08, 1), fontsize="small")

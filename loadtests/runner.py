@@ -34,8 +34,10 @@ from typing import Any, TextIO
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from loadtests.page import verdict_page
 from loadtests.plot import MetricsSample, TimelinePoint, plot_run
 from loadtests.shapes import OPEN_LOOP
+from loadtests.target import TargetError, ready_models
 from loadtests.verdict import OUTCOMES, RunResult, Slo, judge, outcome_line, verdict_table
 
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
@@ -99,10 +101,14 @@ def run(config: LoadTestConfig, out: TextIO | None = None) -> int:
 def _run(config: LoadTestConfig, out: TextIO) -> int:
     host = config.host.rstrip("/")
     _check_ready(host)
-    mix = config.models or ",".join(_ready_models(host))
+    try:
+        mix = config.models or ",".join(ready_models(host))
+    except TargetError as exc:
+        raise LoadTestError(f"{exc}; name the models with --models") from None
     config.results.mkdir(parents=True, exist_ok=True)
     files = {
         "summary": config.results / "summary.json",
+        "verdict": config.results / "verdict.html",
         "html": config.results / "report.html",
         "csv": config.results / "stats_stats.csv",
         "plot": config.results / "plot.png",
@@ -158,6 +164,7 @@ def _run(config: LoadTestConfig, out: TextIO) -> int:
         config.slo.p99_ms,
         config.arrival_rate if open_loop else None,
     )
+    files["verdict"].write_text(verdict_page(summary, files["plot"].read_bytes()))
     _print_report(result, checks, passed, gateway, files, out)
     return 0 if passed else 1
 
@@ -192,25 +199,6 @@ def _check_ready(host: str) -> None:
             return
     except (urllib.error.URLError, OSError) as exc:
         raise LoadTestError(f"{host} is not ready (GET /v2/health/ready: {exc})") from None
-
-
-def _ready_models(host: str) -> list[str]:
-    request = urllib.request.Request(
-        f"{host}/v2/repository/index",
-        data=b'{"ready": true}',
-        headers={"Content-Type": "application/json"},
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=5) as answer:
-            entries = json.loads(answer.read())
-        names = [str(entry["name"]) for entry in entries if entry.get("state", "READY") == "READY"]
-    except (urllib.error.URLError, OSError, ValueError, TypeError, KeyError) as exc:
-        raise LoadTestError(
-            f"cannot list the models of {host} ({exc}); name them with --models"
-        ) from None
-    if not names:
-        raise LoadTestError(f"{host} has no ready model")
-    return sorted(set(names))
 
 
 def _pythonpath() -> list[str]:

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 from models.metrics import PodMetrics
 from models.store import ModelStore
+from protocol import tracing
 from protocol.codec import InferenceRequest
 from protocol.errors import BazaarError, DeadlineExceeded, InvalidRequest
 from protocol.metrics import outcome_of
@@ -46,6 +47,27 @@ class PodInference:
         limit_s: float | None = None,
     ) -> Answer:
         """Serve one request (see the module docstring); raises ``BazaarError`` to refuse it."""
+        tracer = tracing.TRACER
+        if tracer is None:
+            return await self._run(model, version, decode, encode, limit_s)
+        attributes = {"bazaar.model": model, "bazaar.version": version or ""}
+        with tracing.server_span(tracer, f"infer {model}", attributes):
+            return await self._run(
+                model,
+                version,
+                tracing.traced(tracer, "decode", decode),
+                tracing.traced(tracer, "encode", encode),
+                limit_s,
+            )
+
+    async def _run(
+        self,
+        model: str,
+        version: str | None,
+        decode: Callable[[ModelMetadata], InferenceRequest],
+        encode: Callable[[InferenceRequest, ModelMetadata, dict[str, Array]], Answer],
+        limit_s: float | None,
+    ) -> Answer:
         arrived = asyncio.get_running_loop().time()
         runtime = self.store.get(model, version)
         metrics = self.metrics
@@ -72,6 +94,8 @@ class PodInference:
             metrics.batches.labels(model, "success").inc()
             metrics.batch_size.labels(model).observe(rows)
             metrics.compute_seconds.labels(model).observe(compute_s)
+            if tracing.TRACER is not None:
+                tracing.finished_span(tracing.TRACER, "compute", compute_s)
             response = encode(request, runtime.metadata, outputs)
             outcome = "success"
             return response

@@ -20,11 +20,13 @@ answered then: nobody is there.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from protocol import tracing
 from protocol.auth import TENANT
 from protocol.classification import classify
 from protocol.codec import InferenceRequest, InferenceResponse, decode_request, encode_response
@@ -167,9 +169,15 @@ async def _infer(
         encoding = headers.pop(b"content-encoding", None)
         if encoding is not None:
             body = decompress(body, encoding, max_body_bytes)
-        encoded, header_length = await handler(
-            target[0], target[1], body, headers, scope.get(TENANT)
+        caller_trace = (
+            contextlib.nullcontext()
+            if tracing.TRACER is None
+            else tracing.incoming(headers.get(b"traceparent"), headers.get(b"tracestate"))
         )
+        with caller_trace:
+            encoded, header_length = await handler(
+                target[0], target[1], body, headers, scope.get(TENANT)
+            )
     except asyncio.CancelledError:
         if left and task.uncancel() == 0:
             return  # the client left while its request was handled: nobody to answer

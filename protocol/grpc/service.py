@@ -29,7 +29,7 @@ from typing import Any, Protocol, TypeVar
 
 import grpc
 
-from protocol import __version__
+from protocol import __version__, tracing
 from protocol.auth import HEALTH, INFER, OPEN_BY_DEFAULT, KeyFile, presented_token
 from protocol.errors import BazaarError
 from protocol.grpc import grpc_service_pb2 as pb
@@ -159,7 +159,11 @@ class InferenceService(GRPCInferenceServiceServicer):
     ) -> pb.ModelInferResponse:
         tenant = await self._authorize(context, INFER)
         try:
-            return await self.backend.infer(request, context.time_remaining(), tenant)
+            if tracing.TRACER is None:
+                return await self.backend.infer(request, context.time_remaining(), tenant)
+            metadata = dict(context.invocation_metadata() or ())
+            with tracing.incoming(metadata.get("traceparent"), metadata.get("tracestate")):
+                return await self.backend.infer(request, context.time_remaining(), tenant)
         except Exception as exc:
             await _abort(context, exc)
             raise  # unreachable: abort raises

@@ -190,6 +190,8 @@ async def test_metrics_export_replicas_decisions_and_present_signals() -> None:
     assert value("bazaar_autoscaler_ready_replicas") == 2
     assert value("bazaar_autoscaler_decisions_total", kind="scale_up") == 1
     assert value("bazaar_autoscaler_decisions_total", kind="hold") == 1
+    # Kinds not decided yet read 0, so rate() over them is 0 rather than nothing.
+    assert value("bazaar_autoscaler_decisions_total", kind="scale_down") == 0
     assert value("bazaar_autoscaler_queued_rows") == 8.0
     assert value("bazaar_autoscaler_inflight_rows") == 2.0
     assert value("bazaar_autoscaler_busy_ratio") is None  # missing: absent, not zero

@@ -6,10 +6,13 @@ from typing import Any
 
 import numpy as np
 import orjson
+import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from opentelemetry.sdk.trace import TracerProvider
 
 from gateway.client import HEADER_LENGTH, HttpModelClient
+from protocol import tracing
 
 
 async def test_the_pod_is_told_the_calls_timeout_in_microseconds() -> None:
@@ -37,3 +40,37 @@ async def test_the_pod_is_told_the_calls_timeout_in_microseconds() -> None:
     assert received[0]["parameters"]["timeout"] == 250_000
     # aiohttp's default asks for gzip, which pods now answer: the hop would compress.
     assert accepted == ["identity"]
+
+
+async def test_the_pod_call_sends_its_own_span_as_traceparent_only_when_tracing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    seen: list[str | None] = []
+
+    async def infer(request: web.Request) -> web.Response:
+        await request.read()
+        seen.append(request.headers.get("traceparent"))
+        outputs = [{"name": "out", "shape": [1, 1], "datatype": "FP32", "data": [2.0]}]
+        return web.json_response({"model_name": "m", "outputs": outputs})
+
+    app = web.Application()
+    app.router.add_post("/v2/models/m/infer", infer)
+    inputs = {"x": np.ones((1, 1), np.float32)}
+    async with TestServer(app, host="127.0.0.1") as server:
+        client = HttpModelClient()
+        url = str(server.make_url("")).rstrip("/")
+        try:
+            await client.infer(url, "m", inputs, timeout_s=1)  # not tracing: nothing sent
+            tracer = TracerProvider().get_tracer("test")
+            monkeypatch.setattr(tracing, "TRACER", tracer)
+            with tracer.start_as_current_span("batch") as batch:
+                await client.infer(url, "m", inputs, timeout_s=1)
+        finally:
+            await client.close()
+    assert seen[0] is None
+    assert seen[1] is not None
+    version, trace_id, span_id, flags = seen[1].split("-")
+    context = batch.get_span_context()
+    assert (version, trace_id) == ("00", f"{context.trace_id:032x}")
+    assert int(flags, 16) & 1  # sampled
+    assert span_id != f"{context.span_id:016x}"  # the pod call's own span, under the batch

@@ -18,6 +18,7 @@ import socket
 import time
 from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -57,7 +58,12 @@ def gateway(
 ) -> Iterator[tuple[int, int]]:
     """A gateway with short read timeouts and a small connection cap, in front of a real
     model server for ``mlp`` (and of nothing for ``m``); yields (port, pid)."""
-    root = tmp_path_factory.mktemp("hostile")
+    with hostile_gateway(model_server, tmp_path_factory.mktemp("hostile")) as running:
+        yield running
+
+
+@contextlib.contextmanager
+def hostile_gateway(model_server: str, root: Path) -> Iterator[tuple[int, int]]:
     endpoints = root / "endpoints.yaml"
     models = {"m": [f"http://127.0.0.1:{free_port()}"], "mlp": [model_server]}
     endpoints.write_text(json.dumps({"models": models}))
@@ -187,17 +193,21 @@ def test_a_client_sending_at_a_trickle_is_answered_408(
 
 
 def test_idle_connections_past_the_cap_make_room_for_new_clients(
-    gateway: tuple[int, int],
+    model_server: str, tmp_path: Path
 ) -> None:
     """Idle connections fill the cap; once idle long enough (``MIN_IDLE_TO_CLOSE_S``) they
     make room for new ones, while the normal traffic, between two requests all the time, keeps
     its connections and every answer. (Which connection gives way, the idlest or a new one,
-    is tested on a server of its own: tests/protocol/test_edge.py. This gateway is shared by
-    the module's tests, whose leftover connections may be among the idlest.)"""
-    port, _ = gateway
-    with normal_traffic(port):
-        idle = [connect(port) for _ in range(MAX_CONNECTIONS)]
+    is tested on a server of its own: tests/protocol/test_edge.py.) A gateway of its own: the
+    module's other tests leave connections behind that would count against the cap."""
+    with hostile_gateway(model_server, tmp_path) as (port, _), normal_traffic(port):
+        idle = [connect(port) for _ in range(MAX_CONNECTIONS - NORMAL_CONNECTIONS)]
         try:
+            # The server accepts in order: once the last is answered, it holds them all, and
+            # from then on each has been idle as long as this test waits (a loaded machine
+            # may accept them well after they were opened).
+            idle[-1].sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert idle[-1].recv(64).startswith(b"HTTP/1.1 200")
             time.sleep(MIN_IDLE_TO_CLOSE_S)  # now they may be closed for new connections
             newest = [connect(port) for _ in range(10)]
             idle += newest

@@ -117,6 +117,10 @@ def test_a_short_run_writes_the_report_and_counts_what_the_gateway_counted(
     assert aggregated[1] == "Aggregated"
     assert 0 < int(aggregated[2]) <= requests["sent"]
     assert "SLO MET" in output and "p99 latency of successes" in output
+    page = (tmp_path / "verdict.html").read_text()
+    assert "SLO MET</h1>" in page and "<th>p99</th>" in page
+    assert "data:image/png;base64," in page and "href='report.html'" in page
+    assert f"<td>all</td><td>{requests['ok']}</td>" in page
 
 
 def test_a_tight_slo_on_the_slow_model_fails(
@@ -131,6 +135,7 @@ def test_a_tight_slo_on_the_slow_model_fails(
     checks = {c["name"]: c["passed"] for c in summary_of(tmp_path)["checks"]}
     assert checks == {"p99 latency of successes": False, "error rate": True}
     assert "SLO MISSED" in output
+    assert "SLO MISSED</h1>" in (tmp_path / "verdict.html").read_text()
 
 
 def test_wrong_shapes_are_counted_as_client_errors(
@@ -251,6 +256,34 @@ def test_a_relative_results_folder_is_the_callers(gateway: str, tmp_path: Path) 
     assert done.returncode == 0, done.stdout + done.stderr
     assert summary_of(tmp_path / "here")["requests"]["ok"] > 0
     assert not (ROOT / "here").exists()
+
+
+def test_plain_locust_without_a_scenario_honours_users_spawn_rate_and_run_time(
+    gateway: str, tmp_path: Path
+) -> None:
+    # No --scenario and no --model-mix: Locust's own -u/-r/-t, on every ready model. The
+    # scenario defaults (10 users for 30 s) used to win over them.
+    done = subprocess.run(
+        [sys.executable, "-m", "locust", "-f", str(ROOT / "loadtests" / "locustfile.py"),
+         "--headless", "--only-summary", "--host", gateway, "-u", "3", "-r", "3", "-t", "3s",
+         "--html", "report.html", "--tally-file", "tally.json",
+         "--timeline-file", "timeline.jsonl"],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "will be ignored" not in done.stderr
+    tally = json.loads((tmp_path / "tally.json").read_text())
+    assert tally["stopped"] - tally["started"] < 15, tally  # -t 3s, not the scenario's 30 s
+    assert {key.split("/")[0] for key in tally["outcomes"]} == {"digits", "mlp"}
+    assert all(key.endswith("/ok") for key in tally["outcomes"]), tally["outcomes"]
+    timeline = [json.loads(line) for line in (tmp_path / "timeline.jsonl").read_text().splitlines()]
+    assert max(point["users"] for point in timeline) == 3
+    # Locust's own report charts the verdict's percentile, p99, beside the median.
+    assert '"percentiles_to_chart": [0.5, 0.99]' in (tmp_path / "report.html").read_text()
 
 
 ECHO_METADATA = {
