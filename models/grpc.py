@@ -3,7 +3,7 @@
 The same steps as the HTTP route (``models.inference``) with the protobuf codec
 (``protocol.grpc.codec``): raw or typed inputs in, raw outputs back. The call's deadline
 bounds the request's wait for an instance, as ``parameters.timeout`` does. It serves the data
-plane only (health, metadata, readiness, the repository index, inference): loading and
+plane only (health, metadata, readiness, the repository index, statistics, inference): loading and
 unloading stay on the HTTP control port, behind its token.
 """
 
@@ -39,6 +39,9 @@ class PodGrpcBackend:
 
     def index(self, ready_only: bool) -> list[dict[str, str]]:
         return self.store.index(ready_only)
+
+    def statistics(self, name: str | None, version: str | None) -> list[dict[str, Any]]:
+        return self.inference.statistics(name, version)
 
     async def infer(
         self, message: pb.ModelInferRequest, limit_s: float | None, tenant: str | None

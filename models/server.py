@@ -8,7 +8,8 @@ in. A request's ``parameters.timeout`` (microseconds, as in Triton: how long it 
 bounds its wait for a free instance; past it, the pod answers 504 and never computes it.
 
 Routes: ``/v2``, ``/v2/health/{live,ready}``, ``/v2/models/{m}[/versions/{v}]`` with
-``/ready``, ``/config`` and ``POST /infer``, the repository extension
+``/ready``, ``/config``, ``/stats`` (Triton's statistics, also ``/v2/models/stats``) and
+``POST /infer``, the repository extension
 (``/v2/repository/index``, ``/v2/repository/models/{m}/{load,unload}``), ``/metrics`` and
 ``/openapi.json``. Load and unload are served only with model control on, and then, given a
 control token, only to callers presenting it (``protocol.auth``, scope ``control``).
@@ -48,13 +49,14 @@ from protocol.responses import (
     model_routes,
     server_routes,
     shared_memory_routes,
+    statistics_routes,
 )
 from protocol.support import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
 SERVER_NAME = "bazaar-model-server"
-EXTENSIONS = ["binary_tensor_data", "classification", "model_repository"]
+EXTENSIONS = ["binary_tensor_data", "classification", "model_repository", "statistics"]
 """What the HTTP API implements."""
 GRPC_EXTENSIONS = [extension for extension in EXTENSIONS if extension != "classification"]
 """What the gRPC API implements: its codec refuses classification by name."""
@@ -129,6 +131,7 @@ def create_app(
 
     routes = [
         *server_routes(SERVER_NAME, EXTENSIONS, store.ready),
+        *statistics_routes(inference.statistics),
         *model_routes(inference.model_metadata, store.is_ready, model_config),
         Route("/metrics", prometheus),
         Route("/v2/repository/index", repository_index, methods=["POST"]),

@@ -82,6 +82,10 @@ class Operation:
     media_type: str = "application/json"
 
 
+MODEL_STATS = record({"model_stats": array(OBJECT)})
+"""Triton's ``$stats_model_response``: one ``$model_stat`` object per model version."""
+
+
 def _model_operations(prefix: str) -> dict[str, Operation]:
     """A model's routes, at ``/v2/models/{model}`` or at one of its versions."""
     model_ready = record({"name": STRING, "ready": BOOLEAN})
@@ -95,11 +99,19 @@ def _model_operations(prefix: str) -> dict[str, Operation]:
         prefix + "/config": Operation(
             "Model configuration", {200: OBJECT}, (ModelNotFound, ModelNotReady)
         ),
+        prefix + "/stats": Operation(
+            "Statistics of the model's versions (Triton's statistics extension)",
+            {200: MODEL_STATS},
+            (ModelNotFound, ModelNotReady),
+        ),
     }
 
 
 READY = record({"ready": BOOLEAN})
 OPERATIONS: dict[str, Operation] = {
+    "/v2/models/stats": Operation(
+        "Statistics of every model version (Triton's statistics extension)", {200: MODEL_STATS}
+    ),
     "/v2": Operation(
         "Server metadata",
         {200: record({"name": STRING, "version": STRING, "extensions": array(STRING)})},

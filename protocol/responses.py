@@ -127,6 +127,29 @@ def shared_memory_routes() -> list[Route]:
     ]
 
 
+StatisticsView = Callable[[str | None, str | None], list[dict[str, Any]]]
+"""Triton's ``model_stats`` by (model, version), either None for all; raises ``BazaarError``."""
+
+
+def statistics_routes(statistics: StatisticsView) -> list[Route]:
+    """Triton's statistics extension: ``GET /v2/models/stats`` (every model),
+    ``/v2/models/{m}/stats`` (its versions) and ``/v2/models/{m}/versions/{v}/stats``, as
+    ``{"model_stats": [...]}``. They go before ``model_routes``, where ``/v2/models/stats``
+    would be the metadata of a model named ``stats`` (as in Triton, which has the same
+    paths)."""
+
+    async def stats(request: Request) -> Response:
+        name = request.path_params.get("model")
+        version = request.path_params.get("version")
+        return json_response({"model_stats": statistics(name, version)})
+
+    return [
+        Route("/v2/models/stats", stats),
+        Route("/v2/models/{model}/stats", stats),
+        Route("/v2/models/{model}/versions/{version}/stats", stats),
+    ]
+
+
 ModelView = Callable[[str, str | None], dict[str, Any]]
 """A model's JSON view (metadata, config) by (model, version); raises ``BazaarError``."""
 

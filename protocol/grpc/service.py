@@ -2,17 +2,19 @@
 
 ``InferenceService`` answers every RPC a v2 server answers from an ``InferenceBackend`` (the
 gateway's catalog and dispatchers, or the pod's store and runtimes): health, server and model
-metadata, readiness, the repository index, and ``ModelInfer``, whose decoding, scheduling
-and encoding are the backend's. The RPCs bazaar does not implement (streaming, model config,
-statistics, shared memory, load/unload, trace and log settings) keep the generated
-``UNIMPLEMENTED``. ``grpc_server`` runs it in the calling event loop (the one uvicorn serves
-HTTP in), behind the same edge as HTTP:
+metadata, readiness, the repository index, statistics (Triton's JSON, ``protocol.statistics``,
+as its message), and ``ModelInfer``, whose decoding, scheduling and encoding are the
+backend's. The RPCs bazaar does not implement (streaming, model config, shared memory,
+load/unload, trace and log settings) keep the generated ``UNIMPLEMENTED``. ``grpc_server``
+runs it in the calling event loop (the one uvicorn serves HTTP in), behind the same edge as
+HTTP:
 
 - errors: a ``BazaarError`` is answered with the gRPC code Triton gives its HTTP status
   (``GRPC_CODES``) and its message; ``Retry-After`` goes into the trailing metadata;
   anything else is a bug, logged and answered ``INTERNAL``;
 - keys: with a ``KeyFile``, the token in ``authorization: Bearer`` or ``x-api-key`` metadata,
-  with ``protocol.auth``'s scopes (health RPCs are ``health``, every other ``infer``);
+  with ``protocol.auth``'s scopes (health RPCs are ``health``, statistics ``stats``, every
+  other ``infer``);
 - limits: messages up to the inference body limit, metadata up to the header limit, at most
   ``max_concurrent_requests`` RPCs in progress (beyond, ``RESOURCE_EXHAUSTED``), a bounded
   number of streams per connection, keepalive pings answered and sent;
@@ -28,9 +30,10 @@ from collections.abc import Callable, Mapping
 from typing import Any, Protocol, TypeVar
 
 import grpc
+from google.protobuf import json_format
 
 from protocol import __version__
-from protocol.auth import HEALTH, INFER, OPEN_BY_DEFAULT, KeyFile, presented_token
+from protocol.auth import HEALTH, INFER, OPEN_BY_DEFAULT, STATS, KeyFile, presented_token
 from protocol.errors import BazaarError
 from protocol.grpc import grpc_service_pb2 as pb
 from protocol.grpc.grpc_service_pb2_grpc import (
@@ -81,6 +84,11 @@ class InferenceBackend(Protocol):
 
     def index(self, ready_only: bool) -> list[dict[str, str]]:
         """The repository index: ``name``, ``version``, ``state``, ``reason`` per model."""
+        ...
+
+    def statistics(self, name: str | None, version: str | None) -> list[dict[str, Any]]:
+        """Triton's ``model_stats`` JSON (``protocol.statistics``); None: every model, or
+        every version of the model."""
         ...
 
     async def infer(
@@ -153,6 +161,18 @@ class InferenceService(GRPCInferenceServiceServicer):
         return pb.RepositoryIndexResponse(
             models=[pb.RepositoryIndexResponse.ModelIndex(**model) for model in models]
         )
+
+    async def ModelStatistics(
+        self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ModelStatisticsResponse:
+        await self._authorize(context, STATS)
+        stats = await self._answer(
+            context,
+            lambda: self.backend.statistics(request.name or None, request.version or None),
+        )
+        response = pb.ModelStatisticsResponse()
+        json_format.ParseDict({"model_stats": stats}, response)
+        return response
 
     async def ModelInfer(
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext[Any, Any]

@@ -133,6 +133,35 @@ def test_infer_typed_contents(target: Target) -> None:
     np.testing.assert_array_equal(result.as_numpy("label"), raw.as_numpy("label"))
 
 
+def test_statistics_answer_as_over_http(target: Target) -> None:
+    rows, _ = digits_samples(3)
+    infer_input = triton.InferInput("input", list(rows.shape), "FP32")
+    infer_input.set_data_from_numpy(rows)
+    client = triton.InferenceServerClient(target[0])
+    client.infer("digits", [infer_input])
+    (stat,) = client.get_inference_statistics("digits").model_stats
+    http = triton_http.InferenceServerClient(target[1].removeprefix("http://"))
+    (expected,) = http.get_inference_statistics("digits", "1")["model_stats"]
+    assert (stat.name, stat.version) == ("digits", "1")
+    assert stat.inference_count == expected["inference_count"] >= 3
+    assert stat.execution_count == expected["execution_count"] >= 1
+    assert stat.last_inference == expected["last_inference"] > 0
+    for phase in ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output"):
+        duration = getattr(stat.inference_stats, phase)
+        assert (duration.count, duration.ns) == tuple(
+            expected["inference_stats"][phase].values()
+        ), phase
+    assert stat.inference_stats.compute_infer.ns > 0
+    assert {b.batch_size for b in stat.batch_stats} == {
+        b["batch_size"] for b in expected["batch_stats"]
+    }
+    every = client.get_inference_statistics().model_stats
+    assert {s.name for s in every} == {"digits", "mlp"}
+    with pytest.raises(InferenceServerException) as unknown:
+        client.get_inference_statistics("nope")
+    assert unknown.value.status() == "StatusCode.NOT_FOUND"
+
+
 def test_errors_are_grpc_status_codes(target: Target) -> None:
     client = triton.InferenceServerClient(target[0])
     with pytest.raises(InferenceServerException) as unknown:

@@ -29,7 +29,13 @@ from tests.support import bazaar_process, free_port, wait_until
 
 OPEN = {"/v2", "/v2/health/live", "/v2/health/ready"}
 """The routes open without a key by default: health, for probes. Every other is protected."""
-SCOPE_OF = {"/stats": STATS, "/metrics": METRICS}
+SCOPE_OF = {
+    "/stats": STATS,
+    "/v2/models/stats": STATS,
+    "/v2/models/digits/stats": STATS,
+    "/v2/models/digits/versions/1/stats": STATS,
+    "/metrics": METRICS,
+}
 """The scope each protected route needs, where it is not ``infer``."""
 PATH_PARAMETERS = {"model": "digits", "version": "1", "region": "r0"}
 
@@ -77,7 +83,10 @@ def gateway(
 ) -> Iterator[str]:
     root = tmp_path_factory.mktemp("auth")
     keys = root / "keys.json"
-    entries = [key_entry(tokens[scope], f"tenant-{scope}", scope) for scope in SCOPE_OF.values()]
+    entries = [
+        key_entry(tokens[scope], f"tenant-{scope}", scope)
+        for scope in sorted(set(SCOPE_OF.values()))
+    ]
     entries.append(key_entry(tokens[INFER], "tenant-infer", INFER))
     entries.append(key_entry(tokens["all"], "tenant-all", INFER, STATS, METRICS))
     write_keys(keys, *entries)
