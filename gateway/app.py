@@ -14,9 +14,9 @@ validate has its requests passed through as sent (``gateway.passthrough``), with
 quotas, admission and queue.
 
 Routes: ``/v2``, ``/v2/health/{live,ready}``, ``/v2/models/{m}[/versions/{v}]`` with
-``/ready``, ``/stats`` (Triton's statistics, also ``/v2/models/stats``) and ``POST /infer``,
-``POST /v2/repository/index``, ``/metrics`` and ``/stats`` (queue depth and in-flight work per
-model, for the autoscaler).
+``/ready``, ``/config`` (Triton's, of what the gateway enforces), ``/stats`` (Triton's
+statistics, also ``/v2/models/stats``) and ``POST /infer``, ``POST /v2/repository/index``,
+``/metrics`` and ``/stats`` (queue depth and in-flight work per model, for the autoscaler).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp
 
 from gateway.catalog import ModelCatalog
-from gateway.inference import Forwarded, GatewayInference, statistics
+from gateway.inference import Forwarded, GatewayInference, model_config, statistics
 from gateway.passthrough import raw_request
 from protocol.codec import InferenceRequest
 from protocol.errors import InvalidRequest
@@ -131,7 +131,11 @@ def routes(catalog: ModelCatalog) -> list[Route]:
         # through, and a model at zero would never be scaled up. Per model: .../ready.
         *server_routes(SERVER_NAME, EXTENSIONS, lambda: True),
         *statistics_routes(lambda name, version: statistics(catalog, name, version)),
-        *model_routes(model_metadata, catalog.is_ready),
+        *model_routes(
+            model_metadata,
+            catalog.is_ready,
+            lambda name, version: model_config(catalog, name, version),
+        ),
         Route("/v2/repository/index", repository_index, methods=["POST"]),
         *shared_memory_routes(),
         Route("/metrics", prometheus),

@@ -5,8 +5,8 @@ tenants' quotas count both transports together) with the protobuf codec: the dis
 admission sees the call's deadline before the message is decoded, the request's timeout is
 the sooner of ``parameters.timeout`` and that deadline, and a call that is cancelled or runs
 out of time cancels its wait, which frees its place in the queue. Answers carry raw outputs.
-Health, metadata, readiness, the repository index and statistics read the catalog as the HTTP
-routes do.
+Health, metadata, readiness, the config, the repository index and statistics read the catalog
+as the HTTP routes do.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from gateway.catalog import ModelCatalog
-from gateway.inference import GatewayInference, statistics
+from gateway.inference import GatewayInference, model_config, statistics
 from gateway.router import Tensors
 from protocol.codec import InferenceRequest, InferenceResponse
 from protocol.errors import DeadlineExceeded
@@ -45,6 +45,9 @@ class GatewayGrpcBackend:
 
     def index(self, ready_only: bool) -> list[dict[str, str]]:
         return self.catalog.index(ready_only)
+
+    def model_config(self, name: str, version: str | None) -> dict[str, Any]:
+        return model_config(self.catalog, name, version)
 
     def statistics(self, name: str | None, version: str | None) -> list[dict[str, Any]]:
         return statistics(self.catalog, name, version)

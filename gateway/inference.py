@@ -26,6 +26,7 @@ from gateway.tenants import Tenants
 from protocol.codec import InferenceRequest
 from protocol.errors import BazaarError, InvalidRequest, QuotaExceeded
 from protocol.metrics import CANCELLED, outcome_of
+from protocol.modelconfig import triton_config
 from protocol.schema import ModelMetadata
 
 Answer = TypeVar("Answer")
@@ -127,6 +128,22 @@ def statistics(
         served.metrics.statistics.to_json(model, served.metadata.version)
         for model, served in chosen
     ]
+
+
+def model_config(catalog: ModelCatalog, name: str, version: str | None) -> dict[str, Any]:
+    """Triton's ``ModelConfig`` JSON of what the gateway enforces for ``name``: the tensors
+    it validates (none for a model passed through) and the batching its dispatcher does."""
+    served = catalog.get(name, version)
+    policy = served.dispatcher.policy
+    return triton_config(
+        served.metadata,
+        max_queue_delay_s=policy.max_queue_delay_s,
+        preferred_batch_sizes=policy.preferred_batch_sizes,
+        max_queue_size=policy.max_queue_size,
+        default_timeout_s=policy.default_timeout_s,
+        priority_levels=policy.priority_levels,
+        default_priority_level=policy.default_priority_level,
+    )
 
 
 def schedule(parameters: Mapping[str, Any], limit_s: float | None) -> tuple[int, float | None]:

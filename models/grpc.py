@@ -3,8 +3,8 @@
 The same steps as the HTTP route (``models.inference``) with the protobuf codec
 (``protocol.grpc.codec``): raw or typed inputs in, raw outputs back. The call's deadline
 bounds the request's wait for an instance, as ``parameters.timeout`` does. It serves the data
-plane only (health, metadata, readiness, the repository index, statistics, inference): loading and
-unloading stay on the HTTP control port, behind its token.
+plane only (health, metadata, readiness, the config in Triton's format, the repository index,
+statistics, inference): loading and unloading stay on the HTTP control port, behind its token.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from models.inference import PodInference
 from protocol.codec import InferenceRequest, InferenceResponse
 from protocol.grpc import codec
 from protocol.grpc import grpc_service_pb2 as pb
+from protocol.modelconfig import triton_config
 from protocol.schema import ModelMetadata
 from protocol.tensors import Array
 
@@ -39,6 +40,21 @@ class PodGrpcBackend:
 
     def index(self, ready_only: bool) -> list[dict[str, str]]:
         return self.store.index(ready_only)
+
+    def model_config(self, name: str, version: str | None) -> dict[str, Any]:
+        runtime = self.store.get(name, version)
+        batching = runtime.config.dynamic_batching
+        kind = "KIND_GPU" if runtime.providers[0] == "CUDAExecutionProvider" else "KIND_CPU"
+        return triton_config(
+            runtime.metadata,
+            max_queue_delay_s=batching.max_queue_delay_ms / 1000,
+            preferred_batch_sizes=batching.preferred_batch_sizes,
+            max_queue_size=batching.max_queue_size,
+            default_timeout_s=batching.default_timeout_ms / 1000,
+            priority_levels=batching.priority_levels,
+            default_priority_level=batching.default_priority_level,
+            instance_group=[{"count": runtime.config.instances, "kind": kind}],
+        )
 
     def statistics(self, name: str | None, version: str | None) -> list[dict[str, Any]]:
         return self.inference.statistics(name, version)

@@ -2,12 +2,12 @@
 
 ``InferenceService`` answers every RPC a v2 server answers from an ``InferenceBackend`` (the
 gateway's catalog and dispatchers, or the pod's store and runtimes): health, server and model
-metadata, readiness, the repository index, statistics (Triton's JSON, ``protocol.statistics``,
-as its message), and ``ModelInfer``, whose decoding, scheduling and encoding are the
-backend's. The RPCs bazaar does not implement (streaming, model config, shared memory,
-load/unload, trace and log settings) keep the generated ``UNIMPLEMENTED``. ``grpc_server``
-runs it in the calling event loop (the one uvicorn serves HTTP in), behind the same edge as
-HTTP:
+metadata, readiness, the model config and statistics (Triton's JSON, ``protocol.modelconfig``
+and ``protocol.statistics``, parsed into the messages), the repository index, and
+``ModelInfer``, whose decoding, scheduling and encoding are the backend's. The RPCs bazaar
+does not implement (streaming, shared memory, load/unload, trace and log settings) keep the
+generated ``UNIMPLEMENTED``. ``grpc_server`` runs it in the calling event loop (the one
+uvicorn serves HTTP in), behind the same edge as HTTP:
 
 - errors: a ``BazaarError`` is answered with the gRPC code Triton gives its HTTP status
   (``GRPC_CODES``) and its message; ``Retry-After`` goes into the trailing metadata;
@@ -86,6 +86,10 @@ class InferenceBackend(Protocol):
         """The repository index: ``name``, ``version``, ``state``, ``reason`` per model."""
         ...
 
+    def model_config(self, name: str, version: str | None) -> dict[str, Any]:
+        """Triton's ``ModelConfig`` JSON (``protocol.modelconfig``)."""
+        ...
+
     def statistics(self, name: str | None, version: str | None) -> list[dict[str, Any]]:
         """Triton's ``model_stats`` JSON (``protocol.statistics``); None: every model, or
         every version of the model."""
@@ -161,6 +165,17 @@ class InferenceService(GRPCInferenceServiceServicer):
         return pb.RepositoryIndexResponse(
             models=[pb.RepositoryIndexResponse.ModelIndex(**model) for model in models]
         )
+
+    async def ModelConfig(
+        self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ModelConfigResponse:
+        await self._authorize(context, INFER)
+        config = await self._answer(
+            context, lambda: self.backend.model_config(request.name, request.version or None)
+        )
+        response = pb.ModelConfigResponse()
+        json_format.ParseDict({"config": config}, response)
+        return response
 
     async def ModelStatistics(
         self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext[Any, Any]

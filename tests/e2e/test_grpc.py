@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 import tritonclient.grpc as triton
 import tritonclient.http as triton_http
+from tritonclient.grpc import model_config_pb2, service_pb2_grpc
 from tritonclient.grpc import service_pb2 as pb
-from tritonclient.grpc import service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from models.demo import digits_samples
@@ -159,6 +159,21 @@ def test_statistics_answer_as_over_http(target: Target) -> None:
     assert {s.name for s in every} == {"digits", "mlp"}
     with pytest.raises(InferenceServerException) as unknown:
         client.get_inference_statistics("nope")
+    assert unknown.value.status() == "StatusCode.NOT_FOUND"
+
+
+def test_model_config_is_tritons(target: Target) -> None:
+    client = triton.InferenceServerClient(target[0])
+    config = client.get_model_config("mlp").config
+    assert (config.name, config.platform, config.max_batch_size) == ("mlp", "onnxruntime_onnx", 32)
+    assert [(t.name, t.data_type, list(t.dims)) for t in config.input] == [
+        ("input", model_config_pb2.TYPE_FP32, [256])
+    ]
+    assert [(t.name, list(t.dims)) for t in config.output] == [("output", [10])]
+    assert config.dynamic_batching.default_queue_policy.max_queue_size > 0
+    assert client.get_model_config("mlp", "1").config == config
+    with pytest.raises(InferenceServerException) as unknown:
+        client.get_model_config("nope")
     assert unknown.value.status() == "StatusCode.NOT_FOUND"
 
 

@@ -200,6 +200,23 @@ async def test_model_metadata_is_the_pods(gateway: Gateway, pod: httpx.AsyncClie
         assert (answer.status_code, answer.json()) == (200, {"name": model, "ready": True})
 
 
+async def test_config_is_tritons_of_what_the_gateway_enforces(gateway: Gateway) -> None:
+    for path in ("/v2/models/mlp/config", "/v2/models/mlp/versions/1/config"):
+        answer = await gateway.http.get(path)
+        assert answer.status_code == 200, answer.text
+        config = answer.json()
+        assert (config["name"], config["platform"]) == ("mlp", "onnxruntime_onnx")
+        assert config["max_batch_size"] == 32
+        assert config["input"] == [{"name": "input", "data_type": "TYPE_FP32", "dims": [256]}]
+        assert config["output"] == [{"name": "output", "data_type": "TYPE_FP32", "dims": [10]}]
+        policy = gateway.catalog.models["mlp"].dispatcher.policy
+        batching = config["dynamic_batching"]
+        assert batching["preferred_batch_size"] == list(policy.preferred_batch_sizes)
+        assert batching["default_queue_policy"]["max_queue_size"] == policy.max_queue_size
+    for path in ("/v2/models/nope/config", "/v2/models/mlp/versions/7/config"):
+        assert (await gateway.http.get(path)).status_code == 404
+
+
 async def test_repository_index_lists_the_models_and_their_state(gateway: Gateway) -> None:
     gateway.catalog.set_endpoints("ghost", [])
     index = await gateway.http.post("/v2/repository/index")
