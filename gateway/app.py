@@ -57,9 +57,8 @@ EXTENSIONS = [
     "parameters",
     "statistics",
 ]
-"""What the HTTP API implements: ``model_repository`` is not listed, its index alone is."""
-GRPC_EXTENSIONS = [extension for extension in EXTENSIONS if extension != "classification"]
-"""What the gRPC API implements: its codec refuses classification by name."""
+"""What the HTTP and gRPC APIs implement: ``model_repository`` is not listed, its index alone
+is."""
 TIMEOUT_HEADER = b"x-request-timeout-ms"
 
 

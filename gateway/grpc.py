@@ -15,8 +15,7 @@ from typing import Any
 
 from gateway.catalog import ModelCatalog
 from gateway.inference import GatewayInference, model_config, statistics
-from gateway.router import Tensors
-from protocol.codec import InferenceRequest, InferenceResponse
+from protocol.codec import InferenceRequest
 from protocol.errors import DeadlineExceeded
 from protocol.grpc import codec
 from protocol.grpc import grpc_service_pb2 as pb
@@ -62,14 +61,5 @@ class GatewayGrpcBackend:
             return codec.decode_request(message, metadata), limit_s
 
         return await self.inference.run(
-            message.model_name, message.model_version or None, tenant, limit_s, decode, encode
+            message.model_name, message.model_version or None, tenant, limit_s, decode, codec.answer
         )
-
-
-def encode(
-    request: InferenceRequest, metadata: ModelMetadata, outputs: Tensors
-) -> pb.ModelInferResponse:
-    """The caller's own rows: its id echoed, the outputs it asked for, raw."""
-    response = InferenceResponse(metadata.name, metadata.version, request.id, {}, outputs)
-    names = None if request.outputs is None else tuple(o.name for o in request.outputs)
-    return codec.encode_response(response, names)

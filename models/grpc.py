@@ -12,12 +12,11 @@ from __future__ import annotations
 from typing import Any
 
 from models.inference import PodInference
-from protocol.codec import InferenceRequest, InferenceResponse
+from protocol.codec import InferenceRequest
 from protocol.grpc import codec
 from protocol.grpc import grpc_service_pb2 as pb
 from protocol.modelconfig import triton_config
 from protocol.schema import ModelMetadata
-from protocol.tensors import Array
 
 
 class PodGrpcBackend:
@@ -66,14 +65,5 @@ class PodGrpcBackend:
             return codec.decode_request(message, metadata)
 
         return await self.inference.run(
-            message.model_name, message.model_version or None, decode, encode, limit_s
+            message.model_name, message.model_version or None, decode, codec.answer, limit_s
         )
-
-
-def encode(
-    request: InferenceRequest, metadata: ModelMetadata, outputs: dict[str, Array]
-) -> pb.ModelInferResponse:
-    """The answer to ``request``: its id echoed, the outputs it asked for, raw."""
-    response = InferenceResponse(metadata.name, metadata.version, request.id, {}, outputs)
-    names = None if request.outputs is None else tuple(o.name for o in request.outputs)
-    return codec.encode_response(response, names)

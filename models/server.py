@@ -57,9 +57,7 @@ log = logging.getLogger(__name__)
 
 SERVER_NAME = "bazaar-model-server"
 EXTENSIONS = ["binary_tensor_data", "classification", "model_repository", "statistics"]
-"""What the HTTP API implements."""
-GRPC_EXTENSIONS = [extension for extension in EXTENSIONS if extension != "classification"]
-"""What the gRPC API implements: its codec refuses classification by name."""
+"""What the HTTP and gRPC APIs implement."""
 GRPC_DRAIN_S = 60
 """At shutdown, how long gRPC calls in flight may take to finish (the gateway's call timeout)."""
 
@@ -168,7 +166,7 @@ async def _grpc_serving(inference: PodInference, listener: GrpcListener) -> Asyn
     from models.grpc import PodGrpcBackend
     from protocol.grpc.service import InferenceService, grpc_server
 
-    backend = PodGrpcBackend(inference, SERVER_NAME, GRPC_EXTENSIONS)
+    backend = PodGrpcBackend(inference, SERVER_NAME, EXTENSIONS)
     server, port = grpc_server(
         InferenceService(backend), listener.host, listener.port, listener.limits
     )

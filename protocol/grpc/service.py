@@ -5,8 +5,9 @@ gateway's catalog and dispatchers, or the pod's store and runtimes): health, ser
 metadata, readiness, the model config and statistics (Triton's JSON, ``protocol.modelconfig``
 and ``protocol.statistics``, parsed into the messages), the repository index, and
 ``ModelInfer``, whose decoding, scheduling and encoding are the backend's. The RPCs bazaar
-does not implement (streaming, shared memory, load/unload, trace and log settings) keep the
-generated ``UNIMPLEMENTED``. ``grpc_server`` runs it in the calling event loop (the one
+does not implement (streaming, shared memory, load/unload, trace and log settings) answer
+``UNIMPLEMENTED`` with a message naming what is missing (``NOT_IMPLEMENTED``), not the
+generated "Method not implemented!". ``grpc_server`` runs it in the calling event loop (the one
 uvicorn serves HTTP in), behind the same edge as HTTP:
 
 - errors: a ``BazaarError`` is answered with the gRPC code Triton gives its HTTP status
@@ -26,7 +27,7 @@ uvicorn serves HTTP in), behind the same edge as HTTP:
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol, TypeVar
 
 import grpc
@@ -103,6 +104,33 @@ class InferenceBackend(Protocol):
 
 
 Response = TypeVar("Response")
+
+NOT_IMPLEMENTED = {
+    "ModelStreamInfer": "streaming inference (ModelStreamInfer); call ModelInfer",
+    "RepositoryModelLoad": "loading models over gRPC (pods load over HTTP, on the control port)",
+    "RepositoryModelUnload": "unloading models over gRPC (pods unload over HTTP, on the control "
+    "port)",
+    "SystemSharedMemoryStatus": "the system shared memory extension",
+    "SystemSharedMemoryRegister": "the system shared memory extension",
+    "SystemSharedMemoryUnregister": "the system shared memory extension",
+    "CudaSharedMemoryStatus": "the CUDA shared memory extension",
+    "CudaSharedMemoryRegister": "the CUDA shared memory extension",
+    "CudaSharedMemoryUnregister": "the CUDA shared memory extension",
+    "TraceSetting": "the trace extension (TraceSetting)",
+    "LogSettings": "the logging extension (LogSettings)",
+}
+"""The RPCs bazaar does not serve, and what each message says is not implemented."""
+
+
+def _unimplemented(rpc: str) -> Callable[..., Awaitable[None]]:
+    async def refuse(self: InferenceService, request: Any, context: Any) -> None:
+        await self._authorize(context, INFER)  # a caller without a key learns nothing
+        await context.abort(
+            grpc.StatusCode.UNIMPLEMENTED,
+            f"this server does not implement {NOT_IMPLEMENTED[rpc]}",
+        )
+
+    return refuse
 
 
 class InferenceService(GRPCInferenceServiceServicer):
@@ -198,6 +226,18 @@ class InferenceService(GRPCInferenceServiceServicer):
         except Exception as exc:
             await _abort(context, exc)
             raise  # unreachable: abort raises
+
+    ModelStreamInfer = _unimplemented("ModelStreamInfer")
+    RepositoryModelLoad = _unimplemented("RepositoryModelLoad")
+    RepositoryModelUnload = _unimplemented("RepositoryModelUnload")
+    SystemSharedMemoryStatus = _unimplemented("SystemSharedMemoryStatus")
+    SystemSharedMemoryRegister = _unimplemented("SystemSharedMemoryRegister")
+    SystemSharedMemoryUnregister = _unimplemented("SystemSharedMemoryUnregister")
+    CudaSharedMemoryStatus = _unimplemented("CudaSharedMemoryStatus")
+    CudaSharedMemoryRegister = _unimplemented("CudaSharedMemoryRegister")
+    CudaSharedMemoryUnregister = _unimplemented("CudaSharedMemoryUnregister")
+    TraceSetting = _unimplemented("TraceSetting")
+    LogSettings = _unimplemented("LogSettings")
 
     async def _answer(
         self, context: grpc.aio.ServicerContext[Any, Any], view: Callable[[], Response]

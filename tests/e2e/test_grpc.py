@@ -5,6 +5,7 @@ cancellation, keys, quotas."""
 
 from __future__ import annotations
 
+import queue
 import shutil
 import signal
 import subprocess
@@ -131,6 +132,45 @@ def test_infer_typed_contents(target: Target) -> None:
     raw_input.set_data_from_numpy(rows)
     raw = triton.InferenceServerClient(target[0]).infer("digits", [raw_input])
     np.testing.assert_array_equal(result.as_numpy("label"), raw.as_numpy("label"))
+
+
+def test_classification_answers_as_over_http(target: Target) -> None:
+    rows, _ = digits_samples(4)
+    infer_input = triton.InferInput("input", list(rows.shape), "FP32")
+    infer_input.set_data_from_numpy(rows)
+    result = triton.InferenceServerClient(target[0]).infer(
+        "digits",
+        [infer_input],
+        outputs=[triton.InferRequestedOutput("probabilities", class_count=3)],
+    )
+    http_input = triton_http.InferInput("input", list(rows.shape), "FP32")
+    http_input.set_data_from_numpy(rows)
+    expected = triton_http.InferenceServerClient(target[1].removeprefix("http://")).infer(
+        "digits",
+        [http_input],
+        outputs=[triton_http.InferRequestedOutput("probabilities", class_count=3)],
+    )
+    top = result.as_numpy("probabilities")
+    assert top.shape == (4, 3)
+    assert top.tolist() == expected.as_numpy("probabilities").tolist()
+    assert all(len(answer.split(b":")) >= 2 for answer in top.ravel())
+
+
+def test_streaming_is_refused_by_name(target: Target) -> None:
+    rows, _ = digits_samples(1)
+    infer_input = triton.InferInput("input", list(rows.shape), "FP32")
+    infer_input.set_data_from_numpy(rows)
+    client = triton.InferenceServerClient(target[0])
+    errors: queue.Queue[InferenceServerException | None] = queue.Queue()
+    client.start_stream(callback=lambda result, error: errors.put(error))
+    try:
+        client.async_stream_infer("digits", [infer_input])
+        error = errors.get(timeout=10)
+    finally:
+        client.stop_stream()
+    assert error is not None
+    assert error.status() == "StatusCode.UNIMPLEMENTED"
+    assert "does not implement streaming inference (ModelStreamInfer)" in error.message()
 
 
 def test_statistics_answer_as_over_http(target: Target) -> None:
