@@ -46,6 +46,7 @@ from protocol.responses import (
     server_routes,
     shared_memory_routes,
     statistics_routes,
+    unimplemented_routes,
 )
 from protocol.schema import ModelMetadata
 
@@ -137,6 +138,10 @@ def routes(catalog: ModelCatalog) -> list[Route]:
         ),
         Route("/v2/repository/index", repository_index, methods=["POST"]),
         *shared_memory_routes(),
+        *unimplemented_routes(
+            "the gateway does not load or unload models: its pods serve what their deployment "
+            "says (bazaar model-server --enable-model-control loads at a pod)"
+        ),
         Route("/metrics", prometheus),
         Route("/stats", stats),
         openapi_route(lambda: [served.metadata for served in catalog.models.values()]),

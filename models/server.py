@@ -11,8 +11,10 @@ Routes: ``/v2``, ``/v2/health/{live,ready}``, ``/v2/models/{m}[/versions/{v}]`` 
 ``/ready``, ``/config``, ``/stats`` (Triton's statistics, also ``/v2/models/stats``) and
 ``POST /infer``, the repository extension
 (``/v2/repository/index``, ``/v2/repository/models/{m}/{load,unload}``), ``/metrics`` and
-``/openapi.json``. Load and unload are served only with model control on, and then, given a
-control token, only to callers presenting it (``protocol.auth``, scope ``control``).
+``/openapi.json``. Load and unload are served only with model control on (otherwise they
+answer 400 saying so), and then, given a control token, only to callers presenting it
+(``protocol.auth``, scope ``control``). Triton's trace and logging routes answer 400 naming
+the extension (``protocol.responses.unimplemented_routes``).
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ from protocol.responses import (
     server_routes,
     shared_memory_routes,
     statistics_routes,
+    unimplemented_routes,
 )
 from protocol.support import cancel_and_wait
 
@@ -141,6 +144,12 @@ def create_app(
             Route("/v2/repository/models/{model}/load", repository_load, methods=["POST"]),
             Route("/v2/repository/models/{model}/unload", repository_unload, methods=["POST"]),
         ]
+    routes += unimplemented_routes(
+        None
+        if model_control
+        else "this pod does not load or unload models over its API: model control is off "
+        "(bazaar model-server --enable-model-control)"
+    )
     app = Starlette(routes=routes, exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan)
     served = with_infer_route(app, infer, max_infer_body_bytes)
     if control_keys is not None:

@@ -60,7 +60,7 @@ from protocol.jsonschemas import (
     inference_response,
     record,
 )
-from protocol.responses import SHARED_MEMORY_PATHS, json_response
+from protocol.responses import LOGGING_PATH, SHARED_MEMORY_PATHS, TRACE_PATHS, json_response
 from protocol.schema import ModelMetadata
 
 OPENAPI_PATH = "/openapi.json"
@@ -127,18 +127,27 @@ OPERATIONS: dict[str, Operation] = {
         body=record({}, {"ready": BOOLEAN}),
     ),
     "/v2/repository/models/{model}/load": Operation(
-        "Load or reload a model (parameters.config: a model config over the repository's)",
+        "Load or reload a model (parameters.config: a model config over the repository's); "
+        "400 naming why where this server does not load models (the gateway, a pod without "
+        "model control)",
         {200: OBJECT},
         (BazaarError,),
         body=record({}, {"parameters": record({}, {"config": {"type": ["string", "object"]}})}),
     ),
     "/v2/repository/models/{model}/unload": Operation(
-        "Unload a model", {200: OBJECT}, (InvalidRequest, ModelNotFound)
+        "Unload a model; 400 naming why where this server does not unload models",
+        {200: OBJECT},
+        (InvalidRequest, ModelNotFound),
     ),
     **{
         path: Operation("Shared memory: not implemented, always refused", {}, (InvalidRequest,))
         for path in SHARED_MEMORY_PATHS
     },
+    **{
+        path: Operation("Tracing: not implemented, always refused", {}, (InvalidRequest,))
+        for path in TRACE_PATHS
+    },
+    LOGGING_PATH: Operation("Log settings: not implemented, always refused", {}, (InvalidRequest,)),
     "/metrics": Operation("Prometheus metrics", {200: STRING}, media_type="text/plain"),
     OPENAPI_PATH: Operation("This document, for the models served now", {200: OBJECT}),
 }
