@@ -295,6 +295,12 @@ def test_keys_deadlines_cancellation_and_quotas_at_the_gateway(
     assert client.is_server_live()  # health is open, as over HTTP
 
     assert client.infer("mlp", [_mlp_input()], headers=headers).as_numpy("output").shape == (1, 10)
+    # Statistics need the stats scope, as over HTTP (this key has it).
+    (stat,) = client.get_inference_statistics("mlp", headers=headers).model_stats
+    assert stat.inference_count == 1
+    with pytest.raises(InferenceServerException) as anonymous_stats:
+        client.get_inference_statistics("mlp")
+    assert anonymous_stats.value.status() == "StatusCode.UNAUTHENTICATED"
 
     # The stopped pod holds the one batch the gateway may send it; the next waits in the queue.
     pod.send_signal(signal.SIGSTOP)
