@@ -402,7 +402,8 @@ def test_the_execution_provider_is_exported(model_server: str) -> None:
 def test_model_control_is_off_unless_enabled(model_server: str) -> None:
     for action in ("load", "unload"):
         response = httpx.post(f"{model_server}/v2/repository/models/digits/{action}")
-        assert response.status_code == 404
+        assert response.status_code == 400
+        assert "model control is off" in response.json()["error"]
     assert httpx.get(f"{model_server}/v2/models/digits/ready").status_code == 200
     assert httpx.post(f"{model_server}/v2/repository/index").status_code == 200
 
