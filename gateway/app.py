@@ -14,8 +14,9 @@ validate has its requests passed through as sent (``gateway.passthrough``), with
 quotas, admission and queue.
 
 Routes: ``/v2``, ``/v2/health/{live,ready}``, ``/v2/models/{m}[/versions/{v}]`` with
-``/ready`` and ``POST /infer``, ``POST /v2/repository/index``, ``/metrics`` and ``/stats``
-(queue depth and in-flight work per model, for the autoscaler).
+``/ready``, ``/config`` (Triton's, of what the gateway enforces), ``/stats`` (Triton's
+statistics, also ``/v2/models/stats``) and ``POST /infer``, ``POST /v2/repository/index``,
+``/metrics`` and ``/stats`` (queue depth and in-flight work per model, for the autoscaler).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp
 
 from gateway.catalog import ModelCatalog
-from gateway.inference import Forwarded, GatewayInference
+from gateway.inference import Forwarded, GatewayInference, model_config, statistics
 from gateway.passthrough import raw_request
 from protocol.codec import InferenceRequest
 from protocol.errors import InvalidRequest
@@ -44,14 +45,21 @@ from protocol.responses import (
     model_routes,
     server_routes,
     shared_memory_routes,
+    statistics_routes,
+    unimplemented_routes,
 )
 from protocol.schema import ModelMetadata
 
 SERVER_NAME = "bazaar"
-EXTENSIONS = ["binary_tensor_data", "classification", "schedule_policy", "parameters"]
-"""What the HTTP API implements: ``model_repository`` is not listed, its index alone is."""
-GRPC_EXTENSIONS = [extension for extension in EXTENSIONS if extension != "classification"]
-"""What the gRPC API implements: its codec refuses classification by name."""
+EXTENSIONS = [
+    "binary_tensor_data",
+    "classification",
+    "schedule_policy",
+    "parameters",
+    "statistics",
+]
+"""What the HTTP and gRPC APIs implement: ``model_repository`` is not listed, its index alone
+is."""
 TIMEOUT_HEADER = b"x-request-timeout-ms"
 
 
@@ -122,9 +130,18 @@ def routes(catalog: ModelCatalog) -> list[Route]:
         # that waited for them would drop out of the Service the autoscaler reads its queue
         # through, and a model at zero would never be scaled up. Per model: .../ready.
         *server_routes(SERVER_NAME, EXTENSIONS, lambda: True),
-        *model_routes(model_metadata, catalog.is_ready),
+        *statistics_routes(lambda name, version: statistics(catalog, name, version)),
+        *model_routes(
+            model_metadata,
+            catalog.is_ready,
+            lambda name, version: model_config(catalog, name, version),
+        ),
         Route("/v2/repository/index", repository_index, methods=["POST"]),
         *shared_memory_routes(),
+        *unimplemented_routes(
+            "the gateway does not load or unload models: its pods serve what their deployment "
+            "says (bazaar model-server --enable-model-control loads at a pod)"
+        ),
         Route("/metrics", prometheus),
         Route("/stats", stats),
         openapi_route(lambda: [served.metadata for served in catalog.models.values()]),

@@ -80,8 +80,9 @@ def batch_policy(config: Mapping[str, Any], gateway: GatewayConfig) -> BatchPoli
     """A model's ``BatchPolicy`` from its pod's ``GET /v2/models/{m}/config``.
 
     Reads bazaar's config (``dynamic_batching.max_queue_delay_ms`` ...) and Triton's
-    (``preferred_batch_size``, ``max_queue_delay_microseconds``), so the gateway can front
-    either. Absent knobs take the defaults: work-conserving, one priority level.
+    (``preferred_batch_size``, ``max_queue_delay_microseconds``, ``default_queue_policy``),
+    so the gateway can front either, or another gateway (``protocol.modelconfig``). Absent
+    knobs take the defaults: work-conserving, one priority level.
     """
     batching = config.get("dynamic_batching") or {}
     max_batch_size = int(config.get("max_batch_size", 0))
@@ -90,13 +91,19 @@ def batch_policy(config: Mapping[str, Any], gateway: GatewayConfig) -> BatchPoli
     else:
         delay_s = float(batching.get("max_queue_delay_microseconds", 0)) / 1_000_000
     preferred = batching.get("preferred_batch_sizes", batching.get("preferred_batch_size", []))
-    default_timeout_ms = float(batching.get("default_timeout_ms", 0))
+    queue_policy = batching.get("default_queue_policy") or {}  # Triton's (and a gateway's)
+    default_timeout_ms = float(
+        batching.get(
+            "default_timeout_ms", float(queue_policy.get("default_timeout_microseconds", 0)) / 1000
+        )
+    )
+    max_queue_size = int(batching.get("max_queue_size", queue_policy.get("max_queue_size", 0)))
     levels = int(batching.get("priority_levels", 0)) or 1
     return BatchPolicy(
         max_batch_size=max_batch_size,
         max_queue_delay_s=delay_s,
         preferred_batch_sizes=tuple(sorted(int(p) for p in preferred if int(p) <= max_batch_size)),
-        max_queue_size=int(batching.get("max_queue_size", 0)) or DEFAULT_MAX_QUEUE_SIZE,
+        max_queue_size=max_queue_size or DEFAULT_MAX_QUEUE_SIZE,
         default_timeout_s=default_timeout_ms / 1000 if default_timeout_ms else None,
         priority_levels=levels,
         default_priority_level=int(batching.get("default_priority_level", 0)) or (levels + 1) // 2,

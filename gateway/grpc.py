@@ -5,7 +5,8 @@ tenants' quotas count both transports together) with the protobuf codec: the dis
 admission sees the call's deadline before the message is decoded, the request's timeout is
 the sooner of ``parameters.timeout`` and that deadline, and a call that is cancelled or runs
 out of time cancels its wait, which frees its place in the queue. Answers carry raw outputs.
-Health, metadata, readiness and the repository index read the catalog as the HTTP routes do.
+Health, metadata, readiness, the config, the repository index and statistics read the catalog
+as the HTTP routes do.
 """
 
 from __future__ import annotations
@@ -13,9 +14,8 @@ from __future__ import annotations
 from typing import Any
 
 from gateway.catalog import ModelCatalog
-from gateway.inference import GatewayInference
-from gateway.router import Tensors
-from protocol.codec import InferenceRequest, InferenceResponse
+from gateway.inference import GatewayInference, model_config, statistics
+from protocol.codec import InferenceRequest
 from protocol.errors import DeadlineExceeded
 from protocol.grpc import codec
 from protocol.grpc import grpc_service_pb2 as pb
@@ -45,6 +45,12 @@ class GatewayGrpcBackend:
     def index(self, ready_only: bool) -> list[dict[str, str]]:
         return self.catalog.index(ready_only)
 
+    def model_config(self, name: str, version: str | None) -> dict[str, Any]:
+        return model_config(self.catalog, name, version)
+
+    def statistics(self, name: str | None, version: str | None) -> list[dict[str, Any]]:
+        return statistics(self.catalog, name, version)
+
     async def infer(
         self, message: pb.ModelInferRequest, limit_s: float | None, tenant: str | None
     ) -> pb.ModelInferResponse:
@@ -55,14 +61,5 @@ class GatewayGrpcBackend:
             return codec.decode_request(message, metadata), limit_s
 
         return await self.inference.run(
-            message.model_name, message.model_version or None, tenant, limit_s, decode, encode
+            message.model_name, message.model_version or None, tenant, limit_s, decode, codec.answer
         )
-
-
-def encode(
-    request: InferenceRequest, metadata: ModelMetadata, outputs: Tensors
-) -> pb.ModelInferResponse:
-    """The caller's own rows: its id echoed, the outputs it asked for, raw."""
-    response = InferenceResponse(metadata.name, metadata.version, request.id, {}, outputs)
-    names = None if request.outputs is None else tuple(o.name for o in request.outputs)
-    return codec.encode_response(response, names)

@@ -7,7 +7,8 @@ knowing only the transport's headers or deadline, so a request that will not fit
 before its body is decoded → decode (the transport's own codec, validating against the
 model's metadata) → Triton's schedule parameters → the tenant's rows quota → submit → wait →
 encode. A caller that leaves cancels the wait, and with it its place in the queue. Every
-outcome is counted once, per model. A model that cannot be validated (it declares no
+outcome is counted once, per model, in the metrics and in Triton's statistics (which
+``statistics`` answers). A model that cannot be validated (it declares no
 tensors) skips decoding: its request goes as sent, one row, through the same quotas and
 queue (``gateway.passthrough``).
 """
@@ -26,6 +27,7 @@ from protocol import tracing
 from protocol.codec import InferenceRequest
 from protocol.errors import BazaarError, InvalidRequest, QuotaExceeded
 from protocol.metrics import CANCELLED, outcome_of
+from protocol.modelconfig import triton_config
 from protocol.schema import ModelMetadata
 
 Answer = TypeVar("Answer")
@@ -135,8 +137,41 @@ class GatewayInference:
         finally:
             if rows:
                 tenant.release_rows(rows)
+            elapsed = time.perf_counter() - started
             served.metrics.requests[outcome_of(status)].inc()
-            served.metrics.request_seconds.observe(time.perf_counter() - started)
+            served.metrics.request_seconds.observe(elapsed)
+            served.metrics.statistics.answered(status == 200, rows, elapsed)
+
+
+def statistics(
+    catalog: ModelCatalog, name: str | None, version: str | None
+) -> list[dict[str, Any]]:
+    """Triton's ``model_stats`` at the gateway: of every model served (no ``name``), or of
+    ``name`` (at ``version``); ``BazaarError`` for a model or version not served."""
+    if name:
+        chosen = [(name, catalog.get(name, version or None))]
+    else:
+        chosen = sorted(catalog.models.items())
+    return [
+        served.metrics.statistics.to_json(model, served.metadata.version)
+        for model, served in chosen
+    ]
+
+
+def model_config(catalog: ModelCatalog, name: str, version: str | None) -> dict[str, Any]:
+    """Triton's ``ModelConfig`` JSON of what the gateway enforces for ``name``: the tensors
+    it validates (none for a model passed through) and the batching its dispatcher does."""
+    served = catalog.get(name, version)
+    policy = served.dispatcher.policy
+    return triton_config(
+        served.metadata,
+        max_queue_delay_s=policy.max_queue_delay_s,
+        preferred_batch_sizes=policy.preferred_batch_sizes,
+        max_queue_size=policy.max_queue_size,
+        default_timeout_s=policy.default_timeout_s,
+        priority_levels=policy.priority_levels,
+        default_priority_level=policy.default_priority_level,
+    )
 
 
 def schedule(parameters: Mapping[str, Any], limit_s: float | None) -> tuple[int, float | None]:

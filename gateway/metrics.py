@@ -18,6 +18,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from protocol.metrics import OUTCOMES
+from protocol.statistics import InferenceStatistics
 
 if TYPE_CHECKING:
     from gateway.dispatcher import Dispatcher
@@ -35,7 +36,7 @@ SHED_REASONS = ("queue_full", "deadline")
 
 @dataclass(frozen=True, slots=True)
 class ModelMetrics:
-    """One model's metric children, bound once."""
+    """One model's metric children, bound once, and its Triton statistics."""
 
     requests: Mapping[str, Counter]
     """By outcome: ``OUTCOMES``."""
@@ -46,6 +47,9 @@ class ModelMetrics:
     expired: Counter
     shed: Mapping[tuple[str, str], Counter]
     """By (stage, reason): every pair of ``SHED_STAGES`` and ``SHED_REASONS``."""
+    statistics: InferenceStatistics
+    """Triton's statistics extension (``GET .../stats``): requests answered by the gateway,
+    batches its pods ran."""
 
 
 class GatewayMetrics:
@@ -120,6 +124,7 @@ class GatewayMetrics:
                 for stage in SHED_STAGES
                 for reason in SHED_REASONS
             },
+            statistics=InferenceStatistics(),
         )
 
     def watch(self, dispatchers: Callable[[], Mapping[str, Dispatcher]]) -> None:

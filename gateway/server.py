@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import uvicorn
 from starlette.routing import BaseRoute
 
-from gateway.app import GRPC_EXTENSIONS, SERVER_NAME, create_app
+from gateway.app import EXTENSIONS, SERVER_NAME, create_app
 from gateway.catalog import ModelCatalog
 from gateway.client import HttpModelClient
 from gateway.config import GatewayConfig
@@ -117,7 +117,7 @@ async def _grpc_serving(
     from gateway.grpc import GatewayGrpcBackend
     from protocol.grpc.service import InferenceService, grpc_server
 
-    backend = GatewayGrpcBackend(inference, SERVER_NAME, GRPC_EXTENSIONS)
+    backend = GatewayGrpcBackend(inference, SERVER_NAME, EXTENSIONS)
     server, bound = grpc_server(
         InferenceService(backend, keys, open_scopes), host, port, config.edge, tls
     )

@@ -3,8 +3,8 @@
 The same steps as the HTTP route (``models.inference``) with the protobuf codec
 (``protocol.grpc.codec``): raw or typed inputs in, raw outputs back. The call's deadline
 bounds the request's wait for an instance, as ``parameters.timeout`` does. It serves the data
-plane only (health, metadata, readiness, the repository index, inference): loading and
-unloading stay on the HTTP control port, behind its token.
+plane only (health, metadata, readiness, the config in Triton's format, the repository index,
+statistics, inference): loading and unloading stay on the HTTP control port, behind its token.
 """
 
 from __future__ import annotations
@@ -12,11 +12,11 @@ from __future__ import annotations
 from typing import Any
 
 from models.inference import PodInference
-from protocol.codec import InferenceRequest, InferenceResponse
+from protocol.codec import InferenceRequest
 from protocol.grpc import codec
 from protocol.grpc import grpc_service_pb2 as pb
+from protocol.modelconfig import triton_config
 from protocol.schema import ModelMetadata
-from protocol.tensors import Array
 
 
 class PodGrpcBackend:
@@ -40,6 +40,24 @@ class PodGrpcBackend:
     def index(self, ready_only: bool) -> list[dict[str, str]]:
         return self.store.index(ready_only)
 
+    def model_config(self, name: str, version: str | None) -> dict[str, Any]:
+        runtime = self.store.get(name, version)
+        batching = runtime.config.dynamic_batching
+        kind = "KIND_GPU" if runtime.providers[0] == "CUDAExecutionProvider" else "KIND_CPU"
+        return triton_config(
+            runtime.metadata,
+            max_queue_delay_s=batching.max_queue_delay_ms / 1000,
+            preferred_batch_sizes=batching.preferred_batch_sizes,
+            max_queue_size=batching.max_queue_size,
+            default_timeout_s=batching.default_timeout_ms / 1000,
+            priority_levels=batching.priority_levels,
+            default_priority_level=batching.default_priority_level,
+            instance_group=[{"count": runtime.config.instances, "kind": kind}],
+        )
+
+    def statistics(self, name: str | None, version: str | None) -> list[dict[str, Any]]:
+        return self.inference.statistics(name, version)
+
     async def infer(
         self, message: pb.ModelInferRequest, limit_s: float | None, tenant: str | None
     ) -> pb.ModelInferResponse:
@@ -47,14 +65,5 @@ class PodGrpcBackend:
             return codec.decode_request(message, metadata)
 
         return await self.inference.run(
-            message.model_name, message.model_version or None, decode, encode, limit_s
+            message.model_name, message.model_version or None, decode, codec.answer, limit_s
         )
-
-
-def encode(
-    request: InferenceRequest, metadata: ModelMetadata, outputs: dict[str, Array]
-) -> pb.ModelInferResponse:
-    """The answer to ``request``: its id echoed, the outputs it asked for, raw."""
-    response = InferenceResponse(metadata.name, metadata.version, request.id, {}, outputs)
-    names = None if request.outputs is None else tuple(o.name for o in request.outputs)
-    return codec.encode_response(response, names)

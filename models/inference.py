@@ -4,12 +4,15 @@
 the metadata, 400 before the runtime sees anything) → ``parameters.timeout`` (µs, as in
 Triton: how long the request may wait for a free instance), shortened to the transport's own
 limit (the gRPC deadline) → the runtime in a worker thread → encode. Past its time a request
-is answered 504 and never computed. Every outcome and batch is counted once.
+is answered 504 and never computed. Every outcome and batch is counted once, in the metrics
+and in the version's statistics (Triton's extension, ``protocol.statistics``): a request's
+time runs from its arrival to its encoded answer, and its batch's phases are the runtime's.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -37,6 +40,26 @@ class PodInference:
         runtime = self.store.get(name, version)
         versions = [str(v) for v in sorted(self.store.models[name].versions)]
         return runtime.metadata.to_json(versions if version is None else None)
+
+    def statistics(self, name: str | None, version: str | None) -> list[dict[str, Any]]:
+        """Triton's ``model_stats``: of every loaded version of every model (no ``name``), of
+        ``name``, or of its ``version``; ``BazaarError`` for one the pod does not serve."""
+        store = self.store
+        if not name:
+            runtimes = [
+                runtime
+                for _, loaded in sorted(store.models.items())
+                for _, runtime in sorted(loaded.versions.items())
+            ]
+        elif version:
+            runtimes = [store.get(name, version)]
+        else:
+            store.get(name)  # unknown or not loaded: its error
+            runtimes = [runtime for _, runtime in sorted(store.models[name].versions.items())]
+        return [
+            runtime.statistics.to_json(runtime.metadata.name, runtime.metadata.version)
+            for runtime in runtimes
+        ]
 
     async def run(
         self,
@@ -69,9 +92,11 @@ class PodInference:
         limit_s: float | None,
     ) -> Answer:
         arrived = asyncio.get_running_loop().time()
+        started = time.perf_counter()  # uvloop's loop.time() counts whole milliseconds
         runtime = self.store.get(model, version)
         metrics = self.metrics
         outcome = "server_error"
+        rows = 0
         try:
             request = decode(runtime.metadata)
             timeout_s = _timeout_s(request.parameters)
@@ -85,7 +110,7 @@ class PodInference:
             )
             rows = request.rows(runtime.metadata.max_batch_size)
             try:
-                outputs, compute_s = await runtime.infer(request.inputs, names, deadline)
+                outputs, execution = await runtime.infer(request.inputs, names, deadline)
             except DeadlineExceeded:
                 raise  # dropped before computing: not a batch
             except BaseException:
@@ -93,9 +118,17 @@ class PodInference:
                 raise
             metrics.batches.labels(model, "success").inc()
             metrics.batch_size.labels(model).observe(rows)
-            metrics.compute_seconds.labels(model).observe(compute_s)
+            metrics.compute_seconds.labels(model).observe(execution.infer_s)
+            runtime.statistics.executed(
+                rows,
+                1,
+                execution.queue_s,
+                execution.input_s,
+                execution.infer_s,
+                execution.output_s,
+            )
             if tracing.TRACER is not None:
-                tracing.finished_span(tracing.TRACER, "compute", compute_s)
+                tracing.finished_span(tracing.TRACER, "compute", execution.infer_s)
             response = encode(request, runtime.metadata, outputs)
             outcome = "success"
             return response
@@ -107,6 +140,7 @@ class PodInference:
             raise
         finally:
             metrics.requests.labels(model, outcome).inc()
+            runtime.statistics.answered(outcome == "success", rows, time.perf_counter() - started)
 
 
 def _timeout_s(parameters: dict[str, Any]) -> float | None:

@@ -25,6 +25,7 @@ import dataclasses
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,7 @@ from protocol.errors import (
     ModelNotReady,
 )
 from protocol.schema import DATATYPES, ModelMetadata, TensorSpec
+from protocol.statistics import InferenceStatistics
 from protocol.tensors import as_bytes
 
 log = logging.getLogger(__name__)
@@ -100,8 +102,22 @@ def warmup_batch_sizes(max_batch_size: int, preferred: tuple[int, ...]) -> list[
     return sorted(sizes)
 
 
+@dataclass(frozen=True, slots=True)
+class Execution:
+    """Where one batch's time went, in seconds (Triton's statistics phases)."""
+
+    queue_s: float
+    """From ``infer`` until an instance's thread took the batch."""
+    input_s: float
+    """Preparing ONNX Runtime's feeds."""
+    infer_s: float
+    """The session's run: the compute time."""
+    output_s: float
+    """Reading the outputs back."""
+
+
 class ModelRuntime:
-    """One loaded model version: its session, metadata and busy time."""
+    """One loaded model version: its session, metadata, busy time and statistics."""
 
     def __init__(
         self,
@@ -145,6 +161,8 @@ class ModelRuntime:
         )
         self.metadata = dataclasses.replace(self.metadata, labels=labels)
         self.busy = BusyTracker(config.instances)
+        self.statistics = InferenceStatistics()
+        """Triton's statistics extension for this version, kept by its caller."""
         self._executor = ThreadPoolExecutor(config.instances, thread_name_prefix=f"ort-{name}")
         self._slots: asyncio.Semaphore | None = None
         self._closed = False
@@ -163,11 +181,12 @@ class ModelRuntime:
         inputs: dict[str, np.ndarray[Any, Any]],
         output_names: list[str],
         deadline: float | None = None,
-    ) -> tuple[dict[str, np.ndarray[Any, Any]], float]:
-        """Run one batch; returns the outputs and the compute time in seconds.
+    ) -> tuple[dict[str, np.ndarray[Any, Any]], Execution]:
+        """Run one batch; returns the outputs and where its time went.
 
         ``deadline`` (the loop's clock): ``DeadlineExceeded`` if no instance is free by then.
         """
+        queued = time.perf_counter()
         if self._slots is None:  # asyncio objects belong to the running loop
             self._slots = asyncio.Semaphore(self.config.instances)
         try:
@@ -182,7 +201,7 @@ class ModelRuntime:
             self._slots.release()
             raise ModelNotReady(self.metadata.name, "unloaded")
         run = asyncio.get_running_loop().run_in_executor(
-            self._executor, self._run, inputs, output_names
+            self._executor, self._run, inputs, output_names, queued
         )
         # The instance is free when the run ends, not when its caller stops waiting: a
         # caller that left (its client disconnected) must not let a further batch onto it.
@@ -201,8 +220,9 @@ class ModelRuntime:
         self._executor.shutdown(wait=True)
 
     def _run(
-        self, inputs: dict[str, np.ndarray[Any, Any]], output_names: list[str]
-    ) -> tuple[dict[str, np.ndarray[Any, Any]], float]:
+        self, inputs: dict[str, np.ndarray[Any, Any]], output_names: list[str], queued: float
+    ) -> tuple[dict[str, np.ndarray[Any, Any]], Execution]:
+        taken = time.perf_counter()
         feeds = {name: _to_ort(array) for name, array in inputs.items()}
         self.busy.begin()
         started = time.perf_counter()
@@ -215,11 +235,16 @@ class ModelRuntime:
                 raise InvalidRequest(f"model rejected the input: {exc}") from exc
             raise InferenceFailed(f"inference failed: {exc}") from exc
         finally:
-            elapsed = time.perf_counter() - started
+            ended = time.perf_counter()
             self.busy.end()
-        return {
-            name: _from_ort(out) for name, out in zip(output_names, results, strict=True)
-        }, elapsed
+        outputs = {name: _from_ort(out) for name, out in zip(output_names, results, strict=True)}
+        execution = Execution(
+            queue_s=taken - queued,
+            input_s=started - taken,
+            infer_s=ended - started,
+            output_s=time.perf_counter() - ended,
+        )
+        return outputs, execution
 
     def _warm_up(self) -> None:
         started = time.perf_counter()

@@ -8,10 +8,13 @@ in. A request's ``parameters.timeout`` (microseconds, as in Triton: how long it 
 bounds its wait for a free instance; past it, the pod answers 504 and never computes it.
 
 Routes: ``/v2``, ``/v2/health/{live,ready}``, ``/v2/models/{m}[/versions/{v}]`` with
-``/ready``, ``/config`` and ``POST /infer``, the repository extension
+``/ready``, ``/config``, ``/stats`` (Triton's statistics, also ``/v2/models/stats``) and
+``POST /infer``, the repository extension
 (``/v2/repository/index``, ``/v2/repository/models/{m}/{load,unload}``), ``/metrics`` and
-``/openapi.json``. Load and unload are served only with model control on, and then, given a
-control token, only to callers presenting it (``protocol.auth``, scope ``control``).
+``/openapi.json``. Load and unload are served only with model control on (otherwise they
+answer 400 saying so), and then, given a control token, only to callers presenting it
+(``protocol.auth``, scope ``control``). Triton's trace and logging routes answer 400 naming
+the extension (``protocol.responses.unimplemented_routes``).
 """
 
 from __future__ import annotations
@@ -48,16 +51,16 @@ from protocol.responses import (
     model_routes,
     server_routes,
     shared_memory_routes,
+    statistics_routes,
+    unimplemented_routes,
 )
 from protocol.support import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
 SERVER_NAME = "bazaar-model-server"
-EXTENSIONS = ["binary_tensor_data", "classification", "model_repository"]
-"""What the HTTP API implements."""
-GRPC_EXTENSIONS = [extension for extension in EXTENSIONS if extension != "classification"]
-"""What the gRPC API implements: its codec refuses classification by name."""
+EXTENSIONS = ["binary_tensor_data", "classification", "model_repository", "statistics"]
+"""What the HTTP and gRPC APIs implement."""
 GRPC_DRAIN_S = 60
 """At shutdown, how long gRPC calls in flight may take to finish (the gateway's call timeout)."""
 
@@ -129,6 +132,7 @@ def create_app(
 
     routes = [
         *server_routes(SERVER_NAME, EXTENSIONS, store.ready),
+        *statistics_routes(inference.statistics),
         *model_routes(inference.model_metadata, store.is_ready, model_config),
         Route("/metrics", prometheus),
         Route("/v2/repository/index", repository_index, methods=["POST"]),
@@ -140,6 +144,12 @@ def create_app(
             Route("/v2/repository/models/{model}/load", repository_load, methods=["POST"]),
             Route("/v2/repository/models/{model}/unload", repository_unload, methods=["POST"]),
         ]
+    routes += unimplemented_routes(
+        None
+        if model_control
+        else "this pod does not load or unload models over its API: model control is off "
+        "(bazaar model-server --enable-model-control)"
+    )
     app = Starlette(routes=routes, exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan)
     served = with_infer_route(app, infer, max_infer_body_bytes)
     if control_keys is not None:
@@ -165,7 +175,7 @@ async def _grpc_serving(inference: PodInference, listener: GrpcListener) -> Asyn
     from models.grpc import PodGrpcBackend
     from protocol.grpc.service import InferenceService, grpc_server
 
-    backend = PodGrpcBackend(inference, SERVER_NAME, GRPC_EXTENSIONS)
+    backend = PodGrpcBackend(inference, SERVER_NAME, EXTENSIONS)
     server, port = grpc_server(
         InferenceService(backend), listener.host, listener.port, listener.limits
     )

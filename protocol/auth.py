@@ -7,7 +7,7 @@
 
 - ``health``: ``/v2`` and ``/v2/health/*``, open by default (probes);
 - ``metrics``: ``/metrics`` and below (``bazaar serve``'s ``/metrics/workers``); ``stats``:
-  ``/stats``;
+  ``/stats`` and Triton's statistics extension, ``/v2/models[/...]/stats``;
 - ``control``: the pods' ``/v2/repository/models/*`` (load, unload);
 - ``infer``: everything else: inference, model metadata and readiness, the repository
   index, and any path no route serves, so that a new route is protected until it is given
@@ -98,7 +98,7 @@ argument) and what is wrong."""
 def route_scope(path: str) -> str:
     """The scope a request for ``path`` needs (see the module docstring)."""
     if path.startswith("/v2/models/"):
-        return INFER
+        return STATS if path.endswith("/stats") else INFER
     if path == "/v2" or path.startswith("/v2/health/"):
         return HEALTH
     if path == "/metrics" or path.startswith("/metrics/"):

@@ -7,17 +7,43 @@ first, ties by lower index. As in Triton, a batching model's output is ranked ro
 (every element of a row is a class: shape ``[batch, k]``), a model that does not batch is
 ranked whole (shape ``[k]``), ``k`` is cut to the classes there are, and the score is
 written as C's ``%f`` writes it (``0.971200``), an integer score as an integer. Pure
-functions; both hops apply them where they answer (``protocol.fastpath.answer``).
+functions; both hops apply them where they answer, over HTTP (``protocol.fastpath.answer``)
+and gRPC (an output's ``classification`` parameter, ``tritonclient.grpc``'s ``class_count``)
+alike: ``classified``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from protocol.codec import RequestedOutput
 from protocol.errors import InvalidRequest
+from protocol.schema import ModelMetadata
 from protocol.tensors import Array
+
+
+def classified(
+    requested: Sequence[RequestedOutput] | None,
+    metadata: ModelMetadata,
+    outputs: Mapping[str, Array],
+) -> Mapping[str, Array]:
+    """``outputs`` with each output the request asked to classify replaced by its top
+    classes (the same mapping when none is)."""
+    for output in requested or ():
+        if output.classification and output.name in outputs:
+            outputs = {
+                **outputs,
+                output.name: classify(
+                    f"output '{output.name}'",
+                    outputs[output.name],
+                    output.classification,
+                    metadata.labels,
+                    metadata.max_batch_size > 0,
+                ),
+            }
+    return outputs
 
 
 def classify(what: str, scores: Array, k: int, labels: Sequence[str], batched: bool) -> Array:

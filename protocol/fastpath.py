@@ -28,7 +28,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from protocol import tracing
 from protocol.auth import TENANT
-from protocol.classification import classify
+from protocol.classification import classified
 from protocol.codec import InferenceRequest, InferenceResponse, decode_request, encode_response
 from protocol.compression import compress, decompress, response_coding
 from protocol.edge import ON_DISCONNECT
@@ -78,24 +78,12 @@ def decode(body: bytes, headers: Headers, metadata: ModelMetadata) -> InferenceR
 def answer(request: InferenceRequest, metadata: ModelMetadata, outputs: dict[str, Array]) -> Answer:
     """The response to ``request``: its id echoed, the outputs it asked for, as it asked
     (the top classes of those it asked to classify)."""
-    for output in request.outputs or ():
-        if output.classification and output.name in outputs:
-            outputs = {
-                **outputs,
-                output.name: classify(
-                    f"output '{output.name}'",
-                    outputs[output.name],
-                    output.classification,
-                    metadata.labels,
-                    metadata.max_batch_size > 0,
-                ),
-            }
     response = InferenceResponse(
         model_name=metadata.name,
         model_version=metadata.version,
         id=request.id,
         parameters={},
-        outputs=outputs,
+        outputs=dict(classified(request.outputs, metadata, outputs)),
     )
     return encode_response(response, request.outputs, request.binary_output)
 

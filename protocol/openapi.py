@@ -60,7 +60,7 @@ from protocol.jsonschemas import (
     inference_response,
     record,
 )
-from protocol.responses import SHARED_MEMORY_PATHS, json_response
+from protocol.responses import LOGGING_PATH, SHARED_MEMORY_PATHS, TRACE_PATHS, json_response
 from protocol.schema import ModelMetadata
 
 OPENAPI_PATH = "/openapi.json"
@@ -82,6 +82,10 @@ class Operation:
     media_type: str = "application/json"
 
 
+MODEL_STATS = record({"model_stats": array(OBJECT)})
+"""Triton's ``$stats_model_response``: one ``$model_stat`` object per model version."""
+
+
 def _model_operations(prefix: str) -> dict[str, Operation]:
     """A model's routes, at ``/v2/models/{model}`` or at one of its versions."""
     model_ready = record({"name": STRING, "ready": BOOLEAN})
@@ -95,11 +99,19 @@ def _model_operations(prefix: str) -> dict[str, Operation]:
         prefix + "/config": Operation(
             "Model configuration", {200: OBJECT}, (ModelNotFound, ModelNotReady)
         ),
+        prefix + "/stats": Operation(
+            "Statistics of the model's versions (Triton's statistics extension)",
+            {200: MODEL_STATS},
+            (ModelNotFound, ModelNotReady),
+        ),
     }
 
 
 READY = record({"ready": BOOLEAN})
 OPERATIONS: dict[str, Operation] = {
+    "/v2/models/stats": Operation(
+        "Statistics of every model version (Triton's statistics extension)", {200: MODEL_STATS}
+    ),
     "/v2": Operation(
         "Server metadata",
         {200: record({"name": STRING, "version": STRING, "extensions": array(STRING)})},
@@ -115,18 +127,27 @@ OPERATIONS: dict[str, Operation] = {
         body=record({}, {"ready": BOOLEAN}),
     ),
     "/v2/repository/models/{model}/load": Operation(
-        "Load or reload a model (parameters.config: a model config over the repository's)",
+        "Load or reload a model (parameters.config: a model config over the repository's); "
+        "400 naming why where this server does not load models (the gateway, a pod without "
+        "model control)",
         {200: OBJECT},
         (BazaarError,),
         body=record({}, {"parameters": record({}, {"config": {"type": ["string", "object"]}})}),
     ),
     "/v2/repository/models/{model}/unload": Operation(
-        "Unload a model", {200: OBJECT}, (InvalidRequest, ModelNotFound)
+        "Unload a model; 400 naming why where this server does not unload models",
+        {200: OBJECT},
+        (InvalidRequest, ModelNotFound),
     ),
     **{
         path: Operation("Shared memory: not implemented, always refused", {}, (InvalidRequest,))
         for path in SHARED_MEMORY_PATHS
     },
+    **{
+        path: Operation("Tracing: not implemented, always refused", {}, (InvalidRequest,))
+        for path in TRACE_PATHS
+    },
+    LOGGING_PATH: Operation("Log settings: not implemented, always refused", {}, (InvalidRequest,)),
     "/metrics": Operation("Prometheus metrics", {200: STRING}, media_type="text/plain"),
     OPENAPI_PATH: Operation("This document, for the models served now", {200: OBJECT}),
 }

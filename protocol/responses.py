@@ -127,6 +127,62 @@ def shared_memory_routes() -> list[Route]:
     ]
 
 
+StatisticsView = Callable[[str | None, str | None], list[dict[str, Any]]]
+"""Triton's ``model_stats`` by (model, version), either None for all; raises ``BazaarError``."""
+
+
+def statistics_routes(statistics: StatisticsView) -> list[Route]:
+    """Triton's statistics extension: ``GET /v2/models/stats`` (every model),
+    ``/v2/models/{m}/stats`` (its versions) and ``/v2/models/{m}/versions/{v}/stats``, as
+    ``{"model_stats": [...]}``. They go before ``model_routes``, where ``/v2/models/stats``
+    would be the metadata of a model named ``stats`` (as in Triton, which has the same
+    paths)."""
+
+    async def stats(request: Request) -> Response:
+        name = request.path_params.get("model")
+        version = request.path_params.get("version")
+        return json_response({"model_stats": statistics(name, version)})
+
+    return [
+        Route("/v2/models/stats", stats),
+        Route("/v2/models/{model}/stats", stats),
+        Route("/v2/models/{model}/versions/{version}/stats", stats),
+    ]
+
+
+TRACE_PATHS = ("/v2/trace/setting", "/v2/models/{model}/trace/setting")
+"""Triton's trace extension: the settings, server-wide and per model (GET, POST)."""
+LOGGING_PATH = "/v2/logging"
+"""Triton's logging extension: the log settings (GET, POST)."""
+REPOSITORY_CONTROL_PATHS = (
+    "/v2/repository/models/{model}/load",
+    "/v2/repository/models/{model}/unload",
+)
+"""The model repository extension's load and unload (POST)."""
+
+
+def unimplemented_routes(load_refusal: str | None) -> list[Route]:
+    """Triton's trace and logging extensions, and, given ``load_refusal`` (why this server
+    does not load models), load and unload: refused by name with 400, as shared memory is,
+    so that ``tritonclient``'s calls get a reason instead of a bare 404."""
+
+    async def trace(request: Request) -> Response:
+        raise InvalidRequest("this server does not implement the trace extension")
+
+    async def logging(request: Request) -> Response:
+        raise InvalidRequest("this server does not implement the logging extension")
+
+    async def control(request: Request) -> Response:
+        assert load_refusal is not None
+        raise InvalidRequest(load_refusal)
+
+    routes = [Route(path, trace, methods=["GET", "POST"]) for path in TRACE_PATHS]
+    routes.append(Route(LOGGING_PATH, logging, methods=["GET", "POST"]))
+    if load_refusal is not None:
+        routes += [Route(path, control, methods=["POST"]) for path in REPOSITORY_CONTROL_PATHS]
+    return routes
+
+
 ModelView = Callable[[str, str | None], dict[str, Any]]
 """A model's JSON view (metadata, config) by (model, version); raises ``BazaarError``."""
 

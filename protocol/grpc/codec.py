@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from protocol.classification import classified
 from protocol.codec import (
     InferenceRequest,
     InferenceResponse,
@@ -86,7 +87,7 @@ def decode_request(message: ModelInferRequest, metadata: ModelMetadata) -> Infer
         if tensor.name in seen:
             raise InvalidRequest(f"{what} appears more than once")
         seen.add(tensor.name)
-        _refuse_extensions(what, tensor.parameters)
+        refuse_shared_memory(what, tensor.parameters)
         if raw and tensor.HasField("contents"):
             raise InvalidRequest(f"{what}: give its data raw or in 'contents', not both")
         if any(dim < 0 for dim in tensor.shape):
@@ -108,10 +109,11 @@ def decode_request(message: ModelInferRequest, metadata: ModelMetadata) -> Infer
             inputs[checked.name] = _from_contents(
                 checked.what, checked.datatype, checked.shape, contents
             )
+    # As the HTTP codec reads them: a ``classification`` parameter asks for the top classes.
     outputs = []
     for output in message.outputs:
-        _refuse_extensions(f"output '{output.name}'", output.parameters)
-        outputs.append({"name": output.name})
+        refuse_shared_memory(f"output '{output.name}'", output.parameters)
+        outputs.append({"name": output.name, "parameters": parameters_of(output.parameters)})
     return InferenceRequest(
         id=message.id or None,
         parameters=parameters_of(message.parameters),
@@ -138,6 +140,22 @@ def encode_response(
         message.outputs.add(name=name, datatype=datatype_of(array), shape=array.shape)
         message.raw_output_contents.append(bytes(binary_data(array)))
     return message
+
+
+def answer(
+    request: InferenceRequest, metadata: ModelMetadata, outputs: Mapping[str, Array]
+) -> ModelInferResponse:
+    """The answer to ``request`` (pods and gateway alike): its id echoed, the outputs it asked
+    for (the top classes of those it asked to classify), raw."""
+    response = InferenceResponse(
+        metadata.name,
+        metadata.version,
+        request.id,
+        {},
+        dict(classified(request.outputs, metadata, outputs)),
+    )
+    names = None if request.outputs is None else tuple(o.name for o in request.outputs)
+    return encode_response(response, names)
 
 
 def encode_request(
@@ -196,17 +214,6 @@ def _set_parameter(parameter: InferParameter, value: bool | int | float | str) -
         parameter.double_param = value
     else:
         parameter.string_param = value
-
-
-def _refuse_extensions(what: str, parameters: Mapping[str, InferParameter]) -> None:
-    """Extensions not served over gRPC are refused by name, not ignored: shared memory (as
-    over HTTP) and classification (HTTP only, for now)."""
-    refuse_shared_memory(what, parameters)
-    if "classification" in parameters:
-        raise InvalidRequest(
-            f"{what}: parameter 'classification' asks for the classification extension, "
-            "which this server implements over HTTP only"
-        )
 
 
 def _from_contents(

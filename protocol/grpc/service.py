@@ -2,17 +2,20 @@
 
 ``InferenceService`` answers every RPC a v2 server answers from an ``InferenceBackend`` (the
 gateway's catalog and dispatchers, or the pod's store and runtimes): health, server and model
-metadata, readiness, the repository index, and ``ModelInfer``, whose decoding, scheduling
-and encoding are the backend's. The RPCs bazaar does not implement (streaming, model config,
-statistics, shared memory, load/unload, trace and log settings) keep the generated
-``UNIMPLEMENTED``. ``grpc_server`` runs it in the calling event loop (the one uvicorn serves
-HTTP in), behind the same edge as HTTP:
+metadata, readiness, the model config and statistics (Triton's JSON, ``protocol.modelconfig``
+and ``protocol.statistics``, parsed into the messages), the repository index, and
+``ModelInfer``, whose decoding, scheduling and encoding are the backend's. The RPCs bazaar
+does not implement (streaming, shared memory, load/unload, trace and log settings) answer
+``UNIMPLEMENTED`` with a message naming what is missing (``NOT_IMPLEMENTED``), not the
+generated "Method not implemented!". ``grpc_server`` runs it in the calling event loop (the one
+uvicorn serves HTTP in), behind the same edge as HTTP:
 
 - errors: a ``BazaarError`` is answered with the gRPC code Triton gives its HTTP status
   (``GRPC_CODES``) and its message; ``Retry-After`` goes into the trailing metadata;
   anything else is a bug, logged and answered ``INTERNAL``;
 - keys: with a ``KeyFile``, the token in ``authorization: Bearer`` or ``x-api-key`` metadata,
-  with ``protocol.auth``'s scopes (health RPCs are ``health``, every other ``infer``);
+  with ``protocol.auth``'s scopes (health RPCs are ``health``, statistics ``stats``, every
+  other ``infer``);
 - limits: messages up to the inference body limit, metadata up to the header limit, at most
   ``max_concurrent_requests`` RPCs in progress (beyond, ``RESOURCE_EXHAUSTED``), a bounded
   number of streams per connection, keepalive pings answered and sent;
@@ -24,13 +27,14 @@ HTTP in), behind the same edge as HTTP:
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol, TypeVar
 
 import grpc
+from google.protobuf import json_format
 
 from protocol import __version__, tracing
-from protocol.auth import HEALTH, INFER, OPEN_BY_DEFAULT, KeyFile, presented_token
+from protocol.auth import HEALTH, INFER, OPEN_BY_DEFAULT, STATS, KeyFile, presented_token
 from protocol.errors import BazaarError
 from protocol.grpc import grpc_service_pb2 as pb
 from protocol.grpc.grpc_service_pb2_grpc import (
@@ -83,6 +87,15 @@ class InferenceBackend(Protocol):
         """The repository index: ``name``, ``version``, ``state``, ``reason`` per model."""
         ...
 
+    def model_config(self, name: str, version: str | None) -> dict[str, Any]:
+        """Triton's ``ModelConfig`` JSON (``protocol.modelconfig``)."""
+        ...
+
+    def statistics(self, name: str | None, version: str | None) -> list[dict[str, Any]]:
+        """Triton's ``model_stats`` JSON (``protocol.statistics``); None: every model, or
+        every version of the model."""
+        ...
+
     async def infer(
         self, message: pb.ModelInferRequest, limit_s: float | None, tenant: str | None
     ) -> pb.ModelInferResponse:
@@ -91,6 +104,33 @@ class InferenceBackend(Protocol):
 
 
 Response = TypeVar("Response")
+
+NOT_IMPLEMENTED = {
+    "ModelStreamInfer": "streaming inference (ModelStreamInfer); call ModelInfer",
+    "RepositoryModelLoad": "loading models over gRPC (pods load over HTTP, on the control port)",
+    "RepositoryModelUnload": "unloading models over gRPC (pods unload over HTTP, on the control "
+    "port)",
+    "SystemSharedMemoryStatus": "the system shared memory extension",
+    "SystemSharedMemoryRegister": "the system shared memory extension",
+    "SystemSharedMemoryUnregister": "the system shared memory extension",
+    "CudaSharedMemoryStatus": "the CUDA shared memory extension",
+    "CudaSharedMemoryRegister": "the CUDA shared memory extension",
+    "CudaSharedMemoryUnregister": "the CUDA shared memory extension",
+    "TraceSetting": "the trace extension (TraceSetting)",
+    "LogSettings": "the logging extension (LogSettings)",
+}
+"""The RPCs bazaar does not serve, and what each message says is not implemented."""
+
+
+def _unimplemented(rpc: str) -> Callable[..., Awaitable[None]]:
+    async def refuse(self: InferenceService, request: Any, context: Any) -> None:
+        await self._authorize(context, INFER)  # a caller without a key learns nothing
+        await context.abort(
+            grpc.StatusCode.UNIMPLEMENTED,
+            f"this server does not implement {NOT_IMPLEMENTED[rpc]}",
+        )
+
+    return refuse
 
 
 class InferenceService(GRPCInferenceServiceServicer):
@@ -154,6 +194,29 @@ class InferenceService(GRPCInferenceServiceServicer):
             models=[pb.RepositoryIndexResponse.ModelIndex(**model) for model in models]
         )
 
+    async def ModelConfig(
+        self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ModelConfigResponse:
+        await self._authorize(context, INFER)
+        config = await self._answer(
+            context, lambda: self.backend.model_config(request.name, request.version or None)
+        )
+        response = pb.ModelConfigResponse()
+        json_format.ParseDict({"config": config}, response)
+        return response
+
+    async def ModelStatistics(
+        self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ModelStatisticsResponse:
+        await self._authorize(context, STATS)
+        stats = await self._answer(
+            context,
+            lambda: self.backend.statistics(request.name or None, request.version or None),
+        )
+        response = pb.ModelStatisticsResponse()
+        json_format.ParseDict({"model_stats": stats}, response)
+        return response
+
     async def ModelInfer(
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ModelInferResponse:
@@ -167,6 +230,18 @@ class InferenceService(GRPCInferenceServiceServicer):
         except Exception as exc:
             await _abort(context, exc)
             raise  # unreachable: abort raises
+
+    ModelStreamInfer = _unimplemented("ModelStreamInfer")
+    RepositoryModelLoad = _unimplemented("RepositoryModelLoad")
+    RepositoryModelUnload = _unimplemented("RepositoryModelUnload")
+    SystemSharedMemoryStatus = _unimplemented("SystemSharedMemoryStatus")
+    SystemSharedMemoryRegister = _unimplemented("SystemSharedMemoryRegister")
+    SystemSharedMemoryUnregister = _unimplemented("SystemSharedMemoryUnregister")
+    CudaSharedMemoryStatus = _unimplemented("CudaSharedMemoryStatus")
+    CudaSharedMemoryRegister = _unimplemented("CudaSharedMemoryRegister")
+    CudaSharedMemoryUnregister = _unimplemented("CudaSharedMemoryUnregister")
+    TraceSetting = _unimplemented("TraceSetting")
+    LogSettings = _unimplemented("LogSettings")
 
     async def _answer(
         self, context: grpc.aio.ServicerContext[Any, Any], view: Callable[[], Response]

@@ -5,6 +5,8 @@ cancellation, keys, quotas."""
 
 from __future__ import annotations
 
+import contextlib
+import queue
 import shutil
 import signal
 import subprocess
@@ -18,8 +20,8 @@ import numpy as np
 import pytest
 import tritonclient.grpc as triton
 import tritonclient.http as triton_http
+from tritonclient.grpc import model_config_pb2, service_pb2_grpc
 from tritonclient.grpc import service_pb2 as pb
-from tritonclient.grpc import service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from models.demo import digits_samples
@@ -133,6 +135,91 @@ def test_infer_typed_contents(target: Target) -> None:
     np.testing.assert_array_equal(result.as_numpy("label"), raw.as_numpy("label"))
 
 
+def test_classification_answers_as_over_http(target: Target) -> None:
+    rows, _ = digits_samples(4)
+    infer_input = triton.InferInput("input", list(rows.shape), "FP32")
+    infer_input.set_data_from_numpy(rows)
+    result = triton.InferenceServerClient(target[0]).infer(
+        "digits",
+        [infer_input],
+        outputs=[triton.InferRequestedOutput("probabilities", class_count=3)],
+    )
+    http_input = triton_http.InferInput("input", list(rows.shape), "FP32")
+    http_input.set_data_from_numpy(rows)
+    expected = triton_http.InferenceServerClient(target[1].removeprefix("http://")).infer(
+        "digits",
+        [http_input],
+        outputs=[triton_http.InferRequestedOutput("probabilities", class_count=3)],
+    )
+    top = result.as_numpy("probabilities")
+    assert top.shape == (4, 3)
+    assert top.tolist() == expected.as_numpy("probabilities").tolist()
+    assert all(len(answer.split(b":")) >= 2 for answer in top.ravel())
+
+
+def test_streaming_is_refused_by_name(target: Target) -> None:
+    rows, _ = digits_samples(1)
+    infer_input = triton.InferInput("input", list(rows.shape), "FP32")
+    infer_input.set_data_from_numpy(rows)
+    client = triton.InferenceServerClient(target[0])
+    errors: queue.Queue[InferenceServerException | None] = queue.Queue()
+    client.start_stream(callback=lambda result, error: errors.put(error))
+    try:
+        # The refusal may have ended the stream already; its reason comes to the callback.
+        with contextlib.suppress(InferenceServerException):
+            client.async_stream_infer("digits", [infer_input])
+        error = errors.get(timeout=10)
+    finally:
+        client.stop_stream()
+    assert error is not None
+    assert error.status() == "StatusCode.UNIMPLEMENTED"
+    assert "does not implement streaming inference (ModelStreamInfer)" in error.message()
+
+
+def test_statistics_answer_as_over_http(target: Target) -> None:
+    rows, _ = digits_samples(3)
+    infer_input = triton.InferInput("input", list(rows.shape), "FP32")
+    infer_input.set_data_from_numpy(rows)
+    client = triton.InferenceServerClient(target[0])
+    client.infer("digits", [infer_input])
+    (stat,) = client.get_inference_statistics("digits").model_stats
+    http = triton_http.InferenceServerClient(target[1].removeprefix("http://"))
+    (expected,) = http.get_inference_statistics("digits", "1")["model_stats"]
+    assert (stat.name, stat.version) == ("digits", "1")
+    assert stat.inference_count == expected["inference_count"] >= 3
+    assert stat.execution_count == expected["execution_count"] >= 1
+    assert stat.last_inference == expected["last_inference"] > 0
+    for phase in ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output"):
+        duration = getattr(stat.inference_stats, phase)
+        assert (duration.count, duration.ns) == tuple(
+            expected["inference_stats"][phase].values()
+        ), phase
+    assert stat.inference_stats.compute_infer.ns > 0
+    assert {b.batch_size for b in stat.batch_stats} == {
+        b["batch_size"] for b in expected["batch_stats"]
+    }
+    every = client.get_inference_statistics().model_stats
+    assert {s.name for s in every} == {"digits", "mlp"}
+    with pytest.raises(InferenceServerException) as unknown:
+        client.get_inference_statistics("nope")
+    assert unknown.value.status() == "StatusCode.NOT_FOUND"
+
+
+def test_model_config_is_tritons(target: Target) -> None:
+    client = triton.InferenceServerClient(target[0])
+    config = client.get_model_config("mlp").config
+    assert (config.name, config.platform, config.max_batch_size) == ("mlp", "onnxruntime_onnx", 32)
+    assert [(t.name, t.data_type, list(t.dims)) for t in config.input] == [
+        ("input", model_config_pb2.TYPE_FP32, [256])
+    ]
+    assert [(t.name, list(t.dims)) for t in config.output] == [("output", [10])]
+    assert config.dynamic_batching.default_queue_policy.max_queue_size > 0
+    assert client.get_model_config("mlp", "1").config == config
+    with pytest.raises(InferenceServerException) as unknown:
+        client.get_model_config("nope")
+    assert unknown.value.status() == "StatusCode.NOT_FOUND"
+
+
 def test_errors_are_grpc_status_codes(target: Target) -> None:
     client = triton.InferenceServerClient(target[0])
     with pytest.raises(InferenceServerException) as unknown:
@@ -208,6 +295,12 @@ def test_keys_deadlines_cancellation_and_quotas_at_the_gateway(
     assert client.is_server_live()  # health is open, as over HTTP
 
     assert client.infer("mlp", [_mlp_input()], headers=headers).as_numpy("output").shape == (1, 10)
+    # Statistics need the stats scope, as over HTTP (this key has it).
+    (stat,) = client.get_inference_statistics("mlp", headers=headers).model_stats
+    assert stat.inference_count == 1
+    with pytest.raises(InferenceServerException) as anonymous_stats:
+        client.get_inference_statistics("mlp")
+    assert anonymous_stats.value.status() == "StatusCode.UNAUTHENTICATED"
 
     # The stopped pod holds the one batch the gateway may send it; the next waits in the queue.
     pod.send_signal(signal.SIGSTOP)

@@ -180,6 +180,7 @@ async def test_server_metadata_and_health(gateway: Gateway) -> None:
         "classification",
         "schedule_policy",
         "parameters",
+        "statistics",
     }
     assert (await gateway.http.get("/v2/health/live")).json() == {"live": True}
     ready = await gateway.http.get("/v2/health/ready")
@@ -197,6 +198,23 @@ async def test_model_metadata_is_the_pods(gateway: Gateway, pod: httpx.AsyncClie
     for model in ("mlp", "digits"):
         answer = await gateway.http.get(f"/v2/models/{model}/ready")
         assert (answer.status_code, answer.json()) == (200, {"name": model, "ready": True})
+
+
+async def test_config_is_tritons_of_what_the_gateway_enforces(gateway: Gateway) -> None:
+    for path in ("/v2/models/mlp/config", "/v2/models/mlp/versions/1/config"):
+        answer = await gateway.http.get(path)
+        assert answer.status_code == 200, answer.text
+        config = answer.json()
+        assert (config["name"], config["platform"]) == ("mlp", "onnxruntime_onnx")
+        assert config["max_batch_size"] == 32
+        assert config["input"] == [{"name": "input", "data_type": "TYPE_FP32", "dims": [256]}]
+        assert config["output"] == [{"name": "output", "data_type": "TYPE_FP32", "dims": [10]}]
+        policy = gateway.catalog.models["mlp"].dispatcher.policy
+        batching = config["dynamic_batching"]
+        assert batching["preferred_batch_size"] == list(policy.preferred_batch_sizes)
+        assert batching["default_queue_policy"]["max_queue_size"] == policy.max_queue_size
+    for path in ("/v2/models/nope/config", "/v2/models/mlp/versions/7/config"):
+        assert (await gateway.http.get(path)).status_code == 404
 
 
 async def test_repository_index_lists_the_models_and_their_state(gateway: Gateway) -> None:
@@ -469,6 +487,8 @@ async def test_unknown_model_or_version_is_404(gateway: Gateway) -> None:
         ("GET", "/v2/models/nope/ready", "unknown model 'nope'"),
         ("POST", "/v2/models/mlp/versions/7/infer", "unknown version '7' of model 'mlp'"),
         ("GET", "/v2/models/mlp/versions/7", "unknown version '7' of model 'mlp'"),
+        ("GET", "/v2/models/nope/stats", "unknown model 'nope'"),
+        ("GET", "/v2/models/mlp/versions/7/stats", "unknown version '7' of model 'mlp'"),
     ]:
         answer = await gateway.http.request(method, path, json=body if method == "POST" else None)
         assert (answer.status_code, answer.json()) == (404, {"error": message}), path
@@ -556,6 +576,42 @@ async def test_concurrent_requests_each_get_their_own_rows_and_are_batched(
     assert samples(text, "bazaar_gateway_admitted_rows_total", **model) == [64]
     assert samples(text, "bazaar_gateway_completed_rows_total", **model) == [64]
     assert "rows_per_second" not in text
+
+
+async def test_statistics_count_requests_rows_and_the_batches_sent(gateway: Gateway) -> None:
+    rows = mlp_rows(16)
+    answers = await asyncio.gather(
+        *(gateway.http.post("/v2/models/mlp/infer", json=json_body(rows[i : i + 2]))
+          for i in range(0, 16, 2))
+    )  # fmt: skip
+    assert [answer.status_code for answer in answers] == [200] * 8
+    too_many = await gateway.http.post("/v2/models/mlp/infer", json=json_body(mlp_rows(33)))
+    assert too_many.status_code == 400
+
+    answer = await gateway.http.get("/v2/models/mlp/stats")
+    assert answer.status_code == 200, answer.text
+    (stat,) = answer.json()["model_stats"]
+    assert (stat["name"], stat["version"]) == ("mlp", "1")
+    assert stat["inference_count"] == 16
+    stats = stat["inference_stats"]
+    assert (stats["success"]["count"], stats["fail"]["count"]) == (8, 1)
+    for phase in ("queue", "compute_input", "compute_infer", "compute_output"):
+        assert stats[phase]["count"] == 8, phase
+    # Every request waited for its batch's round trip to the pod, within its own time.
+    assert 0 < stats["compute_infer"]["ns"] < stats["success"]["ns"]
+    # The batches sent, by size, are the batches the metrics count.
+    batches = stat["batch_stats"]
+    assert sum(b["batch_size"] * b["compute_infer"]["count"] for b in batches) == 16
+    text = (await gateway.http.get("/metrics")).text
+    sent = samples(text, "bazaar_gateway_batch_size_count", model="mlp")
+    assert [stat["execution_count"]] == sent == [sum(b["compute_infer"]["count"] for b in batches)]
+
+    assert (await gateway.http.get("/v2/models/mlp/versions/1/stats")).json() == {
+        "model_stats": [stat]
+    }
+    every = (await gateway.http.get("/v2/models/stats")).json()["model_stats"]
+    assert [s["name"] for s in every] == ["digits", "mlp"]
+    assert every[0]["execution_count"] == 0 and every[1] == stat
 
 
 async def test_metrics_count_outcomes(gateway: Gateway) -> None:

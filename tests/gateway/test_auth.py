@@ -21,7 +21,7 @@ from gateway.app import routes
 from gateway.catalog import ModelCatalog
 from gateway.config import GatewayConfig
 from gateway.metrics import GatewayMetrics
-from protocol.auth import INFER, METRICS, STATS
+from protocol.auth import CONTROL, INFER, METRICS, STATS
 from protocol.fastpath import INFER_PATHS
 from tests.gateway.fakes import FakePods
 from tests.protocol.test_auth import key_entry, new_token, write_keys
@@ -29,7 +29,15 @@ from tests.support import bazaar_process, free_port, wait_until
 
 OPEN = {"/v2", "/v2/health/live", "/v2/health/ready"}
 """The routes open without a key by default: health, for probes. Every other is protected."""
-SCOPE_OF = {"/stats": STATS, "/metrics": METRICS}
+SCOPE_OF = {
+    "/stats": STATS,
+    "/v2/models/stats": STATS,
+    "/v2/models/digits/stats": STATS,
+    "/v2/models/digits/versions/1/stats": STATS,
+    "/metrics": METRICS,
+    "/v2/repository/models/digits/load": CONTROL,
+    "/v2/repository/models/digits/unload": CONTROL,
+}
 """The scope each protected route needs, where it is not ``infer``."""
 PATH_PARAMETERS = {"model": "digits", "version": "1", "region": "r0"}
 
@@ -57,7 +65,7 @@ ROUTES = enumerated_routes()
 @pytest.fixture(scope="module")
 def tokens() -> dict[str, str]:
     """A token per scope, and one with every scope."""
-    return {scope: new_token() for scope in (INFER, STATS, METRICS, "all")}
+    return {scope: new_token() for scope in (INFER, STATS, METRICS, CONTROL, "all")}
 
 
 def gateway_args(
@@ -77,9 +85,12 @@ def gateway(
 ) -> Iterator[str]:
     root = tmp_path_factory.mktemp("auth")
     keys = root / "keys.json"
-    entries = [key_entry(tokens[scope], f"tenant-{scope}", scope) for scope in SCOPE_OF.values()]
+    entries = [
+        key_entry(tokens[scope], f"tenant-{scope}", scope)
+        for scope in sorted(set(SCOPE_OF.values()))
+    ]
     entries.append(key_entry(tokens[INFER], "tenant-infer", INFER))
-    entries.append(key_entry(tokens["all"], "tenant-all", INFER, STATS, METRICS))
+    entries.append(key_entry(tokens["all"], "tenant-all", INFER, STATS, METRICS, CONTROL))
     write_keys(keys, *entries)
     url, args, log = gateway_args(root, model_server, keys)
     with bazaar_process(args, log, f"{url}/v2/health/ready"):

@@ -7,9 +7,18 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config import ModelSettings, StaticModel, load_static_endpoints
+from gateway.config import (
+    GatewayConfig,
+    ModelSettings,
+    StaticModel,
+    batch_policy,
+    load_static_endpoints,
+)
 from gateway.discovery import StaticEndpoints
+from gateway.dispatcher import BatchPolicy
 from protocol.errors import ConfigError
+from protocol.modelconfig import triton_config
+from protocol.schema import ModelMetadata, TensorSpec
 
 
 def test_a_list_of_urls_and_a_mapping_both_read(tmp_path: Path) -> None:
@@ -58,3 +67,30 @@ def test_a_bad_entry_is_refused_naming_its_key(tmp_path: Path, entry: str, probl
     with pytest.raises(ConfigError) as refused:
         load_static_endpoints(path)
     assert problem in str(refused.value)
+
+
+def test_the_config_the_gateway_answers_reads_back_as_the_same_policy() -> None:
+    """A gateway in front of a gateway (or of Triton, whose config this is) batches alike."""
+    metadata = ModelMetadata(
+        "m", "2", "onnxruntime_onnx", (TensorSpec("x", "FP32", (-1, 4)),), (), max_batch_size=16
+    )
+    policy = BatchPolicy(
+        max_batch_size=16,
+        max_queue_delay_s=0.0025,
+        preferred_batch_sizes=(4, 8),
+        max_queue_size=100,
+        default_timeout_s=0.5,
+        priority_levels=3,
+        default_priority_level=2,
+    )
+    config = triton_config(
+        metadata,
+        max_queue_delay_s=policy.max_queue_delay_s,
+        preferred_batch_sizes=policy.preferred_batch_sizes,
+        max_queue_size=policy.max_queue_size,
+        default_timeout_s=policy.default_timeout_s,
+        priority_levels=policy.priority_levels,
+        default_priority_level=policy.default_priority_level,
+    )
+    assert config["input"] == [{"name": "x", "data_type": "TYPE_FP32", "dims": [4]}]
+    assert batch_policy(config, GatewayConfig()) == policy

@@ -230,6 +230,14 @@ async def test_a_model_without_declared_tensors_is_passed_through_as_sent() -> N
         stats = catalog.stats()["m"]
         assert (stats["queued"], stats["inflight_batches"]) == (0, 0)
 
+        # What the gateway knows of it: no tensors, no batching; one call per request.
+        config = (await http.get("/v2/models/m/config")).json()
+        assert (config["max_batch_size"], config["input"], config["output"]) == (0, [], [])
+        (stat,) = (await http.get("/v2/models/m/stats")).json()["model_stats"]
+        assert (stat["inference_count"], stat["execution_count"]) == (2, 2)
+        assert stat["inference_stats"]["fail"]["count"] == 1
+        assert [b["batch_size"] for b in stat["batch_stats"]] == [1]
+
 
 async def test_a_model_the_endpoints_file_marks_unvalidated_is_passed_through() -> None:
     upstream = FakeUpstream(DECLARED)

@@ -15,5 +15,8 @@ def test_the_pod_describes_its_routes_and_models(model_server: str) -> None:
             assert f"/v2/models/{model}{path}" in paths
             assert f"/v2/models/{model}/versions/1{path}" in paths
     assert "/v2/models/{model}/config" in paths
-    # Model control is off: its routes are not served, so not listed.
-    assert not any(path.startswith("/v2/repository/models/") for path in paths)
+    # Model control is off: load and unload answer 400 saying so, as documented.
+    assert "400" in paths["/v2/repository/models/{model}/load"]["post"]["responses"]
+    refused = httpx.post(f"{model_server}/v2/repository/models/mlp/load", timeout=10)
+    assert refused.status_code == 400
+    assert "model control is off" in refused.json()["error"]

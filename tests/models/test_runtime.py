@@ -103,11 +103,11 @@ async def test_bool_int_and_bytes_tensors_through_a_real_session(tmp_path: Path)
             "counts": np.array([[1, 2, 3], [4, 5, 6]], dtype=np.int32),
             "names": np.array([b"caf\xc3\xa9", b"x"], dtype=object),
         }
-        outputs, compute_s = await runtime.infer(inputs, ["not_flags", "next_counts", "same_names"])
+        outputs, execution = await runtime.infer(inputs, ["not_flags", "next_counts", "same_names"])
         np.testing.assert_array_equal(outputs["not_flags"], ~inputs["flags"])
         np.testing.assert_array_equal(outputs["next_counts"], inputs["counts"] + 1)
         assert list(outputs["same_names"]) == [b"caf\xc3\xa9", b"x"]
-        assert compute_s > 0
+        assert execution.infer_s > 0 and execution.queue_s >= 0
         assert runtime.busy.busy_seconds() > 0
     finally:
         runtime.close()
@@ -142,10 +142,10 @@ async def test_a_caller_that_leaves_frees_its_instance_only_when_the_run_ends(
     release = threading.Event()
     real_run = runtime._run
 
-    def slow_run(inputs: Any, names: Any) -> Any:
+    def slow_run(inputs: Any, names: Any, queued: float) -> Any:
         running.append(len(running))
         release.wait(10)
-        return real_run(inputs, names)
+        return real_run(inputs, names, queued)
 
     runtime._run = slow_run  # type: ignore[method-assign]
     inputs = {

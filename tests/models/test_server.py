@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,7 @@ def test_health_and_server_metadata(model_server: str) -> None:
         "binary_tensor_data",
         "classification",
         "model_repository",
+        "statistics",
     }
 
 
@@ -400,6 +402,53 @@ def test_the_execution_provider_is_exported(model_server: str) -> None:
 def test_model_control_is_off_unless_enabled(model_server: str) -> None:
     for action in ("load", "unload"):
         response = httpx.post(f"{model_server}/v2/repository/models/digits/{action}")
-        assert response.status_code == 404
+        assert response.status_code == 400
+        assert "model control is off" in response.json()["error"]
     assert httpx.get(f"{model_server}/v2/models/digits/ready").status_code == 200
     assert httpx.post(f"{model_server}/v2/repository/index").status_code == 200
+
+
+def _model_stats(url: str) -> list[dict[str, Any]]:
+    answer = httpx.get(url, timeout=10)
+    assert answer.status_code == 200, answer.text
+    stats: list[dict[str, Any]] = answer.json()["model_stats"]
+    return stats
+
+
+def test_statistics_count_requests_rows_and_batches_per_version(model_server: str) -> None:
+    (before,) = _model_stats(f"{model_server}/v2/models/mlp/stats")
+    started_ms = time.time() * 1000
+    for rows in (2, 3):
+        body = {"inputs": [{"name": "input", "shape": [rows, 256], "datatype": "FP32",
+                            "data": [0.5] * (rows * 256)}]}  # fmt: skip
+        assert post_json(f"{model_server}/v2/models/mlp/infer", body).status_code == 200
+    wrong = {"inputs": [{"name": "input", "shape": [1, 3], "datatype": "FP32", "data": [1, 2, 3]}]}
+    assert post_json(f"{model_server}/v2/models/mlp/infer", wrong).status_code == 400
+
+    (after,) = _model_stats(f"{model_server}/v2/models/mlp/stats")
+    assert (after["name"], after["version"]) == ("mlp", "1")
+    assert after["last_inference"] >= started_ms
+    assert after["inference_count"] - before["inference_count"] == 5
+    assert after["execution_count"] - before["execution_count"] == 2
+    stats, earlier = after["inference_stats"], before["inference_stats"]
+    for phase, count in [("success", 2), ("fail", 1), ("queue", 2), ("compute_input", 2),
+                         ("compute_infer", 2), ("compute_output", 2)]:  # fmt: skip
+        assert stats[phase]["count"] - earlier[phase]["count"] == count, phase
+    for phase in ("success", "fail", "compute_infer"):
+        assert stats[phase]["ns"] > earlier[phase]["ns"], phase
+    # Infer time is within the request's time.
+    assert stats["compute_infer"]["ns"] < stats["success"]["ns"]
+    sizes = {batch["batch_size"]: batch for batch in after["batch_stats"]}
+    assert {2, 3} <= set(sizes)
+    assert sizes[3]["compute_infer"]["count"] >= 1 and sizes[3]["compute_infer"]["ns"] > 0
+
+    assert _model_stats(f"{model_server}/v2/models/mlp/versions/1/stats") == [after]
+    every = _model_stats(f"{model_server}/v2/models/stats")
+    assert [(stat["name"], stat["version"]) for stat in every] == sorted(
+        (name, "1") for name in ("digits", "mlp", "mlp_wide")
+    )
+    assert after in every
+    for path in ("/v2/models/nope/stats", "/v2/models/mlp/versions/9/stats"):
+        answer = httpx.get(f"{model_server}{path}")
+        assert answer.status_code == 404
+        assert "unknown" in answer.json()["error"]

@@ -121,6 +121,10 @@ def test_a_token_file_grants_its_one_scope_whatever_whitespace_surrounds_it() ->
         ("/stats", STATS),
         ("/v2/models/m", INFER),
         ("/v2/models/m/versions/1/infer", INFER),
+        ("/v2/models/stats", STATS),
+        ("/v2/models/m/stats", STATS),
+        ("/v2/models/m/versions/1/stats", STATS),
+        ("/v2/models/stats/ready", INFER),
         ("/v2/repository/index", INFER),
         ("/v2/repository/models/m/load", CONTROL),
         # Not a route: the strictest default, so that no route is open by mistake.

@@ -84,6 +84,13 @@ def _set_region(parameters: object) -> None:
         (lambda m: m.inputs[0].contents.fp32_contents.append(1.0), "needs 2 elements, got 3"),
         (lambda m: _set_region(m.inputs[0].parameters), "the shared memory extension"),
         (lambda m: m.outputs.add(name="nope"), "unknown output 'nope'"),
+        (lambda m: _set_region(m.outputs.add(name="y").parameters), "shared memory extension"),
+        (
+            lambda m: setattr(
+                m.outputs.add(name="y").parameters["classification"], "string_param", "3"
+            ),
+            "parameters.classification must be an integer >= 0, got '3'",
+        ),
     ],
 )
 def test_faults_are_invalid_requests_naming_the_tensor(change: object, message: str) -> None:
@@ -106,3 +113,29 @@ def test_a_malformed_pod_answer_is_an_upstream_error() -> None:
     message.raw_output_contents.append(b"\x00" * 7)
     with pytest.raises(UpstreamError, match="malformed inference response"):
         codec.decode_response(message)
+
+
+def test_an_output_asked_to_classify_answers_its_top_classes() -> None:
+    """``tritonclient.grpc``'s ``InferRequestedOutput(name, class_count=k)``, as over HTTP."""
+    metadata = ModelMetadata(
+        "m",
+        "1",
+        "test",
+        (TensorSpec("x", "FP32", (-1, 3)),),
+        (TensorSpec("y", "FP32", (-1, 3)), TensorSpec("z", "FP32", (-1, 3))),
+        8,
+        labels=("cat", "dog"),
+    )
+    message = _typed("FP32", np.zeros((2, 3), dtype=np.float32))
+    message.inputs[0].shape[:] = [2, 3]
+    message.inputs[0].contents.fp32_contents[:] = [0.0] * 6
+    message.outputs.add(name="y").parameters["classification"].int64_param = 2
+    request = codec.decode_request(message, metadata)
+    scores = np.array([[0.1, 0.7, 0.2], [0.5, 0.1, 0.4]], dtype=np.float32)
+    answer = codec.answer(request, metadata, {"y": scores, "z": scores})
+    assert [(t.name, t.datatype, list(t.shape)) for t in answer.outputs] == [("y", "BYTES", [2, 2])]
+    top = codec.decode_response(answer)["y"]
+    assert top.tolist() == [
+        [b"0.700000:1:dog", b"0.200000:2"],
+        [b"0.500000:0:cat", b"0.400000:2"],
+    ]
