@@ -4,11 +4,14 @@
 gateway's catalog and dispatchers, or the pod's store and runtimes): health, server and model
 metadata, readiness, the model config and statistics (Triton's JSON, ``protocol.modelconfig``
 and ``protocol.statistics``, parsed into the messages), the repository index, and
-``ModelInfer``, whose decoding, scheduling and encoding are the backend's. The RPCs bazaar
-does not implement (streaming, shared memory, load/unload, trace and log settings) answer
-``UNIMPLEMENTED`` with a message naming what is missing (``NOT_IMPLEMENTED``), not the
-generated "Method not implemented!". ``grpc_server`` runs it in the calling event loop (the one
-uvicorn serves HTTP in), behind the same edge as HTTP:
+``ModelInfer``, whose decoding, scheduling and encoding are the backend's.
+``ModelStreamInfer`` serves each request of a stream as ``ModelInfer`` would, up to
+``MAX_STREAM_IN_FLIGHT`` at once, and writes each answer when it is ready (the client matches
+them by ``id``); a request that fails gets its ``error_message`` and the stream goes on, as in
+Triton. The RPCs bazaar does not implement (shared memory, load/unload, trace and log
+settings) answer ``UNIMPLEMENTED`` with a message naming what is missing
+(``NOT_IMPLEMENTED``), not the generated "Method not implemented!". ``grpc_server`` runs it
+in the calling event loop (the one uvicorn serves HTTP in), behind the same edge as HTTP:
 
 - errors: a ``BazaarError`` is answered with the gRPC code Triton gives its HTTP status
   (``GRPC_CODES``) and its message; ``Retry-After`` goes into the trailing metadata;
@@ -26,8 +29,9 @@ uvicorn serves HTTP in), behind the same edge as HTTP:
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, Protocol, TypeVar
 
 import grpc
@@ -42,6 +46,7 @@ from protocol.grpc.grpc_service_pb2_grpc import (
     add_GRPCInferenceServiceServicer_to_server,
 )
 from protocol.limits import EdgeLimits
+from protocol.support import cancel_and_wait
 from protocol.tls import ServerTls
 
 log = logging.getLogger(__name__)
@@ -61,6 +66,9 @@ GRPC_CODES = {
 
 MAX_STREAMS_PER_CONNECTION = 128
 """Concurrent RPCs one HTTP/2 connection may carry (``grpc.max_concurrent_streams``)."""
+MAX_STREAM_IN_FLIGHT = MAX_STREAMS_PER_CONNECTION
+"""Requests of one ``ModelStreamInfer`` stream in progress at once: a stream may cost what a
+connection's RPCs may; the next request is read when one is answered."""
 KEEPALIVE_S = 60
 """Idle connections are pinged this often, and dropped 20 s after an unanswered ping."""
 MIN_CLIENT_PING_INTERVAL_S = 10
@@ -106,7 +114,6 @@ class InferenceBackend(Protocol):
 Response = TypeVar("Response")
 
 NOT_IMPLEMENTED = {
-    "ModelStreamInfer": "streaming inference (ModelStreamInfer); call ModelInfer",
     "RepositoryModelLoad": "loading models over gRPC (pods load over HTTP, on the control port)",
     "RepositoryModelUnload": "unloading models over gRPC (pods unload over HTTP, on the control "
     "port)",
@@ -231,7 +238,6 @@ class InferenceService(GRPCInferenceServiceServicer):
             await _abort(context, exc)
             raise  # unreachable: abort raises
 
-    ModelStreamInfer = _unimplemented("ModelStreamInfer")
     RepositoryModelLoad = _unimplemented("RepositoryModelLoad")
     RepositoryModelUnload = _unimplemented("RepositoryModelUnload")
     SystemSharedMemoryStatus = _unimplemented("SystemSharedMemoryStatus")
@@ -242,6 +248,49 @@ class InferenceService(GRPCInferenceServiceServicer):
     CudaSharedMemoryUnregister = _unimplemented("CudaSharedMemoryUnregister")
     TraceSetting = _unimplemented("TraceSetting")
     LogSettings = _unimplemented("LogSettings")
+
+    async def ModelStreamInfer(
+        self,
+        request_iterator: AsyncIterator[pb.ModelInferRequest],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> None:
+        tenant = await self._authorize(context, INFER)
+        answers: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
+        slots = asyncio.Semaphore(MAX_STREAM_IN_FLIGHT)
+        running: set[asyncio.Task[None]] = set()
+
+        async def serve(request: pb.ModelInferRequest) -> None:
+            try:
+                response = await self.backend.infer(request, context.time_remaining(), tenant)
+                answer = pb.ModelStreamInferResponse(infer_response=response)
+            except BazaarError as exc:
+                answer = _stream_error(request, exc.message)
+            except Exception as exc:
+                log.exception("unhandled error", exc_info=exc)
+                answer = _stream_error(request, f"internal error: {type(exc).__name__}: {exc}")
+            finally:
+                slots.release()
+            answers.put_nowait(answer)
+
+        async def read() -> None:
+            try:
+                async for request in request_iterator:
+                    await slots.acquire()
+                    task = asyncio.create_task(serve(request))
+                    running.add(task)
+                    task.add_done_callback(running.discard)
+                await asyncio.gather(*running)
+            finally:
+                answers.put_nowait(None)  # the stream's end, or its reader's failure
+
+        reader = asyncio.create_task(read())
+        try:
+            while (answer := await answers.get()) is not None:
+                await context.write(answer)
+            await reader
+        finally:
+            # The client left or the call ended: what it sent and nobody will read stops.
+            await cancel_and_wait(reader, *running)
 
     async def _answer(
         self, context: grpc.aio.ServicerContext[Any, Any], view: Callable[[], Response]
@@ -276,6 +325,15 @@ class InferenceService(GRPCInferenceServiceServicer):
                 f"the API key does not grant the '{scope}' scope",
             )
         return key.tenant
+
+
+def _stream_error(request: pb.ModelInferRequest, message: str) -> pb.ModelStreamInferResponse:
+    """A stream's answer to a request that failed: Triton's ``error_message``, with the
+    request's id so the client knows which."""
+    response = pb.ModelInferResponse(
+        model_name=request.model_name, model_version=request.model_version, id=request.id
+    )
+    return pb.ModelStreamInferResponse(error_message=message, infer_response=response)
 
 
 def metadata_response(view: Mapping[str, Any]) -> pb.ModelMetadataResponse:

@@ -5,7 +5,6 @@ cancellation, keys, quotas."""
 
 from __future__ import annotations
 
-import contextlib
 import queue
 import shutil
 import signal
@@ -157,23 +156,39 @@ def test_classification_answers_as_over_http(target: Target) -> None:
     assert all(len(answer.split(b":")) >= 2 for answer in top.ravel())
 
 
-def test_streaming_is_refused_by_name(target: Target) -> None:
-    rows, _ = digits_samples(1)
-    infer_input = triton.InferInput("input", list(rows.shape), "FP32")
-    infer_input.set_data_from_numpy(rows)
+def test_a_stream_answers_each_request_and_each_failure_by_id(target: Target) -> None:
+    rows, _ = digits_samples(6)
     client = triton.InferenceServerClient(target[0])
-    errors: queue.Queue[InferenceServerException | None] = queue.Queue()
-    client.start_stream(callback=lambda result, error: errors.put(error))
+    answers: queue.Queue[tuple[triton.InferResult | None, InferenceServerException | None]] = (
+        queue.Queue()
+    )
+    client.start_stream(callback=lambda result, error: answers.put((result, error)))
     try:
-        # The refusal may have ended the stream already; its reason comes to the callback.
-        with contextlib.suppress(InferenceServerException):
-            client.async_stream_infer("digits", [infer_input])
-        error = errors.get(timeout=10)
+        for index in range(3):
+            tensor = triton.InferInput("input", [2, 64], "FP32")
+            tensor.set_data_from_numpy(rows[2 * index : 2 * index + 2])
+            client.async_stream_infer("digits", [tensor], request_id=f"r{index}")
+        wrong = triton.InferInput("input", [1, 63], "FP32")
+        wrong.set_data_from_numpy(np.zeros((1, 63), dtype=np.float32))
+        client.async_stream_infer("digits", [wrong], request_id="bad")
+        got = [answers.get(timeout=30) for _ in range(4)]
     finally:
         client.stop_stream()
-    assert error is not None
-    assert error.status() == "StatusCode.UNIMPLEMENTED"
-    assert "does not implement streaming inference (ModelStreamInfer)" in error.message()
+    results = {result.get_response().id: result for result, error in got if result is not None}
+    errors = [error for result, error in got if error is not None]
+    assert sorted(results) == ["r0", "r1", "r2"]
+    expected = client.infer("digits", [_input(rows)]).as_numpy("label")
+    for index in range(3):
+        labels = results[f"r{index}"].as_numpy("label")
+        np.testing.assert_array_equal(labels, expected[2 * index : 2 * index + 2])
+    (error,) = errors
+    assert "input 'input': shape [1,63] does not match [-1,64]" in error.message()
+
+
+def _input(rows: np.ndarray) -> triton.InferInput:
+    tensor = triton.InferInput("input", list(rows.shape), "FP32")
+    tensor.set_data_from_numpy(rows)
+    return tensor
 
 
 def test_statistics_answer_as_over_http(target: Target) -> None:
@@ -329,3 +344,22 @@ def test_keys_deadlines_cancellation_and_quotas_at_the_gateway(
         client.infer("mlp", [_mlp_input()], headers=headers)
     assert over.value.status() == "StatusCode.RESOURCE_EXHAUSTED"
     held.cancel()
+
+
+def test_a_stream_cancelled_takes_its_requests_out_of_the_queue(
+    guarded_gateway: tuple[str, str, str, subprocess.Popen[bytes]],
+) -> None:
+    address, url, token, pod = guarded_gateway
+    client = triton.InferenceServerClient(address)
+    headers = {"authorization": f"Bearer {token}"}
+    wait_until(lambda: client.is_model_ready("mlp", headers=headers), 30, "mlp at the gateway")
+    pod.send_signal(signal.SIGSTOP)  # the pod holds the first batch; the second queues
+    client.start_stream(callback=lambda result, error: None, headers=headers)
+    try:
+        client.async_stream_infer("mlp", [_mlp_input()], request_id="held")
+        wait_until(lambda: _queued(url, token) == 0, 10, "the first request to reach the pod")
+        client.async_stream_infer("mlp", [_mlp_input()], request_id="queued")
+        wait_until(lambda: _queued(url, token) == 1, 10, "the second request in the queue")
+    finally:
+        client.stop_stream(cancel_requests=True)
+    wait_until(lambda: _queued(url, token) == 0, 10, "the cancelled stream's request to leave")
