@@ -148,6 +148,14 @@ def parser() -> argparse.ArgumentParser:
         "loads are refused (default %(default)s)",
     )
     server.add_argument(
+        "--memory-budget",
+        type=positive_int,
+        metavar="BYTES",
+        help="page models in on their first request and evict the least recently used idle "
+        "ones to keep the loaded models' footprints under this (default: load every model "
+        "at start-up and keep it)",
+    )
+    server.add_argument(
         "--device",
         choices=["cpu", "cuda", "auto"],
         help="compute every model on this device, whatever its config says (a pod that "
@@ -685,7 +693,7 @@ def _model_server(args: argparse.Namespace) -> int:
         max_instances=args.max_override_instances,
         max_models=args.max_models,
     )
-    store = ModelStore(repository, args.models, args.device, limits)
+    store = ModelStore(repository, args.models, args.device, limits, args.memory_budget)
     edge = _edge_limits(args)
     grpc = GrpcListener(args.host, args.grpc_port, edge) if args.grpc_port else None
     app = create_app(

@@ -1,10 +1,12 @@
 """One inference at the pod, whatever carried it: the steps HTTP and gRPC share.
 
-``PodInference.run``: the model's runtime → decode (the transport's codec, validating against
+``PodInference.run``: the model's metadata → decode (the transport's codec, validating against
 the metadata, 400 before the runtime sees anything) → ``parameters.timeout`` (µs, as in
 Triton: how long the request may wait for a free instance), shortened to the transport's own
-limit (the gRPC deadline) → the runtime in a worker thread → encode. Past its time a request
-is answered 504 and never computed. Every outcome and batch is counted once.
+limit (the gRPC deadline) → the model's runtime, paged in first if the pod pages models
+(``models.store``), within the same time → the runtime in a worker thread → encode. Past
+its time a request is answered 504 and never computed. Every outcome and batch is counted
+once.
 """
 
 from __future__ import annotations
@@ -33,9 +35,9 @@ class PodInference:
 
     def model_metadata(self, name: str, version: str | None) -> dict[str, Any]:
         """The model's v2 metadata JSON; every version it has when none is named."""
-        runtime = self.store.get(name, version)
-        versions = [str(v) for v in sorted(self.store.models[name].versions)]
-        return runtime.metadata.to_json(versions if version is None else None)
+        view = self.store.view(name, version)
+        versions = [str(v) for v in self.store.versions(name)]
+        return view.metadata.to_json(versions if version is None else None)
 
     async def run(
         self,
@@ -47,11 +49,11 @@ class PodInference:
     ) -> Answer:
         """Serve one request (see the module docstring); raises ``BazaarError`` to refuse it."""
         arrived = asyncio.get_running_loop().time()
-        runtime = self.store.get(model, version)
+        metadata = self.store.view(model, version).metadata
         metrics = self.metrics
         outcome = "server_error"
         try:
-            request = decode(runtime.metadata)
+            request = decode(metadata)
             timeout_s = _timeout_s(request.parameters)
             if limit_s is not None:
                 timeout_s = min(timeout_s, limit_s) if timeout_s else limit_s
@@ -59,11 +61,12 @@ class PodInference:
             names = (
                 [o.name for o in request.outputs]
                 if request.outputs is not None
-                else [spec.name for spec in runtime.metadata.outputs]
+                else [spec.name for spec in metadata.outputs]
             )
-            rows = request.rows(runtime.metadata.max_batch_size)
+            rows = request.rows(metadata.max_batch_size)
             try:
-                outputs, compute_s = await runtime.infer(request.inputs, names, deadline)
+                async with self.store.serving(model, version, deadline) as runtime:
+                    outputs, compute_s = await runtime.infer(request.inputs, names, deadline)
             except DeadlineExceeded:
                 raise  # dropped before computing: not a batch
             except BaseException:
