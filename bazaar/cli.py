@@ -215,6 +215,13 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--no-autoscale", action="store_true", help="keep --workers-per-model workers per model"
     )
+    serve.add_argument(
+        "--worker-memory",
+        type=positive_int,
+        metavar="BYTES",
+        help="small models share workers: packed by estimated footprint into workers of at "
+        "most this much each; shared workers are not autoscaled (default: one worker per model)",
+    )
     _gateway_options(serve)
     serve.set_defaults(run=_serve)
 
@@ -517,6 +524,7 @@ def _serve(args: argparse.Namespace) -> int:
         autoscale=autoscale,
         log_level=args.log_level,
         gateway_token=stats_token,
+        worker_bytes=args.worker_memory,
     )
     main = run(
         source,
