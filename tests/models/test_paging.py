@@ -23,7 +23,7 @@ from models.server import create_app
 from models.store import ModelStore
 from protocol.errors import DeadlineExceeded
 from protocol.support import cancel_and_wait
-from tests.support import eventually
+from tests.support import bazaar_process, eventually, free_port
 
 DIGITS = [f"d{i}" for i in range(1, 5)]
 SLOW_WIDTH = 1024
@@ -222,3 +222,30 @@ async def test_a_held_requests_wait_is_bounded_by_its_timeout(paging: ModelStore
         assert 0.3 <= waited < 1.0, waited
     # The load goes on without the request that gave up: the next one finds d1 in.
     await eventually(lambda: "d1" in paging.models, 5, "d1 to be paged in all the same")
+
+
+def test_a_model_server_with_a_budget_serves_more_models_than_it_holds(
+    demo_repository: Path, tmp_path: Path
+) -> None:
+    names = [f"m{i}" for i in range(8)]
+    root = tmp_path / "repository"
+    _repository(demo_repository, root, names)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    # About three digits classifiers (1.2 MB each; the first load in a process is larger).
+    args = ["model-server", "--model-repository", str(root), "--port", str(port)]
+    args += ["--memory-budget", "4000000"]
+    body = {"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": [8] * 64}]}
+    with (
+        bazaar_process(args, tmp_path / "pod.log", f"{url}/v2/health/ready"),
+        httpx.Client(base_url=url, timeout=30) as pod,
+    ):
+        before = {e["name"]: e["state"] for e in pod.post("/v2/repository/index").json()}
+        for name in names:
+            answer = pod.post(f"/v2/models/{name}/infer", json=body)
+            assert answer.status_code == 200, answer.text
+        metrics = pod.get("/metrics").text
+    assert before["m0"] == "UNAVAILABLE" and before["m7"] == "READY"
+    assert 1 <= list(before.values()).count("READY") <= 3
+    assert 'bazaar_model_eviction_seconds_count{model="m7"}' in metrics
+    assert "bazaar_model_memory_budget_bytes 4e+06" in metrics
