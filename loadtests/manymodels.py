@@ -173,13 +173,15 @@ async def zipf_run(
             next_pick += 1
             try:
                 status, seconds = await _post(session, url, model)
-            except aiohttp.ClientError:
+            except aiohttp.ClientError as exc:
                 errors += 1
+                print(f"{model}: {type(exc).__name__}: {exc}", file=sys.stderr)
                 continue
             if status == 200:
                 latencies.append(seconds)
             else:
                 errors += 1
+                print(f"{model}: answered {status}", file=sys.stderr)
 
     connector = aiohttp.TCPConnector(limit=connections)
     async with aiohttp.ClientSession(connector=connector) as session:
@@ -204,7 +206,7 @@ def _bazaar(*args: str) -> list[str]:
 
 def measure(args: argparse.Namespace, layout: str, work: Path) -> Figures:
     count = args.per_model_models if layout == "per-model" else args.models
-    root = work / f"{layout}-repository"
+    root = Path(tempfile.mkdtemp(prefix=f"{layout}-repository-", dir=work))
     models = build_repository(args.digits, root, count)
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
