@@ -375,6 +375,8 @@ class ModelStore:
         if name in self.models:
             return
         needed = self._footprints.get(name) or self._footprint(name)
+        if needed > budget:  # no eviction could make room: waiting for one would hang
+            self._too_large(name, needed, budget)
         while (victims := choose_victims(self._lru(), self._pins, needed, budget)) is None:
             assert self._released is not None
             self._released.clear()
@@ -385,14 +387,17 @@ class ModelStore:
         self._footprints[name] = footprint
         if footprint > budget:
             await self._evict([name])
-            self.states[name] = ModelState(
-                "UNAVAILABLE",
-                f"needs {footprint} bytes, over the pod's memory budget of {budget}",
-            )
-            self._read.pop(name, None)
-            raise ModelNotReady(name, self.states[name].reason)
+            self._too_large(name, footprint, budget)
         others = [(n, f) for n, f in self._lru() if n != name]
         await self._evict(choose_victims(others, self._pins, footprint, budget) or [])
+
+    def _too_large(self, name: str, footprint: int, budget: int) -> None:
+        """Record and raise that ``name`` cannot fit the budget even alone; it is not paged
+        in again."""
+        reason = f"needs {footprint} bytes, over the pod's memory budget of {budget}"
+        self.states[name] = ModelState("UNAVAILABLE", reason)
+        self._read.pop(name, None)
+        raise ModelNotReady(name, reason)
 
     def _lru(self) -> list[tuple[str, int]]:
         return [(name, self.models[name].footprint_bytes) for name in self._last_used]

@@ -224,6 +224,27 @@ async def test_a_held_requests_wait_is_bounded_by_its_timeout(paging: ModelStore
     await eventually(lambda: "d1" in paging.models, 5, "d1 to be paged in all the same")
 
 
+async def test_a_model_larger_than_the_budget_is_unavailable_and_the_pod_unready(
+    demo_repository: Path, tmp_path: Path
+) -> None:
+    # d1's file (4 KB) is over the budget already; d2's file fits it, its sessions do not.
+    repository = _repository(demo_repository, tmp_path, ["d1", "d2"])
+    store = ModelStore(repository, memory_budget_bytes=5_000)
+    (tmp_path / "d1" / "1" / "model.onnx").write_bytes(
+        (tmp_path / "d1" / "1" / "model.onnx").read_bytes() + b"\0" * 1000
+    )
+    pager = asyncio.create_task(store.load_all())
+    await eventually(lambda: store._started, 30, "start-up to end")
+    assert not store.ready()
+    for name in ("d1", "d2"):
+        assert store.states[name].state == "UNAVAILABLE"
+        assert "over the pod's memory budget of 5000" in store.states[name].reason
+        assert not store.is_ready(name)
+    assert not store.models
+    await cancel_and_wait(pager)
+    await asyncio.to_thread(store.close)
+
+
 def test_a_model_server_with_a_budget_serves_more_models_than_it_holds(
     demo_repository: Path, tmp_path: Path
 ) -> None:
