@@ -12,15 +12,17 @@ three layouts, each started fresh, one after the other:
   --memory-budget`` pod holding about ``--resident`` models at once: the Kubernetes shape of
   a model group, and the one with cold models.
 
-Per layout: the resident memory of every process of the layout together (gateway, workers
-or pod), after the Zipf run; the time from starting the processes until every model is
-ready at the gateway; the first request to each of ``--cold`` models (in ``paged``, models
-the pod has evicted, so the request waits for a load; elsewhere the first request through
-the gateway to a loaded model) and a second one to each; and a closed loop of
-``--connections`` clients for ``--duration`` seconds, each request for a model drawn from a
-Zipf distribution (rank ``k`` weighs ``1/k^s``, ``s`` = ``--zipf``), one row each: requests
-per second, p50 and p99 latency, and errors. Servers and generator share the machine's
-cores; the figures compare layouts on one machine, not machines.
+Per layout: one request to every model, each of which must be answered (a layout where
+one is not fails the run); the resident memory of every process of the layout together
+(gateway, workers or pod), after the Zipf run; the time from starting the processes until
+every model is ready at the gateway; of those first requests, the ones to the first
+``--cold`` models (in ``paged``, models the pod has evicted, so the request waits for a
+load; elsewhere the first request through the gateway to a loaded model) and a second one
+to each; and a closed loop of ``--connections`` clients for ``--duration`` seconds, each
+request for a model drawn from a Zipf distribution (rank ``k`` weighs ``1/k^s``, ``s`` =
+``--zipf``), one row each: requests per second, p50 and p99 latency, and errors. Servers and
+generator share the machine's cores; the figures compare layouts on one machine, not
+machines.
 """
 
 from __future__ import annotations
@@ -140,14 +142,16 @@ async def _post(session: aiohttp.ClientSession, url: str, model: str) -> tuple[i
         return response.status, time.perf_counter() - started_at
 
 
-async def first_requests(url: str, models: Sequence[str]) -> tuple[float, float]:
-    """Median ms of the first request to each model, then of a second one to each."""
+async def first_requests(url: str, models: Sequence[str], cold: int) -> tuple[float, float]:
+    """The median ms of a first request to each of the first ``cold`` models and of a second
+    one to each; then a request to every other model. Each must be answered 200."""
+    order = [*models[:cold], *models[:cold], *models[cold:]]
     async with aiohttp.ClientSession() as session:
-        first = [await _post(session, url, model) for model in models]
-        again = [await _post(session, url, model) for model in models]
-    for status, _ in first + again:
+        answers = [await _post(session, url, model) for model in order]
+    for model, (status, _) in zip(order, answers, strict=True):
         if status != 200:
-            raise BenchError(f"a first request was answered {status}")
+            raise BenchError(f"{model}: a first request was answered {status}")
+    first, again = answers[:cold], answers[cold : 2 * cold]
     return (
         float(np.median([t for _, t in first])) * 1000,
         float(np.median([t for _, t in again])) * 1000,
@@ -256,7 +260,7 @@ def measure(args: argparse.Namespace, layout: str, work: Path) -> Figures:
         wait_ready(url, models, processes)
         ready_s = time.monotonic() - began
         # paged: the first models swept in were evicted by the last ones.
-        first_ms, again_ms = asyncio.run(first_requests(url, models[: args.cold]))
+        first_ms, again_ms = asyncio.run(first_requests(url, models, args.cold))
         rate, p50, p99, errors = asyncio.run(
             zipf_run(url, models, args.connections, args.duration, args.zipf, args.seed)
         )
