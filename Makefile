@@ -7,7 +7,7 @@ INSTALLED := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: serve test check bench loadtest simulate grpc-protos prometheus-rules grafana-dashboard clean
+.PHONY: serve test check bench bench-models loadtest simulate grpc-protos prometheus-rules grafana-dashboard clean
 
 $(INSTALLED): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,11 @@ test: $(INSTALLED)
 # Throughput and latency against raw ONNX Runtime and two reference servers (BENCHMARKS.md).
 bench: $(INSTALLED)
 	$(BIN)/bazaar bench
+
+# Many small models: memory, time to ready, cold starts and Zipf throughput by layout
+# (BENCHMARKS.md, issue 15).
+bench-models: $(INSTALLED)
+	$(BIN)/python -m loadtests.manymodels
 
 # A Locust run against `make serve` (another terminal): verdict, report and plot in results/.
 loadtest: $(INSTALLED)

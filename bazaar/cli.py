@@ -148,6 +148,14 @@ def parser() -> argparse.ArgumentParser:
         "loads are refused (default %(default)s)",
     )
     server.add_argument(
+        "--memory-budget",
+        type=positive_int,
+        metavar="BYTES",
+        help="page models in on their first request and evict the least recently used idle "
+        "ones to keep the loaded models' footprints under this (default: load every model "
+        "at start-up and keep it)",
+    )
+    server.add_argument(
         "--device",
         choices=["cpu", "cuda", "auto"],
         help="compute every model on this device, whatever its config says (a pod that "
@@ -207,6 +215,13 @@ def parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--no-autoscale", action="store_true", help="keep --workers-per-model workers per model"
+    )
+    serve.add_argument(
+        "--worker-memory",
+        type=positive_int,
+        metavar="BYTES",
+        help="small models share workers: packed by estimated footprint into workers of at "
+        "most this much each; shared workers are not autoscaled (default: one worker per model)",
     )
     _gateway_options(serve)
     serve.set_defaults(run=_serve)
@@ -531,6 +546,7 @@ def _serve(args: argparse.Namespace) -> int:
         autoscale=autoscale,
         log_level=args.log_level,
         gateway_token=stats_token,
+        worker_bytes=args.worker_memory,
     )
     main = run(
         source,
@@ -709,7 +725,7 @@ def _model_server(args: argparse.Namespace) -> int:
         max_instances=args.max_override_instances,
         max_models=args.max_models,
     )
-    store = ModelStore(repository, args.models, args.device, limits)
+    store = ModelStore(repository, args.models, args.device, limits, args.memory_budget)
     edge = _edge_limits(args)
     grpc = GrpcListener(args.host, args.grpc_port, edge) if args.grpc_port else None
     app = create_app(

@@ -10,6 +10,13 @@ metadata in the gateway, so its next request is validated and held in the queue,
 autoscaler sees it and starts a worker. With ``gateway_token`` (the gateway takes API keys),
 the autoscaler presents it to read ``/stats``, on a session of its own: the workers never see
 it. Stopping ends the loop first, so nothing scales while the workers are being stopped.
+
+With ``worker_bytes``, small models share workers (``bazaar.placement``): each group of
+models is ``workers`` processes named ``shared-N``, and the gateway hears of each model with
+its group's workers, so it routes a model's batches only to workers that hold it. A model
+placed alone keeps its own workers and its autoscaling; shared workers are not autoscaled:
+the loop scales one target on one model's signals, and a group would need the sum of its
+models' queues and the busy ratio of all its models (``autoscaler.sources``).
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from autoscaler.loop import Autoscaler
 from autoscaler.metrics import AutoscalerMetrics
 from autoscaler.policy import ScaleConfig
 from autoscaler.sources import GatewayStats, PodMetrics, Signals
+from bazaar.placement import estimated_bytes, place
 from bazaar.scaler import LocalScaler
 from bazaar.supervisor import WorkerSupervisor
 from gateway.catalog import EndpointListener
@@ -45,9 +53,19 @@ class LocalWorkers:
         autoscale: ScaleConfig | None,
         log_level: str,
         gateway_token: str | None = None,
+        worker_bytes: int | None = None,
     ) -> None:
         self.repository = repository
-        self.models = ModelRepository(repository).model_names()
+        models = ModelRepository(repository)
+        self.models = models.model_names()
+        self.groups: dict[str, tuple[str, ...]] = {model: (model,) for model in self.models}
+        """Each worker's name and the models it serves: one apiece without ``worker_bytes``."""
+        if worker_bytes is not None:
+            sizes = {model: estimated_bytes(models, model) for model in self.models}
+            placed = place(sizes, worker_bytes)
+            shared = [group for group in placed if len(group) > 1]
+            self.groups = {group[0]: group for group in placed if len(group) == 1}
+            self.groups |= {f"shared-{n}": group for n, group in enumerate(shared, 1)}
         self.gateway_url = gateway_url
         self.workers = workers
         self.autoscale = autoscale
@@ -60,9 +78,11 @@ class LocalWorkers:
         self.supervisor = WorkerSupervisor(self.repository, listener, log_level=self.log_level)
         for model in self.models:
             listener(model, [])  # known at once: requests wait for a worker instead of 404
-            await self.supervisor.scale(model, self.workers)
+        for name, models in self.groups.items():
+            await self.supervisor.scale(name, self.workers, models)
         if self.autoscale is not None:
-            scaler = LocalScaler(self.supervisor, dict.fromkeys(self.models, self.autoscale))
+            alone = [name for name, models in self.groups.items() if models == (name,)]
+            scaler = LocalScaler(self.supervisor, dict.fromkeys(alone, self.autoscale))
             self._autoscaler = asyncio.create_task(self._run_autoscaler(scaler, registry))
             log.info(
                 "autoscaling each model between %d and %d workers",

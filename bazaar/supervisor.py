@@ -1,10 +1,12 @@
 """Local model-server workers for ``bazaar serve``: the endpoint source without Kubernetes.
 
-``WorkerSupervisor`` runs ``bazaar model-server --model NAME`` child processes, one model per
-worker, each on a free loopback port, and tells the gateway through its listener which of
-them are ready. Each worker is kept by one task that loops: start the process, poll
-``/v2/health/ready`` every 50 ms until it answers 200 (the worker joins the endpoints), then
-wait for the process to exit.
+``WorkerSupervisor`` runs ``bazaar model-server --model NAME`` child processes, each on a free
+loopback port, and tells the gateway through its listener which of them are ready. A worker
+serves one model, or a group of them (``scale(name, n, models)``, ``bazaar.placement``):
+then each of the group's models is told the group's ready workers, so the gateway sends a
+model's batches only to workers that hold it. Each worker is kept by one task that loops:
+start the process, poll ``/v2/health/ready`` every 50 ms until it answers 200 (the worker
+joins the endpoints), then wait for the process to exit.
 
 Under failure:
 
@@ -74,6 +76,8 @@ else:
 @dataclass(slots=True, eq=False)
 class _Worker:
     model: str
+    """The model, or the name of the group of models, it serves."""
+    models: tuple[str, ...]
     number: int
     """Counts up per model, for logs; a restarted worker keeps its number."""
     url: str = ""
@@ -107,10 +111,17 @@ class WorkerSupervisor:
         """The desired workers of each model, oldest first."""
         self._retiring: set[asyncio.Task[None]] = set()
         self._numbers: dict[str, int] = {}
+        self._groups: dict[str, tuple[str, ...]] = {}
+        """The models each group's workers serve, where not just the one it is named after."""
         self._stopped = False
 
-    async def scale(self, model: str, workers: int) -> None:
-        """Start or retire workers until ``model`` has ``workers``; does not await readiness."""
+    async def scale(self, model: str, workers: int, models: tuple[str, ...] = ()) -> None:
+        """Start or retire workers until ``model`` has ``workers``; does not await readiness.
+
+        With ``models``, ``model`` names a group whose workers serve those models (the
+        group's first call says which; later ones may leave them out)."""
+        if models:
+            self._groups[model] = models
         if workers < 0:
             raise ValueError(f"worker count must be >= 0, got {workers}")
         if self._stopped:
@@ -119,7 +130,7 @@ class WorkerSupervisor:
         while len(current) < workers:
             number = self._numbers.get(model, 0) + 1
             self._numbers[model] = number
-            worker = _Worker(model, number)
+            worker = _Worker(model, self._groups.get(model, (model,)), number)
             worker.task = asyncio.create_task(self._keep(worker), name=f"{model} worker {number}")
             current.append(worker)
         if len(current) > workers:
@@ -216,8 +227,7 @@ class WorkerSupervisor:
             "model-server",
             "--model-repository",
             str(self._repository),
-            "--model",
-            worker.model,
+            *(arg for name in worker.models for arg in ("--model", name)),
             "--host",
             self._host,
             "--port",
@@ -255,11 +265,13 @@ class WorkerSupervisor:
         return f"exited with code {await process.wait()}"
 
     def _notify(self, model: str) -> None:
-        try:
-            self._listener(model, self.endpoints(model))
-        except Exception:
-            # A faulty listener must not end supervision (and leave its worker unwatched).
-            log.exception("endpoint listener failed for %s", model)
+        urls = self.endpoints(model)
+        for name in self._groups.get(model, (model,)):
+            try:
+                self._listener(name, urls)
+            except Exception:
+                # A faulty listener must not end supervision (and leave its worker unwatched).
+                log.exception("endpoint listener failed for %s", name)
 
 
 async def _until_ready(url: str, process: asyncio.subprocess.Process) -> None:

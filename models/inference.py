@@ -1,12 +1,14 @@
 """One inference at the pod, whatever carried it: the steps HTTP and gRPC share.
 
-``PodInference.run``: the model's runtime → decode (the transport's codec, validating against
+``PodInference.run``: the model's metadata → decode (the transport's codec, validating against
 the metadata, 400 before the runtime sees anything) → ``parameters.timeout`` (µs, as in
 Triton: how long the request may wait for a free instance), shortened to the transport's own
-limit (the gRPC deadline) → the runtime in a worker thread → encode. Past its time a request
-is answered 504 and never computed. Every outcome and batch is counted once, in the metrics
-and in the version's statistics (Triton's extension, ``protocol.statistics``): a request's
-time runs from its arrival to its encoded answer, and its batch's phases are the runtime's.
+limit (the gRPC deadline) → the model's runtime, paged in first if the pod pages models
+(``models.store``), within the same time → the runtime in a worker thread → encode. Past
+its time a request is answered 504 and never computed. Every outcome and batch is counted
+once, in the metrics and in the version's statistics (Triton's extension,
+``protocol.statistics``): a request's time runs from its arrival to its encoded answer, and
+its batch's phases are the runtime's. A runtime's statistics go with it when it is evicted.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from models.metrics import PodMetrics
+from models.runtime import ModelRuntime
 from models.store import ModelStore
 from protocol import tracing
 from protocol.codec import InferenceRequest
@@ -37,9 +40,9 @@ class PodInference:
 
     def model_metadata(self, name: str, version: str | None) -> dict[str, Any]:
         """The model's v2 metadata JSON; every version it has when none is named."""
-        runtime = self.store.get(name, version)
-        versions = [str(v) for v in sorted(self.store.models[name].versions)]
-        return runtime.metadata.to_json(versions if version is None else None)
+        view = self.store.view(name, version)
+        versions = [str(v) for v in self.store.versions(name)]
+        return view.metadata.to_json(versions if version is None else None)
 
     def statistics(self, name: str | None, version: str | None) -> list[dict[str, Any]]:
         """Triton's ``model_stats``: of every loaded version of every model (no ``name``), of
@@ -93,12 +96,16 @@ class PodInference:
     ) -> Answer:
         arrived = asyncio.get_running_loop().time()
         started = time.perf_counter()  # uvloop's loop.time() counts whole milliseconds
-        runtime = self.store.get(model, version)
+        view = self.store.view(model, version)
+        metadata = view.metadata
+        # Counted in the loaded runtime's statistics, refusals included; an evicted model's
+        # once it is paged in.
+        runtime = view if isinstance(view, ModelRuntime) else None
         metrics = self.metrics
         outcome = "server_error"
         rows = 0
         try:
-            request = decode(runtime.metadata)
+            request = decode(metadata)
             timeout_s = _timeout_s(request.parameters)
             if limit_s is not None:
                 timeout_s = min(timeout_s, limit_s) if timeout_s else limit_s
@@ -106,11 +113,12 @@ class PodInference:
             names = (
                 [o.name for o in request.outputs]
                 if request.outputs is not None
-                else [spec.name for spec in runtime.metadata.outputs]
+                else [spec.name for spec in metadata.outputs]
             )
-            rows = request.rows(runtime.metadata.max_batch_size)
+            rows = request.rows(metadata.max_batch_size)
             try:
-                outputs, execution = await runtime.infer(request.inputs, names, deadline)
+                async with self.store.serving(model, version, deadline) as runtime:
+                    outputs, execution = await runtime.infer(request.inputs, names, deadline)
             except DeadlineExceeded:
                 raise  # dropped before computing: not a batch
             except BaseException:
@@ -140,7 +148,9 @@ class PodInference:
             raise
         finally:
             metrics.requests.labels(model, outcome).inc()
-            runtime.statistics.answered(outcome == "success", rows, time.perf_counter() - started)
+            if runtime is not None:
+                elapsed_s = time.perf_counter() - started
+                runtime.statistics.answered(outcome == "success", rows, elapsed_s)
 
 
 def _timeout_s(parameters: dict[str, Any]) -> float | None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, SummaryMetricFamily
 from prometheus_client.registry import Collector
 
 from models.store import ModelStore
@@ -74,7 +74,9 @@ class RuntimeCollector(Collector):
         self._store = store
         self._gpus = gpus
 
-    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+    def collect(
+        self,
+    ) -> Iterator[GaugeMetricFamily | CounterMetricFamily | SummaryMetricFamily]:
         inflight = GaugeMetricFamily(
             "bazaar_model_inflight_batches", "Batches executing now.", labels=["model", "version"]
         )
@@ -106,6 +108,7 @@ class RuntimeCollector(Collector):
         yield ratio
         yield busy
         yield provider
+        yield from self._paging()
         readings = self._gpus.read()
         if not readings:
             return  # no NVML: the series are absent, never zero
@@ -128,3 +131,41 @@ class RuntimeCollector(Collector):
         yield util
         yield used
         yield total
+
+    def _paging(self) -> Iterator[GaugeMetricFamily | SummaryMetricFamily]:
+        store = self._store
+        loads = SummaryMetricFamily(
+            "bazaar_model_load_seconds",
+            "Model loads (start-up, repository API, paging in) and the time they took.",
+            labels=["model"],
+        )
+        evictions = SummaryMetricFamily(
+            "bazaar_model_eviction_seconds",
+            "Models evicted under the memory budget and the time closing them took.",
+            labels=["model"],
+        )
+        for name, counts in sorted(store.counts.items()):
+            loads.add_metric([name], counts.loads, counts.load_seconds)
+            if counts.evictions:
+                evictions.add_metric([name], counts.evictions, counts.eviction_seconds)
+        footprint = GaugeMetricFamily(
+            "bazaar_model_memory_bytes",
+            "What a loaded model took from the allocator when it loaded.",
+            labels=["model"],
+        )
+        for name, loaded in sorted(store.models.items()):
+            footprint.add_metric([name], loaded.footprint_bytes)
+        yield loads
+        yield evictions
+        yield footprint
+        yield GaugeMetricFamily(
+            "bazaar_model_memory_used_bytes",
+            "The loaded models' footprints together.",
+            value=store.memory_used_bytes(),
+        )
+        if store.memory_budget_bytes is not None:
+            yield GaugeMetricFamily(
+                "bazaar_model_memory_budget_bytes",
+                "The models' memory budget: past it, idle models are evicted.",
+                value=store.memory_budget_bytes,
+            )

@@ -87,12 +87,12 @@ def create_app(
     inference = PodInference(store, PodMetrics(registry, store, GpuMonitor()))
 
     def model_config(name: str, version: str | None) -> dict[str, Any]:
-        runtime = store.get(name, version)
-        config = runtime.config.to_json()
-        config["max_batch_size"] = runtime.metadata.max_batch_size
-        if runtime.metadata.labels:
+        view = store.view(name, version)
+        config = view.config.to_json()
+        config["max_batch_size"] = view.metadata.max_batch_size
+        if view.metadata.labels:
             # Triton's config names a label file; its labels travel here, for the gateway.
-            config["labels"] = list(runtime.metadata.labels)
+            config["labels"] = list(view.metadata.labels)
         return {"name": name, **config}
 
     async def infer(

@@ -53,7 +53,7 @@ COMPONENTS = [
 ]
 # What `kubectl apply -k` takes: a directory, or the cpu overlay with one component.
 STACKS = ["base", "overlays/cpu", "overlays/gpu"] + [f"overlays/cpu+{c}" for c in COMPONENTS]
-RENDERS = [*STACKS, "locust"]
+RENDERS = [*STACKS, "locust", "overlays/model-group"]
 KUSTOMIZE_SUBSET = {
     "apiVersion",
     "kind",

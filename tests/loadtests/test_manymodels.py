@@ -1,0 +1,22 @@
+"""The many-models benchmark runs end to end at a small size, as the command users run:
+every layout answers every request it sends (its figures are for BENCHMARKS.md, not
+asserted)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+
+def test_every_layout_reports_a_row_without_errors(demo_repository: Path, tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "loadtests.manymodels", "--digits"]
+    command += [str(demo_repository / "digits"), "--models", "6", "--per-model-models", "2"]
+    command += ["--resident", "3", "--cold", "2", "--duration", "1"]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    rows = [line.split() for line in run.stdout.splitlines()[1:]]
+    assert [row[0] for row in rows] == ["per-model", "shared", "paged"]
+    assert [int(row[1]) for row in rows] == [2, 6, 6]  # models
+    assert [int(row[2]) for row in rows] == [3, 2, 2]  # processes: gateway and workers, or pod
+    assert all(row[-1] == "0" for row in rows), rows  # errors
