@@ -37,6 +37,10 @@ MAX_ANSWER_BYTES = 256 * 1024 * 1024
 """The largest answer to a passed-through request read into memory (the request's limit)."""
 NOT_THE_CLIENTS = frozenset({404, 408, 429})
 """4xx answers that say something of the pod, not of the request."""
+POOLED_IDLE_S = 4.0
+"""How long an idle connection to a pod is kept for the next call: under the pods' own
+keep-alive timeout (``EdgeLimits.keep_alive_timeout_s``, 5 s), so the gateway never sends a
+batch down a connection the pod is closing at that moment (the request would be lost, a 502)."""
 
 
 class HttpModelClient:
@@ -44,7 +48,7 @@ class HttpModelClient:
 
     def __init__(self, connect_timeout_s: float = 2.0) -> None:
         self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60),
+            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=POOLED_IDLE_S),
             timeout=aiohttp.ClientTimeout(sock_connect=connect_timeout_s),
             # aiohttp asks for gzip by default, and pods compress what a caller accepts: the
             # hop would pay for it both ways. The client's own Accept-Encoding is the
