@@ -19,8 +19,8 @@ The arithmetic that makes KEDA land on bazaar's count ``D`` for a Deployment at 
 
 What the HPA adds, and how the ScaledObject of ``deploy/components/keda`` takes it out: its
 tolerance keeps ``N`` while ``|D/N - 1| <= 0.1``, which below 10 replicas never happens for
-``D != N`` (a step of one is already more than 10 %), and above it holds changes of under 10 %
-until they grow (unless the cluster lowers ``--horizontal-pod-autoscaler-tolerance``, or sets
+``D != N`` (a step of one is already more than 10 %), and from 10 up holds changes of 10 % or
+less until they grow (unless the cluster lowers ``--horizontal-pod-autoscaler-tolerance``, or sets
 ``behavior.*.tolerance`` where the HPAConfigurableTolerance gate is on); its default behaviour
 (a 300 s scale-down window, at most doubling per 15 s) would delay what bazaar's policy already
 windowed, so the example passes a behaviour without windows or rate limits. The HPA reads the
