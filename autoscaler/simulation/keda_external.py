@@ -21,7 +21,7 @@ next sync, 7.5 s on average) and its tolerance above 10 replicas; the table row
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from autoscaler.policy import PolicyState, Sample, ScaleConfig, decide
 from autoscaler.simulation.simulator import Outcome
@@ -32,7 +32,7 @@ HPA_TOLERANCE = 0.1
 
 @dataclass(frozen=True, slots=True)
 class KedaExternalState:
-    bazaar: PolicyState = PolicyState()
+    bazaar: PolicyState = field(default_factory=PolicyState)
     """bazaar's policy state: the autoscaler's loop keeps it between ticks."""
     last_sync_s: float | None = None
     """The HPA's last sync."""
