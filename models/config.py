@@ -121,7 +121,7 @@ class ModelConfig:
     time (its instance sleeps for the rest, busy meanwhile), so a worker's capacity is bounded
     by wall time, as an accelerator's batch time hardly depends on the batch, and not by this
     machine's cores. It lets several local workers scale really on a small machine
-    (``bazaar simulate --against-serve``)."""
+    (``bazaar replay``)."""
     inputs: tuple[TensorSpec, ...] = ()
     """Declared inputs, checked against the graph; a declared shape may fix a variable
     dimension. Default none: the graph's inputs as they are."""
