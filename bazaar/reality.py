@@ -15,8 +15,10 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import datetime
 import itertools
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -84,7 +86,11 @@ def replay(args: argparse.Namespace) -> int:
         )
         with _serving(args, repository, out / "serve.log") as (server, port):
             real = asyncio.run(_real_run(server, port, trace))
-    cold_start_s = cold_start(real.samples)
+    starts = cold_starts((out / "serve.log").read_text())
+    if not starts:
+        print("bazaar replay: the autoscaler started no worker: no cold start", file=sys.stderr)
+        return 1
+    cold_start_s = float(np.mean(starts))
     sim = SimConfig(
         cold_start_s=round(cold_start_s),
         pending_s=0,
@@ -107,6 +113,7 @@ def replay(args: argparse.Namespace) -> int:
         "batch_ms": round(real.batch_s * 1000, 1),
         "capacity_rps": round(args.max_batch_size / real.batch_s, 1),
         "cold_start_s": round(cold_start_s, 1),
+        "cold_starts_s": [round(start, 1) for start in starts],
     }
     print(f"measured: {measured}")
     print(table(rows))
@@ -249,24 +256,21 @@ def _gauges(text: str, model: str) -> dict[str, float]:
     return values
 
 
-def cold_start(samples: list[tuple[float, int, int]]) -> float:
-    """Median time from a scale-up until the ready count reaches it (sampled once a second);
-    ValueError when no scale-up was seen to complete."""
-    delays = []
-    for i, ((at, asked, _), (_, before, _)) in enumerate(
-        zip(samples[1:], samples, strict=False), start=1
-    ):
-        if asked <= before:
-            continue
-        later = samples[i:]
-        if any(later_asked < asked for _, later_asked, _ in later):
-            continue  # scaled down before it was ready: the start was cut short
-        done = next((t for t, _, ready in later if ready >= asked), None)
-        if done is not None:
-            delays.append(done - at)
-    if not delays:
-        raise ValueError("no scale-up completed during the run: no cold start to measure")
-    return float(np.median(delays))
+_STARTED = re.compile(r"^(\S+ \S+) INFO +bazaar\.supervisor: started mlp worker (\d+) ", re.M)
+_READY = re.compile(r"^(\S+ \S+) INFO +bazaar\.supervisor: mlp worker (\d+) on \S+ is ready", re.M)
+
+
+def cold_starts(log: str) -> list[float]:
+    """Seconds from each worker's start to its readiness, from ``bazaar serve``'s log (the
+    supervisor says both), for the workers the autoscaler started: the first starts with the
+    gateway, before the load."""
+    started = {int(n): _log_time(at) for at, n in _STARTED.findall(log)}
+    ready = {int(n): _log_time(at) for at, n in _READY.findall(log)}
+    return [ready[n] - started[n] for n in sorted(started) if n > 1 and n in ready]
+
+
+def _log_time(text: str) -> float:
+    return datetime.datetime.strptime(text, "%Y-%m-%d %H:%M:%S,%f").timestamp()
 
 
 def real_summary(real: RealRun, trace: Trace, slo_ms: int) -> dict[str, Any]:

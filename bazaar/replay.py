@@ -12,7 +12,7 @@ checks it against the real thing on this machine:
    arrivals are sent open loop (``loadtests.loadgen.trace_loop``, one-row requests) while the
    gateway's ``/metrics`` is read every second for the replicas asked for and ready;
 4. from that run: the batch time (the workers' compute seconds per batch) and the cold start
-   (median time from a scale-up until the ready count reaches it);
+   (the mean time from a worker's start to its readiness, from the supervisor's log);
 5. the same arrivals through the simulator, with bazaar's policy in the ``ScaleConfig``
    ``bazaar serve`` builds, the measured batch time and cold start, the gateway's queue bound,
    queue time and batches per pod (two: one computing, one waiting at the pod), and direct

@@ -9,9 +9,10 @@ requests, bounded at ``queue_bound`` (arrivals beyond it are rejected) and dropp
 waited longer than ``queue_timeout_s``; at zero replicas requests simply wait there. A replica is
 ``pending`` (``pending_s``), then ``loading`` (``cold_start_s``, no metrics), then ``ready``: an
 idle ready replica takes ``b = min(queue, max_batch)`` requests and is busy ``20 ms + 5 ms x b``.
-With ``batches_per_replica`` above 1 a replica also takes further batches while it computes, as
-the gateway sends a pod up to ``max_batches_per_endpoint``: they wait at the replica, in flight,
-and run back to back. A removed replica that holds batches drains (finishes them, takes nothing
+With ``batches_per_replica`` above 1 a replica also takes further full batches while it
+computes, as the gateway pipelines full batches up to ``max_batches_per_endpoint`` per pod: they
+wait at the replica, in flight, and run back to back; a batch that could still grow waits for an
+idle replica. A removed replica that holds batches drains (finishes them, takes nothing
 new); pending and loading replicas are cancelled first, then idle ready ones, newest first.
 
 Every second the simulator records what the gateway and the pods would export (queued and
@@ -84,7 +85,7 @@ class SimConfig:
     max_batch: int = 16
     """Largest batch a replica takes."""
     batches_per_replica: int = 1
-    """Batches a replica holds at once: one computing, the others sent and waiting at it (the
+    """Batches a replica holds at once: one computing, the others full and waiting at it (the
     gateway's ``max_batches_per_endpoint``, 2 by default; the benchmark keeps 1)."""
     batch_base_ms: int = 20
     """Fixed cost of a batch."""
@@ -354,8 +355,10 @@ class _Simulation(Generic[StateT]):
         idle, admitted, config = self.idle, self.admitted_ms, self.config
         head = self.queue_head
         while idle and head < len(admitted):
-            replica = idle.pop()
             rows = min(len(admitted) - head, config.max_batch)
+            replica = self.take_idle(full=rows == config.max_batch)
+            if replica is None:
+                break  # a batch that could grow waits for an idle replica
             start_ms = max(t_ms, replica.busy_until_ms)  # after the batches it holds
             done_ms = start_ms + config.batch_base_ms + config.batch_row_ms * rows
             self.finished_ms.extend([done_ms] * rows)
@@ -372,6 +375,21 @@ class _Simulation(Generic[StateT]):
             if self.arrival_event_ms <= t_ms or next_ms < self.arrival_event_ms:
                 self.arrival_event_ms = next_ms
                 self.push(next_ms, _ARRIVAL, None)
+
+    def take_idle(self, full: bool) -> _Replica | None:
+        """A free batch slot of the replica that holds the fewest batches (the router sends to
+        the least outstanding work), the most recent among equals; a ``full`` batch only may
+        queue behind another (the gateway pipelines full batches alone)."""
+        idle = self.idle
+        if self.config.batches_per_replica == 1:
+            return idle.pop()  # every idle replica holds none: no need to look
+        best = len(idle) - 1
+        for i in range(len(idle) - 2, -1, -1):
+            if len(idle[i].batches) < len(idle[best].batches):
+                best = i
+        if idle[best].batches and not full:
+            return None
+        return idle.pop(best)
 
     def finish_batch(self, t_ms: int, replica: _Replica) -> None:
         """Count the batch answered; a drained replica goes, any other serves the queue."""

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from autoscaler.simulation.traces import builtin
-from bazaar.reality import accelerator_repository, cold_start, compress, replica_seconds
+from bazaar.reality import accelerator_repository, cold_starts, compress, replica_seconds
 from models.config import load_config
 from models.repository import ModelRepository
 
@@ -23,23 +23,19 @@ def test_a_trace_compressed_keeps_its_shape_at_the_peak_asked_for() -> None:
     assert replay.arrivals_ms.max() < 120_000
 
 
-def test_the_cold_start_is_the_median_scale_up_until_ready() -> None:
-    samples = [
-        (0.0, 1, 1),
-        (1.0, 4, 1),  # up to 4 at 1 s, all ready at 6 s: 5 s
-        (2.0, 4, 1),
-        (6.0, 4, 4),
-        (7.0, 6, 4),  # up to 6 at 7 s, ready at 14 s: 7 s
-        (14.0, 6, 6),
-        (20.0, 8, 6),  # up to 8 at 20 s, cut to 7 before ready: not a cold start
-        (21.0, 7, 6),
-        (30.0, 7, 7),
-        (31.0, 8, 7),  # up to 8 at 31 s, ready at 34 s: 3 s
-        (34.0, 8, 8),
-    ]
-    assert cold_start(samples) == 5.0
-    with pytest.raises(ValueError, match="no scale-up"):
-        cold_start([(0.0, 1, 1), (1.0, 1, 1)])
+def test_cold_starts_are_read_from_the_supervisors_log() -> None:
+    log = """\
+2026-12-01 17:41:10,225 INFO    bazaar.supervisor: started mlp worker 1 on http://h:1 (pid 9)
+2026-12-01 17:41:12,483 INFO    bazaar.supervisor: mlp worker 1 on http://h:1 is ready
+2026-12-01 17:41:57,400 INFO    bazaar.supervisor: started mlp worker 2 on http://h:2 (pid 9)
+2026-12-01 17:41:57,500 INFO    bazaar.supervisor: started mlp worker 3 on http://h:3 (pid 9)
+2026-12-01 17:41:58,000 INFO    autoscaler.loop: model mlp: scale_up 3 -> 4: ...
+2026-12-01 17:42:00,400 INFO    bazaar.supervisor: mlp worker 2 on http://h:2 is ready
+2026-12-01 17:42:04,500 INFO    bazaar.supervisor: mlp worker 3 on http://h:3 is ready
+2026-12-01 17:42:05,000 INFO    bazaar.supervisor: started mlp worker 4 on http://h:4 (pid 9)
+"""
+    # Worker 1 starts with the gateway, worker 4 never got ready: neither counts.
+    assert cold_starts(log) == pytest.approx([3.0, 7.0])
 
 
 def test_replica_seconds_integrate_the_replicas_asked_for_within_the_trace() -> None:
