@@ -55,10 +55,12 @@ check: $(INSTALLED)
 	$(BIN)/lint-imports
 	$(BIN)/mypy protocol cluster models gateway autoscaler loadtests bazaar
 
-# Regenerate protocol/grpc/*_pb2*.py from Triton's .proto files there (grpcio-tools, pinned
-# in the dev extra); see protocol/grpc/generate.sh for the two edits made after protoc.
+# Regenerate protocol/grpc/*_pb2*.py from Triton's .proto files there, and
+# autoscaler/keda/*_pb2*.py from KEDA's (grpcio-tools, pinned in the dev extra); each
+# generate.sh says what it edits after protoc.
 grpc-protos: $(INSTALLED)
 	PATH=$(abspath $(BIN)):$$PATH bash protocol/grpc/generate.sh
+	PATH=$(abspath $(BIN)):$$PATH bash autoscaler/keda/generate.sh
 
 # The PrometheusRule of deploy/components/prometheus-operator/, from deploy/prometheus/rules.yaml.
 prometheus-rules: $(INSTALLED)

@@ -11,6 +11,10 @@ startup → run → shutdown:
    finishing: a scale patch either reached the API server or will be re-decided by the
    next autoscaler), then the HTTP endpoint, the session and the API client close.
 
+With ``--keda`` it patches nothing: it serves KEDA's external scaler API on ``--keda-port``
+(same host as the metrics), answering with each model's decision, and KEDA's HPA scales
+(:mod:`autoscaler.keda.service`). No leader is elected then: every replica answers.
+
 Like every subcommand, it imports its dependencies when it runs, not when ``bazaar`` starts.
 """
 
@@ -89,6 +93,19 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "name), so that of several replicas one scales; default: no election",
     )
     parser.add_argument(
+        "--keda",
+        action="store_true",
+        help="do not scale: serve KEDA's external scaler gRPC API with each model's desired "
+        "replicas, for ScaledObjects to scale on (deploy/components/keda); --leader-election-id "
+        "is then unused, since every replica answers",
+    )
+    parser.add_argument(
+        "--keda-port",
+        type=int,
+        default=8003,
+        help="with --keda: the external scaler's port, on --metrics-host (default %(default)s)",
+    )
+    parser.add_argument(
         "--kubeconfig",
         metavar="FILE",
         help="default: the in-cluster configuration, else ~/.kube/config",
@@ -126,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
         args.namespace, "autoscaler", logging.getLogger("autoscaler.deployments"), client
     )
     election = None
-    if args.leader_election_id:
+    if args.leader_election_id and not args.keda:
         election = LeaderElection(cluster, LEASE_NAME, args.leader_election_id)
     scaler = KubernetesScaler(cluster, election=election)
     try:
@@ -142,7 +159,7 @@ async def _serve(
     import aiohttp
     import uvicorn
 
-    from autoscaler.loop import Autoscaler
+    from autoscaler.loop import Autoscaler, Scaler
     from autoscaler.metrics import AutoscalerMetrics
     from autoscaler.sources import DCGM_QUERY, GatewayStats, PodMetrics, PrometheusQuery, Signals
     from protocol.metrics import process_registry
@@ -173,7 +190,19 @@ async def _serve(
         signals = Signals(
             GatewayStats(args.gateways, session=gateway_session), PodMetrics(session=session), gpu
         )
-        autoscaler = Autoscaler(scaler, signals, metrics, interval_s=args.interval_s)
+        loop_scaler: Scaler = scaler
+        keda = publish = None
+        if args.keda:
+            from autoscaler.keda.service import Answers, KedaScaler, keda_server
+
+            answers = Answers(args.namespace)
+            keda, keda_port = keda_server(answers, args.metrics_host, args.keda_port)
+            await keda.start()
+            loop_scaler, publish = KedaScaler(scaler, answers), answers.publish
+            log.info("KEDA external scaler on %s:%d", args.metrics_host, keda_port)
+        autoscaler = Autoscaler(
+            loop_scaler, signals, metrics, interval_s=args.interval_s, publish=publish
+        )
         loop_task = asyncio.create_task(autoscaler.run())
         election = scaler.election
         election_task = asyncio.create_task(election.run()) if election else None
@@ -191,6 +220,8 @@ async def _serve(
         await cancel_and_wait(loop_task, election_task)
         if election is not None:
             await election.release()  # the next leader need not wait the Lease out
+        if keda is not None:
+            await keda.stop(grace=1.0)  # KEDA's streams end; its operator reconnects
         server.stop()
         await http_task
         log.info("autoscaler stopped")

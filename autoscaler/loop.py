@@ -4,7 +4,9 @@ One ``Autoscaler`` drives one ``Scaler`` (Kubernetes Deployments, or local worke
 with one ``SignalReader``. A tick lists the scaler's targets, then handles every model
 concurrently: it reads the model's ``Sample``, calls the pure policy ``decide`` with the
 state that model's last decision left, exports the result, and asks the scaler for a new
-replica count only when the decision differs from the replicas asked for now.
+replica count only when the decision differs from the replicas asked for now. With
+``publish``, every decision's count, held or changed, is also handed to it (``--keda``: the
+answers KEDA's external scaler serves).
 
 Failure modes: a model whose signals, decision or scale call fails is logged and skipped
 for that tick (its policy state is kept), and the other models go on; a tick whose target
@@ -78,6 +80,7 @@ class Autoscaler:
         interval_s: float = 1.0,
         decide: DecideFn = policy.decide,
         clock: Callable[[], float] = time.monotonic,
+        publish: Callable[[str, int], None] | None = None,
     ) -> None:
         self.scaler = scaler
         self.signals = signals
@@ -85,6 +88,7 @@ class Autoscaler:
         self.interval_s = interval_s
         self.decide = decide
         self.clock = clock
+        self.publish = publish
         self._states: dict[str, PolicyState] = {}
 
     async def run(self) -> None:
@@ -121,6 +125,8 @@ class Autoscaler:
             state = self._states.get(model, PolicyState())
             decision = self.decide(sample, state, target.config, self.clock())
             self._states[model] = decision.state
+            if self.publish is not None:
+                self.publish(model, decision.replicas)
             kind = decision_kind(target.replicas, decision.replicas)
             self.metrics.observe(model, sample, decision, kind)
             changed = decision.replicas != target.replicas

@@ -17,6 +17,8 @@ exactly once shows ``lost == 0``.
   ``max_connections`` are open or opening; past that bound it is not sent and counts as
   missed. Latency is measured from when a request was due, so a server that falls behind
   cannot hide it behind a late generator (coordinated omission).
+- Trace (``trace_loop``): the open loop with the due times given, one per request (a
+  workload trace's arrivals), so the load can rise and fall as a real one does.
 
 Cost: one prebuilt ``bytes`` per request; a response is parsed only as far as its status
 line, Content-Length and Connection; answers are handled in the protocol callback, so the
@@ -33,12 +35,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import math
 import re
 import resource
 import time
 from collections import Counter
-from collections.abc import Coroutine, Sequence
+from collections.abc import Coroutine, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -93,6 +96,9 @@ class Tally:
     """Answers, or bytes, that came when no request was waiting: a second answer."""
     ok_latencies_s: list[float] = field(default_factory=list)
     """Of every 200, from when it was due to its last byte."""
+    ok_due_s: list[float] = field(default_factory=list)
+    """Of every 200, in the order of ``ok_latencies_s``: when it was due, seconds after the
+    run started (latency over time)."""
     ok_while_loaded: int = 0
     """200s answered before the load stopped: goodput is these over ``loaded_s``."""
     loaded_s: float = 0.0
@@ -151,6 +157,7 @@ class _Run:
         """Open loop: connections waiting for a request, most recently idle last."""
         self.closed_loop = False
         self.settled = asyncio.Event()
+        self.started = time.perf_counter()
 
     async def connect(self) -> _Connection | None:
         self.opening += 1
@@ -187,6 +194,7 @@ class _Run:
         self.tally.statuses[status] += 1
         if status == 200:
             self.tally.ok_latencies_s.append(now - due)
+            self.tally.ok_due_s.append(due - self.started)
             if self.loading:
                 self.tally.ok_while_loaded += 1
         if closing:
@@ -351,21 +359,53 @@ async def open_loop(
     set; then the requests in flight are waited for."""
     if not rate > 0:
         raise ValueError(f"an open loop needs a rate above 0, got {rate}")
+    due = (scheduled / rate for scheduled in itertools.count())
+    return await _paced(host, port, request, due, max_connections, stop, tally, drain_s)
+
+
+async def trace_loop(
+    host: str,
+    port: int,
+    request: Request,
+    due_s: Iterable[float],
+    max_connections: int,
+    *,
+    tally: Tally | None = None,
+    drain_s: float = DRAIN_S,
+) -> Tally:
+    """``request`` sent at each of ``due_s`` (seconds from the start, ascending), whatever
+    the answers; then the requests in flight are waited for."""
+    stop = asyncio.Event()  # never set: the trace ends the run
+    return await _paced(host, port, request, iter(due_s), max_connections, stop, tally, drain_s)
+
+
+async def _paced(
+    host: str,
+    port: int,
+    request: Request,
+    due_s: Iterator[float],
+    max_connections: int,
+    stop: asyncio.Event,
+    tally: Tally | None,
+    drain_s: float,
+) -> Tally:
+    """The open loop: each request of ``due_s`` goes out when due, until the times run out
+    or ``stop`` is set."""
     tally = tally if tally is not None else Tally()
     run = _Run(host, port, request, tally)
-    started = time.perf_counter()
-    scheduled = 0
+    started = run.started
 
     async def send_on_new(due: float) -> None:
         connection = await run.connect()
         if connection is not None:
             run.send(connection, due)
 
-    while not stop.is_set():
+    next_s = next(due_s, None)
+    while next_s is not None and not stop.is_set():
         now = time.perf_counter()
-        while started + scheduled / rate <= now:
-            due = started + scheduled / rate
-            scheduled += 1
+        while next_s is not None and started + next_s <= now:
+            due = started + next_s
+            next_s = next(due_s, None)
             connection = run.take_idle()
             if connection is not None:
                 run.send(connection, due)
@@ -373,8 +413,8 @@ async def open_loop(
                 run.spawn(send_on_new(due))
             else:
                 tally.missed += 1
-        next_due = started + scheduled / rate
-        await asyncio.sleep(min(STOP_POLL_S, max(0.0, next_due - time.perf_counter())))
+        if next_s is not None:
+            await asyncio.sleep(min(STOP_POLL_S, max(0.0, started + next_s - time.perf_counter())))
     tally.loaded_s = time.perf_counter() - started
     run.stop_loading()
     await run.finish(drain_s)

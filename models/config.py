@@ -116,6 +116,12 @@ class ModelConfig:
     default. Default 1."""
     device: Device = "cpu"
     """``cpu``, ``cuda``, or ``auto`` (CUDA when ONNX Runtime has it, else CPU); default cpu."""
+    min_batch_time_ms: float = 0.0
+    """A benchmark aid, off by default (0): every batch takes at least this long in wall
+    time (its instance sleeps for the rest, busy meanwhile), so a worker's capacity is bounded
+    by wall time, as an accelerator's batch time hardly depends on the batch, and not by this
+    machine's cores. It lets several local workers scale really on a small machine
+    (``bazaar replay``)."""
     inputs: tuple[TensorSpec, ...] = ()
     """Declared inputs, checked against the graph; a declared shape may fix a variable
     dimension. Default none: the graph's inputs as they are."""
@@ -133,6 +139,7 @@ class ModelConfig:
         data["intra_op_threads"] = self.intra_op_threads
         data["inter_op_threads"] = self.inter_op_threads
         data["device"] = self.device
+        data["min_batch_time_ms"] = self.min_batch_time_ms
         data["inputs"] = [spec.to_json() for spec in self.inputs]
         data["outputs"] = [spec.to_json() for spec in self.outputs]
         return data
@@ -181,6 +188,9 @@ def parse_config(data: Mapping[str, Any], where: str) -> ModelConfig:
             top.get("inter_op_threads", default.inter_op_threads), where, "inter_op_threads", 0
         ),
         device=_device(top.get("device", default.device), where),
+        min_batch_time_ms=_ms(
+            top.get("min_batch_time_ms", default.min_batch_time_ms), where, "min_batch_time_ms"
+        ),
         inputs=_tensor_specs(top.get("inputs", []), where, "inputs"),
         outputs=_tensor_specs(top.get("outputs", []), where, "outputs"),
     )

@@ -56,6 +56,8 @@ class ModelLimits:
             ("intra_op_threads", config.intra_op_threads, self.max_threads),
             ("inter_op_threads", config.inter_op_threads, self.max_threads),
             ("instances", config.instances, self.max_instances),
+            # A benchmark aid that slows every batch: for a repository's own config.yaml only.
+            ("min_batch_time_ms", config.min_batch_time_ms, 0),
         ]
         for key, value, limit in bounded:
             if value > limit:

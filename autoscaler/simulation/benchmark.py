@@ -18,6 +18,7 @@ from autoscaler.policy import PolicyState, Sample, ScaleConfig, decide
 from autoscaler.simulation import report
 from autoscaler.simulation.baselines import Hpa, Keda, Kpa, Oracle, Ray, StaticPeak, replicas_for
 from autoscaler.simulation.catalog import POLICIES
+from autoscaler.simulation.keda_external import KedaExternal
 from autoscaler.simulation.simulator import (
     MAX_BATCH_THROUGHPUT_RPS,
     Outcome,
@@ -54,14 +55,14 @@ _EMPTY = Sample(0.0, 0, 0, 0, None, None, None, None, None, None)
 def make_policy(name: str, trace: Trace, sim: SimConfig) -> ScalePolicy[Any]:
     """A policy by name, bounded as the trace asks (min 0 only where zero is the point)."""
     low, high = trace.min_replicas, sim.max_replicas
-    if name == "bazaar":
+    if name in ("bazaar", "bazaar-keda"):
         config = ScaleConfig(
             min_replicas=low,
             max_replicas=high,
             scale_to_zero_after_s=SCALE_TO_ZERO_AFTER_S if low == 0 else None,
             replica_throughput_rps=MAX_BATCH_THROUGHPUT_RPS,
         )
-        return Bazaar(config)
+        return Bazaar(config) if name == "bazaar" else KedaExternal(config)
     if name == "hpa":
         # HPA cannot hold zero replicas by itself: it keeps one.
         return Hpa(min_replicas=max(1, low), max_replicas=high)

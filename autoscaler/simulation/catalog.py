@@ -9,5 +9,6 @@ from __future__ import annotations
 TRACES = ("step", "diurnal", "bursty", "flash", "sparse")
 """Built-in traces, in the order the benchmark runs them."""
 
-POLICIES = ("bazaar", "hpa", "keda", "kpa", "ray", "static-peak", "oracle")
-"""bazaar's policy, the baselines and the two references, in the order of the table."""
+POLICIES = ("bazaar", "bazaar-keda", "hpa", "keda", "kpa", "ray", "static-peak", "oracle")
+"""bazaar's policy (on its own, and through KEDA's external scaler), the baselines and the two
+references, in the order of the table."""

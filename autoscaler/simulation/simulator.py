@@ -9,8 +9,11 @@ requests, bounded at ``queue_bound`` (arrivals beyond it are rejected) and dropp
 waited longer than ``queue_timeout_s``; at zero replicas requests simply wait there. A replica is
 ``pending`` (``pending_s``), then ``loading`` (``cold_start_s``, no metrics), then ``ready``: an
 idle ready replica takes ``b = min(queue, max_batch)`` requests and is busy ``20 ms + 5 ms x b``.
-A removed replica that is running a batch drains (finishes it, takes nothing new); pending and
-loading replicas are cancelled first, then idle ready ones, newest first.
+With ``batches_per_replica`` above 1 a replica also takes further full batches while it
+computes, as the gateway pipelines full batches up to ``max_batches_per_endpoint`` per pod: they
+wait at the replica, in flight, and run back to back; a batch that could still grow waits for an
+idle replica. A removed replica that holds batches drains (finishes them, takes nothing
+new); pending and loading replicas are cancelled first, then idle ready ones, newest first.
 
 Every second the simulator records what the gateway and the pods would export (queued and
 in-flight rows, admitted and completed counters, each ready replica's busy ratio over that second)
@@ -81,6 +84,9 @@ class SimConfig:
     """Scheduling time before loading starts."""
     max_batch: int = 16
     """Largest batch a replica takes."""
+    batches_per_replica: int = 1
+    """Batches a replica holds at once: one computing, the others full and waiting at it (the
+    gateway's ``max_batches_per_endpoint``, 2 by default; the benchmark keeps 1)."""
     batch_base_ms: int = 20
     """Fixed cost of a batch."""
     batch_row_ms: int = 5
@@ -162,13 +168,13 @@ _BATCH_DONE, _SCHEDULED, _LOADED, _ARRIVAL, _SECOND = range(5)
 class _Replica:
     """One replica's state and busy time, private to one run."""
 
-    __slots__ = ("batch", "born_ms", "busy_mark_ms", "busy_ms", "busy_until_ms", "state")
+    __slots__ = ("batches", "born_ms", "busy_mark_ms", "busy_ms", "busy_until_ms", "state")
 
     def __init__(self, state: int, born_ms: int) -> None:
         self.state = state
         self.born_ms = born_ms
-        self.batch = 0
-        """Rows of the batch it runs; 0 when idle."""
+        self.batches: list[int] = []
+        """Rows of each batch it holds, the computing one first; empty when idle."""
         self.busy_ms = 0
         """Milliseconds of every batch it started, including the one running."""
         self.busy_until_ms = 0
@@ -233,8 +239,9 @@ class _Simulation(Generic[StateT]):
 
     The queue is ``admitted_ms[queue_head:]``: requests before the head were dispatched or timed
     out, and ``finished_ms`` holds their fates in the same order. ``arrivals_ms[next_arrival:]``
-    have not reached the gateway yet. ``idle`` are the ready replicas without a batch, taken
-    last-in first-out; ``live`` are all replicas that cost something (pending to draining).
+    have not reached the gateway yet. ``idle`` holds each ready replica once per batch it can
+    still take, taken last-in first-out; ``live`` are all replicas that cost something
+    (pending to draining).
     """
 
     __slots__ = (
@@ -296,7 +303,7 @@ class _Simulation(Generic[StateT]):
     def run(self, initial: int) -> Run:
         """Start ``initial`` ready replicas, play every event up to the end, and report."""
         for _ in range(initial):
-            self.idle.append(self.add_replica(0, _READY))
+            self.idle.extend([self.add_replica(0, _READY)] * self.config.batches_per_replica)
         self.exports.replicas[0] = self.exports.ready[0] = len(self.live)
         # Second ends go first, so a batch ending on a second is seen after that second's record.
         for second in range(1, len(self.exports.queued)):
@@ -348,30 +355,50 @@ class _Simulation(Generic[StateT]):
         idle, admitted, config = self.idle, self.admitted_ms, self.config
         head = self.queue_head
         while idle and head < len(admitted):
-            replica = idle.pop()
             rows = min(len(admitted) - head, config.max_batch)
-            done_ms = t_ms + config.batch_base_ms + config.batch_row_ms * rows
+            replica = self.take_idle(full=rows == config.max_batch)
+            if replica is None:
+                break  # a batch that could grow waits for an idle replica
+            start_ms = max(t_ms, replica.busy_until_ms)  # after the batches it holds
+            done_ms = start_ms + config.batch_base_ms + config.batch_row_ms * rows
             self.finished_ms.extend([done_ms] * rows)
             head += rows
             self.inflight_rows += rows
-            replica.batch, replica.busy_until_ms = rows, done_ms
-            replica.busy_ms += done_ms - t_ms
+            replica.batches.append(rows)
+            replica.busy_until_ms = done_ms
+            replica.busy_ms += done_ms - start_ms
             self.push(done_ms, _BATCH_DONE, replica)
         self.queue_head = head
         # An idle replica takes the next arrival the moment it comes.
         if idle and self.next_arrival < len(self.arrivals_ms):
             next_ms = self.arrivals_ms[self.next_arrival]
-            if self.arrival_event_ms < t_ms or next_ms < self.arrival_event_ms:
+            if self.arrival_event_ms <= t_ms or next_ms < self.arrival_event_ms:
                 self.arrival_event_ms = next_ms
                 self.push(next_ms, _ARRIVAL, None)
 
+    def take_idle(self, full: bool) -> _Replica | None:
+        """A free batch slot of the replica that holds the fewest batches (the router sends to
+        the least outstanding work), the most recent among equals; a ``full`` batch only may
+        queue behind another (the gateway pipelines full batches alone)."""
+        idle = self.idle
+        if self.config.batches_per_replica == 1:
+            return idle.pop()  # every idle replica holds none: no need to look
+        best = len(idle) - 1
+        for i in range(len(idle) - 2, -1, -1):
+            if len(idle[i].batches) < len(idle[best].batches):
+                best = i
+        if idle[best].batches and not full:
+            return None
+        return idle.pop(best)
+
     def finish_batch(self, t_ms: int, replica: _Replica) -> None:
-        """Count the batch answered; a draining replica goes, any other serves the queue."""
-        self.inflight_rows -= replica.batch
-        self.completed_rows += replica.batch
-        replica.batch = 0
+        """Count the batch answered; a drained replica goes, any other serves the queue."""
+        rows = replica.batches.pop(0)
+        self.inflight_rows -= rows
+        self.completed_rows += rows
         if replica.state == _DRAINING:
-            self.remove_replica(t_ms, replica)
+            if not replica.batches:
+                self.remove_replica(t_ms, replica)
             return
         self.idle.append(replica)
         self.admit(t_ms)
@@ -386,7 +413,7 @@ class _Simulation(Generic[StateT]):
         if replica.state == _LOADING:  # else cancelled while loading
             replica.state = _READY
             replica.busy_mark_ms = t_ms
-            self.idle.append(replica)
+            self.idle.extend([replica] * self.config.batches_per_replica)
             self.admit(t_ms)
             self.dispatch(t_ms)
 
@@ -443,20 +470,20 @@ class _Simulation(Generic[StateT]):
         # newest first within each group.
         victims = sorted(asked_for, key=lambda r: (self.removal_rank(r), -r.born_ms))
         for replica in victims[: len(asked_for) - wanted]:
-            if replica.state == _READY and replica not in self.idle:
+            if replica in self.idle:
+                self.idle = [r for r in self.idle if r is not replica]
+            if replica.state == _READY and replica.batches:
                 replica.state = _DRAINING
                 continue
-            if replica in self.idle:
-                self.idle.remove(replica)
             self.remove_replica(t_ms, replica)
 
     def removal_rank(self, replica: _Replica) -> tuple[int, int]:
         """Removal order: not yet ready, then idle, then busy with the fewest rows in flight."""
         if replica.state != _READY:
             return (0, 0)
-        if replica in self.idle:
+        if not replica.batches:
             return (1, 0)
-        return (2, replica.batch)
+        return (2, sum(replica.batches))
 
     def add_replica(self, t_ms: int, state: int) -> _Replica:
         self.account(t_ms)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+import pytest
 
 from autoscaler.policy import Sample
 from autoscaler.simulation import report, traces
@@ -160,3 +161,70 @@ def test_the_command_parser_imports_no_numpy(tmp_path: Path) -> None:
         [sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, check=True
     )
     assert loaded.stdout.strip() == "[]"
+
+
+@dataclass
+class Seen:
+    """Holds one replica and records the (queued, in flight) rows of every sample."""
+
+    signals: list[tuple[float | None, float | None]]
+    name: str = "seen"
+    interval_s: int = 1
+
+    def initial_state(self) -> None:
+        return None
+
+    def decide(self, sample: Sample, state: None, now: float) -> Outcome[None]:
+        self.signals.append((sample.queued, sample.inflight))
+        return Outcome(1, None, "one")
+
+
+def test_a_replica_holding_two_batches_takes_a_full_one_while_it_computes() -> None:
+    """As the gateway pipelines full batches: with two slots a full batch leaves the queue at
+    once and waits, in flight, at the busy replica; a batch that could grow stays queued."""
+    seen = {}
+    for depth in (1, 2):
+        trace = traces.Trace("three", np.array([3.0, 0.0]), np.array([0, 10, 10], dtype=np.int64))
+        config = SimConfig(
+            batch_base_ms=1500, batch_row_ms=0, max_batch=2, batches_per_replica=depth
+        )
+        policy = Seen([])
+        run = simulate(trace, policy, config, initial=1)
+        assert run.finished_ms.tolist() == [1500, 3000, 3000]  # the replica is the bottleneck
+        seen[depth] = policy.signals[0]  # at 1 s
+    assert seen == {1: (2.0, 1.0), 2: (0.0, 3.0)}
+    # [10] alone could grow: it waits in the queue, then leaves with [20] as a full batch.
+    trace = traces.Trace("four", np.array([4.0, 0.0]), np.array([0, 10, 20, 20], dtype=np.int64))
+    config = SimConfig(batch_base_ms=100, batch_row_ms=0, max_batch=2, batches_per_replica=2)
+    assert simulate(trace, Fixed(1), config, initial=1).finished_ms.tolist() == [100, 200, 200, 300]
+
+
+def test_a_draining_replica_finishes_every_batch_it_holds() -> None:
+    trace = traces.Trace("four", np.array([4.0, 0.0, 0.0]), np.array([0, 1, 2, 3], dtype=np.int64))
+    config = SimConfig(batch_base_ms=800, batch_row_ms=0, max_batch=1, batches_per_replica=2)
+
+    @dataclass(frozen=True, slots=True)
+    class TwoThenOne:
+        name: str = "two-then-one"
+        interval_s: int = 1
+
+        def initial_state(self) -> None:
+            return None
+
+        def decide(self, sample: Sample, state: None, now: float) -> Outcome[None]:
+            return Outcome(1, None, "one")
+
+    run = simulate(trace, TwoThenOne(), config, initial=2)
+    # Two replicas take two one-row (full) batches each as the rows come (0, 1, 2, 3 ms), back
+    # to back; at 1 s one of them drains, and its second batch is answered all the same.
+    assert sorted(run.finished_ms.tolist()) == [800, 801, 1600, 1601]
+    # 2 replicas for 1 s, the drained one 0.6 s more, the other to the end (3 s).
+    assert run.replicas[1] == 1 and run.replica_seconds == pytest.approx(2 + 0.6 + 2, abs=0.002)
+
+
+def test_an_arrival_reaches_a_second_idle_replica_at_once() -> None:
+    """Regression: after an arrival went to one idle replica, the next waited for an unrelated
+    event (the first batch's end, or the second's tick) although another replica was idle."""
+    trace = traces.Trace("two", np.array([2.0]), np.array([0, 10], dtype=np.int64))
+    run = simulate(trace, Fixed(2), SimConfig(), initial=2)
+    assert run.finished_ms.tolist() == [25, 35]

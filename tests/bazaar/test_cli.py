@@ -23,6 +23,8 @@ from protocol.limits import EdgeLimits
         (["gateway"], ["--endpoints", "--kubernetes-namespace", "--max-queue-time"]),
         (["autoscaler"], ["--namespace", "--gateway", "--prometheus"]),
         (["simulate"], ["--trace", "--policy", "--cold-start-s"]),
+        (["replay"], ["--trace", "--duration-s", "--peak-rps", "--min-batch-time-ms"]),
+        (["autoscaler"], ["--keda", "--keda-port"]),
         (["loadtest"], ["--host", "--scenario", "--slo-p99-ms"]),
         (["bench"], ["--quick", "--duration", "--models", "--scenarios"]),
         (["models", "build-demo"], ["DIR"]),

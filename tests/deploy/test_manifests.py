@@ -50,6 +50,7 @@ COMPONENTS = [
     "models-fetch",
     "api-keys",
     "model-control",
+    "keda",
 ]
 # What `kubectl apply -k` takes: a directory, or the cpu overlay with one component.
 STACKS = ["base", "overlays/cpu", "overlays/gpu"] + [f"overlays/cpu+{c}" for c in COMPONENTS]
@@ -66,14 +67,15 @@ KUSTOMIZE_SUBSET = {
 }
 CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding"}
 MONITORING_KINDS = {"PodMonitor", "ServiceMonitor"}
-OPERATOR_KINDS = {*MONITORING_KINDS, "PrometheusRule"}
-"""The Prometheus operator's CRDs (the PrometheusRule: tests/deploy/test_rules.py)."""
+OPERATOR_KINDS = {*MONITORING_KINDS, "PrometheusRule", "ScaledObject"}
+"""The Prometheus operator's CRDs (the PrometheusRule: tests/deploy/test_rules.py) and KEDA's."""
 MODEL_LABEL = "bazaar.dev/model"
 NAMESPACE = "bazaar"
 IMAGE = "ghcr.io/bazaar-dev/bazaar"
 VERSION = "0.1.0"
 COMPONENT_LABELS = {"gateway", "model-server", "autoscaler", "loadtest", "monitoring"}
 MONITORING_NAMESPACE = {"kubernetes.io/metadata.name": "monitoring"}
+KEDA_NAMESPACE = {"kubernetes.io/metadata.name": "keda"}
 # Pod Security Standards, restricted: the volume types it admits (image: Kubernetes 1.33+).
 RESTRICTED_VOLUMES = {
     "configMap",
@@ -344,7 +346,7 @@ def test_our_render_is_what_kustomize_renders(name: str, tmp_path: Path) -> None
 def test_resources_are_valid_kubernetes_objects(rendered: list[Resource]) -> None:
     for resource in rendered:
         if resource["kind"] in OPERATOR_KINDS:
-            continue  # a CRD: no schema here; checked by test_monitors_* and test_rules.py
+            continue  # a CRD, no schema here: test_monitors_*, test_rules.py, test_keda_*
         try:
             kubernetes_validate.validate(resource, K8S_VERSION, strict=True)
         except SchemaNotFoundError:
@@ -743,9 +745,10 @@ def test_the_gateway_is_open_to_clients_and_the_autoscaler_to_monitoring(
     gateway = find(stack, "Deployment", "bazaar-gateway")
     assert ingress_peers(stack, gateway) == {"http": ["*"], "grpc": ["*"]}
     autoscaler = find(stack, "Deployment", "bazaar-autoscaler")
-    assert ingress_peers(stack, autoscaler) == {
-        "metrics": [{"namespaceSelector": {"matchLabels": MONITORING_NAMESPACE}}]
-    }
+    peers = {"metrics": [{"namespaceSelector": {"matchLabels": MONITORING_NAMESPACE}}]}
+    if of_kind(stack, "ScaledObject"):  # components/keda: KEDA's operator calls the scaler
+        peers["keda"] = [{"namespaceSelector": {"matchLabels": KEDA_NAMESPACE}}]
+    assert ingress_peers(stack, autoscaler) == peers
 
 
 # RBAC
@@ -981,6 +984,47 @@ def test_monitors_scrape_the_metrics_ports() -> None:
             assert port_number(deployment, endpoint["port"]) == int(
                 annotations["prometheus.io/port"]
             )
+
+
+# KEDA
+
+
+def test_keda_scales_each_model_on_the_autoscalers_answers() -> None:
+    """components/keda: the autoscaler answers KEDA's external scaler and patches nothing; each
+    ScaledObject names a model Deployment, that model, the scaler's Service port, bounds equal
+    to the model's annotations, and an HPA behaviour that adds no window of its own."""
+    resources = render("overlays/cpu+keda")
+    autoscaler = find(resources, "Deployment", "bazaar-autoscaler")
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers())
+    args = parser.parse_args(only_container(autoscaler)["args"])
+    assert args.keda and port_number(autoscaler, "keda") == args.keda_port
+    scaled = of_kind(resources, "ScaledObject")
+    assert {s["spec"]["scaleTargetRef"]["name"] for s in scaled} == {
+        d["metadata"]["name"] for d in models(resources)
+    }
+    for scaled_object in scaled:
+        assert scaled_object["apiVersion"] == "keda.sh/v1alpha1"
+        spec = scaled_object["spec"]
+        deployment = find(resources, "Deployment", spec["scaleTargetRef"]["name"])
+        config = scale_config(deployment["metadata"]["annotations"], "test")
+        assert (spec["minReplicaCount"], spec["maxReplicaCount"]) == (
+            config.min_replicas,
+            config.max_replicas,
+        )
+        [trigger] = spec["triggers"]
+        assert trigger["type"] == "external-push"
+        assert trigger["metadata"]["model"] == deployment["metadata"]["labels"][MODEL_LABEL]
+        host, _, port = trigger["metadata"]["scalerAddress"].partition(":")
+        name, namespace, _ = host.split(".", 2)
+        assert namespace == NAMESPACE
+        service = service_port(resources, f"http://{name}:{port}")
+        [service_port_spec] = [p for p in service["spec"]["ports"] if p["port"] == int(port)]
+        assert service_port_spec["targetPort"] == "keda"
+        assert selected(resources, service["spec"]["selector"]) == [autoscaler]
+        behavior = spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]
+        for direction in ("scaleUp", "scaleDown"):
+            assert behavior[direction]["stabilizationWindowSeconds"] == 0
 
 
 # The load test

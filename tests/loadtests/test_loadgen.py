@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 
 from loadtests.hostile import BodyShape, body_shapes
-from loadtests.loadgen import Request, closed_loop, open_loop, stop_after
+from loadtests.loadgen import Request, closed_loop, open_loop, stop_after, trace_loop
 
 REQUEST = Request("/v2/models/m/infer", b'{"inputs": []}', (("Content-Type", "application/json"),))
 
@@ -103,6 +103,24 @@ async def test_an_open_loop_keeps_its_rate_and_counts_what_it_could_not_send() -
     assert tally.sent == 5 and tally.statuses == Counter({200: 5})
     assert 45 <= tally.sent + tally.missed <= 52  # 100/s for 0.5 s, give or take a tick
     assert min(tally.ok_latencies_s) >= 1.0  # counted from when each fell due
+
+
+async def test_a_trace_loop_sends_each_request_when_it_falls_due() -> None:
+    due = [0.0, 0.05, 0.3, 0.3, 0.6]
+    async with cued_server(lambda n: "200", delay_s=0.1) as port:
+        tally = await trace_loop("127.0.0.1", port, REQUEST, due, 10)
+    assert tally.sent == 5 and tally.statuses == Counter({200: 5}) and tally.missed == 0
+    # Each answer is placed at its due time, and timed from it (the server takes 0.1 s).
+    assert sorted(tally.ok_due_s) == pytest.approx(due, abs=0.02)
+    assert min(tally.ok_latencies_s) >= 0.1
+    assert 0.6 <= tally.loaded_s < 0.7  # the trace's last request ends the load
+
+
+async def test_a_trace_loop_counts_what_it_could_not_send() -> None:
+    async with cued_server(lambda n: "200", delay_s=0.3) as port:
+        tally = await trace_loop("127.0.0.1", port, REQUEST, [0.0, 0.01, 0.02, 0.5], 1)
+    # One connection, busy for 0.3 s: the two due meanwhile are missed, the last one goes.
+    assert (tally.sent, tally.missed, tally.statuses[200]) == (2, 2, 2)
 
 
 @pytest.mark.parametrize("shape", body_shapes(4, size=4096 * 3), ids=lambda shape: shape.name)

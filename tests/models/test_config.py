@@ -87,6 +87,8 @@ BAD_CONFIGS = [
     ("intra_op_threads: -1", "intra_op_threads", "-1"),
     ("inter_op_threads: 1.5", "inter_op_threads", "1.5"),
     ("device: gpu", "device", "'gpu'"),
+    ("min_batch_time_ms: -1", "min_batch_time_ms", "-1"),
+    ("min_batch_time_ms: .inf", "min_batch_time_ms", "inf"),
     ("device: [cpu]", "device", "['cpu']"),
     ("inputs: {name: x}", "inputs", "{'name': 'x'}"),
     ("inputs: [x]", "inputs[0]", "'x'"),
@@ -205,6 +207,7 @@ FULL_CONFIG = ModelConfig(
     intra_op_threads=0,
     inter_op_threads=4,
     device="auto",
+    min_batch_time_ms=2.5,
     inputs=(TensorSpec("input", "FP32", (-1, 64)),),
     outputs=(TensorSpec("label", "INT64", (-1,)), TensorSpec("probabilities", "FP32", (-1, 10))),
 )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -167,4 +168,26 @@ async def test_a_caller_that_leaves_frees_its_instance_only_when_the_run_ends(
         assert outputs["not_flags"].tolist() == [[False, True]]
     finally:
         release.set()
+        runtime.close()
+
+
+async def test_a_minimum_batch_time_holds_the_instance_busy_that_long(tmp_path: Path) -> None:
+    """The benchmark's accelerator: a batch that computes in microseconds takes 80 ms of wall
+    time, busy, and two batches on one instance take twice that."""
+    path = tmp_path / "model.onnx"
+    _mixed_types_model(path)
+    runtime = ModelRuntime("mixed", 1, path, ModelConfig(instances=1, min_batch_time_ms=80))
+    inputs = {
+        "flags": np.array([[True, False]]),
+        "counts": np.array([[1, 2, 3]], dtype=np.int32),
+        "names": np.array([b"x"], dtype=object),
+    }
+    try:
+        started = time.perf_counter()  # wall time: the loop's clock may be looptime's
+        runs = [runtime.infer(inputs, ["not_flags"]) for _ in range(2)]
+        results = await asyncio.gather(*runs)
+        assert time.perf_counter() - started >= 0.16
+        assert all(compute_s >= 0.08 for _, compute_s in results)
+        assert runtime.busy.busy_seconds() >= 0.16
+    finally:
         runtime.close()

@@ -99,6 +99,10 @@ def test_limits_name_the_key_the_value_and_the_limit() -> None:
         (ModelConfig(intra_op_threads=5), "w: intra_op_threads: 5 is over this pod's limit of 4"),
         (ModelConfig(inter_op_threads=5), "w: inter_op_threads: 5 is over this pod's limit of 4"),
         (ModelConfig(instances=3), "w: instances: 3 is over this pod's limit of 2"),
+        (
+            ModelConfig(min_batch_time_ms=100.0),
+            "w: min_batch_time_ms: 100.0 is over this pod's limit of 0",
+        ),
     ]
     for config, message in cases:
         with pytest.raises(ConfigError) as refused:
