@@ -40,7 +40,7 @@ bench: $(INSTALLED)
 loadtest: $(INSTALLED)
 	$(BIN)/bazaar loadtest --host http://$(HOST):$(PORT) --scenario steady --duration 30s
 
-# The autoscaling benchmark: bazaar's policy against HPA, KEDA and Knative on five traces.
+# The autoscaling benchmark: bazaar's policy against HPA, KEDA and Knative on nine traces.
 simulate: $(INSTALLED)
 	$(BIN)/bazaar simulate
 

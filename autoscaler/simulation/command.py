@@ -16,19 +16,38 @@ from typing import Any
 from autoscaler.simulation.catalog import POLICIES, TRACES
 from protocol.support import missing_extra
 
+TRACE_FILES = """\
+trace files (CSV):
+  Lines starting with # before the header are settings; the one setting is
+  "# min_replicas: N", the floor every policy gets (default 1; 0 allows scaling to zero).
+  The header says what the rows are:
+    timestamp_s          one arrival per row, in seconds, replayed as is from the first
+    rate_per_s           one row per second, Poisson arrivals drawn at that rate
+    time_s,rate_per_s    a rate from that time (seconds) until the next row's time; the
+                         last row lasts as long as the one before it
+  Example:
+    # min_replicas: 0
+    time_s,rate_per_s
+    0,120
+    60,0
+    600,300
+"""
+
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``simulate`` on the CLI's subparsers; the command runs ``run(args)``."""
     parser: argparse.ArgumentParser = subparsers.add_parser(
         "simulate",
         help="benchmark autoscaling policies on simulated traces (docs/autoscaling.md)",
+        epilog=TRACE_FILES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
         "--trace",
         action="append",
         dest="traces",
         metavar="NAME|PATH",
-        help=f"{', '.join(TRACES)} or a CSV file (repeatable; default: all built-ins)",
+        help=f"{', '.join(TRACES)} or a CSV file, below (repeatable; default: all built-ins)",
     )
     parser.add_argument(
         "--policy",
