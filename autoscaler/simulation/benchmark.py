@@ -51,7 +51,7 @@ class Bazaar:
 _EMPTY = Sample(0.0, 0, 0, 0, None, None, None, None, None, None)
 
 
-def make_policy(name: str, trace: Trace, sim: SimConfig) -> ScalePolicy[Any]:
+def make_policy(name: str, trace: Trace, sim: SimConfig, slo_ms: int) -> ScalePolicy[Any]:
     """A policy by name, bounded as the trace asks (min 0 only where zero is the point)."""
     low, high = trace.min_replicas, sim.max_replicas
     if name == "bazaar":
@@ -60,6 +60,7 @@ def make_policy(name: str, trace: Trace, sim: SimConfig) -> ScalePolicy[Any]:
             max_replicas=high,
             scale_to_zero_after_s=SCALE_TO_ZERO_AFTER_S if low == 0 else None,
             replica_throughput_rps=MAX_BATCH_THROUGHPUT_RPS,
+            latency_slo_s=slo_ms / 1000,
         )
         return Bazaar(config)
     if name == "hpa":
@@ -106,7 +107,7 @@ def write(
 
 
 def _run_one(trace: Trace, policy: str, sim: SimConfig, slo_ms: int) -> dict[str, Any]:
-    chosen = make_policy(policy, trace, sim)
+    chosen = make_policy(policy, trace, sim, slo_ms)
     # The references start as they mean to go on; the autoscalers start at the common count,
     # HPA at its floor of one (it cannot leave zero).
     initial = initial_replicas(trace)

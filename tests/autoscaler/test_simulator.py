@@ -121,7 +121,7 @@ def test_requests_wait_at_zero_and_scale_from_zero() -> None:
     rates = np.concatenate([np.zeros(10), np.full(5, 20.0), np.zeros(80)])
     trace = traces.from_rates("sparse", rates, 1, min_replicas=0)
     config = SimConfig(cold_start_s=10)
-    run = simulate(trace, make_policy("bazaar", trace, config), config, initial=0)
+    run = simulate(trace, make_policy("bazaar", trace, config, 500), config, initial=0)
     assert run.actions[0].before == 0 and run.actions[0].after >= 1
     assert run.actions[0].reason.startswith("scale from zero")
     assert run.actions[-1].after == 0
@@ -131,7 +131,7 @@ def test_requests_wait_at_zero_and_scale_from_zero() -> None:
 def test_bazaar_adapter_runs_the_policy() -> None:
     trace = tiny_step()
     config = SimConfig(cold_start_s=10)
-    policy = make_policy("bazaar", trace, config)
+    policy = make_policy("bazaar", trace, config, 500)
     assert isinstance(policy, Bazaar)
     run = simulate(trace, policy, config)
     summary = report.summarize(run, trace, 500)

@@ -31,7 +31,7 @@ def test_a_file_says_its_floor(tmp_path: Path) -> None:
 
 def test_a_floor_of_zero_lets_the_policies_go_to_zero(tmp_path: Path) -> None:
     trace = traces.load(write(tmp_path, "# min_replicas: 0\nrate_per_s\n5\n"), 1)
-    policy = make_policy("bazaar", trace, SimConfig())
+    policy = make_policy("bazaar", trace, SimConfig(), 500)
     assert policy.config.min_replicas == 0  # type: ignore[attr-defined]
     assert policy.config.scale_to_zero_after_s is not None  # type: ignore[attr-defined]
 
