@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     if problem := missing_extra("bazaar simulate", "tools", ("matplotlib",)):
         print(problem, file=sys.stderr)  # before minutes of simulation, not after
         return 2
-    from autoscaler.simulation import benchmark, report
+    from autoscaler.simulation import benchmark, goal, report
     from autoscaler.simulation.simulator import SimConfig
     from autoscaler.simulation.traces import TraceError, load
 
@@ -98,6 +98,12 @@ def run(args: argparse.Namespace) -> int:
     out: Path = args.out
     benchmark.write(out, settings, traces, results, args.slo_ms)
     print(report.table(results))
+    lead_s = sim.pending_s + sim.cold_start_s + 1
+    verdicts = [goal.judge(trace, results, lead_s, args.slo_ms) for trace in traces]
+    judged = [v for v in verdicts if v is not None]
+    if judged:
+        print(f"\nGoal (docs/autoscaling.md): {sum(v.met for v in judged)} of {len(judged)} met\n")
+        print(goal.table(judged))
     print(f"\nwrote {out / 'results.json'} and one PNG per trace in {out}")
     return 0
 
