@@ -87,7 +87,6 @@ def run(args: argparse.Namespace) -> int:
     if args.duration_s is not None:
         traces = [trace.truncated(args.duration_s) for trace in traces]
     policies = args.policies or list(POLICIES)
-    results = benchmark.run_all(traces, policies, sim, args.slo_ms, args.jobs)
     settings = {
         "seed": args.seed,
         "cold_start_s": sim.cold_start_s,
@@ -96,7 +95,9 @@ def run(args: argparse.Namespace) -> int:
         "slo_ms": args.slo_ms,
     }
     out: Path = args.out
-    benchmark.write(out, settings, traces, results, args.slo_ms)
+    results = benchmark.run_and_write(
+        out, settings, traces, policies, sim, args.slo_ms, args.jobs, sys.stderr
+    )
     print(report.table(results))
     lead_s = sim.pending_s + sim.cold_start_s + 1
     verdicts = [goal.judge(trace, results, lead_s, args.slo_ms) for trace in traces]

@@ -72,6 +72,8 @@ def judge(trace: Trace, runs: list[dict[str, Any]], lead_s: int, slo_ms: int) ->
     if not {"bazaar", "oracle", *BASELINES} <= by_policy.keys():
         return None
     ours, oracle = by_policy["bazaar"], by_policy["oracle"]
+    if ours["slo_attainment"] is None:
+        return None  # no requests: nothing to judge
     baselines = [by_policy[name] for name in BASELINES]
     best = max(baselines, key=lambda r: (r["slo_attainment"], -r["replica_seconds"]))
     reachable = foresight_free_attainment(trace, lead_s, slo_ms / 1000)
