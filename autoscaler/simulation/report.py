@@ -107,11 +107,12 @@ def series(run: Run, slo_ms: int) -> dict[str, list[float | None]]:
     """Per-second load and replicas, p99 per ``BIN_S`` by arrival (drops shown as 30 s).
 
     Only whole windows get a p99, and a window without arrivals gets None (a gap in the plot):
-    an empty or partial window drawn as 0 ms would read as the best latency of the run.
+    an empty or partial window drawn as 0 ms would read as the best latency of the run. Load
+    is per second of the trace, without the empty second after its end (drawn as a drop to 0).
     """
     arrivals, latencies = _outcomes(run, slo_ms)
-    seconds = run.duration_s + 1
-    load = np.bincount(np.minimum(arrivals // 1000, seconds - 1), minlength=seconds)
+    # Arrivals per second of the trace; the replica series also have the instant it ends.
+    load = np.bincount(arrivals // 1000, minlength=run.duration_s)[: run.duration_s]
     windows = run.duration_s // BIN_S
     bins = arrivals // (BIN_S * 1000)
     inside = bins < windows
@@ -198,9 +199,9 @@ def figure(trace: Trace, runs: list[dict[str, Any]], slo_ms: int) -> Figure:
     )
     for col, r in enumerate(runs):
         s = r["series"]
-        t = np.arange(len(s["load_rps"]))
-        axes[0][col].plot(t, s["load_rps"], lw=0.5, color="tab:gray")
+        axes[0][col].plot(np.arange(len(s["load_rps"])), s["load_rps"], lw=0.5, color="tab:gray")
         axes[0][col].set_title(r["policy"])
+        t = np.arange(len(s["replicas"]))
         axes[1][col].step(t, s["replicas"], where="post", lw=0.8, label="asked")
         axes[1][col].step(t, s["ready"], where="post", lw=0.8, label="ready")
         # Each window's p99 at its middle; None (no arrivals) is a gap, not 0 ms.

@@ -225,7 +225,9 @@ def test_p99_is_drawn_for_whole_windows_with_arrivals_only() -> None:
     # 25 s: two whole 10 s windows and a partial one; arrivals in the first window only.
     trace = traces.from_rates("edge", np.concatenate([np.full(10, 50.0), np.zeros(15)]), 1)
     run = simulate(trace, Fixed(1), SimConfig(), initial=1)
-    p99 = report.series(run, 500)["p99_ms"]
+    series = report.series(run, 500)
+    p99 = series["p99_ms"]
+    assert len(series["load_rps"]) == 25  # no empty second after the end, drawn as a drop
     assert len(p99) == 2
     assert p99[0] is not None and p99[0] > 20  # a real latency, at least one batch
     assert p99[1] is None  # no arrivals: a gap, not 0 ms (drawn as 1 ms on the log axis)
