@@ -45,9 +45,13 @@ bench-models: $(INSTALLED)
 loadtest: $(INSTALLED)
 	$(BIN)/bazaar loadtest --host http://$(HOST):$(PORT) --scenario steady --duration 30s
 
-# The autoscaling benchmark: bazaar's policy against HPA, KEDA and Knative on five traces.
+# The autoscaling benchmark: bazaar's policy against HPA, KEDA, Knative and Ray on nine traces,
+# with the goal table (docs/autoscaling.md); again through Prometheus with a 15 s lag, and with
+# a 60 s cold start.
 simulate: $(INSTALLED)
-	$(BIN)/bazaar simulate
+	$(BIN)/bazaar simulate --out results/simulate/direct
+	$(BIN)/bazaar simulate --metrics prometheus --lag-s 15 --out results/simulate/prometheus-lag-15
+	$(BIN)/bazaar simulate --cold-start-s 60 --out results/simulate/cold-start-60
 
 check: $(INSTALLED)
 	$(BIN)/ruff format --check .

@@ -3,16 +3,17 @@
 Each trace is generated once per seed and every policy replays the same arrivals. bazaar's
 policy runs through :class:`Bazaar`, a three-line adapter over the very ``decide`` the control
 loop calls. Runs are independent, so :func:`run_all` spreads them over processes; the results do
-not depend on that. :func:`write` puts ``results.json`` (every number of the table) and one PNG
-per trace in a directory.
+not depend on that. :func:`run_and_write` says as each run finishes, and puts ``results.json``
+(every number of the table) and a trace's PNG in a directory as soon as that trace is done.
 """
 
 from __future__ import annotations
 
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from autoscaler.policy import PolicyState, Sample, ScaleConfig, decide
 from autoscaler.simulation import report
@@ -52,7 +53,7 @@ class Bazaar:
 _EMPTY = Sample(0.0, 0, 0, 0, None, None, None, None, None, None)
 
 
-def make_policy(name: str, trace: Trace, sim: SimConfig) -> ScalePolicy[Any]:
+def make_policy(name: str, trace: Trace, sim: SimConfig, slo_ms: int) -> ScalePolicy[Any]:
     """A policy by name, bounded as the trace asks (min 0 only where zero is the point)."""
     low, high = trace.min_replicas, sim.max_replicas
     if name in ("bazaar", "bazaar-keda"):
@@ -61,6 +62,7 @@ def make_policy(name: str, trace: Trace, sim: SimConfig) -> ScalePolicy[Any]:
             max_replicas=high,
             scale_to_zero_after_s=SCALE_TO_ZERO_AFTER_S if low == 0 else None,
             replica_throughput_rps=MAX_BATCH_THROUGHPUT_RPS,
+            latency_slo_s=slo_ms / 1000,
         )
         return Bazaar(config) if name == "bazaar" else KedaExternal(config)
     if name == "hpa":
@@ -81,33 +83,56 @@ def make_policy(name: str, trace: Trace, sim: SimConfig) -> ScalePolicy[Any]:
 
 def run_all(
     traces: list[Trace], policies: list[str], sim: SimConfig, slo_ms: int, jobs: int
-) -> list[dict[str, Any]]:
-    """The summary and series of every trace x policy, in that order, on ``jobs`` processes."""
+) -> Iterator[dict[str, Any]]:
+    """The summary and series of every trace x policy as each finishes, on ``jobs`` processes
+    (in trace x policy order on one)."""
     pairs = [(trace, policy) for trace in traces for policy in policies]
     if jobs <= 1:
-        return [_run_one(trace, policy, sim, slo_ms) for trace, policy in pairs]
-    with ProcessPoolExecutor(max_workers=jobs) as pool:
+        for trace, policy in pairs:
+            yield _run_one(trace, policy, sim, slo_ms)
+        return
+    pool = ProcessPoolExecutor(max_workers=jobs)
+    try:
         futures = [pool.submit(_run_one, trace, policy, sim, slo_ms) for trace, policy in pairs]
-        return [future.result() for future in futures]
+        for future in as_completed(futures):
+            yield future.result()
+    finally:
+        # Interrupted: runs not started are dropped, not run to the end behind the user's back.
+        pool.shutdown(cancel_futures=True)
 
 
-def write(
+def run_and_write(
     out: Path,
     settings: dict[str, Any],
     traces: list[Trace],
-    results: list[dict[str, Any]],
+    policies: list[str],
+    sim: SimConfig,
     slo_ms: int,
-) -> None:
-    """``results.json`` and one plot per trace in ``out`` (created if missing)."""
+    jobs: int,
+    progress: TextIO,
+) -> list[dict[str, Any]]:
+    """Every trace x policy, in that order, written to ``out`` as it goes.
+
+    A line on ``progress`` as each run finishes; when a trace's last policy finishes, its plot and
+    ``results.json`` (every run finished so far) are written, so an interrupt keeps what was done.
+    """
     out.mkdir(parents=True, exist_ok=True)
-    report.write_json(out / "results.json", settings, results)
-    for trace in traces:
-        rows = [r for r in results if r["trace"] == trace.name]
-        report.plot(out / f"{trace.name}.png", trace, rows, slo_ms)
+    order = {(t.name, p): i for i, (t, p) in enumerate((t, p) for t in traces for p in policies)}
+    done: dict[tuple[str, str], dict[str, Any]] = {}
+    for result in run_all(traces, policies, sim, slo_ms, jobs):
+        done[(result["trace"], result["policy"])] = result
+        print(f"[{len(done)}/{len(order)}] {report.progress(result)}", file=progress, flush=True)
+        trace = next(t for t in traces if t.name == result["trace"])
+        rows = [done[(trace.name, p)] for p in policies if (trace.name, p) in done]
+        if len(rows) == len(policies):
+            report.plot(out / f"{trace.name}.png", trace, rows, slo_ms)
+            finished = sorted(done.values(), key=lambda r: order[(r["trace"], r["policy"])])
+            report.write_json(out / "results.json", settings, finished)
+    return sorted(done.values(), key=lambda r: order[(r["trace"], r["policy"])])
 
 
 def _run_one(trace: Trace, policy: str, sim: SimConfig, slo_ms: int) -> dict[str, Any]:
-    chosen = make_policy(policy, trace, sim)
+    chosen = make_policy(policy, trace, sim, slo_ms)
     # The references start as they mean to go on; the autoscalers start at the common count,
     # HPA at its floor of one (it cannot leave zero).
     initial = initial_replicas(trace)

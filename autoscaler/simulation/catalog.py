@@ -6,7 +6,17 @@ importing numpy; :mod:`.traces` and :mod:`.benchmark` hold what each name means.
 
 from __future__ import annotations
 
-TRACES = ("step", "diurnal", "bursty", "flash", "sparse")
+TRACES = (
+    "step",
+    "diurnal",
+    "bursty",
+    "flash",
+    "sparse",
+    "heavy-tail",
+    "ramp",
+    "drop",
+    "weekly",
+)
 """Built-in traces, in the order the benchmark runs them."""
 
 POLICIES = ("bazaar", "bazaar-keda", "hpa", "keda", "kpa", "ray", "static-peak", "oracle")

@@ -16,19 +16,38 @@ from typing import Any
 from autoscaler.simulation.catalog import POLICIES, TRACES
 from protocol.support import missing_extra
 
+TRACE_FILES = """\
+trace files (CSV):
+  Lines starting with # before the header are settings; the one setting is
+  "# min_replicas: N", the floor every policy gets (default 1; 0 allows scaling to zero).
+  The header says what the rows are:
+    timestamp_s          one arrival per row, in seconds, replayed as is from the first
+    rate_per_s           one row per second, Poisson arrivals drawn at that rate
+    time_s,rate_per_s    a rate from that time (seconds) until the next row's time; the
+                         last row lasts as long as the one before it
+  Example:
+    # min_replicas: 0
+    time_s,rate_per_s
+    0,120
+    60,0
+    600,300
+"""
+
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``simulate`` on the CLI's subparsers; the command runs ``run(args)``."""
     parser: argparse.ArgumentParser = subparsers.add_parser(
         "simulate",
         help="benchmark autoscaling policies on simulated traces (docs/autoscaling.md)",
+        epilog=TRACE_FILES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
         "--trace",
         action="append",
         dest="traces",
         metavar="NAME|PATH",
-        help=f"{', '.join(TRACES)} or a CSV file (repeatable; default: all built-ins)",
+        help=f"{', '.join(TRACES)} or a CSV file, below (repeatable; default: all built-ins)",
     )
     parser.add_argument(
         "--policy",
@@ -55,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     if problem := missing_extra("bazaar simulate", "tools", ("matplotlib",)):
         print(problem, file=sys.stderr)  # before minutes of simulation, not after
         return 2
-    from autoscaler.simulation import benchmark, report
+    from autoscaler.simulation import benchmark, goal, report
     from autoscaler.simulation.simulator import SimConfig
     from autoscaler.simulation.traces import TraceError, load
 
@@ -68,7 +87,6 @@ def run(args: argparse.Namespace) -> int:
     if args.duration_s is not None:
         traces = [trace.truncated(args.duration_s) for trace in traces]
     policies = args.policies or list(POLICIES)
-    results = benchmark.run_all(traces, policies, sim, args.slo_ms, args.jobs)
     settings = {
         "seed": args.seed,
         "cold_start_s": sim.cold_start_s,
@@ -77,8 +95,16 @@ def run(args: argparse.Namespace) -> int:
         "slo_ms": args.slo_ms,
     }
     out: Path = args.out
-    benchmark.write(out, settings, traces, results, args.slo_ms)
+    results = benchmark.run_and_write(
+        out, settings, traces, policies, sim, args.slo_ms, args.jobs, sys.stderr
+    )
     print(report.table(results))
+    lead_s = sim.pending_s + sim.cold_start_s + 1
+    verdicts = [goal.judge(trace, results, lead_s, args.slo_ms) for trace in traces]
+    judged = [v for v in verdicts if v is not None]
+    if judged:
+        print(f"\nGoal (docs/autoscaling.md): {sum(v.met for v in judged)} of {len(judged)} met\n")
+        print(goal.table(judged))
     print(f"\nwrote {out / 'results.json'} and one PNG per trace in {out}")
     return 0
 

@@ -12,13 +12,16 @@ from __future__ import annotations
 import itertools
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
 
 from autoscaler.simulation.simulator import MAX_BATCH_THROUGHPUT_RPS, Run
 from autoscaler.simulation.traces import Trace
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 BIN_S = 10
 """Latency series resolution, seconds."""
@@ -50,7 +53,8 @@ def summarize(run: Run, trace: Trace, slo_ms: int) -> dict[str, Any]:
         "requests": total,
         "p50_ms": _percentile(completed, 50),
         "p99_ms": _percentile(completed, 99),
-        "slo_attainment": round(float(np.sum(latencies <= slo_ms)) / total, 6) if total else 1.0,
+        # No requests, no attainment: "100 %" of nothing would read as a result.
+        "slo_attainment": round(float(np.sum(latencies <= slo_ms)) / total, 6) if total else None,
         "dropped_queue_full": len(run.rejected_ms),
         "dropped_timeout": int(np.sum(run.finished_ms < 0)),
         "replica_seconds": round(run.replica_seconds, 1),
@@ -99,22 +103,40 @@ def _step_response(
     }
 
 
-def series(run: Run, slo_ms: int) -> dict[str, list[float]]:
-    """Per-second load and replicas, p99 per ``BIN_S`` by arrival (drops shown as 30 s)."""
+def series(run: Run, slo_ms: int) -> dict[str, list[float | None]]:
+    """Per-second load and replicas, p99 per ``BIN_S`` by arrival (drops shown as 30 s).
+
+    Only whole windows get a p99, and a window without arrivals gets None (a gap in the plot):
+    an empty or partial window drawn as 0 ms would read as the best latency of the run. Load
+    is per second of the trace, without the empty second after its end (drawn as a drop to 0).
+    """
     arrivals, latencies = _outcomes(run, slo_ms)
-    seconds = run.duration_s + 1
-    load = np.bincount(np.minimum(arrivals // 1000, seconds - 1), minlength=seconds)
-    bins = np.minimum(arrivals // (BIN_S * 1000), (seconds - 1) // BIN_S)
-    order = np.argsort(bins, kind="stable")
-    capped = np.minimum(latencies[order], 30_000.0)
-    splits = np.searchsorted(bins[order], np.arange(1, (seconds - 1) // BIN_S + 1))
-    p99 = [float(np.percentile(c, 99)) if len(c) else 0.0 for c in np.split(capped, splits)]
+    # Arrivals per second of the trace; the replica series also have the instant it ends.
+    load = np.bincount(arrivals // 1000, minlength=run.duration_s)[: run.duration_s]
+    windows = run.duration_s // BIN_S
+    bins = arrivals // (BIN_S * 1000)
+    inside = bins < windows
+    order = np.argsort(bins[inside], kind="stable")
+    capped = np.minimum(latencies[inside][order], 30_000.0)
+    splits = np.searchsorted(bins[inside][order], np.arange(1, windows))
+    chunks = np.split(capped, splits) if windows else []
+    p99 = [round(float(np.percentile(c, 99)), 1) if len(c) else None for c in chunks]
     return {
         "load_rps": load.astype(float).tolist(),
         "replicas": run.replicas.astype(float).tolist(),
         "ready": run.ready.astype(float).tolist(),
-        "p99_ms": [round(v, 1) for v in p99],
+        "p99_ms": p99,
     }
+
+
+def progress(result: dict[str, Any]) -> str:
+    """One line on a finished run, for the terminal while the others run."""
+    attainment = result["slo_attainment"]
+    slo = "no requests" if attainment is None else f"SLO {attainment:.2%}"
+    return (
+        f"{result['trace']} {result['policy']}: {slo}, "
+        f"{result['replica_seconds']:.0f} replica-s, {result['reversals']} reversals"
+    )
 
 
 COLUMNS = (
@@ -143,6 +165,8 @@ def table(results: list[dict[str, Any]]) -> str:
             "-" if r.get(key) is None else fmt.format(r[key]).replace("%", " %")
             for key, _, fmt in COLUMNS
         ]
+        if r["slo_attainment"] is None:
+            cells[[key for key, _, _ in COLUMNS].index("slo_attainment")] = "no requests"
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -153,7 +177,16 @@ def write_json(path: Path, settings: dict[str, Any], results: list[dict[str, Any
 
 
 def plot(path: Path, trace: Trace, runs: list[dict[str, Any]], slo_ms: int) -> None:
-    """Load, replicas and p99 latency over time, one column per policy."""
+    """:func:`figure`, as a PNG at ``path``."""
+    import matplotlib.pyplot as plt
+
+    fig = figure(trace, runs, slo_ms)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def figure(trace: Trace, runs: list[dict[str, Any]], slo_ms: int) -> Figure:
+    """Load, replicas and p99 latency over time, one column per policy; close it when done."""
     # Imported here: matplotlib costs half a second, and only the plots need it (the benchmark's
     # workers and the tests summarise runs without it).
     import matplotlib
@@ -166,21 +199,27 @@ def plot(path: Path, trace: Trace, runs: list[dict[str, Any]], slo_ms: int) -> N
     )
     for col, r in enumerate(runs):
         s = r["series"]
-        t = np.arange(len(s["load_rps"]))
-        axes[0][col].plot(t, s["load_rps"], lw=0.5, color="tab:gray")
+        axes[0][col].plot(np.arange(len(s["load_rps"])), s["load_rps"], lw=0.5, color="tab:gray")
         axes[0][col].set_title(r["policy"])
+        t = np.arange(len(s["replicas"]))
         axes[1][col].step(t, s["replicas"], where="post", lw=0.8, label="asked")
         axes[1][col].step(t, s["ready"], where="post", lw=0.8, label="ready")
-        tb = np.arange(len(s["p99_ms"])) * BIN_S
-        axes[2][col].plot(tb, np.maximum(s["p99_ms"], 1.0), lw=0.8, color="tab:red")
-        axes[2][col].axhline(slo_ms, lw=0.5, ls="--", color="black")
+        # Each window's p99 at its middle; None (no arrivals) is a gap, not 0 ms.
+        tb = (np.arange(len(s["p99_ms"])) + 0.5) * BIN_S
+        p99 = np.array([np.nan if v is None else max(v, 1.0) for v in s["p99_ms"]])
+        axes[2][col].plot(tb, p99, lw=0.8, color="tab:red", label=f"p99 per {BIN_S} s")
+        axes[2][col].axhline(slo_ms, lw=0.5, ls="--", color="black", label=f"SLO {slo_ms} ms")
         axes[2][col].set_yscale("log")
         axes[2][col].set_xlabel("time (s)")
+        if r["slo_attainment"] is None:
+            axes[2][col].text(
+                0.5, 0.5, "no requests", transform=axes[2][col].transAxes, ha="center"
+            )
     axes[0][0].set_ylabel("arrivals (req/s)")
     axes[1][0].set_ylabel("replicas")
     axes[1][0].legend(loc="upper left", fontsize="small")
     axes[2][0].set_ylabel(f"p99 per {BIN_S} s (ms)")
+    axes[2][0].legend(loc="upper left", fontsize="small")
     fig.suptitle(f"{trace.name}: load, replicas, latency")
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    return fig

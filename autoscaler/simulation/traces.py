@@ -9,10 +9,17 @@ the arrivals because the oracle reference provisions from it.
 Built-in shapes (docs/autoscaling.md, "The simulation benchmark"): ``step`` 200 → 1600 → 200
 req/s, ``diurnal`` one period of ``800 (1 + 0.75 sin(2πt/3600))``, ``bursty`` two-state
 (300/1500 req/s, mean stays 300/60 s), ``flash`` 200 then a 10 s ramp to 3000, 120 s hold and an
-exponential decay, ``sparse`` six 60 s bursts at 50 req/s after 600 s of silence. A trace file is
-a one-column CSV whose header says what the rows are: ``timestamp_s`` (one arrival per row,
-seconds) or ``rate_per_s`` (one second per row). A file of timestamps is replayed as is; its
-intensity is the per-second count.
+exponential decay, ``sparse`` six 60 s bursts at 50 req/s after 600 s of silence,
+``heavy-tail`` spikes of Pareto-distributed height and length on a 150 req/s floor, ``ramp`` an
+hour from 40 to 1700 req/s, ``drop`` 400 req/s, ten minutes of nothing (scale to zero) and back,
+``weekly`` a week compressed to 70 minutes (five busy days, two quiet ones).
+
+A trace file is a CSV. Lines starting with ``#`` before the header are settings, ``# name:
+value``; the one setting is ``min_replicas``, the floor every policy gets (default 1; 0 lets
+them scale to zero). The header says what the rows are: ``timestamp_s`` (one arrival per row,
+seconds, replayed as is from the first), ``rate_per_s`` (one second per row), or
+``time_s,rate_per_s`` (a rate from that time, seconds, until the next row's; the last row lasts
+as long as the one before it), so per-minute counts and epoch timestamps need no resampling.
 """
 
 from __future__ import annotations
@@ -96,7 +103,7 @@ def from_rates(
 
 
 def builtin(name: str, seed: int) -> Trace:
-    """One of the five built-in traces, generated with ``seed``."""
+    """One of the built-in traces, generated with ``seed``."""
     if name == "step":
         rates = np.concatenate([np.full(300, 200.0), np.full(600, 1600.0), np.full(300, 200.0)])
         return from_rates(name, rates, seed, step_at_s=300.0, step_rate=1600.0)
@@ -114,6 +121,15 @@ def builtin(name: str, seed: int) -> Trace:
     if name == "sparse":
         cycle = np.concatenate([np.zeros(600), np.full(60, 50.0)])
         return from_rates(name, np.tile(cycle, 6), seed, min_replicas=0)
+    if name == "heavy-tail":
+        return from_rates(name, _pareto_spikes(3600, seed), seed)
+    if name == "ramp":
+        return from_rates(name, np.linspace(40.0, 1700.0, 3600), seed)
+    if name == "drop":
+        rates = np.concatenate([np.full(600, 400.0), np.zeros(600), np.full(600, 400.0)])
+        return from_rates(name, rates, seed, min_replicas=0)
+    if name == "weekly":
+        return from_rates(name, _week(600), seed)
     raise TraceError(f"unknown trace {name!r}: use one of {', '.join(TRACES)} or a CSV file")
 
 
@@ -131,6 +147,31 @@ def _two_state(duration_s: int, seed: int) -> npt.NDArray[np.float64]:
     return rates
 
 
+def _pareto_spikes(duration_s: int, seed: int) -> npt.NDArray[np.float64]:
+    """150 req/s with spikes every Exp(240 s): height 150 x Pareto(1.5) req/s on top (at most
+    4000), length 20 x Pareto(1.5) s (at most 600): most spikes small and short, a few huge.
+    None starts in the last 600 s, so the release after every spike is part of the trace."""
+    rng = np.random.default_rng([seed, 3])
+    rates = np.full(duration_s, 150.0)
+    t = round(rng.exponential(240.0))
+    while t < duration_s - 600:
+        height = min(4000.0, 150.0 * (1.0 + rng.pareto(1.5)))
+        length = min(600, round(20.0 * (1.0 + rng.pareto(1.5))))
+        rates[t : t + length] += height
+        t += length + max(1, round(rng.exponential(240.0)))
+    return rates
+
+
+def _week(day_s: int) -> npt.NDArray[np.float64]:
+    """Seven days of ``day_s`` seconds each: 60 req/s at night, a midday peak of 1200 req/s on
+    the five weekdays and of 400 req/s at the weekend."""
+    phase = (np.arange(day_s) + 0.5) / day_s
+    shape = np.sin(np.pi * phase) ** 2
+    peaks = [1200.0] * 5 + [400.0] * 2
+    days = [60.0 + (peak - 60.0) * shape for peak in peaks]
+    return np.concatenate(days)
+
+
 def load(name_or_path: str, seed: int) -> Trace:
     """A built-in trace by name, or a trace file by path."""
     if name_or_path in TRACES:
@@ -142,23 +183,60 @@ def load(name_or_path: str, seed: int) -> Trace:
 
 
 def from_file(path: Path, seed: int) -> Trace:
-    """A CSV of arrival timestamps (``timestamp_s``) or of per-second rates (``rate_per_s``)."""
+    """A CSV of arrival timestamps, of per-second rates, or of rates at timestamps, after its
+    settings (module docstring)."""
     with path.open(newline="") as f:
-        rows = [row for row in csv.reader(f) if row]
+        lines = f.read().splitlines()
+    settings = {"min_replicas": 1}
+    while lines and (lines[0].startswith("#") or not lines[0].strip()):
+        setting = lines.pop(0).lstrip("#").strip()
+        if setting:
+            settings |= _setting(path, setting, settings)
+    rows = [row for row in csv.reader(lines) if row]
     if not rows:
-        raise TraceError(f"{path}: empty trace file")
-    header = rows[0][0].strip()
+        raise TraceError(f"{path}: no header (timestamp_s, rate_per_s or time_s,rate_per_s)")
+    header = ",".join(cell.strip() for cell in rows[0])
+    columns = 2 if header == "time_s,rate_per_s" else 1
     try:
-        values = np.array([float(row[0]) for row in rows[1:]], dtype=np.float64)
+        values = np.array([[float(v) for v in row[:columns]] for row in rows[1:]], np.float64)
     except ValueError as e:
         raise TraceError(f"{path}: {e}") from None
-    if len(values) == 0 or not np.all(np.isfinite(values)) or np.any(values < 0):
-        raise TraceError(f"{path}: needs at least one finite, non-negative value")
+    if len(values) == 0 or values.shape[1] != columns or not np.all(np.isfinite(values)):
+        raise TraceError(f"{path}: needs at least one row of {columns} finite number(s)")
+    if np.any(values[:, -1] < 0):
+        raise TraceError(f"{path}: needs non-negative values")
+    floor = settings["min_replicas"]
     if header == "rate_per_s":
-        return from_rates(path.stem, values, seed)
+        return from_rates(path.stem, values[:, 0], seed, min_replicas=floor)
+    if header == "time_s,rate_per_s":
+        return from_rates(path.stem, _held_rates(path, values), seed, min_replicas=floor)
     if header == "timestamp_s":
-        arrivals = np.sort(np.round((values - values.min()) * 1000.0).astype(np.int64))
+        stamps = values[:, 0]
+        arrivals = np.sort(np.round((stamps - stamps.min()) * 1000.0).astype(np.int64))
         duration_s = int(arrivals[-1] // 1000) + 1
         rates = np.bincount(arrivals // 1000, minlength=duration_s).astype(np.float64)
-        return Trace(path.stem, rates, arrivals)
-    raise TraceError(f"{path}: the header must be 'timestamp_s' or 'rate_per_s', not {header!r}")
+        return Trace(path.stem, rates, arrivals, floor)
+    raise TraceError(
+        f"{path}: the header must be 'timestamp_s', 'rate_per_s' or 'time_s,rate_per_s', "
+        f"not {header!r}"
+    )
+
+
+def _setting(path: Path, line: str, settings: dict[str, int]) -> dict[str, int]:
+    """One ``name: value`` line of a trace file's settings, checked."""
+    name, _, value = (part.strip() for part in line.partition(":"))
+    if name not in settings:
+        raise TraceError(f"{path}: unknown setting {name!r} (known: {', '.join(settings)})")
+    if not value.isdigit():
+        raise TraceError(f"{path}: {name} must be an integer >= 0, not {value!r}")
+    return {name: int(value)}
+
+
+def _held_rates(path: Path, rows: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    """Per-second rates from (time, rate) rows, each rate held until the next row's time."""
+    starts = np.round(rows[:, 0] - rows[0, 0]).astype(np.int64)
+    if np.any(np.diff(starts) < 1):
+        raise TraceError(f"{path}: time_s must grow by at least 1 s from row to row")
+    last = int(starts[-1] - starts[-2]) if len(starts) > 1 else 1
+    lengths = np.diff(np.append(starts, starts[-1] + last))
+    return np.repeat(rows[:, 1], lengths)

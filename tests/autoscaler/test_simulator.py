@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 
 from autoscaler.policy import Sample
-from autoscaler.simulation import report, traces
+from autoscaler.simulation import benchmark, report, traces
 from autoscaler.simulation.benchmark import Bazaar, make_policy
 from autoscaler.simulation.command import main
 from autoscaler.simulation.simulator import Outcome, SimConfig, simulate
@@ -122,7 +123,7 @@ def test_requests_wait_at_zero_and_scale_from_zero() -> None:
     rates = np.concatenate([np.zeros(10), np.full(5, 20.0), np.zeros(80)])
     trace = traces.from_rates("sparse", rates, 1, min_replicas=0)
     config = SimConfig(cold_start_s=10)
-    run = simulate(trace, make_policy("bazaar", trace, config), config, initial=0)
+    run = simulate(trace, make_policy("bazaar", trace, config, 500), config, initial=0)
     assert run.actions[0].before == 0 and run.actions[0].after >= 1
     assert run.actions[0].reason.startswith("scale from zero")
     assert run.actions[-1].after == 0
@@ -132,7 +133,7 @@ def test_requests_wait_at_zero_and_scale_from_zero() -> None:
 def test_bazaar_adapter_runs_the_policy() -> None:
     trace = tiny_step()
     config = SimConfig(cold_start_s=10)
-    policy = make_policy("bazaar", trace, config)
+    policy = make_policy("bazaar", trace, config, 500)
     assert isinstance(policy, Bazaar)
     run = simulate(trace, policy, config)
     summary = report.summarize(run, trace, 500)
@@ -228,3 +229,86 @@ def test_an_arrival_reaches_a_second_idle_replica_at_once() -> None:
     trace = traces.Trace("two", np.array([2.0]), np.array([0, 10], dtype=np.int64))
     run = simulate(trace, Fixed(2), SimConfig(), initial=2)
     assert run.finished_ms.tolist() == [25, 35]
+
+def _tiny_csv(tmp_path: Path, name: str = "tiny") -> str:
+    path = tmp_path / f"{name}.csv"
+    path.write_text("rate_per_s\n" + "\n".join(["100"] * 20 + ["300"] * 40) + "\n")
+    return str(path)
+
+
+def test_progress_is_a_line_per_run_on_stderr(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["--trace", _tiny_csv(tmp_path), "--policy", "bazaar", "--policy", "kpa"]
+    assert main([*args, "--jobs", "1", "--out", str(tmp_path / "out")]) == 0
+    captured = capsys.readouterr()
+    lines = captured.err.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["[1/2] tiny bazaar", "[2/2] tiny kpa"]
+    assert all("replica-s" in line and "SLO " in line for line in lines)
+    assert "| tiny | bazaar |" in captured.out and "[1/2]" not in captured.out
+
+
+class InterruptedTerminal(io.StringIO):
+    """A terminal where Ctrl-C comes as the line starting with ``at`` is printed."""
+
+    def __init__(self, at: str) -> None:
+        super().__init__()
+        self.at = at
+
+    def write(self, text: str) -> int:
+        if text.startswith(self.at):
+            raise KeyboardInterrupt
+        return super().write(text)
+
+
+def test_an_interrupt_keeps_the_traces_already_done(tmp_path: Path) -> None:
+    first, second = tiny_step(1), replace(tiny_step(2), name="second")
+    terminal = InterruptedTerminal("[3/4]")
+    with pytest.raises(KeyboardInterrupt):
+        benchmark.run_and_write(
+            tmp_path, {}, [first, second], ["bazaar", "kpa"], SimConfig(), 500, 1, terminal
+        )
+    runs = json.loads((tmp_path / "results.json").read_text())["runs"]
+    assert [(r["trace"], r["policy"]) for r in runs] == [("tiny", "bazaar"), ("tiny", "kpa")]
+    assert (tmp_path / "tiny.png").is_file()
+    assert not (tmp_path / "second.png").exists()
+    assert terminal.getvalue().count("\n") == 2
+
+
+def test_a_trace_without_requests_says_so(tmp_path: Path) -> None:
+    trace = traces.from_rates("silent", np.zeros(30), 1, min_replicas=0)
+    run = simulate(trace, Fixed(0), SimConfig(), initial=0)
+    summary = report.summarize(run, trace, 500) | {"series": report.series(run, 500)}
+    assert summary["slo_attainment"] is None  # not "100 %" of nothing
+    assert "no requests" in report.table([summary])
+    assert "no requests" in report.progress(summary)
+    assert summary["series"]["p99_ms"] == [None, None, None]
+    report.plot(tmp_path / "silent.png", trace, [summary], 500)
+    assert (tmp_path / "silent.png").stat().st_size > 0
+
+
+def test_p99_is_drawn_for_whole_windows_with_arrivals_only() -> None:
+    # 25 s: two whole 10 s windows and a partial one; arrivals in the first window only.
+    trace = traces.from_rates("edge", np.concatenate([np.full(10, 50.0), np.zeros(15)]), 1)
+    run = simulate(trace, Fixed(1), SimConfig(), initial=1)
+    series = report.series(run, 500)
+    p99 = series["p99_ms"]
+    assert len(series["load_rps"]) == 25  # no empty second after the end, drawn as a drop
+    assert len(p99) == 2
+    assert p99[0] is not None and p99[0] > 20  # a real latency, at least one batch
+    assert p99[1] is None  # no arrivals: a gap, not 0 ms (drawn as 1 ms on the log axis)
+
+
+def test_the_slo_line_is_labelled() -> None:
+    trace = tiny_step()
+    run = simulate(trace, Fixed(3), SimConfig(), initial=3)
+    summary = report.summarize(run, trace, 250) | {"series": report.series(run, 250)}
+    fig = report.figure(trace, [summary], 250)
+    try:
+        latency = fig.axes[2]  # row-major: load, replicas, latency for the one policy
+        labels = [text.get_text() for text in latency.get_legend().get_texts()]
+        assert "SLO 250 ms" in labels
+    finally:
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
