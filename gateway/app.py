@@ -21,7 +21,6 @@ Routes: ``/v2``, ``/v2/health/{live,ready}``, ``/v2/models/{m}[/versions/{v}]`` 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
@@ -105,9 +104,6 @@ def _infer_handler(inference: GatewayInference) -> InferHandler:
 def routes(catalog: ModelCatalog) -> list[Route]:
     """Every route but inference (``protocol.fastpath.INFER_PATHS``)."""
 
-    def model_metadata(name: str, version: str | None) -> dict[str, Any]:
-        return catalog.get(name, version).metadata.to_json()
-
     async def repository_index(request: Request) -> Response:
         return json_response(catalog.index(await index_ready_only(request)))
 
@@ -122,7 +118,7 @@ def routes(catalog: ModelCatalog) -> list[Route]:
         # that waited for them would drop out of the Service the autoscaler reads its queue
         # through, and a model at zero would never be scaled up. Per model: .../ready.
         *server_routes(SERVER_NAME, EXTENSIONS, lambda: True),
-        *model_routes(model_metadata, catalog.is_ready),
+        *model_routes(catalog.metadata, catalog.is_ready),
         Route("/v2/repository/index", repository_index, methods=["POST"]),
         *shared_memory_routes(),
         Route("/metrics", prometheus),
