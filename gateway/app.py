@@ -95,7 +95,7 @@ def _infer_handler(inference: GatewayInference) -> InferHandler:
             return raw, parameters, limit_s
 
         return await inference.run(
-            model, version, tenant_name, limit_s, decode_body, answer, forward
+            model, version, tenant_name, limit_s, decode_body, answer, forward, headers
         )
 
     return infer

@@ -61,8 +61,9 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+import random
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
 
 from gateway.client import HttpModelClient
 from gateway.config import DEFAULT_MODEL_SETTINGS, GatewayConfig, ModelSettings, batch_policy
@@ -70,13 +71,21 @@ from gateway.dispatcher import BatchPolicy, Dispatcher, DispatcherStats
 from gateway.metrics import GatewayMetrics, ModelMetrics
 from gateway.router import EndpointPool
 from protocol.errors import BazaarError, ModelNotFound, ModelNotReady, UpstreamError
+from protocol.fastpath import Headers
 from protocol.schema import ModelMetadata
 from protocol.support import ProblemLog, cancel_and_wait
+from protocol.traffic import Split, TrafficPolicy, choose_version, parse_traffic, split_of
+from protocol.traffic import version_order as version_order
 
 log = logging.getLogger(__name__)
 
-EndpointListener = Callable[[str, list[str]], None]
-"""An endpoint source's only call into the gateway: a model and its ready endpoint URLs."""
+
+class EndpointListener(Protocol):
+    """An endpoint source's only call into the gateway (``ModelCatalog.set_endpoints``)."""
+
+    def __call__(self, model: str, urls: list[str], traffic: TrafficPolicy | None = None) -> None:
+        """``model``'s ready endpoint URLs, and the source's own traffic policy for it (the
+        endpoints file's, the Service annotation's; None: the model config's applies)."""
 
 
 REFRESH_S = 5.0
@@ -110,17 +119,14 @@ class Reading:
     passthrough: bool = False
     """Requests cannot be validated (the metadata lacks inputs or outputs) or must not be
     (the endpoints file says ``validate: false``): they pass through as sent."""
+    traffic: TrafficPolicy | None = None
+    """The traffic policy of the model's config (``protocol.traffic``), if it has one."""
 
 
 def model_path(model: str, version: str) -> str:
     """Where pods serve ``model`` at ``version``, under ``/v2/models/``: a named version by
     its own path, so that a pod serving several runs the one the batch is for."""
     return f"{model}/versions/{version}" if version else model
-
-
-def version_order(version: str) -> tuple[int, int, str]:
-    """Sort key of versions: numbers by value, then other names (a server's own) by text."""
-    return (0, int(version), "") if version.isdecimal() else (1, 0, version)
 
 
 async def read_model(
@@ -190,12 +196,16 @@ async def _read_version(
     if isinstance(labels, list) and all(isinstance(label, str) for label in labels):
         # A bazaar pod's: the classification extension answers with them here.
         metadata = dataclasses.replace(metadata, labels=tuple(labels))
+    traffic = config_json.get("traffic")
+    if traffic is not None:
+        traffic = parse_traffic(traffic, f"{url}{path}/config")
     if settings.validate and metadata.inputs and metadata.outputs:
-        return Reading(metadata, policy)
+        return Reading(metadata, policy, traffic=traffic)
     return Reading(
         dataclasses.replace(metadata, max_batch_size=0),
         dataclasses.replace(policy, max_batch_size=0, preferred_batch_sizes=()),
         passthrough=True,
+        traffic=traffic,
     )
 
 
@@ -313,6 +323,15 @@ class ModelCatalog:
         self._learned: dict[str, asyncio.Event] = {}
         self.waiting: dict[str, int] = {}
         """Requests held per model while it has never had an endpoint (its queue demand)."""
+        self._config_traffic: dict[str, TrafficPolicy | None] = {}
+        """Per served model, its config's traffic policy (its highest version's)."""
+        self._source_traffic: dict[str, TrafficPolicy | None] = {}
+        """Per model, the endpoint source's traffic policy, which replaces the config's."""
+        self.traffic: dict[str, TrafficPolicy] = {}
+        """Per served model with one, the traffic policy in force."""
+        self._splits: dict[str, Split] = {}
+        """Per served model whose policy routes, that policy over its versions."""
+        self._rng = random.Random()
         metrics.watch(
             lambda: {
                 (name, version): served.dispatcher
@@ -321,9 +340,12 @@ class ModelCatalog:
             }
         )
 
-    def set_endpoints(self, model: str, urls: list[str]) -> None:
+    def set_endpoints(
+        self, model: str, urls: list[str], traffic: TrafficPolicy | None = None
+    ) -> None:
         previous = self._endpoints.get(model, [])
         self._endpoints[model] = list(urls)
+        self._source_traffic[model] = traffic
         self._learned.setdefault(model, asyncio.Event())
         versions = self.versions.get(model)
         if versions is not None:
@@ -339,6 +361,7 @@ class ModelCatalog:
                 self._pooled[model][version] = [url for url in urls if url in pooled]
                 served.dispatcher.pool.set_endpoints(self._pooled[model][version])
             self._choose_default(model)
+            self._route(model)
             if joined:
                 self.refresh(model)
         elif urls and model not in self._learning:
@@ -350,21 +373,33 @@ class ModelCatalog:
         if wake is not None:
             wake.set()
 
-    def get(self, name: str, version: str | None = None) -> ServedModel:
-        """The version of ``name`` a request for ``version`` goes to (None: the default)."""
+    def get(
+        self, name: str, version: str | None = None, headers: Headers | None = None
+    ) -> ServedModel:
+        """The version of ``name`` a request for ``version`` goes to; one that names none
+        goes where the model's traffic policy sends it (by its sticky header among
+        ``headers``), or to the default version."""
         served = self.models.get(name)
         if served is None:
             if name in self._endpoints:
                 raise ModelNotReady(name, "waiting for its first endpoint")
             raise ModelNotFound(name)
-        if version is None or version == served.metadata.version:
+        if version is None:
+            split = self._splits.get(name)
+            if split is None:
+                return served
+            key = headers.get(split.header) if headers and split.header else None
+            version = choose_version(split, key, self._rng)
+        if version == served.metadata.version:
             return served
         versioned = self.versions[name].get(version)
         if versioned is None:
             raise ModelNotFound(name, version)
         return versioned
 
-    async def serving(self, name: str, version: str | None, timeout_s: float) -> ServedModel:
+    async def serving(
+        self, name: str, version: str | None, timeout_s: float, headers: Headers | None = None
+    ) -> ServedModel:
         """``get``, but a known model not learned yet is waited for, up to ``timeout_s``.
 
         Such a model has never had an endpoint since the gateway started (scaled to zero
@@ -373,7 +408,7 @@ class ModelCatalog:
         """
         learned = self._learned.get(name)
         if name in self.models or learned is None:
-            return self.get(name, version)
+            return self.get(name, version, headers)
         self.waiting[name] = self.waiting.get(name, 0) + 1
         try:
             await asyncio.wait_for(learned.wait(), timeout_s)
@@ -381,7 +416,7 @@ class ModelCatalog:
             raise ModelNotReady(name, f"without an endpoint for {timeout_s:g} s") from None
         finally:
             self.waiting[name] -= 1
-        return self.get(name, version)
+        return self.get(name, version, headers)
 
     def metadata(self, name: str, version: str | None = None) -> dict[str, Any]:
         """The v2 model metadata: of the version asked for, or of the default version with
@@ -458,9 +493,11 @@ class ModelCatalog:
                     if not endpoint.ejected
                 }
             )
+            traffic = self.traffic.get(name)
             models[name] = {
                 **_stats(totals, urls, ready),
                 "default_version": self.models[name].metadata.version,
+                "traffic": traffic.to_json() if traffic is not None else None,
                 "versions": of_versions,
             }
         return models
@@ -515,6 +552,8 @@ class ModelCatalog:
         for version, reading in readings.items():
             self._serve_version(model, reading, urls if version == highest else [url])
         self.models[model] = self.versions[model][highest]
+        self._config_traffic[model] = readings[highest].traffic
+        self._route(model)
         self._learned[model].set()
         self._wake[model] = asyncio.Event()
         if len(readings) > 1 and len(urls) > 1:
@@ -600,6 +639,27 @@ class ModelCatalog:
                 served = self._serve_version(model, _reading_of(by_url, version), [])
             self._apply(model, served, result)
         self._choose_default(model)
+        read = [r for r in by_url.values() if not isinstance(r, str) and r]
+        if read:  # else nothing is known of the config now: it stays as it was
+            self._config_traffic[model] = _config_traffic(read)
+        self._route(model)
+
+    def _route(self, model: str) -> None:
+        """Lay out the traffic policy in force (the source's, else the config's) over the
+        versions served, saying so when it changes."""
+        policy = self._source_traffic.get(model) or self._config_traffic.get(model)
+        if policy != self.traffic.get(model):
+            shown = policy.to_json() if policy is not None else "none: the default version"
+            log.info("%s: traffic policy %s", model, shown)
+        split = split_of(policy, self.versions[model]) if policy is not None else None
+        if policy is None:
+            self.traffic.pop(model, None)
+        else:
+            self.traffic[model] = policy
+        if split is None:
+            self._splits.pop(model, None)
+        else:
+            self._splits[model] = split
 
     def _apply(self, model: str, served: ServedModel, result: Reconciled) -> None:
         """Bring one served version to ``result``: its metadata, batch size and endpoints."""
@@ -655,6 +715,13 @@ class ModelCatalog:
             problem = _problem(exc)
             unread[url, problem] = f"{model}: cannot read its metadata from {url}: {problem}"
             return UNREAD
+
+
+def _config_traffic(read: Sequence[Mapping[str, Reading]]) -> TrafficPolicy | None:
+    """The traffic policy of the model's config, as the highest version read says (its
+    config is the newest)."""
+    highest = max((v for r in read for v in r), key=version_order)
+    return next(r[highest].traffic for r in read if highest in r)
 
 
 def _reading_of(readings: Mapping[str, EndpointReadings], version: str) -> Reading:

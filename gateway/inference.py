@@ -24,6 +24,7 @@ from gateway.router import RawRequest, Tensors
 from gateway.tenants import Tenants
 from protocol.codec import InferenceRequest
 from protocol.errors import BazaarError, InvalidRequest, QuotaExceeded
+from protocol.fastpath import Headers
 from protocol.metrics import CANCELLED, outcome_of
 from protocol.schema import ModelMetadata
 
@@ -53,17 +54,19 @@ class GatewayInference:
         decode: Decode,
         encode: Callable[[InferenceRequest, ModelMetadata, Tensors], Answer],
         forward: Callable[[], Forwarded] | None = None,
+        headers: Headers | None = None,
     ) -> Answer:
         """Serve one request (see the module docstring); raises ``BazaarError`` to refuse it.
 
         ``admission_timeout_s`` is what the transport knows of the request's time before its
         body is decoded (None: nothing). ``forward``: how the transport passes a request
         through as sent, to a model that cannot be validated (HTTP; the answer is the
-        upstream's, as it sent it).
+        upstream's, as it sent it). ``headers``: the transport's, where a traffic policy's
+        sticky header is looked up for a request that names no version (HTTP).
         """
         started = time.perf_counter()
         catalog = self.catalog
-        served = await catalog.serving(model, version, catalog.config.max_queue_time_s)
+        served = await catalog.serving(model, version, catalog.config.max_queue_time_s, headers)
         dispatcher = served.dispatcher
         tenant = self.tenants.get(tenant_name)
         rows = 0

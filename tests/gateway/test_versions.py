@@ -1,20 +1,16 @@
 """Every version a pod serves is routable at the gateway, with its own endpoints, queue and
 batches: two real ``bazaar model-server`` processes, one serving version 1 of ``scale`` and
-the other versions 1 and 2 (``scale`` at version v answers ``y = v * x``, so an answer says
-which version computed it), the gateway app in process in front of them."""
+the other versions 1 and 2 (``tests.gateway.scale``: an answer says which version computed
+it), the gateway app in process in front of them."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator
 
 import httpx
 import numpy as np
-import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -25,67 +21,28 @@ from gateway.config import GatewayConfig
 from gateway.grpc import GatewayGrpcBackend
 from gateway.inference import GatewayInference
 from gateway.metrics import GatewayMetrics
-from models.demo import IR_VERSION, OPSET
 from protocol.grpc import codec
 from protocol.grpc import grpc_service_pb2 as pb
+from tests.gateway.scale import WIDTH, answered, body
 from tests.gateway.test_catalog import _metadata, _reading
-from tests.support import bazaar_process, eventually, free_port
+from tests.support import eventually
 
 REFRESH_S = 0.1
-WIDTH = 4
-
-
-def build_scale(factor: float) -> onnx.ModelProto:
-    """``x`` FP32 [batch, 4] -> ``y = factor * x``."""
-    weight = numpy_helper.from_array(np.array(factor, dtype=np.float32), "factor")
-    graph = helper.make_graph(
-        [helper.make_node("Mul", ["x", "factor"], ["y"])],
-        "scale",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", WIDTH])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", WIDTH])],
-        [weight],
-    )
-    return helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION
-    )
-
-
-def write_scale(root: Path, versions: list[int]) -> Path:
-    """A repository with ``scale`` at ``versions``, every one served."""
-    for version in versions:
-        (root / "scale" / str(version)).mkdir(parents=True)
-        onnx.save(build_scale(version), root / "scale" / str(version) / "model.onnx")
-    (root / "scale" / "config.yaml").write_text("max_batch_size: 8\nversion_policy: {all: true}\n")
-    return root
-
-
-@pytest.fixture(scope="module")
-def pods(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[str]]:
-    """Pod 0 serves version 1 of ``scale``, pod 1 versions 1 and 2."""
-    urls = []
-    with contextlib.ExitStack() as stack:
-        for i, versions in enumerate(([1], [1, 2])):
-            root = write_scale(tmp_path_factory.mktemp(f"versions-repository{i}"), versions)
-            port = free_port()
-            url = f"http://127.0.0.1:{port}"
-            args = ["model-server", "--model-repository", str(root), "--port", str(port)]
-            log = tmp_path_factory.mktemp("logs") / f"pod{i}.log"
-            stack.enter_context(bazaar_process(args, log, f"{url}/v2/health/ready"))
-            urls.append(url)
-        yield urls
 
 
 @pytest.fixture
-async def gateway(pods: list[str]) -> AsyncIterator[tuple[httpx.AsyncClient, ModelCatalog]]:
+async def gateway(scale_pods: list[str]) -> AsyncIterator[tuple[httpx.AsyncClient, ModelCatalog]]:
     client = HttpModelClient()
     catalog = ModelCatalog(
         client, GatewayMetrics(CollectorRegistry()), GatewayConfig(), refresh_s=REFRESH_S
     )
     transport = httpx.ASGITransport(app=create_app(catalog))
     http = httpx.AsyncClient(transport=transport, base_url="http://gateway", timeout=30)
-    catalog.set_endpoints("scale", pods)
+    catalog.set_endpoints("scale", scale_pods)
     await eventually(
-        lambda: _pooled(catalog) == {"1": pods, "2": pods[1:]}, 10.0, "both versions' pools"
+        lambda: _pooled(catalog) == {"1": scale_pods, "2": scale_pods[1:]},
+        10.0,
+        "both versions' pools",
     )
     yield http, catalog
     await http.aclose()
@@ -100,31 +57,18 @@ def _pooled(catalog: ModelCatalog) -> dict[str, list[str]]:
     }
 
 
-def _body(*values: float) -> dict[str, object]:
-    data = [v for v in values for _ in range(WIDTH)]
-    return {
-        "inputs": [{"name": "x", "shape": [len(values), WIDTH], "datatype": "FP32", "data": data}]
-    }
-
-
-def _y(response: httpx.Response) -> list[float]:
-    assert response.status_code == 200, response.text
-    (output,) = response.json()["outputs"]
-    return [float(v) for v in output["data"][::WIDTH]]
-
-
 async def test_a_version_a_pod_serves_is_routable_and_unversioned_requests_get_the_highest(
     gateway: tuple[httpx.AsyncClient, ModelCatalog],
 ) -> None:
     http, _ = gateway
-    one = await http.post("/v2/models/scale/versions/1/infer", json=_body(3.0))
-    assert _y(one) == [3.0]
+    one = await http.post("/v2/models/scale/versions/1/infer", json=body(3.0))
+    assert answered(one) == [3.0]
     assert one.json()["model_version"] == "1"
-    two = await http.post("/v2/models/scale/versions/2/infer", json=_body(3.0))
-    assert (_y(two), two.json()["model_version"]) == ([6.0], "2")
-    default = await http.post("/v2/models/scale/infer", json=_body(3.0))
-    assert (_y(default), default.json()["model_version"]) == ([6.0], "2")
-    unknown = await http.post("/v2/models/scale/versions/3/infer", json=_body(3.0))
+    two = await http.post("/v2/models/scale/versions/2/infer", json=body(3.0))
+    assert (answered(two), two.json()["model_version"]) == ([6.0], "2")
+    default = await http.post("/v2/models/scale/infer", json=body(3.0))
+    assert (answered(default), default.json()["model_version"]) == ([6.0], "2")
+    unknown = await http.post("/v2/models/scale/versions/3/infer", json=body(3.0))
     assert unknown.status_code == 404
     assert "version '3'" in unknown.json()["error"]
 
@@ -150,23 +94,23 @@ async def test_metadata_readiness_and_index_per_version(
 
 
 async def test_versions_never_share_a_batch_and_are_counted_apart(
-    gateway: tuple[httpx.AsyncClient, ModelCatalog], pods: list[str]
+    gateway: tuple[httpx.AsyncClient, ModelCatalog], scale_pods: list[str]
 ) -> None:
     http, _ = gateway
     versions = ["1", "2"] * 40
     answers = await asyncio.gather(
         *(
-            http.post(f"/v2/models/scale/versions/{version}/infer", json=_body(float(i)))
+            http.post(f"/v2/models/scale/versions/{version}/infer", json=body(float(i)))
             for i, version in enumerate(versions)
         )
     )
     # A batch of both versions would have answered some rows with the other's factor.
-    assert [_y(a) for a in answers] == [[i * float(v)] for i, v in enumerate(versions)]
+    assert [answered(a) for a in answers] == [[i * float(v)] for i, v in enumerate(versions)]
 
     stats = (await http.get("/stats")).json()["models"]["scale"]
     assert stats["default_version"] == "2"
     assert {v: s["admitted"] for v, s in stats["versions"].items()} == {"1": 40, "2": 40}
-    assert stats["versions"]["2"]["endpoint_urls"] == pods[1:]
+    assert stats["versions"]["2"]["endpoint_urls"] == scale_pods[1:]
     assert (stats["admitted"], stats["endpoints"]) == (80, 2)
 
     metrics = (await http.get("/metrics")).text

@@ -1,0 +1,130 @@
+"""A model's traffic policy: how the requests that name no version are shared among its
+versions::
+
+    traffic:
+      weights: {"1": 90, "2": 10}   # version: relative weight (>= 0, one at least > 0)
+      sticky_header: x-user-id      # optional: the hash of this header's value picks
+
+The same mapping is read from a model's ``config.yaml`` (the pods serve it in their config),
+from the model's entry in the gateway's endpoints file, and as JSON in the model Service's
+``bazaar.dev/traffic`` annotation; each replaces the one before it whole, in that order.
+``parse_traffic`` validates it once, where it enters, and raises ``ConfigError`` naming the
+key and the bad value.
+
+``choose_version`` is the decision, a pure function: a point in [0, 1), from the hash of the
+request's sticky key or else a random draw, falls in one version's share of the line
+(``Split``). Versions are laid out in ascending order, so a request with a sticky key lands
+on one version while the weights stay, and raising a newer version's weight only moves keys
+towards it (a rollout never sends a client back and forth). Versions the gateway does not
+serve are left out and the others' shares grow to fill the line; a policy that leaves no
+version with weight routes nothing (``split_of`` is None: the default version serves).
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import random
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from protocol.errors import ConfigError
+
+KEYS = ("weights", "sticky_header")
+
+
+def version_order(version: str) -> tuple[int, int, str]:
+    """Sort key of versions: numbers by value, then other names (a server's own) by text."""
+    return (0, int(version), "") if version.isdecimal() else (1, 0, version)
+
+
+@dataclass(frozen=True, slots=True)
+class TrafficPolicy:
+    """How a model's unversioned requests are shared among its versions."""
+
+    weights: tuple[tuple[str, float], ...]
+    """(version, relative weight), in version order; no weight below 0, one at least above."""
+    sticky_header: str | None = None
+    """A header (lower case) whose value's hash picks the version, so a client that sends the
+    same value always gets the same version; None, or a request without it: a random draw."""
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"weights": dict(self.weights)}
+        if self.sticky_header is not None:
+            data["sticky_header"] = self.sticky_header
+        return data
+
+
+def parse_traffic(value: object, where: str, key: str = "traffic") -> TrafficPolicy:
+    """``value`` (a parsed mapping) as a policy; ``ConfigError`` at ``where``/``key``."""
+    if not isinstance(value, Mapping) or not set(value) <= set(KEYS):
+        raise ConfigError(
+            where, key, f"must be a mapping with {' and '.join(KEYS)}, got {value!r:.200}"
+        )
+    weights = value.get("weights")
+    if not isinstance(weights, Mapping) or not weights:
+        raise ConfigError(
+            where, f"{key}.weights", f"must map versions to weights, got {weights!r:.200}"
+        )
+    parsed = []
+    for version, weight in weights.items():
+        if (
+            not isinstance(weight, int | float)
+            or isinstance(weight, bool)
+            or not 0 <= weight < float("inf")
+        ):
+            raise ConfigError(
+                where, f"{key}.weights.{version}", f"must be a number >= 0, got {weight!r}"
+            )
+        parsed.append((str(version), float(weight)))
+    if not any(weight > 0 for _, weight in parsed):
+        raise ConfigError(where, f"{key}.weights", "must give one version a weight above 0")
+    header = value.get("sticky_header")
+    if header is not None and (not isinstance(header, str) or not header.strip()):
+        raise ConfigError(
+            where, f"{key}.sticky_header", f"must be a header name, got {header!r:.200}"
+        )
+    return TrafficPolicy(
+        tuple(sorted(parsed, key=lambda pair: version_order(pair[0]))),
+        header.strip().lower() if header is not None else None,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Split:
+    """A policy laid out on [0, 1) over the versions served: the hot path's form of it."""
+
+    versions: tuple[str, ...]
+    bounds: tuple[float, ...]
+    """Where each version's share ends; the last is 1.0."""
+    header: bytes | None
+    """The sticky header's name, as the transport's headers hold it."""
+
+
+def split_of(policy: TrafficPolicy, served: Collection[str]) -> Split | None:
+    """``policy`` over the versions in ``served``; None when no served version has weight."""
+    shares = [(version, weight) for version, weight in policy.weights if version in served]
+    total = sum(weight for _, weight in shares)
+    if total <= 0:
+        return None
+    bounds = []
+    reached = 0.0
+    for _, weight in shares:
+        reached += weight
+        bounds.append(reached / total)
+    bounds[-1] = 1.0
+    header = policy.sticky_header.encode() if policy.sticky_header is not None else None
+    return Split(tuple(version for version, _ in shares), tuple(bounds), header)
+
+
+def choose_version(split: Split, key: bytes | None, rng: random.Random) -> str:
+    """The version a request goes to: by the hash of its sticky ``key``, else at random."""
+    point = _hash_point(key) if key is not None else rng.random()
+    return split.versions[bisect.bisect_right(split.bounds, point)]
+
+
+def _hash_point(key: bytes) -> float:
+    """A key's place in [0, 1): the same on every gateway and across restarts."""
+    digest = hashlib.blake2b(key, digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
