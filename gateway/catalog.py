@@ -70,11 +70,19 @@ from gateway.config import DEFAULT_MODEL_SETTINGS, GatewayConfig, ModelSettings,
 from gateway.dispatcher import BatchPolicy, Dispatcher, DispatcherStats
 from gateway.metrics import GatewayMetrics, ModelMetrics
 from gateway.router import EndpointPool
+from gateway.shadow import Shadow
 from protocol.errors import BazaarError, ModelNotFound, ModelNotReady, UpstreamError
 from protocol.fastpath import Headers
 from protocol.schema import ModelMetadata
 from protocol.support import ProblemLog, cancel_and_wait
-from protocol.traffic import Split, TrafficPolicy, choose_version, parse_traffic, split_of
+from protocol.traffic import (
+    ShadowPolicy,
+    Split,
+    TrafficPolicy,
+    choose_version,
+    parse_traffic,
+    split_of,
+)
 from protocol.traffic import version_order as version_order
 
 log = logging.getLogger(__name__)
@@ -331,6 +339,10 @@ class ModelCatalog:
         """Per served model with one, the traffic policy in force."""
         self._splits: dict[str, Split] = {}
         """Per served model whose policy routes, that policy over its versions."""
+        self.shadows: dict[str, Shadow] = {}
+        """Per served model whose policy shadows to a version it serves, that shadow."""
+        self._retired: list[Shadow] = []
+        """Shadows replaced while their comparisons were in flight."""
         self._rng = random.Random()
         metrics.watch(
             lambda: {
@@ -494,15 +506,25 @@ class ModelCatalog:
                 }
             )
             traffic = self.traffic.get(name)
+            shadow = self.shadows.get(name)
             models[name] = {
                 **_stats(totals, urls, ready),
                 "default_version": self.models[name].metadata.version,
                 "traffic": traffic.to_json() if traffic is not None else None,
+                "shadow": None
+                if shadow is None
+                else {
+                    "version": shadow.policy.version,
+                    "inflight": shadow.inflight,
+                    **shadow.stats.to_json(),
+                },
                 "versions": of_versions,
             }
         return models
 
     async def close(self) -> None:
+        for shadow in [*self.shadows.values(), *self._retired]:
+            await shadow.close()
         served = [s for versions in self.versions.values() for s in versions.values()]
         for version in served:
             version.dispatcher.close()
@@ -544,7 +566,7 @@ class ModelCatalog:
     def _serve(self, model: str, url: str, readings: Mapping[str, Reading]) -> None:
         """Serve every version ``url`` serves: every endpoint takes the default version's
         batches, as discovery counts them ready; the other versions start with ``url``, and
-        the others' readings follow at once."""
+        the other endpoints are read at once."""
         urls = self._endpoints.get(model, [])
         highest = max(readings, key=version_order)
         self.versions[model] = {}
@@ -556,8 +578,8 @@ class ModelCatalog:
         self._route(model)
         self._learned[model].set()
         self._wake[model] = asyncio.Event()
-        if len(readings) > 1 and len(urls) > 1:
-            self._wake[model].set()
+        if len(urls) > 1:
+            self._wake[model].set()  # the others may serve other versions: read them now
         self._watchers[model] = asyncio.create_task(self._watch(model), name=f"watch-{model}")
 
     def _serve_version(self, model: str, reading: Reading, urls: list[str]) -> ServedModel:
@@ -660,6 +682,30 @@ class ModelCatalog:
             self._splits.pop(model, None)
         else:
             self._splits[model] = split
+        self._shadow(model, policy.shadow if policy is not None else None)
+
+    def _shadow(self, model: str, policy: ShadowPolicy | None) -> None:
+        """Keep the model's shadow as ``policy`` says: its measurements go on while its
+        candidate stays the same version served."""
+        candidate = self.versions[model].get(policy.version) if policy is not None else None
+        current = self.shadows.get(model)
+        if (
+            policy is not None
+            and candidate is not None
+            and current is not None
+            and current.candidate is candidate.dispatcher
+        ):
+            current.policy = policy
+            return
+        self._retired = [shadow for shadow in self._retired if shadow.inflight]
+        if current is not None:
+            del self.shadows[model]
+            self._retired.append(current)
+        if policy is not None and candidate is not None:
+            metrics = self.metrics.for_shadow(model, policy.version)
+            self.shadows[model] = Shadow(
+                model, policy, candidate.dispatcher, candidate.metadata.inputs, metrics, self._rng
+            )
 
     def _apply(self, model: str, served: ServedModel, result: Reconciled) -> None:
         """Bring one served version to ``result``: its metadata, batch size and endpoints."""

@@ -94,6 +94,13 @@ class GatewayInference:
             tenant.take_rows(request_rows)
             rows = request_rows
             future = dispatcher.submit(request.inputs, rows, priority, timeout_s, tenant)
+            shadow = catalog.shadows.get(model)
+            if (
+                shadow is not None
+                and shadow.candidate is not dispatcher
+                and shadow.inputs == metadata.inputs
+            ):
+                shadow.send(request.inputs, rows, future)
             response = encode(request, metadata, await future)
             status = 200
             return response

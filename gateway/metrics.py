@@ -33,6 +33,9 @@ SHED_STAGES = ("before_decode", "after_decode")
 (only for what the body alone says, such as a tighter ``timeout`` parameter)."""
 SHED_REASONS = ("queue_full", "deadline")
 """Why: the queue was at ``max_queue_size``, or its expected wait exceeded the deadline."""
+SHADOW_OUTCOMES = ("sent", "dropped", "failed", "compared")
+"""What became of a request shadowed to a candidate version (``gateway.shadow``)."""
+SHADOW_RESULTS = ("agreed", "disagreed")
 LABELS = ["model", "version"]
 """The labels of the queue's gauges and counters."""
 
@@ -50,6 +53,17 @@ class ModelMetrics:
     expired: Counter
     shed: Mapping[tuple[str, str], Counter]
     """By (stage, reason): every pair of ``SHED_STAGES`` and ``SHED_REASONS``."""
+
+
+@dataclass(frozen=True, slots=True)
+class ShadowMetrics:
+    """One model's shadow children, bound once, labelled with the candidate version."""
+
+    requests: Mapping[str, Counter]
+    """By ``SHADOW_OUTCOMES``."""
+    rows: Mapping[str, Counter]
+    """By ``SHADOW_RESULTS``."""
+    seconds: Histogram
 
 
 class GatewayMetrics:
@@ -109,6 +123,37 @@ class GatewayMetrics:
             "(rate: requests per second; rows: rows in flight).",
             ["tenant", "quota"],
             registry=registry,
+        )
+
+        self._shadow_requests = Counter(
+            "bazaar_gateway_shadow_requests",
+            "Requests shadowed to a candidate version, by model, candidate version and outcome "
+            "(sent; dropped: no room, or its queue refused; failed: the candidate or the "
+            "primary erred; compared).",
+            ["model", "version", "outcome"],
+            registry=registry,
+        )
+        self._shadow_rows = Counter(
+            "bazaar_gateway_shadow_rows",
+            "Rows of shadowed requests compared, by whether the candidate's answer agreed with "
+            "the primary's (agreed, disagreed): their ratio is the candidate's agreement.",
+            ["model", "version", "result"],
+            registry=registry,
+        )
+        self._shadow_seconds = Histogram(
+            "bazaar_gateway_shadow_seconds",
+            "Time a candidate version took to answer a shadowed request, queue included.",
+            ["model", "version"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+
+    def for_shadow(self, model: str, version: str) -> ShadowMetrics:
+        """The shadow children of ``model``'s candidate ``version``."""
+        return ShadowMetrics(
+            requests={o: self._shadow_requests.labels(model, version, o) for o in SHADOW_OUTCOMES},
+            rows={r: self._shadow_rows.labels(model, version, r) for r in SHADOW_RESULTS},
+            seconds=self._shadow_seconds.labels(model, version),
         )
 
     def for_model(self, model: str, version: str = "") -> ModelMetrics:

@@ -4,6 +4,12 @@ versions::
     traffic:
       weights: {"1": 90, "2": 10}   # version: relative weight (>= 0, one at least > 0)
       sticky_header: x-user-id      # optional: the hash of this header's value picks
+      shadow:                       # optional: also send a share of requests to a candidate
+        version: "3"                #   whose answers are only compared, never returned
+        share: 0.1                  #   of the requests other versions serve, 0..1
+        compare: top1               #   top1 (classifiers: same argmax per row) or close
+        atol: 1.0e-5                #   close: |candidate - primary| <= atol + rtol * |primary|
+        rtol: 1.0e-3
 
 The same mapping is read from a model's ``config.yaml`` (the pods serve it in their config),
 from the model's entry in the gateway's endpoints file, and as JSON in the model Service's
@@ -31,12 +37,37 @@ from typing import Any
 
 from protocol.errors import ConfigError
 
-KEYS = ("weights", "sticky_header")
+KEYS = ("weights", "sticky_header", "shadow")
+SHADOW_KEYS = ("version", "share", "compare", "atol", "rtol")
+COMPARISONS = ("close", "top1")
 
 
 def version_order(version: str) -> tuple[int, int, str]:
     """Sort key of versions: numbers by value, then other names (a server's own) by text."""
     return (0, int(version), "") if version.isdecimal() else (1, 0, version)
+
+
+@dataclass(frozen=True, slots=True)
+class ShadowPolicy:
+    """A candidate version that also gets a share of the requests, only to be compared."""
+
+    version: str
+    share: float
+    """Of the requests another version serves, the fraction also sent to the candidate."""
+    compare: str = "close"
+    """``top1``: rows agree when the candidate's largest output is at the primary's (the
+    last axis, per output); ``close``: when every element is within ``atol + rtol * |primary|``."""
+    atol: float = 1e-5
+    rtol: float = 1e-3
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "share": self.share,
+            "compare": self.compare,
+            "atol": self.atol,
+            "rtol": self.rtol,
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,11 +79,14 @@ class TrafficPolicy:
     sticky_header: str | None = None
     """A header (lower case) whose value's hash picks the version, so a client that sends the
     same value always gets the same version; None, or a request without it: a random draw."""
+    shadow: ShadowPolicy | None = None
 
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {"weights": dict(self.weights)}
         if self.sticky_header is not None:
             data["sticky_header"] = self.sticky_header
+        if self.shadow is not None:
+            data["shadow"] = self.shadow.to_json()
         return data
 
 
@@ -85,9 +119,40 @@ def parse_traffic(value: object, where: str, key: str = "traffic") -> TrafficPol
         raise ConfigError(
             where, f"{key}.sticky_header", f"must be a header name, got {header!r:.200}"
         )
+    shadow = value.get("shadow")
     return TrafficPolicy(
         tuple(sorted(parsed, key=lambda pair: version_order(pair[0]))),
         header.strip().lower() if header is not None else None,
+        _shadow(shadow, where, f"{key}.shadow") if shadow is not None else None,
+    )
+
+
+def _shadow(value: object, where: str, key: str) -> ShadowPolicy:
+    if not isinstance(value, Mapping) or not set(value) <= set(SHADOW_KEYS):
+        raise ConfigError(
+            where, key, f"must be a mapping of {', '.join(SHADOW_KEYS)}, got {value!r:.200}"
+        )
+    if "version" not in value or isinstance(value["version"], bool | Mapping | list):
+        raise ConfigError(where, f"{key}.version", "must name the candidate version")
+    numbers = {}
+    for name, default, upper in (("share", None, 1.0), ("atol", 1e-5, None), ("rtol", 1e-3, None)):
+        number = value.get(name, default)
+        if (
+            not isinstance(number, int | float)
+            or isinstance(number, bool)
+            or not 0 <= number <= (upper if upper is not None else float("inf"))
+            or number == float("inf")
+        ):
+            bound = f"between 0 and {upper:g}" if upper is not None else ">= 0"
+            raise ConfigError(where, f"{key}.{name}", f"must be a number {bound}, got {number!r}")
+        numbers[name] = float(number)
+    compare = value.get("compare", "close")
+    if compare not in COMPARISONS:
+        raise ConfigError(
+            where, f"{key}.compare", f"must be one of {', '.join(COMPARISONS)}, got {compare!r}"
+        )
+    return ShadowPolicy(
+        str(value["version"]), numbers["share"], compare, numbers["atol"], numbers["rtol"]
     )
 
 

@@ -1,5 +1,8 @@
-"""``scale``, a model whose every version says which it is: version v answers ``y = v * x``
-(``x`` FP32 [batch, 4]); and real ``bazaar model-server`` processes serving it."""
+"""Test models whose versions differ in known ways, and real ``bazaar model-server``
+processes serving them: ``scale`` at version v answers ``y = v * x`` (``x`` FP32 [batch, 4]),
+so an answer says which version computed it; ``pick``, a two-class classifier whose version
+2 adds 1 to the second class's score, so its top-1 differs from version 1's exactly on the
+inputs whose first score leads by less than 1."""
 
 from __future__ import annotations
 
@@ -34,14 +37,30 @@ def build_scale(factor: float) -> onnx.ModelProto:
     )
 
 
-def write_scale(root: Path, versions: list[int], config: str = "") -> Path:
-    """A repository with ``scale`` at ``versions``, every one served; ``config``: more of
-    its ``config.yaml``."""
+def build_pick(version: int) -> onnx.ModelProto:
+    """``x`` FP32 [batch, 2] -> ``scores = x + [0, version - 1]``."""
+    offset = np.array([0.0, version - 1.0], dtype=np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "offset"], ["scores"])],
+        "pick",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 2])],
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["batch", 2])],
+        [numpy_helper.from_array(offset, "offset")],
+    )
+    return helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION
+    )
+
+
+def write_scale(root: Path, versions: list[int], config: str = "", model: str = "scale") -> Path:
+    """A repository with ``model`` (``scale`` or ``pick``) at ``versions``, every one
+    served; ``config``: more of its ``config.yaml``."""
+    build = build_scale if model == "scale" else build_pick
     for version in versions:
-        (root / "scale" / str(version)).mkdir(parents=True)
-        onnx.save(build_scale(version), root / "scale" / str(version) / "model.onnx")
+        (root / model / str(version)).mkdir(parents=True)
+        onnx.save(build(version), root / model / str(version) / "model.onnx")
     base = "max_batch_size: 8\nversion_policy: {all: true}\n"
-    (root / "scale" / "config.yaml").write_text(base + config)
+    (root / model / "config.yaml").write_text(base + config)
     return root
 
 

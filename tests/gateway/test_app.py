@@ -230,7 +230,13 @@ IDLE = {
 def idle(gateway: Gateway, **counted: int) -> dict[str, object]:
     """A model's ``/stats`` at its one version, "1", with ``counted`` on top of idle."""
     work = {**IDLE, "endpoint_urls": [gateway.model_server], **counted}
-    return {**work, "default_version": "1", "traffic": None, "versions": {"1": work}}
+    return {
+        **work,
+        "default_version": "1",
+        "traffic": None,
+        "shadow": None,
+        "versions": {"1": work},
+    }
 
 
 async def test_stats_count_admitted_and_completed_work_per_model(gateway: Gateway) -> None:

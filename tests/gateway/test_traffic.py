@@ -81,7 +81,13 @@ def test_a_sticky_key_stays_on_its_version_and_moves_only_towards_a_growing_one(
         ({"weights": {"1": "ten"}}, "traffic.weights.1"),
         ({"weights": {}}, "traffic.weights"),
         ({"weights": {"1": 1}, "sticky_header": 7}, "traffic.sticky_header"),
-        ({"weights": {"1": 1}, "shadow": {}}, "traffic"),
+        ({"weights": {"1": 1}, "shadow": {}}, "traffic.shadow.version"),
+        ({"weights": {"1": 1}, "shadow": {"version": 2, "share": 2}}, "traffic.shadow.share"),
+        (
+            {"weights": {"1": 1}, "shadow": {"version": 2, "share": 1, "compare": "f1"}},
+            "traffic.shadow.compare",
+        ),
+        ({"weights": {"1": 1}, "replay": {}}, "traffic"),
     ],
 )
 def test_a_bad_policy_is_refused_naming_its_key(value: object, key: str) -> None:
