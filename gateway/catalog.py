@@ -69,6 +69,7 @@ from gateway.client import HttpModelClient
 from gateway.config import DEFAULT_MODEL_SETTINGS, GatewayConfig, ModelSettings, batch_policy
 from gateway.dispatcher import BatchPolicy, Dispatcher, DispatcherStats
 from gateway.metrics import GatewayMetrics, ModelMetrics
+from gateway.rollout import Rollout, rollout_weights
 from gateway.router import EndpointPool
 from gateway.shadow import Shadow
 from protocol.errors import BazaarError, ModelNotFound, ModelNotReady, UpstreamError
@@ -76,6 +77,7 @@ from protocol.fastpath import Headers
 from protocol.schema import ModelMetadata
 from protocol.support import ProblemLog, cancel_and_wait
 from protocol.traffic import (
+    RolloutPolicy,
     ShadowPolicy,
     Split,
     TrafficPolicy,
@@ -98,6 +100,8 @@ class EndpointListener(Protocol):
 
 REFRESH_S = 5.0
 """How often a served model's endpoints are re-read (``ModelCatalog.refresh_s``)."""
+ROLLOUT_CHECK_S = 1.0
+"""How often rollouts in progress are judged (``ModelCatalog.rollout_check_s``)."""
 LEARN_BACKOFF_S = 0.2
 """The first wait before an unlearned model's endpoints are tried again; it doubles."""
 MAX_LEARN_BACKOFF_S = 5.0
@@ -309,6 +313,7 @@ class ModelCatalog:
         config: GatewayConfig,
         refresh_s: float = REFRESH_S,
         max_learn_backoff_s: float = MAX_LEARN_BACKOFF_S,
+        rollout_check_s: float = ROLLOUT_CHECK_S,
     ) -> None:
         self.client = client
         self.metrics = metrics
@@ -335,14 +340,21 @@ class ModelCatalog:
         """Per served model, its config's traffic policy (its highest version's)."""
         self._source_traffic: dict[str, TrafficPolicy | None] = {}
         """Per model, the endpoint source's traffic policy, which replaces the config's."""
+        self._configured: dict[str, TrafficPolicy | None] = {}
+        """Per served model, the policy its source or config gives."""
         self.traffic: dict[str, TrafficPolicy] = {}
-        """Per served model with one, the traffic policy in force."""
+        """Per served model with one, the traffic policy in force (a rollout's weights in
+        place of the configured ones)."""
         self._splits: dict[str, Split] = {}
         """Per served model whose policy routes, that policy over its versions."""
         self.shadows: dict[str, Shadow] = {}
         """Per served model whose policy shadows to a version it serves, that shadow."""
         self._retired: list[Shadow] = []
         """Shadows replaced while their comparisons were in flight."""
+        self.rollouts: dict[str, Rollout] = {}
+        """Per served model whose policy has one, its rollout (``gateway.rollout``)."""
+        self.rollout_check_s = rollout_check_s
+        self._judging: asyncio.Task[None] | None = None
         self._rng = random.Random()
         metrics.watch(
             lambda: {
@@ -507,6 +519,7 @@ class ModelCatalog:
             )
             traffic = self.traffic.get(name)
             shadow = self.shadows.get(name)
+            rollout = self.rollouts.get(name)
             models[name] = {
                 **_stats(totals, urls, ready),
                 "default_version": self.models[name].metadata.version,
@@ -518,11 +531,13 @@ class ModelCatalog:
                     "inflight": shadow.inflight,
                     **shadow.stats.to_json(),
                 },
+                "rollout": rollout.to_json() if rollout is not None else None,
                 "versions": of_versions,
             }
         return models
 
     async def close(self) -> None:
+        await cancel_and_wait(self._judging)
         for shadow in [*self.shadows.values(), *self._retired]:
             await shadow.close()
         served = [s for versions in self.versions.values() for s in versions.values()]
@@ -670,9 +685,19 @@ class ModelCatalog:
         """Lay out the traffic policy in force (the source's, else the config's) over the
         versions served, saying so when it changes."""
         policy = self._source_traffic.get(model) or self._config_traffic.get(model)
-        if policy != self.traffic.get(model):
+        if policy != self._configured.get(model):
             shown = policy.to_json() if policy is not None else "none: the default version"
             log.info("%s: traffic policy %s", model, shown)
+            self._configured[model] = policy
+        if policy is not None and policy.rollout is not None:
+            # The rollout's step decides the candidate's weight.
+            rollout = self._rollout(model, policy.rollout)
+            weights = rollout_weights(
+                policy.weights, rollout.policy.version, rollout.percent, self.versions[model]
+            )
+            policy = dataclasses.replace(policy, weights=weights)
+        else:
+            self.rollouts.pop(model, None)
         split = split_of(policy, self.versions[model]) if policy is not None else None
         if policy is None:
             self.traffic.pop(model, None)
@@ -683,6 +708,39 @@ class ModelCatalog:
         else:
             self._splits[model] = split
         self._shadow(model, policy.shadow if policy is not None else None)
+
+    def _rollout(self, model: str, policy: RolloutPolicy) -> Rollout:
+        """The model's rollout under ``policy``: the one in progress, or a new one at its
+        first step (a changed policy starts over)."""
+        rollout = self.rollouts.get(model)
+        if rollout is None or rollout.policy != policy:
+            loop = asyncio.get_running_loop()
+            rollout = self.rollouts[model] = Rollout(model, policy, loop.time())
+            log.info(
+                "%s: rollout of version %s at step 1: %g %%", model, policy.version, rollout.percent
+            )
+            if self._judging is None:
+                self._judging = loop.create_task(self._judge(), name="rollouts")
+        self.metrics.rollout_percent.labels(model, policy.version).set(rollout.percent)
+        return rollout
+
+    async def _judge(self) -> None:
+        """Judge every rollout in progress every ``rollout_check_s``; a step taken or a
+        rollback lays the model's traffic out again."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.rollout_check_s)
+            for model, rollout in list(self.rollouts.items()):
+                shadow = self.shadows.get(model)
+                rows = agreed = 0
+                if shadow is not None and shadow.policy.version == rollout.policy.version:
+                    rows, agreed = shadow.stats.rows, shadow.stats.agreed_rows
+                verdict = rollout.tick(loop.time(), rows, agreed)
+                if verdict.action == "rollback" and verdict.reason is not None:
+                    labels = (model, rollout.policy.version, verdict.reason)
+                    self.metrics.rollbacks.labels(*labels).inc()
+                if verdict.action != "hold":
+                    self._route(model)
 
     def _shadow(self, model: str, policy: ShadowPolicy | None) -> None:
         """Keep the model's shadow as ``policy`` says: its measurements go on while its

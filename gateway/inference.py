@@ -117,8 +117,12 @@ class GatewayInference:
         finally:
             if rows:
                 tenant.release_rows(rows)
+            elapsed_s = time.perf_counter() - started
             served.metrics.requests[outcome_of(status)].inc()
-            served.metrics.request_seconds.observe(time.perf_counter() - started)
+            served.metrics.request_seconds.observe(elapsed_s)
+            rollout = catalog.rollouts.get(model)
+            if rollout is not None:
+                rollout.record(served.metadata.version, elapsed_s, status)
 
 
 def schedule(parameters: Mapping[str, Any], limit_s: float | None) -> tuple[int, float | None]:

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -145,6 +145,22 @@ class GatewayMetrics:
             "Time a candidate version took to answer a shadowed request, queue included.",
             ["model", "version"],
             buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+
+        self.rollout_percent = Gauge(
+            "bazaar_gateway_rollout_percent",
+            "A rollout's candidate version's share of the model's unversioned requests, in "
+            "percent (0 once rolled back), by model and candidate version.",
+            ["model", "version"],
+            registry=registry,
+        )
+        self.rollbacks = Counter(
+            "bazaar_gateway_rollbacks",
+            "Rollouts rolled back, by model, candidate version and reason (latency: its p99 "
+            "over the bound; errors: its 5xx rate; agreement: its shadowed rows agreeing "
+            "too little); the details are logged and in /stats.",
+            ["model", "version", "reason"],
             registry=registry,
         )
 

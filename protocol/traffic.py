@@ -10,6 +10,14 @@ versions::
         compare: top1               #   top1 (classifiers: same argmax per row) or close
         atol: 1.0e-5                #   close: |candidate - primary| <= atol + rtol * |primary|
         rtol: 1.0e-3
+      rollout:                      # optional: move unversioned traffic to a candidate in steps
+        version: "2"
+        steps: [1, 10, 50, 100]     #   its percent at each step
+        step_s: 300                 #   a step lasts at least this long ...
+        min_requests: 100           #   ... and until the candidate answered this many
+        max_p99_ms: 250             #   bounds on the candidate within the step; any passed:
+        max_error_rate: 0.01        #   rolled back to 0 %, the reason logged and exported
+        min_agreement: 0.99         #   (with a shadow to the candidate)
 
 The same mapping is read from a model's ``config.yaml`` (the pods serve it in their config),
 from the model's entry in the gateway's endpoints file, and as JSON in the model Service's
@@ -37,7 +45,16 @@ from typing import Any
 
 from protocol.errors import ConfigError
 
-KEYS = ("weights", "sticky_header", "shadow")
+KEYS = ("weights", "sticky_header", "shadow", "rollout")
+ROLLOUT_KEYS = (
+    "version",
+    "steps",
+    "step_s",
+    "min_requests",
+    "max_p99_ms",
+    "max_error_rate",
+    "min_agreement",
+)
 SHADOW_KEYS = ("version", "share", "compare", "atol", "rtol")
 COMPARISONS = ("close", "top1")
 
@@ -71,6 +88,36 @@ class ShadowPolicy:
 
 
 @dataclass(frozen=True, slots=True)
+class RolloutPolicy:
+    """Steps of a candidate version's share of unversioned requests, each advanced only while
+    the candidate stays within the bounds (``gateway.rollout``)."""
+
+    version: str
+    steps: tuple[float, ...]
+    """The candidate's percent at each step, ascending, the last 100."""
+    step_s: float = 300.0
+    min_requests: int = 100
+    """Candidate requests a step needs before it is judged: fewer say nothing."""
+    max_p99_ms: float | None = None
+    max_error_rate: float | None = None
+    """Of the candidate's requests in the step, the fraction answered 5xx."""
+    min_agreement: float | None = None
+    """Of the rows shadowed to the candidate in the step, the fraction that agreed."""
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "version": self.version,
+            "steps": list(self.steps),
+            "step_s": self.step_s,
+            "min_requests": self.min_requests,
+        }
+        for key in ("max_p99_ms", "max_error_rate", "min_agreement"):
+            if getattr(self, key) is not None:
+                data[key] = getattr(self, key)
+        return data
+
+
+@dataclass(frozen=True, slots=True)
 class TrafficPolicy:
     """How a model's unversioned requests are shared among its versions."""
 
@@ -80,6 +127,7 @@ class TrafficPolicy:
     """A header (lower case) whose value's hash picks the version, so a client that sends the
     same value always gets the same version; None, or a request without it: a random draw."""
     shadow: ShadowPolicy | None = None
+    rollout: RolloutPolicy | None = None
 
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {"weights": dict(self.weights)}
@@ -87,6 +135,8 @@ class TrafficPolicy:
             data["sticky_header"] = self.sticky_header
         if self.shadow is not None:
             data["shadow"] = self.shadow.to_json()
+        if self.rollout is not None:
+            data["rollout"] = self.rollout.to_json()
         return data
 
 
@@ -120,11 +170,66 @@ def parse_traffic(value: object, where: str, key: str = "traffic") -> TrafficPol
             where, f"{key}.sticky_header", f"must be a header name, got {header!r:.200}"
         )
     shadow = value.get("shadow")
+    rollout = value.get("rollout")
     return TrafficPolicy(
         tuple(sorted(parsed, key=lambda pair: version_order(pair[0]))),
         header.strip().lower() if header is not None else None,
         _shadow(shadow, where, f"{key}.shadow") if shadow is not None else None,
+        _rollout(rollout, where, f"{key}.rollout") if rollout is not None else None,
     )
+
+
+def _rollout(value: object, where: str, key: str) -> RolloutPolicy:
+    if not isinstance(value, Mapping) or not set(value) <= set(ROLLOUT_KEYS):
+        raise ConfigError(
+            where, key, f"must be a mapping of {', '.join(ROLLOUT_KEYS)}, got {value!r:.200}"
+        )
+    if "version" not in value or isinstance(value["version"], bool | Mapping | list):
+        raise ConfigError(where, f"{key}.version", "must name the candidate version")
+    steps = value.get("steps")
+    if (
+        not isinstance(steps, list)
+        or not steps
+        or not all(_number(step) and 0 < step <= 100 for step in steps)
+        or steps != sorted(set(steps))
+        or steps[-1] != 100
+    ):
+        raise ConfigError(
+            where,
+            f"{key}.steps",
+            f"must be ascending percents above 0, the last 100, got {steps!r:.200}",
+        )
+    bounds: dict[str, float | None] = {}
+    for name, upper in (
+        ("step_s", None),
+        ("max_p99_ms", None),
+        ("max_error_rate", 1.0),
+        ("min_agreement", 1.0),
+    ):
+        number = value.get(name)
+        if number is not None and (
+            not _number(number) or not 0 <= number <= (upper or float("inf"))
+        ):
+            raise ConfigError(where, f"{key}.{name}", f"must be a number >= 0, got {number!r}")
+        bounds[name] = float(number) if number is not None else None
+    min_requests = value.get("min_requests", 100)
+    if not isinstance(min_requests, int) or isinstance(min_requests, bool) or min_requests < 1:
+        raise ConfigError(
+            where, f"{key}.min_requests", f"must be an integer >= 1, got {min_requests!r}"
+        )
+    return RolloutPolicy(
+        str(value["version"]),
+        tuple(float(step) for step in steps),
+        bounds["step_s"] if bounds["step_s"] is not None else 300.0,
+        min_requests,
+        bounds["max_p99_ms"],
+        bounds["max_error_rate"],
+        bounds["min_agreement"],
+    )
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and value < float("inf")
 
 
 def _shadow(value: object, where: str, key: str) -> ShadowPolicy:

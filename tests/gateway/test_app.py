@@ -235,6 +235,7 @@ def idle(gateway: Gateway, **counted: int) -> dict[str, object]:
         "default_version": "1",
         "traffic": None,
         "shadow": None,
+        "rollout": None,
         "versions": {"1": work},
     }
 
