@@ -15,11 +15,12 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from gateway.app import create_app
-from gateway.catalog import NOT_SERVING, UNREAD, ModelCatalog, Reading, reconcile
+from gateway.catalog import ModelCatalog
 from gateway.client import HttpModelClient
 from gateway.config import GatewayConfig
 from gateway.dispatcher import BatchPolicy
 from gateway.metrics import GatewayMetrics
+from gateway.readings import NOT_SERVING, UNREAD, Reading, reconcile
 from protocol.schema import ModelMetadata, TensorSpec
 from tests.support import bazaar_process, eventually, free_port
 

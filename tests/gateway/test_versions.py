@@ -15,12 +15,13 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.app import GRPC_EXTENSIONS, SERVER_NAME, create_app
-from gateway.catalog import ModelCatalog, default_version, reconcile_versions
+from gateway.catalog import ModelCatalog
 from gateway.client import HttpModelClient
 from gateway.config import GatewayConfig
 from gateway.grpc import GatewayGrpcBackend
 from gateway.inference import GatewayInference
 from gateway.metrics import GatewayMetrics
+from gateway.readings import default_version, reconcile_versions
 from protocol.grpc import codec
 from protocol.grpc import grpc_service_pb2 as pb
 from tests.gateway.scale import WIDTH, answered, body
