@@ -5,11 +5,15 @@ is ``bazaar.dev/model``). A model's endpoints are the addresses of its Services'
 EndpointSlices (``discovery.k8s.io/v1``, label ``kubernetes.io/service-name``) whose
 ``conditions.ready`` is true (unset counts as ready, as the API documents), paired with the
 slice's port named ``port_name``: ``http://10.0.0.7:8001``, ``http://[fd00::7]:8001``. An
-address in several slices (a dual-stack Service lists a pod in two) is one endpoint.
+address in several slices (a dual-stack Service lists a pod in two) is one endpoint. With
+``model_services``, an annotation of the model's Services comes along (the first Service by
+name that has it), read from the same listing.
 ``DISCOVERY_RBAC`` is exactly what these calls need; the gateway's Role grants it.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from kubernetes.client import CoreV1Api, DiscoveryV1Api
 from kubernetes.client.models import V1EndpointSlice
@@ -23,9 +27,27 @@ DISCOVERY_RBAC = frozenset({LIST_SERVICES, LIST_ENDPOINT_SLICES})
 """Every (apiGroup, resource, verb) called here; the gateway's Role grants these."""
 
 
+@dataclass(frozen=True, slots=True)
+class ModelService:
+    """What a model's Services say: its ready endpoints, and the annotation asked for."""
+
+    urls: list[str]
+    """Sorted ready endpoint URLs."""
+    annotation: str | None
+    """The annotation's value on the first of its Services (by name) that has it."""
+
+
 async def model_endpoints(cluster: Cluster, label: str, port_name: str) -> dict[str, list[str]]:
     """Model → sorted ready endpoint URLs, for every model Service in the namespace (two
     LISTs, filtered by label on the server)."""
+    services = await model_services(cluster, label, port_name, None)
+    return {model: service.urls for model, service in services.items()}
+
+
+async def model_services(
+    cluster: Cluster, label: str, port_name: str, annotation: str | None
+) -> dict[str, ModelService]:
+    """``model_endpoints``, with the value of ``annotation`` on each model's Services."""
     core = CoreV1Api(cluster.client)
     discovery = DiscoveryV1Api(cluster.client)
     timeout = cluster.request_timeout_s
@@ -36,11 +58,15 @@ async def model_endpoints(cluster: Cluster, label: str, port_name: str) -> dict[
         ),
     )
     models: dict[str, str] = {}
-    for service in services.items:
+    annotations: dict[str, str] = {}
+    for service in sorted(services.items, key=lambda s: (s.metadata and s.metadata.name) or ""):
         metadata = service.metadata
         model = metadata and (metadata.labels or {}).get(label)
         if metadata and metadata.name and model:
             models[metadata.name] = model
+            value = (metadata.annotations or {}).get(annotation) if annotation else None
+            if value is not None:
+                annotations.setdefault(model, value)
     if not models:
         return {}
     endpoints: dict[str, set[str]] = {model: set() for model in models.values()}
@@ -55,7 +81,10 @@ async def model_endpoints(cluster: Cluster, label: str, port_name: str) -> dict[
         model = models.get(labels.get(SERVICE_NAME_LABEL, ""))
         if model is not None:
             endpoints[model] |= _ready_urls(endpoint_slice, port_name)
-    return {model: sorted(urls) for model, urls in endpoints.items()}
+    return {
+        model: ModelService(sorted(urls), annotations.get(model))
+        for model, urls in endpoints.items()
+    }
 
 
 def _ready_urls(endpoint_slice: V1EndpointSlice, port_name: str) -> set[str]:

@@ -22,7 +22,6 @@ statistics, also ``/v2/models/stats``) and ``POST /infer``, ``POST /v2/repositor
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
@@ -104,7 +103,7 @@ def _infer_handler(inference: GatewayInference) -> InferHandler:
             return raw, parameters, limit_s
 
         return await inference.run(
-            model, version, tenant_name, limit_s, decode_body, answer, forward
+            model, version, tenant_name, limit_s, decode_body, answer, forward, headers
         )
 
     return infer
@@ -112,9 +111,6 @@ def _infer_handler(inference: GatewayInference) -> InferHandler:
 
 def routes(catalog: ModelCatalog) -> list[Route]:
     """Every route but inference (``protocol.fastpath.INFER_PATHS``)."""
-
-    def model_metadata(name: str, version: str | None) -> dict[str, Any]:
-        return catalog.get(name, version).metadata.to_json()
 
     async def repository_index(request: Request) -> Response:
         return json_response(catalog.index(await index_ready_only(request)))
@@ -132,7 +128,7 @@ def routes(catalog: ModelCatalog) -> list[Route]:
         *server_routes(SERVER_NAME, EXTENSIONS, lambda: True),
         *statistics_routes(lambda name, version: statistics(catalog, name, version)),
         *model_routes(
-            model_metadata,
+            catalog.metadata,
             catalog.is_ready,
             lambda name, version: model_config(catalog, name, version),
         ),

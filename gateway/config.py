@@ -10,6 +10,11 @@ v2 servers; a model may also say how the gateway treats it::
         endpoints: [http://10.0.0.7:8080]
         max_batch_size: 8     # rows per batch, instead of what the upstream says
         validate: false       # pass requests through as sent, unbatched
+      fraud:
+        endpoints: [http://10.0.0.8:8000, http://10.0.0.9:8000]
+        traffic:              # shares of unversioned requests (protocol.traffic)
+          weights: {"1": 90, "2": 10}
+          sticky_header: x-user-id
 
 ``max_batch_size`` is for upstreams that do not say theirs (MLServer has no ``/config``):
 without it the gateway takes the upstream's config, else its metadata's
@@ -17,6 +22,9 @@ without it the gateway takes the upstream's config, else its metadata's
 upstreams whose metadata does not describe their tensors truthfully: the gateway forwards
 each request's body as sent (``gateway.passthrough``), as it does for a model whose
 metadata declares no tensors; such a model never batches, so it takes no ``max_batch_size``.
+``traffic`` replaces the traffic policy of the model's own config; the gateway re-reads the
+file when it changes (``gateway.discovery.StaticEndpoints``), and a new policy or new
+endpoints apply at once, without a restart.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ from gateway.dispatcher import DEFAULT_MAX_QUEUE_SIZE, BatchPolicy
 from gateway.tenants import TenantPolicies
 from protocol.errors import ConfigError
 from protocol.limits import EdgeLimits
+from protocol.traffic import TrafficPolicy, parse_traffic
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +62,8 @@ class StaticModel:
 
     endpoints: list[str]
     settings: ModelSettings
+    traffic: TrafficPolicy | None = None
+    """Its traffic policy, replacing its config's; None: the config's applies."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,13 +152,13 @@ def _static_model(where: str, key: str, entry: object) -> StaticModel:
             key,
             f"must be a list of URLs or a mapping with 'endpoints', got {entry!r}",
         )
-    unknown = set(entry) - {"endpoints", "max_batch_size", "validate"}
+    unknown = set(entry) - {"endpoints", "max_batch_size", "validate", "traffic"}
     if unknown:
         raise ConfigError(
             where,
             key,
             f"unknown key(s) {', '.join(sorted(map(str, unknown)))}: "
-            "expected endpoints, max_batch_size, validate",
+            "expected endpoints, max_batch_size, validate, traffic",
         )
     if "endpoints" not in entry:
         raise ConfigError(where, key, "has no 'endpoints'")
@@ -171,7 +182,10 @@ def _static_model(where: str, key: str, entry: object) -> StaticModel:
             "batching needs its tensors validated",
         )
     urls = _urls(where, f"{key}.endpoints", entry["endpoints"])
-    return StaticModel(urls, ModelSettings(validate, max_batch_size))
+    traffic = None
+    if "traffic" in entry:
+        traffic = parse_traffic(entry["traffic"], where, f"{key}.traffic")
+    return StaticModel(urls, ModelSettings(validate, max_batch_size), traffic)
 
 
 def _urls(where: str, key: str, urls: object) -> list[str]:

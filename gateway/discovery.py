@@ -4,9 +4,12 @@ An endpoint source reports each model's ready endpoint URLs through the catalog'
 (``catalog.set_endpoints``); that call is the whole seam. ``bazaar serve``'s local workers
 are the third source, in the command package.
 
-``StaticEndpoints`` reads a file once: ``models: {name: [url, ...]}``, any v2 servers, and
-what the file says of each model beyond its endpoints (``gateway.config``), which the
-composition root hands the catalog as ``GatewayConfig.models``.
+``StaticEndpoints`` reads a file: ``models: {name: [url, ...]}``, any v2 servers, and what the
+file says of each model beyond its endpoints (``gateway.config``), which the composition
+root hands the catalog as ``GatewayConfig.models``. It reads the file again every
+``reread_s`` (1 s) and reports each model whose endpoints or traffic policy changed, so both
+change without a restart (``validate`` and ``max_batch_size`` are read at start only). A
+file that no longer parses is logged once and changes nothing until it does.
 
 ``EndpointSlices`` follows the model Services of one namespace (``cluster.endpoints``: one
 endpoint per ready pod, so the router's least-outstanding-work choice and per-endpoint
@@ -20,6 +23,11 @@ silently stalled streams, and a second code path for the initial state; a listin
 path, heals by itself, and its staleness is bounded by ``resync_s``, small next to a pod's
 start. Its cost is two small LISTs per second per gateway replica, filtered by label on the
 server.
+
+A model Service's ``bazaar.dev/traffic`` annotation, a traffic policy as JSON (or YAML), is
+reported with its endpoints and replaces the model config's; it changes on the next listing.
+One that does not parse is logged once and the last good one stays (a typo must not end a
+canary); no further RBAC: it is read off the Services already listed.
 
 Every model is reported once when first seen (also with ``[]``); a model whose Services are
 gone is reported with ``[]`` once and forgotten. ``start()`` returns after the first listing
@@ -37,17 +45,22 @@ import logging
 from pathlib import Path
 from typing import Protocol
 
+import yaml
 from prometheus_client import CollectorRegistry
 
 from cluster.api import Cluster, Forbidden, KubernetesError
-from cluster.endpoints import DISCOVERY_RBAC, model_endpoints
+from cluster.endpoints import DISCOVERY_RBAC, model_services
 from gateway.catalog import EndpointListener
-from gateway.config import ModelSettings, load_static_endpoints
+from gateway.config import ModelSettings, StaticModel, load_static_endpoints
+from protocol.errors import ConfigError
 from protocol.support import ProblemLog, cancel_and_wait
+from protocol.traffic import TrafficPolicy, parse_traffic
 
 log = logging.getLogger(__name__)
 
 REQUIRED_RBAC = DISCOVERY_RBAC
+TRAFFIC_ANNOTATION = "bazaar.dev/traffic"
+"""The model Service annotation holding its traffic policy (``protocol.traffic``)."""
 
 
 class EndpointSource(Protocol):
@@ -62,20 +75,56 @@ class EndpointSource(Protocol):
 class StaticEndpoints:
     """Endpoints listed in a file, per model; they can be any v2 server (Triton, MLServer)."""
 
-    def __init__(self, path: Path) -> None:
-        models = load_static_endpoints(path)
-        self.endpoints = {name: model.endpoints for name, model in models.items()}
+    def __init__(self, path: Path, reread_s: float = 1.0) -> None:
+        self.path = path.absolute()
+        self.reread_s = reread_s
+        self._text = self.path.read_text() if self.path.is_file() else ""
+        self.models = load_static_endpoints(self.path)
         self.settings: dict[str, ModelSettings] = {
-            name: model.settings for name, model in models.items()
+            name: model.settings for name, model in self.models.items()
         }
-        """Per model, what the file says of it beyond its endpoints."""
+        """Per model, what the file says of it beyond its endpoints (read at start)."""
+        self._task: asyncio.Task[None] | None = None
 
     async def start(self, listener: EndpointListener, registry: CollectorRegistry) -> None:
-        for model, urls in self.endpoints.items():
-            listener(model, urls)
+        _report_changes(listener, {}, self.models)
+        self._task = asyncio.create_task(self._reread(listener), name="endpoints-file")
 
     async def stop(self) -> None:
-        return None
+        await cancel_and_wait(self._task)
+
+    async def _reread(self, listener: EndpointListener) -> None:
+        problems = ProblemLog(log)
+        while True:
+            await asyncio.sleep(self.reread_s)
+            try:
+                text = self.path.read_text()
+                if text == self._text:
+                    continue
+                models = load_static_endpoints(self.path)
+            except (OSError, ConfigError) as exc:
+                problems.failing(
+                    "file", f"{exc}; the endpoints and traffic it said before stay in use"
+                )
+                continue
+            problems.ok("file", f"{self.path} is valid again")
+            log.info("%s changed: reporting its endpoints and traffic", self.path)
+            _report_changes(listener, self.models, models)
+            self._text, self.models = text, models
+
+
+def _report_changes(
+    listener: EndpointListener, before: dict[str, StaticModel], after: dict[str, StaticModel]
+) -> None:
+    for model in before.keys() - after.keys():
+        listener(model, [])
+    for model, entry in after.items():
+        previous = before.get(model)
+        if previous is None or (previous.endpoints, previous.traffic) != (
+            entry.endpoints,
+            entry.traffic,
+        ):
+            listener(model, entry.endpoints, entry.traffic)
 
 
 class EndpointSlices:
@@ -97,7 +146,7 @@ class EndpointSlices:
         """The EndpointSlice port (the Service port's name) that speaks v2."""
         self.resync_s = resync_s
         self.max_backoff_s = max_backoff_s
-        self._reported: dict[str, list[str]] = {}
+        self._reported: dict[str, tuple[list[str], TrafficPolicy | None]] = {}
         self._failing = ProblemLog(log)
         self._task: asyncio.Task[None] | None = None
 
@@ -118,7 +167,9 @@ class EndpointSlices:
         """One listing, reported; returns how long to wait before the next one."""
         namespace = self.cluster.namespace
         try:
-            endpoints = await model_endpoints(self.cluster, self.label, self.port_name)
+            services = await model_services(
+                self.cluster, self.label, self.port_name, TRAFFIC_ANNOTATION
+            )
         except Forbidden:
             return self.resync_s
         except Exception as exc:  # the source outlives any failure of the API
@@ -132,12 +183,36 @@ class EndpointSlices:
         self._failing.ok(
             "list", f"listing the model endpoints in namespace {namespace} works again"
         )
-        for model in sorted(self._reported.keys() - endpoints.keys()):
+        for model in sorted(self._reported.keys() - services.keys()):
             listener(model, [])
             del self._reported[model]
-        for model, urls in sorted(endpoints.items()):
-            if self._reported.get(model) != urls:
-                log.info("%s: %d ready endpoint(s) %s", model, len(urls), " ".join(urls))
-                listener(model, urls)
-                self._reported[model] = urls
+        for model, service in sorted(services.items()):
+            urls = service.urls
+            traffic = self._traffic(model, service.annotation)
+            reported = self._reported.get(model)
+            if reported != (urls, traffic):
+                if reported is None or reported[0] != urls:
+                    log.info("%s: %d ready endpoint(s) %s", model, len(urls), " ".join(urls))
+                listener(model, urls, traffic)
+                self._reported[model] = (urls, traffic)
         return self.resync_s
+
+    def _traffic(self, model: str, annotation: str | None) -> TrafficPolicy | None:
+        """The annotation's policy; the last one reported while it does not parse."""
+        key = ("traffic", model)
+        if annotation is None:
+            self._failing.ok(key)
+            return None
+        try:
+            policy = parse_traffic(yaml.safe_load(annotation), model, TRAFFIC_ANNOTATION)
+        except (yaml.YAMLError, ConfigError) as exc:
+            reported = self._reported.get(model)
+            kept = reported[1] if reported is not None else None
+            self._failing.failing(
+                key,
+                f"{model}: annotation {TRAFFIC_ANNOTATION} is not a traffic policy, keeping "
+                f"{kept.to_json() if kept else 'none'}: {exc}",
+            )
+            return kept
+        self._failing.ok(key)
+        return policy

@@ -37,7 +37,7 @@ class GatewayGrpcBackend:
         return True  # as over HTTP: the gateway takes requests whatever the models' replicas
 
     def model_metadata(self, name: str, version: str | None) -> dict[str, Any]:
-        return self.catalog.get(name, version).metadata.to_json()
+        return self.catalog.metadata(name, version)
 
     def model_ready(self, name: str, version: str | None) -> bool:
         return self.catalog.is_ready(name, version)

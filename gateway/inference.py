@@ -26,9 +26,11 @@ from gateway.tenants import Tenants
 from protocol import tracing
 from protocol.codec import InferenceRequest
 from protocol.errors import BazaarError, InvalidRequest, QuotaExceeded
+from protocol.fastpath import Headers
 from protocol.metrics import CANCELLED, outcome_of
 from protocol.modelconfig import triton_config
 from protocol.schema import ModelMetadata
+from protocol.traffic import version_order
 
 Answer = TypeVar("Answer")
 Decode = Callable[[ModelMetadata], tuple[InferenceRequest, float | None]]
@@ -56,18 +58,20 @@ class GatewayInference:
         decode: Decode,
         encode: Callable[[InferenceRequest, ModelMetadata, Tensors], Answer],
         forward: Callable[[], Forwarded] | None = None,
+        headers: Headers | None = None,
     ) -> Answer:
         """Serve one request (see the module docstring); raises ``BazaarError`` to refuse it.
 
         ``admission_timeout_s`` is what the transport knows of the request's time before its
         body is decoded (None: nothing). ``forward``: how the transport passes a request
         through as sent, to a model that cannot be validated (HTTP; the answer is the
-        upstream's, as it sent it).
+        upstream's, as it sent it). ``headers``: the transport's, where a traffic policy's
+        sticky header is looked up for a request that names no version (HTTP).
         """
         tracer = tracing.TRACER
         if tracer is None:
             return await self._run(
-                model, version, tenant_name, admission_timeout_s, decode, encode, forward
+                model, version, tenant_name, admission_timeout_s, decode, encode, forward, headers
             )
         attributes = {"bazaar.model": model, "bazaar.version": version or ""}
         with tracing.server_span(tracer, f"infer {model}", attributes):
@@ -79,6 +83,7 @@ class GatewayInference:
                 tracing.traced(tracer, "decode", decode),
                 tracing.traced(tracer, "encode", encode),
                 forward,
+                headers,
             )
 
     async def _run(
@@ -90,10 +95,11 @@ class GatewayInference:
         decode: Decode,
         encode: Callable[[InferenceRequest, ModelMetadata, Tensors], Answer],
         forward: Callable[[], Forwarded] | None,
+        headers: Headers | None,
     ) -> Answer:
         started = time.perf_counter()
         catalog = self.catalog
-        served = await catalog.serving(model, version, catalog.config.max_queue_time_s)
+        served = await catalog.serving(model, version, catalog.config.max_queue_time_s, headers)
         dispatcher = served.dispatcher
         tenant = self.tenants.get(tenant_name)
         rows = 0
@@ -121,6 +127,13 @@ class GatewayInference:
             tenant.take_rows(request_rows)
             rows = request_rows
             future = dispatcher.submit(request.inputs, rows, priority, timeout_s, tenant)
+            shadow = catalog.shadows.get(model)
+            if (
+                shadow is not None
+                and shadow.candidate is not dispatcher
+                and shadow.inputs == metadata.inputs
+            ):
+                shadow.send(request.inputs, rows, future)
             response = encode(request, metadata, await future)
             status = 200
             return response
@@ -137,25 +150,34 @@ class GatewayInference:
         finally:
             if rows:
                 tenant.release_rows(rows)
-            elapsed = time.perf_counter() - started
+            elapsed_s = time.perf_counter() - started
             served.metrics.requests[outcome_of(status)].inc()
-            served.metrics.request_seconds.observe(elapsed)
-            served.metrics.statistics.answered(status == 200, rows, elapsed)
+            served.metrics.request_seconds.observe(elapsed_s)
+            served.metrics.statistics.answered(status == 200, rows, elapsed_s)
+            rollout = catalog.rollouts.get(model)
+            if rollout is not None:
+                rollout.record(served.metadata.version, elapsed_s, status)
 
 
 def statistics(
     catalog: ModelCatalog, name: str | None, version: str | None
 ) -> list[dict[str, Any]]:
-    """Triton's ``model_stats`` at the gateway: of every model served (no ``name``), or of
-    ``name`` (at ``version``); ``BazaarError`` for a model or version not served."""
+    """Triton's ``model_stats`` at the gateway: of every version of every model served (no
+    ``name``), of every version of ``name``, or of its ``version``; ``BazaarError`` for a
+    model or version not served."""
     if name:
-        chosen = [(name, catalog.get(name, version or None))]
+        catalog.get(name, version or None)  # not served: its error
+        served = catalog.versions[name]
+        chosen = (
+            [served[version]] if version else [served[v] for v in sorted(served, key=version_order)]
+        )
     else:
-        chosen = sorted(catalog.models.items())
-    return [
-        served.metrics.statistics.to_json(model, served.metadata.version)
-        for model, served in chosen
-    ]
+        chosen = [
+            versions[v]
+            for _, versions in sorted(catalog.versions.items())
+            for v in sorted(versions, key=version_order)
+        ]
+    return [s.metrics.statistics.to_json(s.metadata.name, s.metadata.version) for s in chosen]
 
 
 def model_config(catalog: ModelCatalog, name: str, version: str | None) -> dict[str, Any]:

@@ -59,7 +59,9 @@ class RawRequest:
 
 
 class ModelClient(Protocol):
-    """How the gateway talks to a pod (HTTP in production, a fake in tests)."""
+    """How the gateway talks to a pod (HTTP in production, a fake in tests). ``model`` is
+    the model's path under ``/v2/models/``: its name, or ``name/versions/v`` for a version
+    (``gateway.catalog.model_path``)."""
 
     async def infer(self, url: str, model: str, inputs: Tensors, timeout_s: float) -> Tensors:
         """The pod's outputs; ``timeout_s`` bounds the call and is sent to the pod too."""
@@ -100,6 +102,8 @@ def choose_endpoint(
 
 
 class EndpointPool:
+    """The endpoints of one model version; ``model`` is its path (``ModelClient``)."""
+
     def __init__(
         self,
         model: str,

@@ -112,12 +112,12 @@ def worker_urls(base: str) -> dict[str, str]:
 
 
 def batch_rows(metrics: str, model: str) -> tuple[float, float]:
-    """``(sum, count)`` of the gateway's batch-size histogram for ``model``."""
+    """``(sum, count)`` of the gateway's batch-size histogram for ``model``, all versions."""
     values = {"sum": 0.0, "count": 0.0}
     pattern = r"^bazaar_gateway_batch_size_(sum|count)\{([^}]*)\}\s+(\S+)"
     for match in re.finditer(pattern, metrics, re.M):
         if _labels(match.group(2)).get("model") == model:
-            values[match.group(1)] = float(match.group(3))
+            values[match.group(1)] += float(match.group(3))
     return values["sum"], values["count"]
 
 

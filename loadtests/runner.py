@@ -181,13 +181,15 @@ def scrape(host: str) -> MetricsSample | None:
     requests: dict[tuple[str, str], float] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
+            # Summed over a model's versions: each has its own series.
             model = sample.labels.get("model", "")
             if sample.name == "bazaar_gateway_queue_depth":
-                depth[model] = sample.value
+                depth[model] = depth.get(model, 0.0) + sample.value
             elif sample.name == "bazaar_gateway_ready_endpoints":
-                replicas[model] = sample.value
+                replicas[model] = replicas.get(model, 0.0) + sample.value
             elif sample.name == "bazaar_gateway_requests_total":
-                requests[(model, sample.labels["outcome"])] = sample.value
+                key = (model, sample.labels["outcome"])
+                requests[key] = requests.get(key, 0.0) + sample.value
     if not requests and not depth:
         return None
     return MetricsSample(time.time(), depth, replicas, requests)

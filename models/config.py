@@ -26,6 +26,7 @@ import yaml
 
 from protocol.errors import ConfigError
 from protocol.schema import DATATYPES, ModelMetadata, TensorSpec
+from protocol.traffic import TrafficPolicy, parse_traffic
 
 PLATFORM = "onnxruntime_onnx"
 
@@ -127,6 +128,9 @@ class ModelConfig:
     dimension. Default none: the graph's inputs as they are."""
     outputs: tuple[TensorSpec, ...] = ()
     """Declared outputs, as ``inputs``."""
+    traffic: TrafficPolicy | None = None
+    """How the gateway shares the model's unversioned requests among its versions
+    (``protocol.traffic``); served in the config for the gateway. Default none: the highest."""
 
     def to_json(self) -> dict[str, Any]:
         """The config as ``parse_config`` reads it back (``max_batch_size`` only when set)."""
@@ -142,6 +146,8 @@ class ModelConfig:
         data["min_batch_time_ms"] = self.min_batch_time_ms
         data["inputs"] = [spec.to_json() for spec in self.inputs]
         data["outputs"] = [spec.to_json() for spec in self.outputs]
+        if self.traffic is not None:
+            data["traffic"] = self.traffic.to_json()
         return data
 
 
@@ -193,6 +199,7 @@ def parse_config(data: Mapping[str, Any], where: str) -> ModelConfig:
         ),
         inputs=_tensor_specs(top.get("inputs", []), where, "inputs"),
         outputs=_tensor_specs(top.get("outputs", []), where, "outputs"),
+        traffic=parse_traffic(top["traffic"], where) if "traffic" in top else None,
     )
 
 

@@ -32,7 +32,9 @@ async def test_the_autoscaler_reads_exactly_the_pods_the_gateway_routes_to() -> 
     routed: dict[str, list[str]] = {}
     async with serving(fake) as url:
         source = EndpointSlices(cluster_at(url, "gateway", "gateway"))
-        await source.start(lambda model, urls: routed.__setitem__(model, urls), CollectorRegistry())
+        await source.start(
+            lambda model, urls, traffic=None: routed.__setitem__(model, urls), CollectorRegistry()
+        )
         await source.stop()
         scaler = KubernetesScaler(cluster_at(url, "autoscaler", "autoscaler"))
         [target] = await scaler.targets()

@@ -136,7 +136,7 @@ def test_64_concurrent_clients_each_get_their_own_rows(
         assert status == 200, data
         np.testing.assert_allclose(data, expected[index % 64], rtol=1e-5, atol=1e-5)
     metrics = httpx.get(f"{url}/metrics").text
-    assert 'bazaar_gateway_requests_total{model="mlp",outcome="success"}' in metrics
+    assert 'bazaar_gateway_requests_total{model="mlp",outcome="success",version="1"}' in metrics
 
 
 def _families(text: str) -> dict[str, list[Sample]]:

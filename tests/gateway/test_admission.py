@@ -103,7 +103,7 @@ class Gateway:
     request: Callable[[Client], asyncio.Future[None]]
 
     def sample(self, name: str, **labels: str) -> float | None:
-        return self.registry.get_sample_value(name, {"model": "m", **labels})
+        return self.registry.get_sample_value(name, {"model": "m", "version": "1", **labels})
 
 
 MakeGateway = Callable[..., Gateway]
@@ -120,9 +120,12 @@ async def make() -> AsyncIterator[MakeGateway]:
         catalog = ModelCatalog(pods, metrics, config)  # type: ignore[arg-type]
         pool = EndpointPool("m", pods, max_batches_per_endpoint=1, rng=random.Random(0))
         pool.set_endpoints(["http://pod-0"])
-        dispatcher = Dispatcher("m", BatchPolicy(**policy), pool, metrics.for_model("m"))
+        model_metrics = metrics.for_model("m", "1")
+        dispatcher = Dispatcher("m", BatchPolicy(**policy), pool, model_metrics)
         collector = asyncio.create_task(dispatcher.run())
-        catalog.models["m"] = ServedModel(METADATA, dispatcher, metrics.for_model("m"), collector)
+        served = ServedModel(METADATA, dispatcher, model_metrics, collector)
+        catalog.models["m"] = served
+        catalog.versions["m"] = {"1": served}
         catalogs.append(catalog)
         app = create_app(catalog)
 

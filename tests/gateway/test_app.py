@@ -245,8 +245,17 @@ IDLE = {
 }
 
 
-def idle(gateway: Gateway) -> dict[str, object]:
-    return {**IDLE, "endpoint_urls": [gateway.model_server]}
+def idle(gateway: Gateway, **counted: int) -> dict[str, object]:
+    """A model's ``/stats`` at its one version, "1", with ``counted`` on top of idle."""
+    work = {**IDLE, "endpoint_urls": [gateway.model_server], **counted}
+    return {
+        **work,
+        "default_version": "1",
+        "traffic": None,
+        "shadow": None,
+        "rollout": None,
+        "versions": {"1": work},
+    }
 
 
 async def test_stats_count_admitted_and_completed_work_per_model(gateway: Gateway) -> None:
@@ -259,7 +268,7 @@ async def test_stats_count_admitted_and_completed_work_per_model(gateway: Gatewa
     await asyncio.sleep(0)  # one loop turn: the last batch's task is reaped (see the next test)
     after = (await gateway.http.get("/stats")).json()
     counted = {"admitted": 3, "admitted_rows": 6, "completed_rows": 6}
-    assert after == {"models": {"digits": idle(gateway), "mlp": {**idle(gateway), **counted}}}
+    assert after == {"models": {"digits": idle(gateway), "mlp": idle(gateway, **counted)}}
 
 
 async def test_stats_show_no_batch_in_flight_once_its_answer_is_back(gateway: Gateway) -> None:

@@ -15,11 +15,12 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from gateway.app import create_app
-from gateway.catalog import NOT_SERVING, UNREAD, ModelCatalog, Reading, reconcile
+from gateway.catalog import ModelCatalog
 from gateway.client import HttpModelClient
 from gateway.config import GatewayConfig
 from gateway.dispatcher import BatchPolicy
 from gateway.metrics import GatewayMetrics
+from gateway.readings import NOT_SERVING, UNREAD, Reading, reconcile
 from protocol.schema import ModelMetadata, TensorSpec
 from tests.support import bazaar_process, eventually, free_port
 
@@ -132,19 +133,19 @@ def _reading(metadata: ModelMetadata) -> Reading:
     return Reading(metadata, BatchPolicy(max_batch_size=metadata.max_batch_size))
 
 
-def test_reconcile_keeps_the_served_version_until_no_pod_serves_it() -> None:
-    v1, v2 = _metadata("1"), _metadata("2", width=32)
+def test_reconcile_keeps_the_served_tensors_until_no_pod_serves_them() -> None:
+    served, reloaded = _metadata("1"), _metadata("1", width=32)
     readings = {
-        "a": _reading(v1),
+        "a": _reading(served),
         "b": _reading(_metadata("1", max_batch_size=8)),
-        "c": _reading(v2),
+        "c": _reading(reloaded),
     }
-    result = reconcile(v1, readings, ["a", "b", "c"])
+    result = reconcile(served, readings, ["a", "b", "c"])
     assert result.urls == ["a", "b"]
     assert result.metadata == _metadata("1", max_batch_size=8)
 
-    result = reconcile(v1, {"c": _reading(v2), "d": NOT_SERVING}, ["a", "b", "c", "d"])
-    assert (result.urls, result.metadata) == (["c"], v2)
+    result = reconcile(served, {"c": _reading(reloaded), "d": NOT_SERVING}, ["a", "b", "c", "d"])
+    assert (result.urls, result.metadata) == (["c"], reloaded)
 
 
 def test_reconcile_keeps_an_unread_endpoint_where_it_was() -> None:

@@ -39,7 +39,7 @@ def test_a_list_of_urls_and_a_mapping_both_read(tmp_path: Path) -> None:
         "sklearn": StaticModel(["https://d:8080"], ModelSettings(max_batch_size=8)),
     }
     source = StaticEndpoints(path)
-    assert source.endpoints["echo"] == ["http://c:8080"]
+    assert source.models["echo"].endpoints == ["http://c:8080"]
     assert source.settings["echo"] == ModelSettings(validate=False)
 
 
@@ -55,6 +55,10 @@ def test_a_list_of_urls_and_a_mapping_both_read(tmp_path: Path) -> None:
         ("{endpoints: [http://x], validate: no-thanks}", "models.m.validate: must be true or"),
         ("{endpoints: [http://x], max_batch_size: -1}", "models.m.max_batch_size: must be an"),
         ("{endpoints: [http://x], max_batch_size: 2.5}", "models.m.max_batch_size: must be an"),
+        (
+            "{endpoints: [http://x], traffic: {weights: {'1': -1}}}",
+            "models.m.traffic.weights.1: must be a number >= 0",
+        ),
         (
             "{endpoints: [http://x], validate: false, max_batch_size: 4}",
             "models.m.max_batch_size: an unvalidated model (validate: false) is passed through",

@@ -18,6 +18,7 @@ import yaml
 from prometheus_client import CollectorRegistry
 
 from gateway.discovery import REQUIRED_RBAC, EndpointSlices
+from protocol.traffic import TrafficPolicy
 from tests.cluster.fake_kubernetes import FakeKubernetes, cluster_at, serving
 from tests.support import bazaar_process, eventually, free_port
 
@@ -28,15 +29,17 @@ RESYNC_S = 0.05
 
 
 class Listener:
-    """What the source reported: every call, and each model's latest endpoints."""
+    """What the source reported: every call, each model's latest endpoints and traffic."""
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, list[str]]] = []
         self.latest: dict[str, list[str]] = {}
+        self.traffic: dict[str, TrafficPolicy | None] = {}
 
-    def __call__(self, model: str, urls: list[str]) -> None:
+    def __call__(self, model: str, urls: list[str], traffic: TrafficPolicy | None = None) -> None:
         self.calls.append((model, urls))
         self.latest[model] = urls
+        self.traffic[model] = traffic
 
 
 @pytest.fixture

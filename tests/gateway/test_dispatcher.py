@@ -45,7 +45,7 @@ async def make(metrics: GatewayMetrics) -> AsyncIterator[MakeDispatcher]:
 
 
 def shed(metrics: GatewayMetrics, stage: str, reason: str) -> float | None:
-    labels = {"model": "m", "stage": stage, "reason": reason}
+    labels = {"model": "m", "version": "", "stage": stage, "reason": reason}
     return metrics.registry.get_sample_value("bazaar_gateway_shed_requests_total", labels)
 
 
@@ -155,7 +155,9 @@ async def test_expired_request_gets_504_and_is_never_computed(
     assert computed == [0, 2]
     assert dispatcher.stats().queued == 0
     assert (
-        metrics.registry.get_sample_value("bazaar_gateway_expired_requests_total", {"model": "m"})
+        metrics.registry.get_sample_value(
+            "bazaar_gateway_expired_requests_total", {"model": "m", "version": ""}
+        )
         == 1
     )
 

@@ -102,6 +102,9 @@ class FakeUpstream:
                 Route("/v2/models/m/config", config),
                 Route("/v2/models/m/infer", infer, methods=["POST"]),
                 Route("/v2/models/m", metadata),
+                # The gateway calls and probes a version the upstream names at its own path.
+                Route("/v2/models/m/versions/1/ready", ready),
+                Route("/v2/models/m/versions/1/infer", infer, methods=["POST"]),
             ]
         )
 
