@@ -14,7 +14,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.app import GRPC_EXTENSIONS, SERVER_NAME, create_app
+from gateway.app import EXTENSIONS, SERVER_NAME, create_app
 from gateway.catalog import ModelCatalog
 from gateway.client import HttpModelClient
 from gateway.config import GatewayConfig
@@ -129,7 +129,7 @@ async def test_grpc_routes_by_model_version(
     gateway: tuple[httpx.AsyncClient, ModelCatalog],
 ) -> None:
     _, catalog = gateway
-    backend = GatewayGrpcBackend(GatewayInference(catalog), SERVER_NAME, GRPC_EXTENSIONS)
+    backend = GatewayGrpcBackend(GatewayInference(catalog), SERVER_NAME, EXTENSIONS)
     x = {"x": np.full((1, WIDTH), 3.0, dtype=np.float32)}
     for version, expected in (("1", 3.0), ("2", 6.0), ("", 6.0)):
         message = codec.encode_request("scale", x, {})
