@@ -658,8 +658,10 @@ class Dispatcher:
         """The batch's span, current while it is in flight, after each traced member's
         queue span; nothing when the gateway does not trace."""
         tracer = tracing.TRACER
+        if tracer is None:
+            return contextlib.nullcontext()
         members = [p.waiting for p in batch if p.waiting is not None]
-        if tracer is None or not members:
+        if not members:
             return contextlib.nullcontext()
         for member in members:
             tracing.waited(tracer, "queue", member)

@@ -74,7 +74,18 @@ class GatewayInference:
                 model, version, tenant_name, admission_timeout_s, decode, encode, forward, headers
             )
         attributes = {"bazaar.model": model, "bazaar.version": version or ""}
-        with tracing.server_span(tracer, f"infer {model}", attributes):
+        with tracing.server_span(tracer, f"infer {model}", attributes) as span:
+            if not span.is_recording():
+                return await self._run(
+                    model,
+                    version,
+                    tenant_name,
+                    admission_timeout_s,
+                    decode,
+                    encode,
+                    forward,
+                    headers,
+                )
             return await self._run(
                 model,
                 version,

@@ -77,7 +77,9 @@ class PodInference:
         if tracer is None:
             return await self._run(model, version, decode, encode, limit_s)
         attributes = {"bazaar.model": model, "bazaar.version": version or ""}
-        with tracing.server_span(tracer, f"infer {model}", attributes):
+        with tracing.server_span(tracer, f"infer {model}", attributes) as span:
+            if not span.is_recording():
+                return await self._run(model, version, decode, encode, limit_s)
             return await self._run(
                 model,
                 version,
@@ -135,7 +137,7 @@ class PodInference:
                 execution.infer_s,
                 execution.output_s,
             )
-            if tracing.TRACER is not None:
+            if tracing.TRACER is not None and tracing.recording():
                 tracing.finished_span(tracing.TRACER, "compute", execution.infer_s)
             response = encode(request, runtime.metadata, outputs)
             outcome = "success"

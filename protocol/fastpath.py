@@ -20,7 +20,6 @@ answered then: nobody is there.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -157,15 +156,15 @@ async def _infer(
         encoding = headers.pop(b"content-encoding", None)
         if encoding is not None:
             body = decompress(body, encoding, max_body_bytes)
-        caller_trace = (
-            contextlib.nullcontext()
-            if tracing.TRACER is None
-            else tracing.incoming(headers.get(b"traceparent"), headers.get(b"tracestate"))
-        )
-        with caller_trace:
+        if tracing.TRACER is None:
             encoded, header_length = await handler(
                 target[0], target[1], body, headers, scope.get(TENANT)
             )
+        else:
+            with tracing.incoming(headers.get(b"traceparent"), headers.get(b"tracestate")):
+                encoded, header_length = await handler(
+                    target[0], target[1], body, headers, scope.get(TENANT)
+                )
     except asyncio.CancelledError:
         if left and task.uncancel() == 0:
             return  # the client left while its request was handled: nobody to answer

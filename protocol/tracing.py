@@ -96,22 +96,40 @@ def server_span(
 
 
 def traced(tracer: trace.Tracer, name: str, step: Callable[P, R]) -> Callable[P, R]:
-    """``step``, run in a span of its own under the current one."""
+    """``step``, run in a span of its own under the current one (never made current: a step
+    starts no spans, and attaching a context costs as much as the span)."""
 
     def run(*args: P.args, **kwargs: P.kwargs) -> R:
-        with tracer.start_as_current_span(name):
+        span = tracer.start_span(name)
+        try:
             return step(*args, **kwargs)
+        except Exception as exc:
+            span.record_exception(exc)
+            span.set_status(trace.StatusCode.ERROR)
+            raise
+        finally:
+            span.end()
 
     return run
+
+
+def recording() -> bool:
+    """Whether the current span records: false when it was not sampled, and then the spans
+    under it would not be either, so they are not made at all."""
+    return trace.get_current_span().is_recording()
 
 
 Waiting = tuple[SpanContext, int]
 """A queued request's span context and when it was queued (ns since the epoch)."""
 
 
-def waiting() -> Waiting:
-    """What a queued request carries to its batch: the current span and the time."""
-    return trace.get_current_span().get_span_context(), time.time_ns()
+def waiting() -> Waiting | None:
+    """What a queued request carries to its batch: the current span and the time; None when
+    that span does not record."""
+    span = trace.get_current_span()
+    if not span.is_recording():
+        return None
+    return span.get_span_context(), time.time_ns()
 
 
 def waited(tracer: trace.Tracer, name: str, since: Waiting) -> None:

@@ -224,3 +224,18 @@ def test_a_request_without_a_traceparent_starts_a_trace_of_its_own(
     root = new_root()
     assert root is not None and root.parent_id == ""
     assert_one_tree(complete(receiver, root.trace_id), "")
+
+
+def test_a_caller_that_did_not_sample_its_trace_gets_no_spans(
+    serve: Traced, receiver: Receiver
+) -> None:
+    client = triton_http.InferenceServerClient(serve.http.removeprefix("http://"))
+    image = triton_http.InferInput("input", [1, 64], "FP32")
+    image.set_data_from_numpy(digits_samples(1)[0])
+    unsampled, span_id, _ = caller()
+    client.infer("digits", [image], headers={"traceparent": f"00-{unsampled}-{span_id}-00"})
+    # A sampled request after it: once its spans are in, the first one's would be too.
+    sampled, span_id, traceparent = caller()
+    client.infer("digits", [image], headers={"traceparent": traceparent})
+    assert_one_tree(complete(receiver, sampled), span_id)
+    assert receiver.trace(unsampled) == []
