@@ -7,7 +7,7 @@ sensitive to other load on the machine than wall time; Python calls (cProfile) n
 With ``--trace`` the process traces as ``--otlp-endpoint`` makes it, its spans sent over
 OTLP/HTTP to a sink in this process that reads and drops them::
 
-    python -m loadtests.gatewaycpu --requests 4000 [--trace]
+    python -m tests.gateway.bench_cpu --requests 4000 [--trace]
 """
 
 from __future__ import annotations
@@ -133,7 +133,7 @@ async def _measure(requests: int) -> tuple[float, float]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m loadtests.gatewaycpu", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m tests.gateway.bench_cpu", description=__doc__)
     parser.add_argument("--requests", type=int, default=4000)
     parser.add_argument("--trace", action="store_true", help="trace, spans to a local sink")
     args = parser.parse_args(argv)
