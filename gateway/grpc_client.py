@@ -3,9 +3,11 @@
 ``GrpcModelClient`` is the HTTP client (``gateway.client``) with ``infer`` sent over gRPC
 to every pod whose gRPC address ``targets`` knows (an endpoint's HTTP URL → ``host:port``);
 a pod it does not know is called over HTTP, and passthrough, readiness and learning stay
-on HTTP everywhere. One ``grpc.aio`` channel per pod, opened on its first batch and kept
-for the gateway's life (a channel reconnects by itself after a pod restarts on the same
-address).
+on HTTP everywhere. One ``grpc.aio`` channel per pod, opened on its first batch (it
+reconnects by itself after a pod restarts on the same address). Opening one closes those
+whose endpoints ``targets`` no longer maps to them (a retired worker, an edited endpoints
+file), so a gateway whose pods come and go for months holds a channel per live pod, not per
+pod it ever called.
 
 A call means to the router what an HTTP call means (``gateway.client``): it carries the
 batch's time left both as its gRPC deadline and as ``parameters.timeout`` in microseconds
@@ -42,6 +44,8 @@ class GrpcModelClient(HttpModelClient):
         super().__init__(connect_timeout_s)
         self._targets = targets
         self._channels: dict[str, tuple[grpc.aio.Channel, GRPCInferenceServiceStub]] = {}
+        self._urls: dict[str, str] = {}
+        """gRPC target -> the endpoint URL its channel was opened for."""
 
     async def infer(self, url: str, model: str, inputs: Tensors, timeout_s: float) -> Tensors:
         target = self._targets(url)
@@ -54,22 +58,24 @@ class GrpcModelClient(HttpModelClient):
         message.model_version = version
         tracer = tracing.TRACER
         if tracer is None:
-            answer = await self._call(target, message, timeout_s, None)
+            answer = await self._call(url, target, message, timeout_s, None)
         else:
             with tracing.client_span(tracer, "pod call"):
                 headers: dict[str, str] = {}
                 tracing.inject(headers)
-                answer = await self._call(target, message, timeout_s, tuple(headers.items()))
+                metadata = tuple(headers.items())
+                answer = await self._call(url, target, message, timeout_s, metadata)
         return codec.decode_response(answer)
 
     async def _call(
         self,
+        url: str,
         target: str,
         message: ModelInferRequest,
         timeout_s: float,
         metadata: tuple[tuple[str, str], ...] | None,
     ) -> ModelInferResponse:
-        stub = self._stub(target)
+        stub = await self._stub(url, target)
         try:
             answer: ModelInferResponse = await stub.ModelInfer(
                 message, timeout=timeout_s, metadata=metadata
@@ -82,26 +88,34 @@ class GrpcModelClient(HttpModelClient):
             ) from None
         return answer
 
-    def _stub(self, target: str) -> GRPCInferenceServiceStub:
+    async def _stub(self, url: str, target: str) -> GRPCInferenceServiceStub:
         opened = self._channels.get(target)
-        if opened is None:
-            channel = grpc.aio.insecure_channel(
-                target,
-                options=[
-                    # A batch as large as the HTTP hop would carry, both ways; the pod's own
-                    # limit refuses a larger one (RESOURCE_EXHAUSTED, as HTTP's 413).
-                    ("grpc.max_send_message_length", MAX_ANSWER_BYTES),
-                    ("grpc.max_receive_message_length", MAX_ANSWER_BYTES),
-                ],
-            )
-            opened = self._channels[target] = (
-                channel,
-                GRPCInferenceServiceStub(channel),  # type: ignore[no-untyped-call]
-            )
-        return opened[1]
+        if opened is not None:
+            return opened[1]
+        channel = grpc.aio.insecure_channel(
+            target,
+            options=[
+                # A batch as large as the HTTP hop would carry, both ways; the pod's own
+                # limit refuses a larger one (RESOURCE_EXHAUSTED, as HTTP's 413).
+                ("grpc.max_send_message_length", MAX_ANSWER_BYTES),
+                ("grpc.max_receive_message_length", MAX_ANSWER_BYTES),
+            ],
+        )
+        stub = GRPCInferenceServiceStub(channel)  # type: ignore[no-untyped-call]
+        self._channels[target], self._urls[target] = (channel, stub), url
+        # Taken out before the first await, so a concurrent call neither uses nor closes
+        # them twice.
+        gone = [t for t, u in self._urls.items() if self._targets(u) != t]
+        closing = [self._channels.pop(t)[0] for t in gone]
+        for t in gone:
+            del self._urls[t]
+        for old in closing:
+            await old.close()
+        return stub
 
     async def close(self) -> None:
         for channel, _ in self._channels.values():
             await channel.close()
         self._channels.clear()
+        self._urls.clear()
         await super().close()

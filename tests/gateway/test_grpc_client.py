@@ -226,3 +226,29 @@ def test_a_gateway_sends_batches_over_grpc_to_an_endpoint_the_file_gives_grpc(
             60,
             "batches over HTTP again",
         )
+
+
+async def test_a_channel_is_closed_once_no_endpoint_maps_to_it(
+    recording: tuple[RecordingPod, str],
+) -> None:
+    pod, target = recording
+    server = grpc.aio.server()
+    add_GRPCInferenceServiceServicer_to_server(pod, server)  # type: ignore[no-untyped-call]
+    second = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+    await server.start()
+    targets = {"http://a": target, "http://b": second}
+    client = GrpcModelClient(targets.get)
+    inputs = {"x": np.ones((1, 1))}
+    try:
+        await client.infer("http://a", "m", inputs, 5)
+        await client.infer("http://b", "m", inputs, 5)
+        assert set(client._channels) == {target, second}
+        del targets["http://a"]  # a retired worker: its URL gone, its channel with it
+        targets["http://c"] = target.replace("127.0.0.1", "localhost")  # a new pod
+        await client.infer("http://c", "m", inputs, 5)
+        assert set(client._channels) == {second, targets["http://c"]}
+        await client.infer("http://b", "m", inputs, 5)  # the kept channel still works
+    finally:
+        await client.close()
+        await server.stop(None)
+    assert len(pod.requests) == 4
