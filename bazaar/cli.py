@@ -224,6 +224,13 @@ def parser() -> argparse.ArgumentParser:
         help="small models share workers: packed by estimated footprint into workers of at "
         "most this much each; shared workers are not autoscaled (default: one worker per model)",
     )
+    serve.add_argument(
+        "--hop",
+        choices=["grpc", "http"],
+        default="grpc",
+        help="how the gateway sends batches to the workers: gRPC (each worker serves it on a "
+        "second port) or binary HTTP (default %(default)s, the faster: BENCHMARKS.md)",
+    )
     _gateway_options(serve)
     serve.set_defaults(run=_serve)
 
@@ -549,6 +556,7 @@ def _serve(args: argparse.Namespace) -> int:
         log_level=args.log_level,
         gateway_token=stats_token,
         worker_bytes=args.worker_memory,
+        grpc_hop=args.hop == "grpc",
     )
     main = run(
         source,
@@ -561,6 +569,7 @@ def _serve(args: argparse.Namespace) -> int:
         open_scopes=_open_scopes(args),
         grpc_port=args.grpc_port or None,
         extra_routes=[worker_metrics_route(source.worker_urls)],
+        grpc_targets=source.grpc_target if args.hop == "grpc" else None,
     )
     _run_async(main)
     return 0
@@ -575,12 +584,14 @@ def _gateway(args: argparse.Namespace) -> int:
 
     source: EndpointSource
     config = _gateway_config(args)
+    grpc_targets = None  # EndpointSlices give no gRPC port yet: the pods are called over HTTP
     if args.endpoints is not None:
         if args.kubeconfig is not None:
             log.error("--kubeconfig goes with --kubernetes-namespace")
             return 2
         source = StaticEndpoints(args.endpoints)
         config = dataclasses.replace(config, models=source.settings)
+        grpc_targets = source.grpc_target
     else:
         from cluster.api import Cluster, connect
 
@@ -600,6 +611,7 @@ def _gateway(args: argparse.Namespace) -> int:
         open_scopes=_open_scopes(args),
         tls=tls,
         grpc_port=args.grpc_port or None,
+        grpc_targets=grpc_targets,
     )
     _run_async(main)
     return 0

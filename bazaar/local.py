@@ -54,6 +54,7 @@ class LocalWorkers:
         log_level: str,
         gateway_token: str | None = None,
         worker_bytes: int | None = None,
+        grpc_hop: bool = False,
     ) -> None:
         self.repository = repository
         models = ModelRepository(repository)
@@ -71,11 +72,14 @@ class LocalWorkers:
         self.autoscale = autoscale
         self.log_level = log_level
         self.gateway_token = gateway_token
+        self.grpc_hop = grpc_hop
         self.supervisor: WorkerSupervisor | None = None
         self._autoscaler: asyncio.Task[None] | None = None
 
     async def start(self, listener: EndpointListener, registry: CollectorRegistry) -> None:
-        self.supervisor = WorkerSupervisor(self.repository, listener, log_level=self.log_level)
+        self.supervisor = WorkerSupervisor(
+            self.repository, listener, log_level=self.log_level, grpc_hop=self.grpc_hop
+        )
         for model in self.models:
             listener(model, [])  # known at once: requests wait for a worker instead of 404
         for name, models in self.groups.items():
@@ -93,6 +97,11 @@ class LocalWorkers:
     def worker_urls(self) -> dict[str, str]:
         """``MODEL/N`` -> URL of every running worker (``WorkerSupervisor.worker_urls``)."""
         return {} if self.supervisor is None else self.supervisor.worker_urls()
+
+    def grpc_target(self, url: str) -> str | None:
+        """The gRPC ``host:port`` of the worker at ``url``, with ``grpc_hop``
+        (``WorkerSupervisor.grpc_target``)."""
+        return None if self.supervisor is None else self.supervisor.grpc_target(url)
 
     async def stop(self) -> None:
         await cancel_and_wait(self._autoscaler)

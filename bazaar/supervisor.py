@@ -6,7 +6,9 @@ serves one model, or a group of them (``scale(name, n, models)``, ``bazaar.place
 then each of the group's models is told the group's ready workers, so the gateway sends a
 model's batches only to workers that hold it. Each worker is kept by one task that loops:
 start the process, poll ``/v2/health/ready`` every 50 ms until it answers 200 (the worker
-joins the endpoints), then wait for the process to exit.
+joins the endpoints), then wait for the process to exit. With ``grpc_hop`` each worker also
+serves gRPC on a second free port, which ``grpc_target`` tells the gateway's gRPC hop
+(``gateway.grpc_client``); a restart takes new ports for both.
 
 Under failure:
 
@@ -99,8 +101,10 @@ class WorkerSupervisor:
         min_restart_delay_s: float = 0.5,
         max_restart_delay_s: float = 30.0,
         startup_timeout_s: float = 120.0,
+        grpc_hop: bool = False,
     ) -> None:
         self._repository = repository
+        self._grpc_hop = grpc_hop
         self._listener = listener
         self._host = host
         self._log_level = log_level
@@ -114,6 +118,8 @@ class WorkerSupervisor:
         self._groups: dict[str, tuple[str, ...]] = {}
         """The models each group's workers serve, where not just the one it is named after."""
         self._stopped = False
+        self._grpc_targets: dict[str, str] = {}
+        """With ``grpc_hop``, each running worker's URL -> its gRPC ``host:port``."""
 
     async def scale(self, model: str, workers: int, models: tuple[str, ...] = ()) -> None:
         """Start or retire workers until ``model`` has ``workers``; does not await readiness.
@@ -155,6 +161,11 @@ class WorkerSupervisor:
     def endpoints(self, model: str) -> list[str]:
         """URLs of ``model``'s ready workers, oldest worker first."""
         return [w.url for w in self._workers.get(model, []) if w.ready]
+
+    def grpc_target(self, url: str) -> str | None:
+        """The gRPC ``host:port`` of the worker at ``url`` (``gateway.grpc_client``), or
+        None: ``grpc_hop`` is off, or ``url`` is no longer one of its workers."""
+        return self._grpc_targets.get(url)
 
     async def stop(self) -> None:
         """Retire every worker and wait until all have exited (SIGKILL after the grace)."""
@@ -211,10 +222,16 @@ class WorkerSupervisor:
         finally:
             if worker.process is not None:
                 await _terminate(worker.process)
+            self._grpc_targets.pop(worker.url, None)
 
     async def _start(self, worker: _Worker) -> None:
         port = free_port(self._host)  # lost before it binds: it exits and restarts
+        self._grpc_targets.pop(worker.url, None)
         worker.url = f"http://{self._host}:{port}"
+        grpc_port: tuple[str, ...] = ()
+        if self._grpc_hop:
+            target = self._grpc_targets[worker.url] = f"{self._host}:{free_port(self._host)}"
+            grpc_port = ("--grpc-port", target.rpartition(":")[2])
         # If this await is cancelled, asyncio kills the half-started child itself.
         worker.process = await asyncio.create_subprocess_exec(
             sys.executable,
@@ -232,6 +249,7 @@ class WorkerSupervisor:
             self._host,
             "--port",
             str(port),
+            *grpc_port,
             preexec_fn=_PREEXEC,
             # Out of the terminal's process group: Ctrl-C reaches the gateway only, which
             # drains through the workers before it stops them.

@@ -11,7 +11,9 @@ v2 servers; a model may also say how the gateway treats it::
         max_batch_size: 8     # rows per batch, instead of what the upstream says
         validate: false       # pass requests through as sent, unbatched
       fraud:
-        endpoints: [http://10.0.0.8:8000, http://10.0.0.9:8000]
+        endpoints:            # an endpoint with its gRPC address gets batches over gRPC
+          - {url: http://10.0.0.8:8000, grpc: 10.0.0.8:9000}
+          - http://10.0.0.9:8000
         traffic:              # shares of unversioned requests (protocol.traffic)
           weights: {"1": 90, "2": 10}
           sticky_header: x-user-id
@@ -22,9 +24,12 @@ without it the gateway takes the upstream's config, else its metadata's
 upstreams whose metadata does not describe their tensors truthfully: the gateway forwards
 each request's body as sent (``gateway.passthrough``), as it does for a model whose
 metadata declares no tensors; such a model never batches, so it takes no ``max_batch_size``.
-``traffic`` replaces the traffic policy of the model's own config; the gateway re-reads the
-file when it changes (``gateway.discovery.StaticEndpoints``), and a new policy or new
-endpoints apply at once, without a restart.
+An endpoint given as ``{url, grpc}`` is sent its batches over gRPC at ``grpc`` (``host:port``,
+its ``bazaar model-server --grpc-port``: ``gateway.grpc_client``), everything else over HTTP
+at ``url``; a plain URL is sent everything over binary HTTP. ``traffic`` replaces the
+traffic policy of the model's own config; the gateway re-reads the file when it changes
+(``gateway.discovery.StaticEndpoints``), and a new policy or new endpoints apply at once,
+without a restart.
 """
 
 from __future__ import annotations
@@ -64,6 +69,8 @@ class StaticModel:
     settings: ModelSettings
     traffic: TrafficPolicy | None = None
     """Its traffic policy, replacing its config's; None: the config's applies."""
+    grpc_targets: dict[str, str] = field(default_factory=dict)
+    """Endpoint URL -> the gRPC ``host:port`` its batches go to, for those that have one."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,7 +152,8 @@ def load_static_endpoints(path: Path) -> dict[str, StaticModel]:
 
 def _static_model(where: str, key: str, entry: object) -> StaticModel:
     if isinstance(entry, list):
-        return StaticModel(_urls(where, key, entry), DEFAULT_MODEL_SETTINGS)
+        urls, grpc_targets = _endpoints(where, key, entry)
+        return StaticModel(urls, DEFAULT_MODEL_SETTINGS, grpc_targets=grpc_targets)
     if not isinstance(entry, dict):
         raise ConfigError(
             where,
@@ -181,17 +189,31 @@ def _static_model(where: str, key: str, entry: object) -> StaticModel:
             "an unvalidated model (validate: false) is passed through unbatched; "
             "batching needs its tensors validated",
         )
-    urls = _urls(where, f"{key}.endpoints", entry["endpoints"])
+    urls, grpc_targets = _endpoints(where, f"{key}.endpoints", entry["endpoints"])
     traffic = None
     if "traffic" in entry:
         traffic = parse_traffic(entry["traffic"], where, f"{key}.traffic")
-    return StaticModel(urls, ModelSettings(validate, max_batch_size), traffic)
+    return StaticModel(urls, ModelSettings(validate, max_batch_size), traffic, grpc_targets)
 
 
-def _urls(where: str, key: str, urls: object) -> list[str]:
-    if not isinstance(urls, list) or not urls:
-        raise ConfigError(where, key, f"must be a non-empty list of URLs, got {urls!r}")
-    for url in urls:
-        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
-            raise ConfigError(where, key, f"{url!r} is not an http(s) URL")
-    return [url.rstrip("/") for url in urls]
+def _endpoints(where: str, key: str, items: object) -> tuple[list[str], dict[str, str]]:
+    """The URLs of a model's endpoints, and the gRPC address of those that give one."""
+    if not isinstance(items, list) or not items:
+        raise ConfigError(where, key, f"must be a non-empty list of URLs, got {items!r}")
+    urls: list[str] = []
+    grpc_targets: dict[str, str] = {}
+    for item in items:
+        grpc_target = None
+        if isinstance(item, dict):
+            if set(item) != {"url", "grpc"}:
+                raise ConfigError(where, key, f"{item!r}: an endpoint mapping has url and grpc")
+            item, grpc_target = item["url"], item["grpc"]
+            host, _, port = str(grpc_target).rpartition(":")
+            if not isinstance(grpc_target, str) or not host or not port.isdigit():
+                raise ConfigError(where, key, f"grpc {grpc_target!r} is not a host:port")
+        if not isinstance(item, str) or not item.startswith(("http://", "https://")):
+            raise ConfigError(where, key, f"{item!r} is not an http(s) URL")
+        urls.append(item.rstrip("/"))
+        if grpc_target is not None:
+            grpc_targets[urls[-1]] = grpc_target
+    return urls, grpc_targets

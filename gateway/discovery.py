@@ -4,7 +4,8 @@ An endpoint source reports each model's ready endpoint URLs through the catalog'
 (``catalog.set_endpoints``); that call is the whole seam. ``bazaar serve``'s local workers
 are the third source, in the command package.
 
-``StaticEndpoints`` reads a file: ``models: {name: [url, ...]}``, any v2 servers, and what the
+``StaticEndpoints`` reads a file: ``models: {name: [url, ...]}``, any v2 servers (an endpoint
+``{url, grpc}`` gets batches over gRPC: ``grpc_target``), and what the
 file says of each model beyond its endpoints (``gateway.config``), which the composition
 root hands the catalog as ``GatewayConfig.models``. It reads the file again every
 ``reread_s`` (1 s) and reports each model whose endpoints or traffic policy changed, so both
@@ -80,6 +81,7 @@ class StaticEndpoints:
         self.reread_s = reread_s
         self._text = self.path.read_text() if self.path.is_file() else ""
         self.models = load_static_endpoints(self.path)
+        self._grpc_targets = _grpc_targets(self.models)
         self.settings: dict[str, ModelSettings] = {
             name: model.settings for name, model in self.models.items()
         }
@@ -92,6 +94,11 @@ class StaticEndpoints:
 
     async def stop(self) -> None:
         await cancel_and_wait(self._task)
+
+    def grpc_target(self, url: str) -> str | None:
+        """The gRPC ``host:port`` the file gives the endpoint at ``url``, if any (as of its
+        last good reading)."""
+        return self._grpc_targets.get(url)
 
     async def _reread(self, listener: EndpointListener) -> None:
         problems = ProblemLog(log)
@@ -109,8 +116,13 @@ class StaticEndpoints:
                 continue
             problems.ok("file", f"{self.path} is valid again")
             log.info("%s changed: reporting its endpoints and traffic", self.path)
+            self._grpc_targets = _grpc_targets(models)  # before a new endpoint is used
             _report_changes(listener, self.models, models)
             self._text, self.models = text, models
+
+
+def _grpc_targets(models: dict[str, StaticModel]) -> dict[str, str]:
+    return {url: target for model in models.values() for url, target in model.grpc_targets.items()}
 
 
 def _report_changes(

@@ -210,13 +210,19 @@ class _Drain:
     """
 
     rate: float = 0.0
-    last: float | None = None
+    last: float = 0.0
     pending_rows: int = 0
+    backlogged: bool = False
+    """Whether the queue held requests at the last completion."""
 
     def record(self, rows: int, now: float, backlogged: bool) -> None:
-        if not backlogged or self.last is None:
-            self.last = now  # a window opens here: these rows were computed before it
+        if not (backlogged and self.backlogged):
+            # A window opens at the first completion of a backlog: these rows were computed
+            # before it, and the time since the completion before may have been idle (a
+            # model idle for a minute, then a burst, was measured at a row a minute).
+            self.last = now
             self.pending_rows = 0
+            self.backlogged = backlogged
             return
         self.pending_rows += rows
         elapsed = now - self.last

@@ -2,8 +2,10 @@
 
 ``run`` wires one gateway around an endpoint source and serves it with uvicorn:
 
-1. startup: the HTTP client, the metrics registry (``protocol.metrics``), the catalog, and
-   the endpoint source (a static file, or the local supervisor that starts model workers);
+1. startup: the pods' client (over HTTP, or with ``grpc_targets`` batches over gRPC to the
+   pods it knows: ``gateway.grpc_client``), the metrics registry (``protocol.metrics``),
+   the catalog, and the endpoint source (a static file, or the local supervisor that
+   starts model workers);
 2. serve HTTP, and with ``grpc_port`` Triton's gRPC API (``gateway.grpc``: the same
    dispatchers, quotas, keys and limits), until SIGINT or SIGTERM, behind the edge's limits
    on what clients send and how slowly (``protocol.edge``, set by ``config.edge``), over
@@ -46,6 +48,8 @@ from protocol.tls import ServerTls
 if TYPE_CHECKING:
     import grpc
 
+    from gateway.grpc_client import GrpcTargets
+
 log = logging.getLogger(__name__)
 
 
@@ -62,8 +66,9 @@ async def run(
     tls: ServerTls | None = None,
     grpc_port: int | None = None,
     extra_routes: Sequence[BaseRoute] = (),
+    grpc_targets: GrpcTargets | None = None,
 ) -> None:
-    async with _gateway(source, config) as catalog:
+    async with _gateway(source, config, grpc_targets) as catalog:
         inference = GatewayInference(catalog)
         app = create_app(catalog, inference, extra_routes)
         if keys is not None:
@@ -127,8 +132,15 @@ async def _grpc_serving(
 
 
 @contextlib.asynccontextmanager
-async def _gateway(source: EndpointSource, config: GatewayConfig) -> AsyncIterator[ModelCatalog]:
-    client = HttpModelClient()
+async def _gateway(
+    source: EndpointSource, config: GatewayConfig, grpc_targets: GrpcTargets | None
+) -> AsyncIterator[ModelCatalog]:
+    if grpc_targets is None:
+        client = HttpModelClient()
+    else:
+        from gateway.grpc_client import GrpcModelClient  # grpc is loaded only when used
+
+        client = GrpcModelClient(grpc_targets)
     registry = process_registry("gateway")
     catalog = ModelCatalog(client, GatewayMetrics(registry), config)
     try:

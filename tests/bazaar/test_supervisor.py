@@ -14,10 +14,13 @@ import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import grpc
 import httpx
 import pytest
 
 from bazaar.supervisor import WorkerSupervisor
+from protocol.grpc import grpc_service_pb2 as pb
+from protocol.grpc.grpc_service_pb2_grpc import GRPCInferenceServiceStub
 from tests.support import eventually
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="finds workers through /proc")
@@ -108,6 +111,37 @@ async def test_scaled_workers_become_ready_endpoints(
     async with httpx.AsyncClient(timeout=5) as client:
         for url in endpoints:
             assert (await client.get(f"{url}/v2/models/mlp/ready")).status_code == 200
+
+
+async def test_with_the_grpc_hop_each_worker_serves_grpc_where_grpc_target_says(
+    demo_repository: Path, listener: Listener, supervisors: list[WorkerSupervisor]
+) -> None:
+    supervisor = WorkerSupervisor(
+        demo_repository, listener, log_level="warning", startup_timeout_s=30, grpc_hop=True
+    )
+    supervisors.append(supervisor)
+    await supervisor.scale("mlp", 2)
+    endpoints = await ready_endpoints(listener, "mlp", 2)
+    targets = [supervisor.grpc_target(url) for url in endpoints]
+    assert all(targets) and len(set(targets)) == 2, targets
+    for target in targets:
+        assert target is not None
+        async with grpc.aio.insecure_channel(target) as channel:
+            stub = GRPCInferenceServiceStub(channel)  # type: ignore[no-untyped-call]
+            ready = await stub.ModelReady(pb.ModelReadyRequest(name="mlp"), timeout=10)
+            assert ready.ready
+    await supervisor.scale("mlp", 1)
+    retired = endpoints[1]
+    await eventually(lambda: supervisor.grpc_target(retired) is None, 30, "the target forgotten")
+    assert supervisor.grpc_target(endpoints[0]) == targets[0]
+
+
+async def test_without_the_grpc_hop_no_worker_has_a_grpc_target(
+    supervisor: WorkerSupervisor, listener: Listener
+) -> None:
+    await supervisor.scale("mlp", 1)
+    (url,) = await ready_endpoints(listener, "mlp", 1)
+    assert supervisor.grpc_target(url) is None
 
 
 async def test_a_killed_worker_leaves_the_endpoints_and_is_restarted(

@@ -256,3 +256,47 @@ def _zombie(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
     except FileNotFoundError:
         return True
+
+
+def _worker_args(pid: int, model: str) -> list[list[str]]:
+    return [
+        Path(f"/proc/{worker}/cmdline").read_bytes().decode().split("\0")
+        for worker in _worker_pids(pid, model)
+    ]
+
+
+def test_the_gateway_sends_batches_over_grpc_by_default(
+    serve: tuple[str, int], small_repository: Path
+) -> None:
+    url, pid = serve
+    assert all("--grpc-port" in args for args in _worker_args(pid, "mlp"))
+    rows = np.random.default_rng(5).random((3, 256), dtype=np.float32)
+    client = triton.InferenceServerClient(url.removeprefix("http://"))
+    tensor = triton.InferInput("input", [3, 256], "FP32")
+    tensor.set_data_from_numpy(rows, binary_data=True)
+    (output,) = client.get_model_metadata("mlp")["outputs"]
+    answer = client.infer("mlp", [tensor]).as_numpy(output["name"])
+    np.testing.assert_allclose(answer, _mlp_expected(small_repository, rows), rtol=1e-5, atol=1e-5)
+
+
+def test_hop_http_sends_batches_over_http(small_repository: Path, tmp_path: Path) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    args = ["serve", "--model-repository", str(small_repository), "--port", str(port)]
+    args += ["--hop", "http", "--no-autoscale"]
+    with bazaar_process(args, tmp_path / "serve.log", models_ready(url, ["digits", "mlp"])) as p:
+        assert _worker_args(p.pid, "mlp") and all(
+            "--grpc-port" not in args for args in _worker_args(p.pid, "mlp")
+        )
+        rows = np.random.default_rng(6).random((2, 256), dtype=np.float32)
+        body = {"inputs": [{"name": "input", "shape": [2, 256], "datatype": "FP32"}]}
+        body["inputs"][0]["data"] = rows.ravel().tolist()
+        answer = httpx.post(f"{url}/v2/models/mlp/infer", json=body, timeout=30)
+        assert answer.status_code == 200, answer.text
+        (output,) = answer.json()["outputs"]
+        np.testing.assert_allclose(
+            np.array(output["data"], np.float32).reshape(output["shape"]),
+            _mlp_expected(small_repository, rows),
+            rtol=1e-5,
+            atol=1e-5,
+        )

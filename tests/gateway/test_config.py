@@ -43,11 +43,32 @@ def test_a_list_of_urls_and_a_mapping_both_read(tmp_path: Path) -> None:
     assert source.settings["echo"] == ModelSettings(validate=False)
 
 
+def test_an_endpoint_may_give_its_grpc_address(tmp_path: Path) -> None:
+    path = tmp_path / "endpoints.yaml"
+    path.write_text(
+        "models:\n"
+        "  digits: [{url: http://a:8000/, grpc: a:9000}, http://b:8000]\n"
+        "  mlp:\n"
+        "    endpoints: [{url: http://c:8000, grpc: c:9000}]\n"
+    )
+    models = load_static_endpoints(path)
+    assert models["digits"].endpoints == ["http://a:8000", "http://b:8000"]
+    assert models["digits"].grpc_targets == {"http://a:8000": "a:9000"}
+    assert models["mlp"].grpc_targets == {"http://c:8000": "c:9000"}
+    source = StaticEndpoints(path)
+    assert source.grpc_target("http://a:8000") == "a:9000"
+    assert source.grpc_target("http://c:8000") == "c:9000"
+    assert source.grpc_target("http://b:8000") is None
+
+
 @pytest.mark.parametrize(
     ("entry", "problem"),
     [
         ("[]", "models.m: must be a non-empty list of URLs"),
         ("[ftp://x]", "models.m: 'ftp://x' is not an http(s) URL"),
+        ("[{url: http://x}]", "models.m: {'url': 'http://x'}: an endpoint mapping has url and"),
+        ("[{url: http://x, grpc: x}]", "models.m: grpc 'x' is not a host:port"),
+        ("[{url: ftp://x, grpc: 'x:1'}]", "models.m: 'ftp://x' is not an http(s) URL"),
         ("7", "models.m: must be a list of URLs or a mapping with 'endpoints'"),
         ("{validate: false}", "models.m: has no 'endpoints'"),
         ("{endpoints: [http://x], batch: 2}", "models.m: unknown key(s) batch"),

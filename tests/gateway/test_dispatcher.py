@@ -206,6 +206,22 @@ async def test_retry_after_follows_the_drain_rate(make: MakeDispatcher) -> None:
     await asyncio.gather(*queued)
 
 
+async def test_a_burst_after_an_idle_minute_is_not_refused_for_the_idle_time(
+    make: MakeDispatcher,
+) -> None:
+    # The drain rate's window opened at the last completion before the idle minute, so the
+    # burst's first backlogged batch measured 1 row a minute: 5 queued rows looked like 5
+    # minutes of work and the burst was refused (503) for its 10 s deadline.
+    pods = FakePods(latency_s=0.1)  # one row per 100 ms: 10 rows/s
+    dispatcher = make(pods, max_batch_size=1, max_queue_size=100)
+    await dispatcher.submit(rows_of(0), 1)
+    await asyncio.sleep(60)
+    burst = [dispatcher.submit(rows_of(v), 1, timeout_s=10.0) for v in range(6)]
+    await asyncio.sleep(0.15)  # the first is answered, with five queued behind it
+    burst += [dispatcher.submit(rows_of(v), 1, timeout_s=10.0) for v in range(5)]
+    await asyncio.gather(*burst)
+
+
 async def test_a_failing_batch_fails_only_its_own_requests(make: MakeDispatcher) -> None:
     def fail(call: Call) -> BazaarError | None:
         return UpstreamError("pod crashed") if 13.0 in call.inputs["x"] else None

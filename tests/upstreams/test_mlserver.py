@@ -1,6 +1,6 @@
 """The gateway in front of a real MLServer (PyPI ``mlserver``, from its own venv:
-tests/upstreams/mlserver.sh): ``bazaar gateway --endpoints FILE``, tritonclient and plain
-HTTP at the gateway.
+tests/upstreams/mlserver.sh): ``bazaar gateway --endpoints FILE``, tritonclient (HTTP and
+gRPC) and plain HTTP at the gateway.
 
 MLServer has no ``/config`` route and no binary tensor extension. ``doubler`` declares its
 tensors in its model settings: the gateway learns it from the metadata alone, validates
@@ -16,7 +16,9 @@ from collections.abc import Iterator
 import httpx
 import numpy as np
 import pytest
+import tritonclient.grpc as triton_grpc
 import tritonclient.http as triton
+from tritonclient.utils import InferenceServerException
 
 from tests.support import bazaar_process, free_port, models_ready
 from tests.upstreams.support import upstream_process, venv
@@ -46,8 +48,14 @@ class Echo(MLModel):
 
 
 @pytest.fixture(scope="module")
-def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """MLServer serving ``doubler`` and ``echo``, and a gateway in front; yields its URL."""
+def gateway(serving: tuple[str, str]) -> str:
+    return serving[0]
+
+
+@pytest.fixture(scope="module")
+def serving(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+    """MLServer serving ``doubler`` and ``echo``, and a gateway in front; yields its URL
+    and its gRPC target."""
     mlserver = venv("mlserver-1.7.1", "mlserver.sh") / "bin" / "mlserver"
     root = tmp_path_factory.mktemp("mlserver")
     port = free_port()
@@ -81,7 +89,9 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     )
     gateway_port = free_port()
     url = f"http://127.0.0.1:{gateway_port}"
+    grpc_port = free_port()
     args = ["gateway", "--endpoints", str(endpoints), "--port", str(gateway_port)]
+    args += ["--grpc-port", str(grpc_port)]
     logs = tmp_path_factory.mktemp("logs")
     with (
         upstream_process(
@@ -92,7 +102,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         ),
         bazaar_process(args, logs / "gateway.log", models_ready(url, list(models))),
     ):
-        yield url
+        yield url, f"127.0.0.1:{grpc_port}"
 
 
 def test_a_model_declared_in_its_settings_is_validated_and_batched(gateway: str) -> None:
@@ -131,3 +141,33 @@ def test_a_runtime_that_declares_no_tensors_is_passed_through(gateway: str) -> N
     assert answer["outputs"][0]["data"] == ["a", "b"]
     refused = httpx.post(f"{gateway}/v2/models/echo/infer", json={"inputs": "none"})
     assert refused.status_code == 400  # MLServer's refusal, the client's answer
+
+
+def test_tritonclient_grpc_at_the_gateway_in_front_of_mlserver(serving: tuple[str, str]) -> None:
+    client = triton_grpc.InferenceServerClient(serving[1])
+    try:
+        assert client.is_server_live() and client.is_server_ready()
+        assert client.is_model_ready("doubler") and client.is_model_ready("echo")
+        metadata = client.get_model_metadata("doubler", as_json=True)
+        assert metadata["inputs"] == [{"name": "x", "datatype": "FP32", "shape": ["-1", "2"]}]
+        index = client.get_model_repository_index(as_json=True)["models"]
+        assert {model["name"] for model in index} == {"doubler", "echo"}
+        tensor = triton_grpc.InferInput("x", [2, 2], "FP32")
+        tensor.set_data_from_numpy(np.array([[1, 2], [3, 4]], dtype=np.float32))
+        answer = client.infer("doubler", [tensor], request_id="7")
+        np.testing.assert_array_equal(answer.as_numpy("y"), [[2, 4], [6, 8]])
+        assert answer.get_response().id == "7"
+        wrong = triton_grpc.InferInput("x", [1, 3], "FP32")
+        wrong.set_data_from_numpy(np.ones((1, 3), dtype=np.float32))
+        with pytest.raises(InferenceServerException, match="input 'x'") as refused:
+            client.infer("doubler", [wrong])
+        assert refused.value.status() == "StatusCode.INVALID_ARGUMENT"
+        text = triton_grpc.InferInput("text", [2], "BYTES")
+        text.set_data_from_numpy(np.array([b"a", b"b"], dtype=np.object_))
+        # A passed-through model has no tensors to decode a gRPC message against: refused,
+        # saying so, where HTTP passes it through (above).
+        with pytest.raises(InferenceServerException, match="over HTTP only") as refused:
+            client.infer("echo", [text])
+        assert refused.value.status() == "StatusCode.INVALID_ARGUMENT"
+    finally:
+        client.close()

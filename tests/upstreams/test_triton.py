@@ -1,6 +1,7 @@
 """The gateway in front of a real Triton Inference Server: the ``tritonserver`` binary that
 the PyTriton wheel ships (its own venv: tests/upstreams/triton.sh), on CPU, with two Python
-backend models; ``bazaar gateway --endpoints FILE`` and tritonclient at the gateway.
+backend models; ``bazaar gateway --endpoints FILE`` and tritonclient (HTTP and gRPC) at the
+gateway.
 
 PyTriton's own ``Triton().bind`` cannot run here: its model proxy starts a multiprocessing
 manager inside the Python backend stub, whose embedded interpreter is older than this
@@ -9,7 +10,8 @@ machine's Python 3.11 standard library (``'_thread.RLock' object has no attribut
 how Triton users run it anyway.
 
 ``doubler`` is learned from Triton's metadata and ``/config`` (its max_batch_size and
-dynamic batching), validated, batched and sent binary. ``echo`` is marked ``validate:
+dynamic batching), validated, batched and sent over gRPC (the endpoints file gives Triton's
+gRPC port: ``gateway.grpc_client``). ``echo`` is marked ``validate:
 false`` in the endpoints file: tritonclient's binary requests pass through to Triton as
 sent, and Triton's answer comes back as it sent it.
 """
@@ -23,7 +25,9 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import tritonclient.grpc as triton_grpc
 import tritonclient.http as triton
+from tritonclient.utils import InferenceServerException
 
 from tests.support import bazaar_process, free_port, models_ready
 from tests.upstreams.support import upstream_process, venv
@@ -89,8 +93,14 @@ def _backends(site: Path, root: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """Triton serving ``doubler`` and ``echo``, and a gateway in front; yields its URL."""
+def gateway(serving: tuple[str, str]) -> str:
+    return serving[0]
+
+
+@pytest.fixture(scope="module")
+def serving(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+    """Triton serving ``doubler`` and ``echo``, and a gateway in front; yields its URL and
+    its gRPC target."""
     env_root = venv("pytriton-0.7.0", "triton.sh")
     site = env_root / "lib" / "python3.11" / "site-packages"
     root = tmp_path_factory.mktemp("triton")
@@ -99,14 +109,14 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         (repository / name / "1").mkdir(parents=True)
         (repository / name / "config.pbtxt").write_text(config)
         (repository / name / "1" / "model.py").write_text(model)
-    port = free_port()
+    port, triton_grpc_port = free_port(), free_port()
     upstream = f"http://127.0.0.1:{port}"
     command = [
         str(site / "pytriton" / "tritonserver" / "bin" / "tritonserver"),
         f"--model-repository={repository}",
         f"--backend-directory={_backends(site, root)}",
         f"--http-port={port}",
-        f"--grpc-port={free_port()}",
+        f"--grpc-port={triton_grpc_port}",
         f"--metrics-port={free_port()}",
     ]
     env = {
@@ -117,11 +127,15 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     }
     endpoints = root / "endpoints.yaml"
     endpoints.write_text(
-        f"models:\n  doubler: [{upstream}]\n  echo: {{endpoints: [{upstream}], validate: false}}\n"
+        "models:\n"
+        f"  doubler: [{{url: {upstream}, grpc: '127.0.0.1:{triton_grpc_port}'}}]\n"
+        f"  echo: {{endpoints: [{upstream}], validate: false}}\n"
     )
     gateway_port = free_port()
     url = f"http://127.0.0.1:{gateway_port}"
+    grpc_port = free_port()
     args = ["gateway", "--endpoints", str(endpoints), "--port", str(gateway_port)]
+    args += ["--grpc-port", str(grpc_port)]
     logs = tmp_path_factory.mktemp("logs")
     with (
         upstream_process(
@@ -129,7 +143,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         ),
         bazaar_process(args, logs / "gateway.log", models_ready(url, list(MODELS))),
     ):
-        yield url
+        yield url, f"127.0.0.1:{grpc_port}"
 
 
 def test_a_triton_model_is_learned_with_its_config_and_batched(gateway: str) -> None:
@@ -165,3 +179,33 @@ def test_a_model_marked_unvalidated_is_passed_through_to_triton(gateway: str) ->
     refused = httpx.post(f"{gateway}/v2/models/echo/infer", json={"inputs": [{"name": "x"}]})
     assert refused.status_code == 400  # Triton's refusal, the client's answer
     client.close()
+
+
+def test_tritonclient_grpc_at_the_gateway_in_front_of_triton(serving: tuple[str, str]) -> None:
+    client = triton_grpc.InferenceServerClient(serving[1])
+    try:
+        assert client.is_server_live() and client.is_server_ready()
+        assert client.is_model_ready("doubler") and client.is_model_ready("echo")
+        metadata = client.get_model_metadata("doubler", as_json=True)
+        assert metadata["inputs"] == [{"name": "x", "datatype": "FP32", "shape": ["-1", "2"]}]
+        config = client.get_model_config("doubler", as_json=True)["config"]
+        assert config["max_batch_size"] == 8
+        tensor = triton_grpc.InferInput("x", [2, 2], "FP32")
+        tensor.set_data_from_numpy(np.array([[1, 2], [3, 4]], dtype=np.float32))
+        answer = client.infer("doubler", [tensor], request_id="7", client_timeout=30)
+        np.testing.assert_array_equal(answer.as_numpy("y"), [[2, 4], [6, 8]])
+        assert answer.get_response().id == "7"
+        wrong = triton_grpc.InferInput("x", [1, 3], "FP32")
+        wrong.set_data_from_numpy(np.ones((1, 3), dtype=np.float32))
+        with pytest.raises(InferenceServerException, match="input 'x'") as refused:
+            client.infer("doubler", [wrong])
+        assert refused.value.status() == "StatusCode.INVALID_ARGUMENT"
+        text = triton_grpc.InferInput("text", [2], "BYTES")
+        text.set_data_from_numpy(np.array([b"a", b"b"], dtype=np.object_))
+        # A passed-through model has no tensors to decode a gRPC message against: refused,
+        # saying so, where HTTP passes it through (above).
+        with pytest.raises(InferenceServerException, match="over HTTP only") as refused:
+            client.infer("echo", [text])
+        assert refused.value.status() == "StatusCode.INVALID_ARGUMENT"
+    finally:
+        client.close()
