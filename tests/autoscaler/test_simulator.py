@@ -230,6 +230,7 @@ def test_an_arrival_reaches_a_second_idle_replica_at_once() -> None:
     run = simulate(trace, Fixed(2), SimConfig(), initial=2)
     assert run.finished_ms.tolist() == [25, 35]
 
+
 def _tiny_csv(tmp_path: Path, name: str = "tiny") -> str:
     path = tmp_path / f"{name}.csv"
     path.write_text("rate_per_s\n" + "\n".join(["100"] * 20 + ["300"] * 40) + "\n")

@@ -71,9 +71,10 @@ class FakeKubernetes:
         ready_replicas: int = 1,
         annotations: dict[str, str] | None = None,
         port: int = 8001,
+        version: str | None = None,
     ) -> None:
         self.deployments[namespace, name] = deployment(
-            name, model, namespace, replicas, ready_replicas, annotations or {}, port
+            name, model, namespace, replicas, ready_replicas, annotations or {}, port, version
         )
 
     def add_service(
@@ -344,8 +345,11 @@ def deployment(
     ready_replicas: int,
     annotations: dict[str, str],
     port: int,
+    version: str | None = None,
 ) -> dict[str, Any]:
     labels = {"app": name, "bazaar.dev/model": model}
+    if version is not None:
+        labels["bazaar.dev/version"] = version
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
