@@ -273,6 +273,15 @@ def parser() -> argparse.ArgumentParser:
     models_commands = models.add_subparsers(dest="models_command", required=True, metavar="COMMAND")
     build = models_commands.add_parser("build-demo", help="build the demo repository offline")
     build.add_argument("directory", type=Path, metavar="DIR")
+    build.add_argument(
+        "--model-version",
+        type=positive_int,
+        default=1,
+        metavar="N",
+        help="write the models as this version: another than 1 is a candidate that disagrees "
+        "with version 1 (digits on some rows, the MLPs on most), for trying canaries, shadows "
+        "and rollouts (default %(default)s)",
+    )
     build.set_defaults(run=_build_demo)
     fetch = models_commands.add_parser(
         "fetch",
@@ -801,6 +810,7 @@ def _build_demo(args: argparse.Namespace) -> int:
         return 2
     from models.demo import build_demo_repository
 
-    names = build_demo_repository(args.directory)
-    print(f"built demo repository {args.directory}: {', '.join(names)}")
+    names = build_demo_repository(args.directory, args.model_version)
+    built = f"{', '.join(names)} (version {args.model_version})"
+    print(f"built demo repository {args.directory}: {built}")
     return 0
