@@ -54,7 +54,7 @@ COMPONENTS = [
 ]
 # What `kubectl apply -k` takes: a directory, or the cpu overlay with one component.
 STACKS = ["base", "overlays/cpu", "overlays/gpu"] + [f"overlays/cpu+{c}" for c in COMPONENTS]
-RENDERS = [*STACKS, "locust", "overlays/model-group"]
+RENDERS = [*STACKS, "locust", "overlays/model-group", "overlays/versions"]
 KUSTOMIZE_SUBSET = {
     "apiVersion",
     "kind",
