@@ -36,6 +36,7 @@ from protocol.support import missing_extra
 
 if TYPE_CHECKING:
     from gateway.config import GatewayConfig
+    from gateway.rollout_record import ServiceRolloutRecord
     from protocol.auth import KeyFile
     from protocol.tls import ServerTls
 
@@ -248,6 +249,14 @@ def parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="with --kubernetes-namespace: the kubeconfig to use (default: in-cluster, "
         "else ~/.kube/config)",
+    )
+    gateway.add_argument(
+        "--leader-election-id",
+        metavar="ID",
+        help="with --kubernetes-namespace: keep rollouts' progress in the model Services' "
+        "bazaar.dev/rollout annotation, decided by the holder of the Lease "
+        "bazaar-gateway-rollouts, as ID (the pod's name); default: each gateway decides "
+        "alone and a restart starts a rollout again",
     )
     gateway.add_argument("--host", default="127.0.0.1")
     gateway.add_argument("--port", type=port, default=8000, help="HTTP (default %(default)s)")
@@ -584,9 +593,10 @@ def _gateway(args: argparse.Namespace) -> int:
 
     source: EndpointSource
     config = _gateway_config(args)
+    record = None
     if args.endpoints is not None:
-        if args.kubeconfig is not None:
-            log.error("--kubeconfig goes with --kubernetes-namespace")
+        if args.kubeconfig is not None or args.leader_election_id is not None:
+            log.error("--kubeconfig and --leader-election-id go with --kubernetes-namespace")
             return 2
         source = StaticEndpoints(args.endpoints)
         config = dataclasses.replace(config, models=source.settings)
@@ -598,6 +608,8 @@ def _gateway(args: argparse.Namespace) -> int:
             args.kubernetes_namespace, "gateway", logging.getLogger("gateway.discovery"), client
         )
         source = EndpointSlices(cluster)
+        if args.leader_election_id is not None:
+            record = _rollout_record(args)
     main = run(
         source,
         args.host,
@@ -609,9 +621,22 @@ def _gateway(args: argparse.Namespace) -> int:
         open_scopes=_open_scopes(args),
         tls=tls,
         grpc_port=args.grpc_port or None,
+        rollout_record=record,
     )
     _run_async(main)
     return 0
+
+
+def _rollout_record(args: argparse.Namespace) -> ServiceRolloutRecord:
+    """The gateway's share in deciding rollouts, on a client of its own (its record closes it)."""
+    from cluster.api import Cluster, connect
+    from cluster.lease import LeaderElection
+    from gateway.rollout_record import LEASE_NAME, ServiceRolloutRecord
+
+    logger = logging.getLogger("gateway.rollout_record")
+    cluster = Cluster(args.kubernetes_namespace, "gateway", logger, connect(args.kubeconfig))
+    election = LeaderElection(cluster, LEASE_NAME, args.leader_election_id)
+    return ServiceRolloutRecord(cluster, election)
 
 
 def _key_file(args: argparse.Namespace, stats_token: str | None = None) -> KeyFile | None:

@@ -2,8 +2,9 @@
 
 ``run`` wires one gateway around an endpoint source and serves it with uvicorn:
 
-1. startup: the HTTP client, the metrics registry (``protocol.metrics``), the catalog, and
-   the endpoint source (a static file, or the local supervisor that starts model workers);
+1. startup: the HTTP client, the metrics registry (``protocol.metrics``), the catalog, the
+   rollout record if any (``gateway.rollout_record``: it joins the election), and the
+   endpoint source (a static file, or the local supervisor that starts model workers);
 2. serve HTTP, and with ``grpc_port`` Triton's gRPC API (``gateway.grpc``: the same
    dispatchers, quotas, keys and limits), until SIGINT or SIGTERM, behind the edge's limits
    on what clients send and how slowly (``protocol.edge``, set by ``config.edge``), over
@@ -14,7 +15,8 @@
    handlers wait on the dispatchers, so every admitted request is answered first (for at
    most ``drain_timeout_s``, which outlasts any request: a bound, not a budget);
 4. shutdown: the dispatchers and probes stop, then the source (the local workers last, so
-   the drain could still use them), then the client.
+   the drain could still use them), the rollout record (handing its Lease over), then the
+   client.
 """
 
 from __future__ import annotations
@@ -46,6 +48,8 @@ from protocol.tls import ServerTls
 if TYPE_CHECKING:
     import grpc
 
+    from gateway.rollout_record import ServiceRolloutRecord
+
 log = logging.getLogger(__name__)
 
 
@@ -62,8 +66,9 @@ async def run(
     tls: ServerTls | None = None,
     grpc_port: int | None = None,
     extra_routes: Sequence[BaseRoute] = (),
+    rollout_record: ServiceRolloutRecord | None = None,
 ) -> None:
-    async with _gateway(source, config) as catalog:
+    async with _gateway(source, config, rollout_record) as catalog:
         inference = GatewayInference(catalog)
         app = create_app(catalog, inference, extra_routes)
         if keys is not None:
@@ -127,14 +132,20 @@ async def _grpc_serving(
 
 
 @contextlib.asynccontextmanager
-async def _gateway(source: EndpointSource, config: GatewayConfig) -> AsyncIterator[ModelCatalog]:
+async def _gateway(
+    source: EndpointSource, config: GatewayConfig, rollout_record: ServiceRolloutRecord | None
+) -> AsyncIterator[ModelCatalog]:
     client = HttpModelClient()
     registry = process_registry("gateway")
-    catalog = ModelCatalog(client, GatewayMetrics(registry), config)
+    catalog = ModelCatalog(client, GatewayMetrics(registry), config, rollout_record=rollout_record)
     try:
+        if rollout_record is not None:
+            await rollout_record.start()
         await source.start(catalog.set_endpoints, registry)
         yield catalog
     finally:
         await catalog.close()
         await source.stop()
+        if rollout_record is not None:
+            await rollout_record.stop()
         await client.close()

@@ -7,6 +7,7 @@ namespaces:
 - ``GET  /apis/apps/v1/namespaces/{ns}/deployments/{name}/scale``
 - ``PATCH /apis/apps/v1/namespaces/{ns}/deployments/{name}/scale`` (JSON merge patch)
 - ``GET  /api/v1/namespaces/{ns}/services?labelSelector=...``
+- ``PATCH /api/v1/namespaces/{ns}/services/{name}`` (a JSON merge patch of its annotations)
 - ``GET  /apis/discovery.k8s.io/v1/namespaces/{ns}/endpointslices?labelSelector=...``
 - ``GET``, ``PUT`` (guarded by resourceVersion) and ``POST`` of
   ``/apis/coordination.k8s.io/v1/namespaces/{ns}/leases[/{name}]``
@@ -122,6 +123,11 @@ class FakeKubernetes:
                 Route(prefix + "/{name}/scale", self._scale, methods=["GET", "PATCH"]),
                 Route("/api/v1/namespaces/{namespace}/services", self._list_services),
                 Route(
+                    "/api/v1/namespaces/{namespace}/services/{name}",
+                    self._patch_service,
+                    methods=["PATCH"],
+                ),
+                Route(
                     "/apis/discovery.k8s.io/v1/namespaces/{namespace}/endpointslices",
                     self._list_endpoint_slices,
                 ),
@@ -170,6 +176,25 @@ class FakeKubernetes:
             return fault
         items = _selected(self.services, namespace, request.query_params.get("labelSelector"))
         return JSONResponse({"apiVersion": "v1", "kind": "ServiceList", "items": items})
+
+    async def _patch_service(self, request: Request) -> Response:
+        """A JSON merge patch of the Service's annotations (what bazaar sends)."""
+        key = (request.path_params["namespace"], request.path_params["name"])
+        if (fault := await self._record(request, ("", "services", "patch"))) is not None:
+            return fault
+        item = self.services.get(key)
+        if item is None:
+            return _status(404, "NotFound", f'services "{key[1]}" not found')
+        if self.requests[-1].content_type != "application/merge-patch+json":
+            return _status(415, "UnsupportedMediaType", "expected a merge patch")
+        patch = self.requests[-1].body["metadata"]["annotations"]
+        annotations = item["metadata"].setdefault("annotations", {})
+        for name, value in patch.items():
+            if value is None:
+                annotations.pop(name, None)
+            else:
+                annotations[name] = value
+        return JSONResponse(item)
 
     async def _list_endpoint_slices(self, request: Request) -> Response:
         namespace = request.path_params["namespace"]
