@@ -13,6 +13,8 @@ second; ``judge`` decides, a pure function of the step's sample:
   to 0 %, the reason logged, counted (``bazaar_gateway_rollbacks_total{reason}``) and in
   ``/stats``;
 * else, once the step has lasted ``step_s``: advance; after the last step (100 %) it is done.
+  At 100 % nothing is shadowed to the candidate (it serves every request), so that step is
+  judged on latency and errors alone.
 
 Without a ``RolloutRecord`` the state lives in this process: a gateway restarted
 mid-rollout starts it again at its first step, and each gateway judges on its own. With one
@@ -28,6 +30,7 @@ never a judgement on too little evidence. A step's latencies are kept up to ``MA
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections import deque
 from collections.abc import Collection
@@ -197,7 +200,12 @@ class Rollout:
             shadowed_rows - rows0,
             agreed_rows - agreed0,
         )
-        verdict = judge(sample, self.policy)
+        policy = self.policy
+        if self.percent == 100.0:
+            # Nothing is shadowed to a candidate that serves every request: agreement can no
+            # longer be measured, and waiting for it would hold the last step for ever.
+            policy = dataclasses.replace(policy, min_agreement=None)
+        verdict = judge(sample, policy)
         steps = len(self.policy.steps)
         if verdict.action == "rollback":
             self.state, self.reason, self.detail = "rolled_back", verdict.reason, verdict.detail
