@@ -9,6 +9,12 @@ routes to (on ``http``), found the same way (``cluster.endpoints``).
 ``scale()`` patches the same ``/scale`` subresource. Every call goes through the Kubernetes
 seam (``cluster``), which retries what a retry can fix and logs RBAC refusals once.
 
+A model's versions can be scaled apart: Deployments labelled ``bazaar.dev/version`` (one per
+version, behind the model's one Service) are one target each, ``model@version``, sized on
+that version's own queue and work in flight in the gateways (shadowed requests included:
+the candidate computes them) and on its own busy ratio in the pods. A Deployment without
+the label serves the model, sized on all of its versions together.
+
 With a ``LeaderElection``, only the replica that holds the Lease scales: the others list no
 targets and patch nothing, so two autoscaler replicas never both scale (one takes over
 within the Lease's duration when the leader dies). ``listed_at`` is when the loop last asked
@@ -18,7 +24,8 @@ When a call fails for good: listing the Deployments or patching raises ``ScalerE
 which the loop logs before going on; reading one Deployment's scale skips that model for the
 tick; listing its pods leaves its pod signals missing. A 403 is never raised: the scaler does
 without (no targets, no pod URLs, no scaling). A Deployment with bad annotations, or a model
-label on two Deployments, is skipped and logged once per distinct problem.
+label on two Deployments that do not each name a version of their own, is skipped and
+logged once per distinct problem.
 """
 
 from __future__ import annotations
@@ -29,10 +36,10 @@ import time
 from collections.abc import Callable
 
 from autoscaler.annotations import scale_config
-from autoscaler.loop import ScalerError, ScaleTarget
+from autoscaler.loop import ScalerError, ScaleTarget, target_name
 from cluster import deployments
 from cluster.api import Cluster, Forbidden, KubernetesError
-from cluster.deployments import ModelDeployment
+from cluster.deployments import VERSION_LABEL, ModelDeployment
 from cluster.endpoints import DISCOVERY_RBAC, model_endpoints
 from cluster.lease import LEASE_RBAC, LeaderElection
 from protocol.errors import ConfigError
@@ -65,7 +72,7 @@ class KubernetesScaler:
         self.listed_at = clock()
         """When the loop last asked for targets (start-up counts as the first time)."""
         self._deployments: dict[str, str] = {}
-        """Model → Deployment name, from the last listing."""
+        """Target name (``ScaleTarget.name``) → Deployment name, from the last listing."""
         self._problems = ProblemLog(log, logging.ERROR)
 
     def close(self) -> None:
@@ -84,27 +91,34 @@ class KubernetesScaler:
         by_model: dict[str, list[ModelDeployment]] = {}
         for deployment in listing:
             by_model.setdefault(deployment.model, []).append(deployment)
-        unique = {}
+        scalable = []
         problems = {}
         namespace = self.cluster.namespace
         for model, found in sorted(by_model.items()):
-            if len(found) == 1:
-                unique[model] = found[0]
+            versions = [deployment.version for deployment in found]
+            if len(found) == 1 or (None not in versions and len(set(versions)) == len(found)):
+                scalable.extend(found)
                 continue
             names = ", ".join(sorted(deployment.name for deployment in found))
             problems[model] = (
                 f"model {model!r} is on several Deployments ({names}) in namespace "
-                f"{namespace}; none of them is scaled until one remains"
+                f"{namespace} that do not each name a version of their own "
+                f"({VERSION_LABEL}); none of them is scaled until they do"
             )
         pod_urls = await self._pod_urls()
         targets = await asyncio.gather(
-            *(self._target(d, pod_urls.get(d.model, ()), problems) for d in unique.values())
+            *(self._target(d, pod_urls.get(d.model, ()), problems) for d in scalable)
         )
         self._problems.only(problems)
-        self._deployments = {model: deployment.name for model, deployment in unique.items()}
+        self._deployments = {
+            target_name(deployment.model, deployment.version): deployment.name
+            for deployment in scalable
+        }
         return [target for target in targets if target is not None]
 
     async def scale(self, model: str, replicas: int, reason: str) -> None:
+        """Scale the Deployment of ``model``: a target's name, ``model@version`` for one
+        version's Deployment."""
         if self.election is not None and not self.election.leading:
             raise ScalerError(f"not scaling {model}: this replica no longer holds the lease")
         name = self._deployments.get(model)
@@ -138,7 +152,9 @@ class KubernetesScaler:
         try:
             settings = scale_config(deployment.annotations, where)
         except ConfigError as exc:
-            problems[model] = f"{exc}; the model is not scaled until this is fixed"
+            problems[target_name(model, deployment.version)] = (
+                f"{exc}; the model is not scaled until this is fixed"
+            )
             return None
         try:
             replicas = await deployments.replicas(self.cluster, deployment.name)
@@ -154,4 +170,5 @@ class KubernetesScaler:
             ready_replicas=deployment.ready_replicas,
             starting_replicas=max(0, replicas - deployment.ready_replicas),
             pod_urls=pod_urls,
+            version=deployment.version,
         )

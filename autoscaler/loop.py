@@ -1,10 +1,11 @@
 """The control loop: every tick, for every model, read signals → decide → scale.
 
 One ``Autoscaler`` drives one ``Scaler`` (Kubernetes Deployments, or local worker processes)
-with one ``SignalReader``. A tick lists the scaler's targets, then handles every model
-concurrently: it reads the model's ``Sample``, calls the pure policy ``decide`` with the
-state that model's last decision left, exports the result, and asks the scaler for a new
-replica count only when the decision differs from the replicas asked for now. With
+with one ``SignalReader``. A tick lists the scaler's targets (a model, or one version of it:
+``ScaleTarget.name``), then handles every target concurrently: it reads the target's
+``Sample``, calls the pure policy ``decide`` with the state that target's last decision
+left, exports the result, and asks the scaler for a new replica count only when the
+decision differs from the replicas asked for now. With
 ``publish``, every decision's count, held or changed, is also handed to it (``--keda``: the
 answers KEDA's external scaler serves).
 
@@ -47,6 +48,20 @@ class ScaleTarget:
     """Replicas asked for but not serving yet."""
     pod_urls: tuple[str, ...]
     """Base URLs of the model's ready pods, for their ``/metrics``."""
+    version: str | None = None
+    """The one version of the model these replicas serve, sized on that version's own
+    demand and load; None: the model's, all versions together."""
+
+    @property
+    def name(self) -> str:
+        """What the loop knows the target by (its state, metrics, logs, ``Scaler.scale``):
+        the model, or ``model@version`` for one version's replicas."""
+        return target_name(self.model, self.version)
+
+
+def target_name(model: str, version: str | None) -> str:
+    """``ScaleTarget.name`` of a model's replicas, or of one version's."""
+    return model if version is None else f"{model}@{version}"
 
 
 class ScalerError(Exception):
@@ -54,7 +69,7 @@ class ScalerError(Exception):
 
 
 class Scaler(Protocol):
-    """Where replicas live: lists what can be scaled, and scales it.
+    """Where replicas live: lists what can be scaled, and scales it (by ``ScaleTarget.name``).
 
     Both methods raise ``ScalerError`` when the backend fails after its own retries.
     """
@@ -102,48 +117,48 @@ class Autoscaler:
             await asyncio.sleep(max(0.0, self.interval_s - (self.clock() - started)))
 
     async def run_once(self) -> list[tuple[str, Decision]]:
-        """One tick over all targets; the decisions made, by model."""
+        """One tick over all targets; the decisions made, by target name."""
         try:
             targets = await self.scaler.targets()
         except Exception as exc:
             log.warning("cannot list the models to scale: %s", exc, exc_info=_traceback_helps(exc))
             return []
-        for gone in self._states.keys() - {target.model for target in targets}:
+        for gone in self._states.keys() - {target.name for target in targets}:
             del self._states[gone]
             self.metrics.forget(gone)
         decisions = await asyncio.gather(*(self._step(target) for target in targets))
         return [
-            (target.model, decision)
+            (target.name, decision)
             for target, decision in zip(targets, decisions, strict=True)
             if decision is not None
         ]
 
     async def _step(self, target: ScaleTarget) -> Decision | None:
-        model = target.model
+        name = target.name
         try:
             sample = await self.signals.read(target)
-            state = self._states.get(model, PolicyState())
+            state = self._states.get(name, PolicyState())
             decision = self.decide(sample, state, target.config, self.clock())
-            self._states[model] = decision.state
+            self._states[name] = decision.state
             if self.publish is not None:
-                self.publish(model, decision.replicas)
+                self.publish(name, decision.replicas)
             kind = decision_kind(target.replicas, decision.replicas)
-            self.metrics.observe(model, sample, decision, kind)
+            self.metrics.observe(name, sample, decision, kind)
             changed = decision.replicas != target.replicas
             log.log(
                 logging.INFO if changed else logging.DEBUG,
                 "model %s: %s %d -> %d: %s",
-                model,
+                name,
                 kind,
                 target.replicas,
                 decision.replicas,
                 decision.reason,
             )
             if changed:
-                await self.scaler.scale(model, decision.replicas, decision.reason)
+                await self.scaler.scale(name, decision.replicas, decision.reason)
             return decision
         except Exception as exc:
-            log.warning("model %s: step failed: %s", model, exc, exc_info=_traceback_helps(exc))
+            log.warning("model %s: step failed: %s", name, exc, exc_info=_traceback_helps(exc))
             return None
 
 

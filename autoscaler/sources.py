@@ -5,10 +5,13 @@
   per address, so every replica is read, not one picked by a load balancer. Rates are
   computed per gateway from its counters' deltas between two reads (the reader's clock),
   then summed; a gateway read for the first time, or whose counters went back (a restart),
-  gives no rate until its next read.
+  gives no rate until its next read. A version's demand is its entry under the model's
+  ``versions`` (its own queue and work in flight, the rows shadowed to it included); while a
+  gateway has not learned the model (no versions yet), the requests it holds for the model
+  count for every version, since any of them may have to start to serve them.
 - ``PodMetrics``: capacity in use. Each ready pod's ``/metrics``: the model's busy ratio
-  (the busiest of its versions in that pod) and the pod's mean GPU utilisation, each
-  averaged over the pods that reported it.
+  (the busiest of its versions in that pod, or the one version's) and the pod's mean GPU
+  utilisation, each averaged over the pods that reported it.
 - ``PrometheusQuery``: GPU utilisation from DCGM through a Prometheus server's
   ``/api/v1/query`` (optional); when it answers it wins over the pods' NVML readings.
 - ``Signals`` puts the three together into the policy's ``Sample``.
@@ -81,8 +84,10 @@ class _ModelStats:
     counters: _Counters
 
 
-_Answer = tuple[str, dict[str, _ModelStats] | None]
-"""A gateway replica's URL and its stats by model (None: it did not answer)."""
+_Key = tuple[str, str | None]
+"""A model, and one of its versions (None: the model, all versions together)."""
+_Answer = tuple[str, dict[_Key, _ModelStats] | None]
+"""A gateway replica's URL and its stats by model and version (None: it did not answer)."""
 
 
 class GatewayStats:
@@ -98,22 +103,29 @@ class GatewayStats:
         self.session = session
         self.clock = clock
         self.timeout = aiohttp.ClientTimeout(total=timeout_s)
-        self._previous: dict[tuple[str, str], _Counters] = {}
+        self._previous: dict[tuple[str, _Key, _Key], _Counters] = {}
+        """The counters last read, by gateway, what was asked for and where they were read
+        (one version's held requests are read from the model's entry, and so are the
+        others': each asks for its own rate)."""
         self._reachability = ProblemLog(log)
         self._shared: asyncio.Future[list[_Answer]] | None = None
 
-    async def read(self, model: str) -> Demand:
+    async def read(self, model: str, version: str | None = None) -> Demand:
+        """The demand for ``model``, or for one ``version`` of it, over the gateways."""
         queued = inflight = arrival = completion = 0.0
         reported = rated = False
         for url, answer in await self._snapshot():
-            if answer is None or model not in answer:
+            if answer is None or (model, None) not in answer:
                 continue
-            stats = answer[model]
             reported = True
+            key = _demand_key(answer, model, version)
+            if key is None:
+                continue  # it serves other versions only: it has no demand for this one
+            stats = answer[key]
             queued += stats.queued_rows
             inflight += stats.inflight_rows
-            previous = self._previous.get((url, model))
-            self._previous[url, model] = stats.counters
+            previous = self._previous.get((url, (model, version), key))
+            self._previous[url, (model, version), key] = stats.counters
             if previous is None or not _advanced(previous, stats.counters):
                 continue
             elapsed = stats.counters.time_s - previous.time_s
@@ -139,26 +151,43 @@ class GatewayStats:
         answers = await asyncio.gather(*(self._stats(url) for url in replicas))
         return list(zip(replicas, answers, strict=True))
 
-    async def _stats(self, url: str) -> dict[str, _ModelStats] | None:
-        """One gateway's stats by model; None when it did not answer or answered nonsense."""
+    async def _stats(self, url: str) -> dict[_Key, _ModelStats] | None:
+        """One gateway's stats by model and version; None when it did not answer or answered
+        nonsense."""
         try:
             async with self.session.get(f"{url}/stats", timeout=self.timeout) as response:
                 response.raise_for_status()
                 body = await response.json()
             now = self.clock()
-            models = {
-                str(name): _ModelStats(
-                    float(stats["queued_rows"]),
-                    float(stats["inflight_rows"]),
-                    _Counters(now, float(stats["admitted_rows"]), float(stats["completed_rows"])),
-                )
-                for name, stats in body["models"].items()
-            }
+            models: dict[_Key, _ModelStats] = {}
+            for name, stats in body["models"].items():
+                models[str(name), None] = _model_stats(stats, now)
+                for version, of_version in (stats.get("versions") or {}).items():
+                    models[str(name), str(version)] = _model_stats(of_version, now)
         except _FAILURES as exc:
             self._reachability.failing(url, _unreachable("gateway", url, exc))
             return None
         self._reachability.ok(url, f"gateway {url} answers again")
         return models
+
+
+def _demand_key(answer: dict[_Key, _ModelStats], model: str, version: str | None) -> _Key | None:
+    """Where a gateway's stats hold the demand for ``version`` of ``model``: its own entry;
+    the model's while the gateway has learned no version (the requests it holds may need
+    any); None when it serves other versions of the model but not this one."""
+    if version is None or (model, version) in answer:
+        return model, version
+    if any(name == model and served is not None for name, served in answer):
+        return None
+    return model, None
+
+
+def _model_stats(stats: dict[str, Any], now: float) -> _ModelStats:
+    return _ModelStats(
+        float(stats["queued_rows"]),
+        float(stats["inflight_rows"]),
+        _Counters(now, float(stats["admitted_rows"]), float(stats["completed_rows"])),
+    )
 
 
 def _advanced(previous: _Counters, counters: _Counters) -> bool:
@@ -196,14 +225,15 @@ class PodMetrics:
         self.session = session
         self.timeout = aiohttp.ClientTimeout(total=timeout_s)
 
-    async def read(self, model: str, pod_urls: Iterable[str]) -> Load:
+    async def read(self, model: str, pod_urls: Iterable[str], version: str | None = None) -> Load:
+        """The load of ``model`` (or of one ``version`` of it) on the pods at ``pod_urls``."""
         texts = await asyncio.gather(*(self._scrape(url) for url in pod_urls))
         busy: list[float] = []
         gpu: list[float] = []
         for text in texts:
             if text is None:
                 continue
-            pod_busy, pod_gpu = _pod_load(text, model)
+            pod_busy, pod_gpu = _pod_load(text, model, version)
             if pod_busy is not None:
                 busy.append(pod_busy)
             if pod_gpu is not None:
@@ -221,15 +251,17 @@ class PodMetrics:
             return None
 
 
-def _pod_load(text: str, model: str) -> tuple[float | None, float | None]:
-    """The pod's busy ratio for ``model`` (its busiest version) and its mean GPU use."""
+def _pod_load(text: str, model: str, version: str | None) -> tuple[float | None, float | None]:
+    """The pod's busy ratio for ``model`` (its busiest version, or ``version``'s) and its
+    mean GPU use."""
     busy: list[float] = []
     gpu: list[float] = []
     try:
         for family in text_string_to_metric_families(text):
             for sample in family.samples:
                 if sample.name == BUSY_RATIO and sample.labels.get("model") == model:
-                    busy.append(sample.value)
+                    if version is None or sample.labels.get("version") == version:
+                        busy.append(sample.value)
                 elif sample.name == GPU_UTILIZATION:
                     gpu.append(sample.value)
     except ValueError as exc:
@@ -316,8 +348,8 @@ class Signals:
     async def read(self, target: ScaleTarget) -> Sample:
         now = self.clock()
         demand, load, dcgm = await asyncio.gather(
-            self.gateway.read(target.model),
-            self.pods.read(target.model, target.pod_urls),
+            self.gateway.read(target.model, target.version),
+            self.pods.read(target.model, target.pod_urls, target.version),
             self._dcgm(target.model),
         )
         return Sample(

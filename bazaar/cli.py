@@ -36,6 +36,7 @@ from protocol.support import missing_extra
 
 if TYPE_CHECKING:
     from gateway.config import GatewayConfig
+    from gateway.rollout_record import ServiceRolloutRecord
     from protocol.auth import KeyFile
     from protocol.tls import ServerTls
 
@@ -256,6 +257,14 @@ def parser() -> argparse.ArgumentParser:
         help="with --kubernetes-namespace: the kubeconfig to use (default: in-cluster, "
         "else ~/.kube/config)",
     )
+    gateway.add_argument(
+        "--leader-election-id",
+        metavar="ID",
+        help="with --kubernetes-namespace: keep rollouts' progress in the model Services' "
+        "bazaar.dev/rollout annotation, decided by the holder of the Lease "
+        "bazaar-gateway-rollouts, as ID (the pod's name); default: each gateway decides "
+        "alone and a restart starts a rollout again",
+    )
     gateway.add_argument("--host", default="127.0.0.1")
     gateway.add_argument("--port", type=port, default=8000, help="HTTP (default %(default)s)")
     gateway.add_argument(
@@ -280,6 +289,15 @@ def parser() -> argparse.ArgumentParser:
     models_commands = models.add_subparsers(dest="models_command", required=True, metavar="COMMAND")
     build = models_commands.add_parser("build-demo", help="build the demo repository offline")
     build.add_argument("directory", type=Path, metavar="DIR")
+    build.add_argument(
+        "--model-version",
+        type=positive_int,
+        default=1,
+        metavar="N",
+        help="write the models as this version: another than 1 is a candidate that disagrees "
+        "with version 1 (digits on some rows, the MLPs on most), for trying canaries, shadows "
+        "and rollouts (default %(default)s)",
+    )
     build.set_defaults(run=_build_demo)
     fetch = models_commands.add_parser(
         "fetch",
@@ -585,9 +603,10 @@ def _gateway(args: argparse.Namespace) -> int:
     source: EndpointSource
     config = _gateway_config(args)
     grpc_targets = None  # EndpointSlices give no gRPC port yet: the pods are called over HTTP
+    record = None
     if args.endpoints is not None:
-        if args.kubeconfig is not None:
-            log.error("--kubeconfig goes with --kubernetes-namespace")
+        if args.kubeconfig is not None or args.leader_election_id is not None:
+            log.error("--kubeconfig and --leader-election-id go with --kubernetes-namespace")
             return 2
         source = StaticEndpoints(args.endpoints)
         config = dataclasses.replace(config, models=source.settings)
@@ -600,6 +619,8 @@ def _gateway(args: argparse.Namespace) -> int:
             args.kubernetes_namespace, "gateway", logging.getLogger("gateway.discovery"), client
         )
         source = EndpointSlices(cluster)
+        if args.leader_election_id is not None:
+            record = _rollout_record(args)
     main = run(
         source,
         args.host,
@@ -612,9 +633,22 @@ def _gateway(args: argparse.Namespace) -> int:
         tls=tls,
         grpc_port=args.grpc_port or None,
         grpc_targets=grpc_targets,
+        rollout_record=record,
     )
     _run_async(main)
     return 0
+
+
+def _rollout_record(args: argparse.Namespace) -> ServiceRolloutRecord:
+    """The gateway's share in deciding rollouts, on a client of its own (its record closes it)."""
+    from cluster.api import Cluster, connect
+    from cluster.lease import LeaderElection
+    from gateway.rollout_record import LEASE_NAME, ServiceRolloutRecord
+
+    logger = logging.getLogger("gateway.rollout_record")
+    cluster = Cluster(args.kubernetes_namespace, "gateway", logger, connect(args.kubeconfig))
+    election = LeaderElection(cluster, LEASE_NAME, args.leader_election_id)
+    return ServiceRolloutRecord(cluster, election)
 
 
 def _key_file(args: argparse.Namespace, stats_token: str | None = None) -> KeyFile | None:
@@ -813,6 +847,7 @@ def _build_demo(args: argparse.Namespace) -> int:
         return 2
     from models.demo import build_demo_repository
 
-    names = build_demo_repository(args.directory)
-    print(f"built demo repository {args.directory}: {', '.join(names)}")
+    names = build_demo_repository(args.directory, args.model_version)
+    built = f"{', '.join(names)} (version {args.model_version})"
+    print(f"built demo repository {args.directory}: {built}")
     return 0

@@ -1,7 +1,9 @@
 """Model Deployments: listed, and their ``/scale`` read and patched.
 
 What the autoscaler needs from Kubernetes, as plain values: ``ModelDeployment`` carries what
-a scaler reads (name, model, annotations, ready count) without the client's types; a
+a scaler reads (name, model, version, annotations, ready count) without the client's types;
+the version is the Deployment's ``bazaar.dev/version`` label, set when its pods serve one
+version of the model and are scaled on that version's own traffic; a
 model's serving pods are its Service's ready endpoints (``cluster.endpoints``), the same set
 the gateway routes to. Scaling
 goes through the ``deployments/{name}/scale`` subresource with a JSON merge patch
@@ -19,6 +21,8 @@ from kubernetes.client import AppsV1Api
 from cluster.api import Cluster, Permission
 
 MERGE_PATCH = "application/merge-patch+json"
+VERSION_LABEL = "bazaar.dev/version"
+"""The label whose value names the model version a Deployment's pods serve."""
 
 LIST_DEPLOYMENTS = Permission("apps", "deployments", "list")
 GET_SCALE = Permission("apps", "deployments/scale", "get")
@@ -33,6 +37,8 @@ class ModelDeployment:
 
     name: str
     model: str
+    version: str | None
+    """Its ``VERSION_LABEL``; None: it serves the model, whatever versions."""
     annotations: dict[str, str]
     ready_replicas: int
 
@@ -49,13 +55,15 @@ async def model_deployments(cluster: Cluster, label: str) -> list[ModelDeploymen
     found = []
     for deployment in listing.items:
         metadata = deployment.metadata
-        model = ((metadata and metadata.labels) or {}).get(label)
+        labels = (metadata and metadata.labels) or {}
+        model = labels.get(label)
         if not model:
             continue
         found.append(
             ModelDeployment(
                 name=(metadata and metadata.name) or "?",
                 model=model,
+                version=labels.get(VERSION_LABEL) or None,
                 annotations=dict((metadata and metadata.annotations) or {}),
                 ready_replicas=(deployment.status and deployment.status.ready_replicas) or 0,
             )

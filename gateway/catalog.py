@@ -16,7 +16,8 @@ the model's traffic policy (``protocol.traffic``): the endpoint source's, else t
 the model's config (its highest version's); without one they go to the default version
 (``models``): the highest version that has endpoints, or the highest known while none has.
 A policy may also shadow requests to a candidate (``gateway.shadow``) and roll a candidate
-out in steps (``gateway.rollout``, judged every ``rollout_check_s``).
+out in steps (``gateway.rollout``, judged every ``rollout_check_s``; with a
+``RolloutRecord``, by the gateway it names, the others following the progress it saves).
 
 A model whose metadata declares no tensors (common with custom MLServer runtimes), or that
 the endpoints file marks ``validate: false``, cannot be validated: its requests are passed
@@ -65,7 +66,7 @@ from gateway.readings import (
     reading_of,
     reconcile_versions,
 )
-from gateway.rollout import Rollout, rollout_weights
+from gateway.rollout import Rollout, RolloutRecord, SavedRollout, rollout_weights
 from gateway.router import EndpointPool
 from gateway.shadow import Shadow
 from protocol.errors import BazaarError, ModelNotFound, ModelNotReady
@@ -124,6 +125,7 @@ class ModelCatalog:
         refresh_s: float = REFRESH_S,
         max_learn_backoff_s: float = MAX_LEARN_BACKOFF_S,
         rollout_check_s: float = ROLLOUT_CHECK_S,
+        rollout_record: RolloutRecord | None = None,
     ) -> None:
         self.client = client
         self.metrics = metrics
@@ -164,6 +166,12 @@ class ModelCatalog:
         self.rollouts: dict[str, Rollout] = {}
         """Per served model whose policy has one, its rollout (``gateway.rollout``)."""
         self.rollout_check_s = rollout_check_s
+        self.rollout_record = rollout_record
+        """Where rollouts' progress is kept and who decides; None: here, by this gateway."""
+        self._loaded: dict[str, Rollout] = {}
+        """Per model, the rollout last brought up to the record's saved progress."""
+        self._saved: dict[str, SavedRollout] = {}
+        """Per model, the progress this gateway last saved."""
         self._judging: asyncio.Task[None] | None = None
         self._rng = random.Random()
         metrics.watch(
@@ -545,12 +553,48 @@ class ModelCatalog:
                 rows = agreed = 0
                 if shadow is not None and shadow.policy.version == rollout.policy.version:
                     rows, agreed = shadow.stats.rows, shadow.stats.agreed_rows
-                verdict = rollout.tick(loop.time(), rows, agreed)
+                record, now = self.rollout_record, loop.time()
+                if record is not None and not await self._recorded(
+                    record, model, rollout, now, rows, agreed
+                ):
+                    continue  # another gateway decides, or the policy changed meanwhile
+                verdict = rollout.tick(now, rows, agreed)
                 if verdict.action == "rollback" and verdict.reason is not None:
                     labels = (model, rollout.policy.version, verdict.reason)
                     self.metrics.rollbacks.labels(*labels).inc()
                 if verdict.action != "hold":
                     self._route(model)
+                if record is not None:
+                    await self._save(record, model, rollout)
+
+    async def _recorded(
+        self,
+        record: RolloutRecord,
+        model: str,
+        rollout: Rollout,
+        now: float,
+        rows: int,
+        agreed: int,
+    ) -> bool:
+        """Bring ``rollout`` in line with the record: a gateway that does not decide follows
+        the saved progress; the deciding one resumes from it once, then saves its own after
+        each judgement. True when this gateway judges the rollout now."""
+        deciding = record.deciding
+        if not deciding or self._loaded.get(model) is not rollout:
+            saved = await record.load(model)
+            if self.rollouts.get(model) is not rollout:
+                return False  # the policy changed meanwhile: its new rollout is judged next
+            self._loaded[model] = rollout
+            if saved is not None and rollout.follow(saved, now, rows, agreed):
+                self._route(model)
+        return deciding
+
+    async def _save(self, record: RolloutRecord, model: str, rollout: Rollout) -> None:
+        """Save the rollout's progress when it changed since the last save that worked (a
+        failed one is tried again at the next judgement)."""
+        progress = rollout.saved()
+        if self._saved.get(model) != progress and await record.save(model, progress):
+            self._saved[model] = progress
 
     def _shadow(self, model: str, policy: ShadowPolicy | None) -> None:
         """Keep the model's shadow as ``policy`` says: its measurements go on while its

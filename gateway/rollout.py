@@ -13,18 +13,29 @@ second; ``judge`` decides, a pure function of the step's sample:
   to 0 %, the reason logged, counted (``bazaar_gateway_rollbacks_total{reason}``) and in
   ``/stats``;
 * else, once the step has lasted ``step_s``: advance; after the last step (100 %) it is done.
+  At 100 % nothing is shadowed to the candidate (it serves every request), so that step is
+  judged on latency and errors alone.
 
-The state lives in this process: a gateway restarted mid-rollout starts it again at its
-first step (persisting it in a Kubernetes annotation is not done yet). A step's latencies are
-kept up to ``MAX_SAMPLES`` (the latest), so a long step costs bounded memory.
+Without a ``RolloutRecord`` the state lives in this process: a gateway restarted
+mid-rollout starts it again at its first step, and each gateway judges on its own. With one
+(in Kubernetes, ``gateway.rollout_record``: the model Service's ``bazaar.dev/rollout``
+annotation and a Lease), the progress (``SavedRollout``: which rollout, its step and state)
+outlives the process and one gateway decides: the one the record says is ``deciding`` judges
+and saves each change; the others follow what is saved (``Rollout.follow``), so every
+gateway routes with the same weights and a restarted one resumes at the saved step. A step
+resumed or taken over starts its own clock and sample again: a restart costs the step time,
+never a judgement on too little evidence. A step's latencies are kept up to ``MAX_SAMPLES``
+(the latest), so a long step costs bounded memory.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections import deque
 from collections.abc import Collection
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -37,6 +48,59 @@ MAX_SAMPLES = 10_000
 """The most candidate latencies kept per step."""
 REASONS = ("latency", "errors", "agreement")
 """Why a rollout was rolled back: the label values of ``bazaar_gateway_rollbacks_total``."""
+STATES = ("running", "done", "rolled_back")
+
+
+@dataclass(frozen=True, slots=True)
+class SavedRollout:
+    """A rollout's progress as kept beyond one gateway: which rollout, and where it stands."""
+
+    policy: dict[str, Any]
+    """Its ``RolloutPolicy.to_json()``: progress saved for another policy does not apply."""
+    step: int
+    state: str
+    reason: str | None = None
+    detail: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "policy": self.policy,
+            "step": self.step,
+            "state": self.state,
+            "reason": self.reason,
+            "detail": self.detail,
+        }
+
+    @classmethod
+    def from_json(cls, data: Any) -> SavedRollout:
+        """``ValueError`` naming what is wrong when ``data`` is not a saved rollout."""
+        if not isinstance(data, dict) or not isinstance(data.get("policy"), dict):
+            raise ValueError("expected an object with a policy object")
+        step, state = data.get("step"), data.get("state")
+        steps = data["policy"].get("steps")
+        if not isinstance(steps, list) or not isinstance(step, int):
+            raise ValueError("expected an integer step and the policy's steps")
+        if not 0 <= step < len(steps) or state not in STATES:
+            raise ValueError(f"step {step!r} of {len(steps)}, state {state!r}")
+        reason = data.get("reason")
+        if reason is not None and reason not in REASONS:
+            raise ValueError(f"reason {reason!r}")
+        return cls(data["policy"], step, state, reason, str(data.get("detail", "")))
+
+
+class RolloutRecord(Protocol):
+    """Where rollouts' progress is kept beyond one gateway, and whether this one decides.
+
+    ``load`` and ``save`` never raise: a record that cannot be read says None (nothing is
+    known: the gateway goes on as it was), one that cannot be written says False (the
+    deciding gateway tries again at its next judgement)."""
+
+    @property
+    def deciding(self) -> bool: ...
+
+    async def load(self, model: str) -> SavedRollout | None: ...
+
+    async def save(self, model: str, saved: SavedRollout) -> bool: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,7 +200,12 @@ class Rollout:
             shadowed_rows - rows0,
             agreed_rows - agreed0,
         )
-        verdict = judge(sample, self.policy)
+        policy = self.policy
+        if self.percent == 100.0:
+            # Nothing is shadowed to a candidate that serves every request: agreement can no
+            # longer be measured, and waiting for it would hold the last step for ever.
+            policy = dataclasses.replace(policy, min_agreement=None)
+        verdict = judge(sample, policy)
         steps = len(self.policy.steps)
         if verdict.action == "rollback":
             self.state, self.reason, self.detail = "rolled_back", verdict.reason, verdict.detail
@@ -168,6 +237,32 @@ class Rollout:
             self._requests = self._errors = 0
             self._rows_at_start = (shadowed_rows, agreed_rows)
         return verdict
+
+    def saved(self) -> SavedRollout:
+        return SavedRollout(self.policy.to_json(), self.step, self.state, self.reason, self.detail)
+
+    def follow(self, saved: SavedRollout, now: float, shadowed_rows: int, agreed_rows: int) -> bool:
+        """Take the saved progress when it is this rollout's and differs, its step's sample
+        starting now (``shadowed_rows``, ``agreed_rows``: the shadow's totals so far); True
+        if taken."""
+        if saved.policy != self.policy.to_json() or saved == self.saved():
+            return False
+        self.step, self.state = saved.step, saved.state
+        self.reason, self.detail = saved.reason, saved.detail
+        self._started = now
+        self._latencies.clear()
+        self._requests = self._errors = 0
+        self._rows_at_start = (shadowed_rows, agreed_rows)
+        log.info(
+            "%s: rollout of version %s is at step %d/%d (%g %%), %s, as saved",
+            self.model,
+            self.policy.version,
+            self.step + 1,
+            len(self.policy.steps),
+            self.percent,
+            self.state,
+        )
+        return True
 
     def to_json(self) -> dict[str, object]:
         return {

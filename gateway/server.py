@@ -4,8 +4,9 @@
 
 1. startup: the pods' client (over HTTP, or with ``grpc_targets`` batches over gRPC to the
    pods it knows: ``gateway.grpc_client``), the metrics registry (``protocol.metrics``),
-   the catalog, and the endpoint source (a static file, or the local supervisor that
-   starts model workers);
+   the catalog, the rollout record if any (``gateway.rollout_record``: it joins the
+   election), and the endpoint source (a static file, or the local supervisor that starts
+   model workers);
 2. serve HTTP, and with ``grpc_port`` Triton's gRPC API (``gateway.grpc``: the same
    dispatchers, quotas, keys and limits), until SIGINT or SIGTERM, behind the edge's limits
    on what clients send and how slowly (``protocol.edge``, set by ``config.edge``), over
@@ -16,7 +17,8 @@
    handlers wait on the dispatchers, so every admitted request is answered first (for at
    most ``drain_timeout_s``, which outlasts any request: a bound, not a budget);
 4. shutdown: the dispatchers and probes stop, then the source (the local workers last, so
-   the drain could still use them), then the client.
+   the drain could still use them), the rollout record (handing its Lease over), then the
+   client.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ if TYPE_CHECKING:
     import grpc
 
     from gateway.grpc_client import GrpcTargets
+    from gateway.rollout_record import ServiceRolloutRecord
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +70,9 @@ async def run(
     grpc_port: int | None = None,
     extra_routes: Sequence[BaseRoute] = (),
     grpc_targets: GrpcTargets | None = None,
+    rollout_record: ServiceRolloutRecord | None = None,
 ) -> None:
-    async with _gateway(source, config, grpc_targets) as catalog:
+    async with _gateway(source, config, grpc_targets, rollout_record) as catalog:
         inference = GatewayInference(catalog)
         app = create_app(catalog, inference, extra_routes)
         if keys is not None:
@@ -133,7 +137,10 @@ async def _grpc_serving(
 
 @contextlib.asynccontextmanager
 async def _gateway(
-    source: EndpointSource, config: GatewayConfig, grpc_targets: GrpcTargets | None
+    source: EndpointSource,
+    config: GatewayConfig,
+    grpc_targets: GrpcTargets | None,
+    rollout_record: ServiceRolloutRecord | None,
 ) -> AsyncIterator[ModelCatalog]:
     if grpc_targets is None:
         client = HttpModelClient()
@@ -142,11 +149,15 @@ async def _gateway(
 
         client = GrpcModelClient(grpc_targets)
     registry = process_registry("gateway")
-    catalog = ModelCatalog(client, GatewayMetrics(registry), config)
+    catalog = ModelCatalog(client, GatewayMetrics(registry), config, rollout_record=rollout_record)
     try:
+        if rollout_record is not None:
+            await rollout_record.start()
         await source.start(catalog.set_endpoints, registry)
         yield catalog
     finally:
         await catalog.close()
         await source.stop()
+        if rollout_record is not None:
+            await rollout_record.stop()
         await client.close()

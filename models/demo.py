@@ -13,8 +13,11 @@ answers:
   batch 1 every row streams all the weights from memory; a batch reads them once per batch, so
   batching pays.
 
-Every model is version ``1``; the files use ONNX opset 17 (IR version 8), which any
-onnxruntime since 1.13 loads.
+Every model is version ``1``, unless built as another version (``--model-version``): a
+candidate for the demos of versions, canaries and rollouts, whose digits is trained on
+another split of the data (so it agrees with version 1 on most rows, not all) and whose MLPs
+have other weights (so they agree on almost none). The files use ONNX opset 17 (IR version
+8), which any onnxruntime since 1.13 loads.
 """
 
 from __future__ import annotations
@@ -73,11 +76,13 @@ dynamic_batching:
 """
 
 
-def build_demo_repository(root: Path) -> list[str]:
-    """Write the demo models under ``root`` (created if missing, files replaced); their names."""
-    _write(root / "digits", build_digits(), _DIGITS_CONFIG)
-    _write(root / "mlp", build_mlp(MLP_WIDTHS, seed=1), _MLP_CONFIG)
-    _write(root / "mlp_wide", build_mlp(MLP_WIDE_WIDTHS, seed=2), _MLP_WIDE_CONFIG)
+def build_demo_repository(root: Path, version: int = 1) -> list[str]:
+    """Write the demo models under ``root`` as ``version`` (created if missing, files
+    replaced, other versions left); their names."""
+    _write(root / "digits", build_digits(split_seed=version - 1), _DIGITS_CONFIG, version)
+    _write(root / "mlp", build_mlp(MLP_WIDTHS, seed=version), _MLP_CONFIG, version)
+    wide = build_mlp(MLP_WIDE_WIDTHS, seed=version + 1)
+    _write(root / "mlp_wide", wide, _MLP_WIDE_CONFIG, version)
     return ["digits", "mlp", "mlp_wide"]
 
 
@@ -133,8 +138,9 @@ def build_mlp(widths: Sequence[int], seed: int) -> onnx.ModelProto:
     return model
 
 
-def build_digits() -> onnx.ModelProto:
-    train_images, test_images, train_labels, test_labels = _digits_split()
+def build_digits(split_seed: int = 0) -> onnx.ModelProto:
+    """Trained on the 80 % of the digits that ``split_seed`` draws (0: the demo's version 1)."""
+    train_images, test_images, train_labels, test_labels = _digits_split(split_seed)
     # Standardising the pixels lets lbfgs converge in a few hundred iterations.
     classifier = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000))
     classifier.fit(train_images, train_labels)
@@ -155,21 +161,21 @@ def build_digits() -> onnx.ModelProto:
     return model
 
 
-def _digits_split() -> tuple[Any, Any, Any, Any]:
-    """Train on a fixed, stratified 80%; the other 20% (360 rows) is held out."""
+def _digits_split(seed: int = 0) -> tuple[Any, Any, Any, Any]:
+    """Train on a stratified 80% drawn by ``seed``; the other 20% (360 rows) is held out."""
     images, labels = load_digits(return_X_y=True)
     return tuple(
         train_test_split(
             images.astype(np.float32),
             labels.astype(np.int64),
             test_size=0.2,
-            random_state=0,
+            random_state=seed,
             stratify=labels,
         )
     )
 
 
-def _write(model_dir: Path, model: onnx.ModelProto, config: str) -> None:
-    (model_dir / "1").mkdir(parents=True, exist_ok=True)
-    onnx.save(model, model_dir / "1" / "model.onnx")
+def _write(model_dir: Path, model: onnx.ModelProto, config: str, version: int) -> None:
+    (model_dir / str(version)).mkdir(parents=True, exist_ok=True)
+    onnx.save(model, model_dir / str(version) / "model.onnx")
     (model_dir / "config.yaml").write_text(config, encoding="utf-8")

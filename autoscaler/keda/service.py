@@ -133,7 +133,7 @@ class KedaScaler:
 
     async def targets(self) -> list[ScaleTarget]:
         targets = await self.lister.targets()
-        self.answers.retain(target.model for target in targets)
+        self.answers.retain(target.name for target in targets)
         return targets
 
     async def scale(self, model: str, replicas: int, reason: str) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Iterator
 
+import aiohttp
 import pytest
 from prometheus_client import CollectorRegistry
 
@@ -13,8 +14,11 @@ from autoscaler.deployments import REQUIRED_RBAC, KubernetesScaler
 from autoscaler.loop import Autoscaler, ScalerError, ScaleTarget
 from autoscaler.metrics import AutoscalerMetrics
 from autoscaler.policy import Decision, PolicyState, Sample, ScaleConfig
+from autoscaler.sources import GatewayStats, PodMetrics, Signals
 from cluster.lease import LeaderElection
+from tests.autoscaler.test_sources import FakeGateway
 from tests.cluster.fake_kubernetes import FakeKubernetes, cluster_at, serving
+from tests.support import serve
 
 LIST_DEPLOYMENTS = ("apps", "deployments", "list")
 GET_SCALE = ("apps", "deployments/scale", "get")
@@ -305,3 +309,69 @@ async def test_the_loop_survives_timeouts_and_errors_of_the_api(
     decisions = dict(await autoscaler.run_once())
     assert {model: d.replicas for model, d in decisions.items()} == {"digits": 4, "mlp": 4}
     assert fake.replicas("bazaar-model-mlp") == fake.replicas("bazaar-model-digits") == 4
+
+
+def by_name(targets: list[ScaleTarget]) -> dict[str, ScaleTarget]:
+    return {target.name: target for target in targets}
+
+
+async def test_two_versions_of_a_model_are_two_targets_scaled_apart(
+    scaler: KubernetesScaler, fake: FakeKubernetes
+) -> None:
+    fake.add_deployment("bazaar-model-news-v1", "news", replicas=3, version="1")
+    fake.add_deployment(
+        "bazaar-model-news-v2",
+        "news",
+        replicas=1,
+        version="2",
+        annotations={"bazaar.dev/max-replicas": "2"},
+    )
+    targets = by_name(await scaler.targets())
+
+    assert set(targets) == {"mlp", "digits", "news@1", "news@2"}
+    assert (targets["news@1"].model, targets["news@1"].version) == ("news", "1")
+    assert (targets["news@1"].replicas, targets["news@2"].replicas) == (3, 1)
+    assert targets["news@2"].config == ScaleConfig(max_replicas=2)
+    await scaler.scale("news@2", 2, "test")
+    assert (fake.replicas("bazaar-model-news-v1"), fake.replicas("bazaar-model-news-v2")) == (3, 2)
+
+
+@pytest.mark.parametrize("versions", [("1", "1"), ("1", None)])
+async def test_two_deployments_that_do_not_each_name_a_version_are_not_scaled(
+    scaler: KubernetesScaler,
+    fake: FakeKubernetes,
+    caplog: pytest.LogCaptureFixture,
+    versions: tuple[str | None, str | None],
+) -> None:
+    fake.add_deployment("bazaar-model-news-a", "news", version=versions[0])
+    fake.add_deployment("bazaar-model-news-b", "news", version=versions[1])
+    with caplog.at_level(logging.ERROR, "autoscaler.deployments"):
+        assert set(by_name(await scaler.targets())) == {"mlp", "digits"}
+    [message] = [r.getMessage() for r in caplog.records]
+    assert "(bazaar-model-news-a, bazaar-model-news-b)" in message
+    assert "bazaar.dev/version" in message
+
+
+def queued_tenths(sample: Sample, state: PolicyState, config: ScaleConfig, now: float) -> Decision:
+    """One replica per 10 queued rows: the demand that reached the decision, made visible."""
+    return Decision(int((sample.queued or 0) // 10), state, "queued / 10", "scale_up")
+
+
+async def test_each_version_is_sized_on_its_own_demand(
+    scaler: KubernetesScaler, fake: FakeKubernetes
+) -> None:
+    fake.add_deployment("bazaar-model-news-v1", "news", replicas=1, version="1")
+    fake.add_deployment("bazaar-model-news-v2", "news", replicas=1, version="2")
+    gateway = FakeGateway()
+    gateway.set("news", queued=50, inflight=0, admitted=50, completed=0)
+    gateway.set("news", queued=40, inflight=0, admitted=40, completed=0, version="1")
+    gateway.set("news", queued=10, inflight=0, admitted=10, completed=0, version="2")
+    async with serve(gateway.app()) as url, aiohttp.ClientSession() as session:
+        signals = Signals(GatewayStats([url], session=session), PodMetrics(session=session))
+        autoscaler = Autoscaler(
+            scaler, signals, AutoscalerMetrics(CollectorRegistry()), decide=queued_tenths
+        )
+        decisions = dict(await autoscaler.run_once())
+    assert (decisions["news@1"].replicas, decisions["news@2"].replicas) == (4, 1)
+    assert fake.replicas("bazaar-model-news-v1") == 4
+    assert fake.replicas("bazaar-model-news-v2") == 1

@@ -42,8 +42,18 @@ class FakeGateway:
         self.models: dict[str, dict[str, int]] = {}
         self.requests = 0
 
-    def set(self, model: str, *, queued: int, inflight: int, admitted: int, completed: int) -> None:
-        self.models[model] = {
+    def set(
+        self,
+        model: str,
+        *,
+        queued: int,
+        inflight: int,
+        admitted: int,
+        completed: int,
+        version: str | None = None,
+    ) -> None:
+        """The model's numbers, or one ``version``'s (under the model's ``versions``)."""
+        stats = {
             "queued": queued,
             "queued_rows": queued,
             "inflight_batches": 1,
@@ -54,6 +64,13 @@ class FakeGateway:
             "endpoints": 1,
             "ready_endpoints": 1,
         }
+        if version is None:
+            self.models[model] = {
+                **stats,
+                "versions": self.models.get(model, {}).get("versions", {}),
+            }
+        else:
+            self.models[model]["versions"][version] = stats
 
     def app(self) -> Starlette:
         async def stats(request: Request) -> Response:
@@ -175,6 +192,40 @@ async def test_a_model_no_gateway_knows_is_missing(session: aiohttp.ClientSessio
     async with serve(a.app()) as url:
         stats = GatewayStats([url], session=session, clock=FakeClock())
         assert await stats.read("digits") == Demand(None, None, None, None)
+
+
+async def test_a_version_reads_its_own_demand(session: aiohttp.ClientSession) -> None:
+    a, b = FakeGateway(), FakeGateway()
+    a.set("mlp", queued=35, inflight=6, admitted=1500, completed=1400)
+    a.set("mlp", queued=30, inflight=4, admitted=1000, completed=900, version="1")
+    a.set("mlp", queued=5, inflight=2, admitted=500, completed=500, version="2")  # shadowed
+    b.set("mlp", queued=3, inflight=0, admitted=3, completed=0)  # held: not learned yet
+    clock = FakeClock()
+    async with serve(a.app()) as url_a, serve(b.app()) as url_b:
+        stats = GatewayStats([url_a, url_b], session=session, clock=clock)
+        one, two, three = await asyncio.gather(
+            stats.read("mlp", "1"), stats.read("mlp", "2"), stats.read("mlp", "3")
+        )
+        assert (one, two) == (Demand(33.0, 4.0, None, None), Demand(8.0, 2.0, None, None))
+        # Version 3 is served by no gateway: only b's held requests may need it.
+        assert three == Demand(3.0, 0.0, None, None)
+        clock.now += 2.0
+        a.set("mlp", queued=1, inflight=2, admitted=700, completed=660, version="2")
+        b.set("mlp", queued=3, inflight=0, admitted=5, completed=0)
+        one, two = await asyncio.gather(stats.read("mlp", "1"), stats.read("mlp", "2"))
+        assert one == Demand(33.0, 4.0, 1.0, 0.0)
+        assert two == Demand(4.0, 2.0, 100.0 + 1.0, 80.0)
+
+
+async def test_pod_metrics_of_one_version(session: aiohttp.ClientSession) -> None:
+    async with (
+        serve(pod_app({"1": 0.1, "2": 0.6})) as pod_a,
+        serve(pod_app({"1": 0.2})) as pod_b,
+    ):
+        pods = PodMetrics(session=session, timeout_s=0.5)
+        assert (await pods.read("mlp", [pod_a, pod_b], "1")).busy_ratio == pytest.approx(0.15)
+        assert (await pods.read("mlp", [pod_a, pod_b], "2")).busy_ratio == pytest.approx(0.6)
+        assert (await pods.read("mlp", [pod_a, pod_b], "3")).busy_ratio is None
 
 
 async def test_pod_metrics_mean_busy_ratio_without_gpu(session: aiohttp.ClientSession) -> None:

@@ -7,6 +7,7 @@ namespaces:
 - ``GET  /apis/apps/v1/namespaces/{ns}/deployments/{name}/scale``
 - ``PATCH /apis/apps/v1/namespaces/{ns}/deployments/{name}/scale`` (JSON merge patch)
 - ``GET  /api/v1/namespaces/{ns}/services?labelSelector=...``
+- ``PATCH /api/v1/namespaces/{ns}/services/{name}`` (a JSON merge patch of its annotations)
 - ``GET  /apis/discovery.k8s.io/v1/namespaces/{ns}/endpointslices?labelSelector=...``
 - ``GET``, ``PUT`` (guarded by resourceVersion) and ``POST`` of
   ``/apis/coordination.k8s.io/v1/namespaces/{ns}/leases[/{name}]``
@@ -71,9 +72,10 @@ class FakeKubernetes:
         ready_replicas: int = 1,
         annotations: dict[str, str] | None = None,
         port: int = 8001,
+        version: str | None = None,
     ) -> None:
         self.deployments[namespace, name] = deployment(
-            name, model, namespace, replicas, ready_replicas, annotations or {}, port
+            name, model, namespace, replicas, ready_replicas, annotations or {}, port, version
         )
 
     def add_service(
@@ -120,6 +122,11 @@ class FakeKubernetes:
                 Route(prefix, self._list_deployments),
                 Route(prefix + "/{name}/scale", self._scale, methods=["GET", "PATCH"]),
                 Route("/api/v1/namespaces/{namespace}/services", self._list_services),
+                Route(
+                    "/api/v1/namespaces/{namespace}/services/{name}",
+                    self._patch_service,
+                    methods=["PATCH"],
+                ),
                 Route(
                     "/apis/discovery.k8s.io/v1/namespaces/{namespace}/endpointslices",
                     self._list_endpoint_slices,
@@ -169,6 +176,25 @@ class FakeKubernetes:
             return fault
         items = _selected(self.services, namespace, request.query_params.get("labelSelector"))
         return JSONResponse({"apiVersion": "v1", "kind": "ServiceList", "items": items})
+
+    async def _patch_service(self, request: Request) -> Response:
+        """A JSON merge patch of the Service's annotations (what bazaar sends)."""
+        key = (request.path_params["namespace"], request.path_params["name"])
+        if (fault := await self._record(request, ("", "services", "patch"))) is not None:
+            return fault
+        item = self.services.get(key)
+        if item is None:
+            return _status(404, "NotFound", f'services "{key[1]}" not found')
+        if self.requests[-1].content_type != "application/merge-patch+json":
+            return _status(415, "UnsupportedMediaType", "expected a merge patch")
+        patch = self.requests[-1].body["metadata"]["annotations"]
+        annotations = item["metadata"].setdefault("annotations", {})
+        for name, value in patch.items():
+            if value is None:
+                annotations.pop(name, None)
+            else:
+                annotations[name] = value
+        return JSONResponse(item)
 
     async def _list_endpoint_slices(self, request: Request) -> Response:
         namespace = request.path_params["namespace"]
@@ -344,8 +370,11 @@ def deployment(
     ready_replicas: int,
     annotations: dict[str, str],
     port: int,
+    version: str | None = None,
 ) -> dict[str, Any]:
     labels = {"app": name, "bazaar.dev/model": model}
+    if version is not None:
+        labels["bazaar.dev/version"] = version
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",

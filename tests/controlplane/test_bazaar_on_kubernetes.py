@@ -32,7 +32,9 @@ from autoscaler.deployments import REQUIRED_RBAC as AUTOSCALER_RBAC
 from autoscaler.deployments import KubernetesScaler
 from cluster.api import Cluster, Permission
 from cluster.lease import LeaderElection
-from gateway.discovery import REQUIRED_RBAC as GATEWAY_RBAC
+from gateway.discovery import REQUIRED_RBAC as DISCOVERY_RBAC
+from gateway.rollout_record import LEASE_NAME as GATEWAY_LEASE
+from gateway.rollout_record import ROLLOUT_RBAC
 from tests.controlplane.controlplane import ControlPlane, FakeNode, close_api_client, wait_for
 from tests.support import free_port
 
@@ -41,6 +43,7 @@ NAMESPACE = "bazaar"
 MODEL = "bazaar-model-mlp"
 NOT_SERVED_BY_1_20 = {("policy/v1", "PodDisruptionBudget")}
 LEASE = "bazaar-autoscaler"
+GATEWAY_RBAC = DISCOVERY_RBAC | ROLLOUT_RBAC
 
 
 def rendered(overlay: str) -> list[dict[str, Any]]:
@@ -143,12 +146,12 @@ MATRIX = [
 ]
 
 
-def can_i(kubeconfig: Path, permission: Permission) -> bool:
+def can_i(kubeconfig: Path, permission: Permission, lease: str) -> bool:
     resource, _, subresource = permission.resource.partition("/")
     if permission.api_group:
         resource += "." + permission.api_group
     if resource == "leases.coordination.k8s.io":
-        resource += "/" + LEASE  # the Role names the one Lease it may read and renew
+        resource += "/" + lease  # the Role names the one Lease it may read and renew
     command = ["kubectl", "--kubeconfig", str(kubeconfig), "auth", "can-i", permission.verb]
     command += [resource, "-n", NAMESPACE]
     if subresource:
@@ -158,18 +161,22 @@ def can_i(kubeconfig: Path, permission: Permission) -> bool:
 
 
 @pytest.mark.parametrize(
-    ("account", "required"),
-    [("bazaar-autoscaler", AUTOSCALER_RBAC), ("bazaar-gateway", GATEWAY_RBAC)],
+    ("account", "required", "lease"),
+    [
+        ("bazaar-autoscaler", AUTOSCALER_RBAC, LEASE),
+        ("bazaar-gateway", GATEWAY_RBAC, GATEWAY_LEASE),
+    ],
 )
 def test_each_service_account_may_do_exactly_what_its_code_calls(
     control_plane: ControlPlane,
     deployed: client.ApiClient,
     account: str,
     required: frozenset[Permission],
+    lease: str,
 ) -> None:
     token = control_plane.service_account_token(NAMESPACE, account, create=False)
     kubeconfig = control_plane.kubeconfig_for_token(token)
-    allowed = {permission for permission in MATRIX if can_i(kubeconfig, permission)}
+    allowed = {permission for permission in MATRIX if can_i(kubeconfig, permission, lease)}
     assert allowed == set(required)
 
 

@@ -37,9 +37,10 @@ def render(target: Path, out: Path) -> None:
 
 @pytest.fixture(scope="module")
 def renders(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The overlays, the load test, and the CPU overlay with each component."""
+    """The overlays (the versions example among them), the load test, and the CPU overlay
+    with each component."""
     out = tmp_path_factory.mktemp("rendered")
-    for name in ("overlays/cpu", "overlays/gpu", "locust"):
+    for name in ("overlays/cpu", "overlays/gpu", "overlays/versions", "locust"):
         render(ROOT / "deploy" / name, out / f"{name.replace('/', '-')}.yaml")
     for component in COMPONENTS:
         kustomization = tmp_path_factory.mktemp(component)

@@ -34,8 +34,10 @@ from autoscaler.command import add_parser
 from autoscaler.deployments import REQUIRED_RBAC as AUTOSCALER_RBAC
 from bazaar.cli import parser as bazaar_parser
 from cluster.api import Permission
-from gateway.discovery import REQUIRED_RBAC as GATEWAY_RBAC
+from gateway.discovery import REQUIRED_RBAC as DISCOVERY_RBAC
 from gateway.discovery import EndpointSlices
+from gateway.rollout_record import LEASE_NAME as GATEWAY_LEASE
+from gateway.rollout_record import ROLLOUT_RBAC
 from protocol.auth import parse_keys_file, parse_token
 from protocol.errors import ConfigError
 
@@ -54,7 +56,7 @@ COMPONENTS = [
 ]
 # What `kubectl apply -k` takes: a directory, or the cpu overlay with one component.
 STACKS = ["base", "overlays/cpu", "overlays/gpu"] + [f"overlays/cpu+{c}" for c in COMPONENTS]
-RENDERS = [*STACKS, "locust", "overlays/model-group"]
+RENDERS = [*STACKS, "locust", "overlays/model-group", "overlays/versions"]
 KUSTOMIZE_SUBSET = {
     "apiVersion",
     "kind",
@@ -70,6 +72,8 @@ MONITORING_KINDS = {"PodMonitor", "ServiceMonitor"}
 OPERATOR_KINDS = {*MONITORING_KINDS, "PrometheusRule", "ScaledObject"}
 """The Prometheus operator's CRDs (the PrometheusRule: tests/deploy/test_rules.py) and KEDA's."""
 MODEL_LABEL = "bazaar.dev/model"
+GATEWAY_RBAC = DISCOVERY_RBAC | ROLLOUT_RBAC
+"""The gateway's calls: discovery, and rollouts decided by one (``--leader-election-id``)."""
 NAMESPACE = "bazaar"
 IMAGE = "ghcr.io/bazaar-dev/bazaar"
 VERSION = "0.1.0"
@@ -784,13 +788,24 @@ def test_the_roles_grant_exactly_what_the_code_calls(
     assert deployment["spec"]["template"]["spec"]["serviceAccountName"] == subject["name"]
 
 
-def test_the_autoscaler_may_renew_only_its_own_lease(stack: list[Resource]) -> None:
-    role = find(stack, "Role", "bazaar-autoscaler")
+@pytest.mark.parametrize(
+    ("name", "lease"),
+    [("bazaar-autoscaler", "bazaar-autoscaler"), ("bazaar-gateway", GATEWAY_LEASE)],
+)
+def test_each_may_renew_only_its_own_lease(stack: list[Resource], name: str, lease: str) -> None:
+    role = find(stack, "Role", name)
     for rule in role["rules"]:
         if rule["resources"] == ["leases"] and rule["verbs"] != ["create"]:
-            assert rule["resourceNames"] == ["bazaar-autoscaler"]
+            assert rule["resourceNames"] == [lease]
         else:
             assert "resourceNames" not in rule, rule
+
+
+def test_the_gateways_take_part_in_the_rollouts_election(stack: list[Resource]) -> None:
+    container = only_container(find(stack, "Deployment", "bazaar-gateway"))
+    assert flag(container["args"], "--leader-election-id") == "$(POD_NAME)"
+    [env] = [e for e in container["env"] if e["name"] == "POD_NAME"]
+    assert env["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
 
 
 def test_only_the_gateway_and_the_autoscaler_talk_to_the_api_server(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from collections import Counter
 from collections.abc import AsyncIterator
 
@@ -91,6 +92,17 @@ def test_a_slower_candidate_is_rolled_back_at_the_first_step_and_a_good_one_reac
         percents.append(good.percent)
     assert percents == [1.0, 10.0, 50.0, 100.0, 100.0]
     assert good.state == "done"
+
+
+def test_the_last_step_completes_without_shadowed_rows() -> None:
+    """At 100 % the candidate serves everything and nothing is shadowed to it: agreement
+    cannot hold the last step (it held it for ever)."""
+    rollout = Rollout("m", dataclasses.replace(BOUNDED, steps=(50.0, 100.0)), now=0.0)
+    for step, rows in [(1, 100), (2, 100)]:  # no row shadowed during the second step
+        for _ in range(100):
+            rollout.record("2", 0.010, 200)
+        assert rollout.tick(60.0 * step, rows, rows).action == "advance"
+    assert (rollout.state, rollout.percent) == ("done", 100.0)
 
 
 def test_the_other_versions_share_what_the_candidate_does_not_take() -> None:

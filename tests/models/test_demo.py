@@ -19,6 +19,7 @@ from models.config import resolve_metadata
 from models.demo import (
     MIN_DIGITS_ACCURACY,
     MLP_WIDTHS,
+    build_demo_repository,
     build_digits,
     build_mlp,
     digits_samples,
@@ -163,6 +164,29 @@ def test_mlp_wide_runs_and_matches_numpy(demo_repository: Path) -> None:
     model = onnx.load(demo_repository / "mlp_wide" / "1" / "model.onnx")
     np.testing.assert_allclose(output, numpy_forward(model, rows), rtol=1e-4, atol=1e-4)
     assert output.std() > 0.1
+
+
+def test_a_candidate_version_agrees_with_version_1_on_most_digits_and_few_mlp_rows(
+    demo_repository: Path, tmp_path: Path
+) -> None:
+    build_demo_repository(tmp_path, version=2)
+    assert sorted(path.name for path in (tmp_path / "digits").iterdir()) == ["2", "config.yaml"]
+    images, labels = digits_samples(360)
+
+    def answers(root: Path, name: str, version: str, rows: np.ndarray) -> np.ndarray:
+        path = root / name / version / "model.onnx"
+        runtime = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return np.asarray(runtime.run(None, {"input": rows})[0])
+
+    v1, v2 = (
+        answers(demo_repository, "digits", "1", images),
+        answers(tmp_path, "digits", "2", images),
+    )
+    assert (v2 == labels).mean() >= MIN_DIGITS_ACCURACY
+    assert 0.9 < (v1 == v2).mean() < 1.0  # another split: a candidate that mostly agrees
+    rows = np.random.default_rng(0).standard_normal((200, MLP_WIDTHS[0]), dtype=np.float32)
+    mlp1, mlp2 = answers(demo_repository, "mlp", "1", rows), answers(tmp_path, "mlp", "2", rows)
+    assert (mlp1.argmax(axis=1) == mlp2.argmax(axis=1)).mean() < 0.5
 
 
 def test_builds_are_deterministic() -> None:
