@@ -11,6 +11,9 @@ from autoscaler.simulation.benchmark import make_policy
 from autoscaler.simulation.keda_external import KedaExternal, hpa_external_average_value
 from autoscaler.simulation.simulator import SimConfig, simulate
 
+SLO_MS = 500
+"""The benchmark's latency objective (``bazaar simulate --slo-ms``'s default)."""
+
 
 @pytest.mark.parametrize(
     ("answer", "current", "expected"),
@@ -60,8 +63,8 @@ def test_a_run_follows_bazaar_within_the_hpas_sync() -> None:
     rates = np.concatenate([np.full(60, 100.0), np.full(120, 800.0)])
     trace = traces.from_rates("step", rates, 1, step_at_s=60.0, step_rate=800.0)
     config = SimConfig(cold_start_s=10)
-    direct = simulate(trace, make_policy("bazaar", trace, config), config)
-    keda = simulate(trace, make_policy("bazaar-keda", trace, config), config)
+    direct = simulate(trace, make_policy("bazaar", trace, config, SLO_MS), config)
+    keda = simulate(trace, make_policy("bazaar-keda", trace, config, SLO_MS), config)
     assert keda.replicas[-1] == direct.replicas[-1]
     first = keda.actions[0].time_s
     assert all((a.time_s - first) % 15 == 0 for a in keda.actions)
@@ -73,7 +76,7 @@ def test_keda_takes_the_model_to_zero_after_bazaar_answers_zero() -> None:
     rates = np.concatenate([np.zeros(5), np.full(10, 20.0), np.zeros(150)])
     trace = traces.from_rates("sparse", rates, 1, min_replicas=0)
     config = SimConfig(cold_start_s=10)
-    run = simulate(trace, make_policy("bazaar-keda", trace, config), config, initial=0)
+    run = simulate(trace, make_policy("bazaar-keda", trace, config, SLO_MS), config, initial=0)
     assert (run.actions[0].before, run.actions[0].after) == (0, 1)
     assert run.actions[-1].after == 0 and run.actions[-1].reason.startswith("KEDA: inactive")
     assert int(np.sum(run.finished_ms < 0)) == len(run.rejected_ms) == 0
