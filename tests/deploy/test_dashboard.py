@@ -105,6 +105,27 @@ def test_no_two_panels_overlap_and_every_legend_sits_beside_its_graph() -> None:
         assert panel["options"]["legend"]["placement"] == "right", panel["title"]
 
 
+def test_the_panels_the_issue_found_missing_are_there_and_apart() -> None:
+    """Issue 14: the error, shed, expired, batch-size, pod compute, endpoint and process panels;
+    requests/s and rows/s on panels of their own; whole scaling decisions."""
+    by_title = {panel["title"]: panel for panel in panels()}
+    exprs = {title: " ".join(t["expr"] for t in p["targets"]) for title, p in by_title.items()}
+    wanted = {
+        "Error ratio": 'outcome!="success"',
+        "Shed (503) and expired (504) per second": "bazaar_gateway_shed_requests_total",
+        "Batch size (rows per batch)": "bazaar_gateway_batch_size",
+        "Pod time p50 / p99": "bazaar_model_compute_seconds",
+        "Replicas: desired / asked / ready / endpoints": "bazaar_gateway_ready_endpoints",
+        "Process CPU (cores)": "process_cpu_seconds_total",
+        "Process memory (RSS)": "process_resident_memory_bytes",
+    }
+    for title, metric in wanted.items():
+        assert metric in exprs[title], title
+    for title, expr in exprs.items():
+        assert not ("requests_total" in expr and "rows_total" in expr), title  # one unit a panel
+    assert exprs["Scaling decisions (5 min)"].startswith("round(")
+
+
 # Against a real Prometheus
 
 
