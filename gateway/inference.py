@@ -75,26 +75,11 @@ class GatewayInference:
             )
         attributes = {"bazaar.model": model, "bazaar.version": version or ""}
         with tracing.server_span(tracer, f"infer {model}", attributes) as span:
-            if not span.is_recording():
-                return await self._run(
-                    model,
-                    version,
-                    tenant_name,
-                    admission_timeout_s,
-                    decode,
-                    encode,
-                    forward,
-                    headers,
-                )
+            if span.is_recording():  # unsampled: no spans under it
+                decode = tracing.traced(tracer, "decode", decode)
+                encode = tracing.traced(tracer, "encode", encode)
             return await self._run(
-                model,
-                version,
-                tenant_name,
-                admission_timeout_s,
-                tracing.traced(tracer, "decode", decode),
-                tracing.traced(tracer, "encode", encode),
-                forward,
-                headers,
+                model, version, tenant_name, admission_timeout_s, decode, encode, forward, headers
             )
 
     async def _run(

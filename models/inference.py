@@ -78,15 +78,10 @@ class PodInference:
             return await self._run(model, version, decode, encode, limit_s)
         attributes = {"bazaar.model": model, "bazaar.version": version or ""}
         with tracing.server_span(tracer, f"infer {model}", attributes) as span:
-            if not span.is_recording():
-                return await self._run(model, version, decode, encode, limit_s)
-            return await self._run(
-                model,
-                version,
-                tracing.traced(tracer, "decode", decode),
-                tracing.traced(tracer, "encode", encode),
-                limit_s,
-            )
+            if span.is_recording():  # unsampled: no spans under it
+                decode = tracing.traced(tracer, "decode", decode)
+                encode = tracing.traced(tracer, "encode", encode)
+            return await self._run(model, version, decode, encode, limit_s)
 
     async def _run(
         self,
