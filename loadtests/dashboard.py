@@ -25,8 +25,8 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.gridspec import GridSpec
 
-ROOT = Path(__file__).resolve().parent.parent
-DASHBOARD = ROOT / "deploy" / "grafana-dashboard.json"
+DASHBOARD = Path(__file__).resolve().parent.parent / "deploy" / "grafana-dashboard.json"
+"""In a checkout; an installed package has no deploy/, so name the file with --dashboard."""
 UNITS = {"s": "seconds", "reqps": "requests/s", "percentunit": "ratio", "bytes": "bytes"}
 
 
@@ -96,8 +96,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--minutes", type=float, default=5.0)
     parser.add_argument("--rate-interval", default="1m", help="what $__rate_interval becomes")
     parser.add_argument("--out", type=Path, default=Path("dashboard.png"))
+    parser.add_argument(
+        "--dashboard",
+        type=Path,
+        default=DASHBOARD,
+        help="the dashboard JSON (default: deploy/grafana-dashboard.json of this checkout)",
+    )
     args = parser.parse_args(argv)
-    dashboard = json.loads(DASHBOARD.read_text())
+    if not args.dashboard.is_file():
+        parser.error(f"no dashboard at {args.dashboard}: name deploy/grafana-dashboard.json")
+    dashboard = json.loads(args.dashboard.read_text())
     figure = draw(args.prometheus, args.namespace, args.minutes, args.rate_interval, dashboard)
     figure.savefig(args.out, dpi=60)
     print(f"dashboard: {args.out}")

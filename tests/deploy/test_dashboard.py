@@ -30,6 +30,7 @@ import pytest
 import yaml
 
 from loadtests.dashboard import draw, grafana_query
+from loadtests.dashboard import main as dashboard_main
 from tests.support import bazaar_process, free_port, models_ready, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -323,3 +324,13 @@ def test_the_dashboard_picture_draws_every_panel_from_prometheus(
             assert [text.get_text() for text in axis.texts] == ["no data"]
         else:
             assert axis.get_lines(), title
+
+
+def test_the_picture_tool_says_where_the_dashboard_is_missing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # An installed package has no deploy/: the tool must say so, not fail reading it.
+    with pytest.raises(SystemExit) as exited:
+        dashboard_main(["--dashboard", str(tmp_path / "absent.json")])
+    assert exited.value.code == 2
+    assert "no dashboard at" in capsys.readouterr().err
