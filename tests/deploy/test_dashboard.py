@@ -211,7 +211,9 @@ def _up_targets(url: str) -> int:
 
 def query(url: str, expr: str, at: float | None = None) -> list[dict[str, Any]]:
     params = {"query": expr, **({"time": str(at)} if at is not None else {})}
-    answer = httpx.get(f"{url}/api/v1/query", params=params, timeout=10).json()
+    response = httpx.get(f"{url}/api/v1/query", params=params, timeout=10)
+    response.raise_for_status()  # 503 "Service Unavailable" while its storage starts
+    answer = response.json()
     assert answer["status"] == "success", (expr, answer)
     return list(answer["data"]["result"])
 
