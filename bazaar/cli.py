@@ -597,12 +597,11 @@ def _gateway(args: argparse.Namespace) -> int:
     keys = _key_file(args)  # before the heavier imports: a mistake is told at once
     tls = _server_tls(args)
     _trace("bazaar-gateway", args)
-    from gateway.discovery import EndpointSlices, EndpointSource, StaticEndpoints
+    from gateway.discovery import EndpointSlices, StaticEndpoints
     from gateway.server import run
 
-    source: EndpointSource
+    source: StaticEndpoints | EndpointSlices
     config = _gateway_config(args)
-    grpc_targets = None  # EndpointSlices give no gRPC port yet: the pods are called over HTTP
     record = None
     if args.endpoints is not None:
         if args.kubeconfig is not None or args.leader_election_id is not None:
@@ -610,7 +609,6 @@ def _gateway(args: argparse.Namespace) -> int:
             return 2
         source = StaticEndpoints(args.endpoints)
         config = dataclasses.replace(config, models=source.settings)
-        grpc_targets = source.grpc_target
     else:
         from cluster.api import Cluster, connect
 
@@ -632,7 +630,7 @@ def _gateway(args: argparse.Namespace) -> int:
         open_scopes=_open_scopes(args),
         tls=tls,
         grpc_port=args.grpc_port or None,
-        grpc_targets=grpc_targets,
+        grpc_targets=source.grpc_target,
         rollout_record=record,
     )
     _run_async(main)

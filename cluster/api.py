@@ -82,7 +82,12 @@ def connect(kubeconfig: str | None = None) -> ApiClient:
 
 def pod_url(ip: str, port: int) -> str:
     """A pod's base URL (IPv6 addresses in brackets)."""
-    return f"http://[{ip}]:{port}" if ":" in ip else f"http://{ip}:{port}"
+    return f"http://{pod_address(ip, port)}"
+
+
+def pod_address(ip: str, port: int) -> str:
+    """A pod's ``host:port``, as a gRPC target (IPv6 addresses in brackets)."""
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
 
 
 class PermissionLog:

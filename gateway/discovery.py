@@ -15,7 +15,10 @@ file that no longer parses is logged once and changes nothing until it does.
 ``EndpointSlices`` follows the model Services of one namespace (``cluster.endpoints``: one
 endpoint per ready pod, so the router's least-outstanding-work choice and per-endpoint
 limits see the pods themselves; a model scaled to zero has no endpoints, and the catalog
-holds its requests in the queue until a pod is ready and listed again).
+holds its requests in the queue until a pod is ready and listed again). A slice with a port
+named ``grpc`` (the model Service's port to the pods' ``--grpc-port``) gets its pods' batches
+over gRPC, as an endpoints file's ``{url, grpc}`` does (``grpc_target``); a slice without one
+keeps the HTTP hop. Readiness, learning and passthrough stay on the ``http`` port either way.
 
 **Re-listing, not a watch.** Every ``resync_s`` (1 s) one task lists the model Services and
 the namespace's EndpointSlices and reports each model whose endpoints changed. A watch would
@@ -148,6 +151,7 @@ class EndpointSlices:
         *,
         label: str = "bazaar.dev/model",
         port_name: str = "http",
+        grpc_port_name: str = "grpc",
         resync_s: float = 1.0,
         max_backoff_s: float = 30.0,
     ) -> None:
@@ -156,9 +160,12 @@ class EndpointSlices:
         """The Service label whose value names the model."""
         self.port_name = port_name
         """The EndpointSlice port (the Service port's name) that speaks v2."""
+        self.grpc_port_name = grpc_port_name
+        """The EndpointSlice port that speaks v2 over gRPC, where a slice has it."""
         self.resync_s = resync_s
         self.max_backoff_s = max_backoff_s
         self._reported: dict[str, tuple[list[str], TrafficPolicy | None]] = {}
+        self._grpc_targets: dict[str, str] = {}
         self._failing = ProblemLog(log)
         self._task: asyncio.Task[None] | None = None
 
@@ -170,6 +177,11 @@ class EndpointSlices:
         await cancel_and_wait(self._task)
         self.cluster.close()
 
+    def grpc_target(self, url: str) -> str | None:
+        """The gRPC ``host:port`` of the endpoint at ``url``, if its slice has the gRPC port
+        (as of the last good listing)."""
+        return self._grpc_targets.get(url)
+
     async def _run(self, listener: EndpointListener, delay: float) -> None:
         while True:
             await asyncio.sleep(delay)
@@ -180,7 +192,7 @@ class EndpointSlices:
         namespace = self.cluster.namespace
         try:
             services = await model_services(
-                self.cluster, self.label, self.port_name, TRAFFIC_ANNOTATION
+                self.cluster, self.label, self.port_name, TRAFFIC_ANNOTATION, self.grpc_port_name
             )
         except Forbidden:
             return self.resync_s
@@ -195,6 +207,11 @@ class EndpointSlices:
         self._failing.ok(
             "list", f"listing the model endpoints in namespace {namespace} works again"
         )
+        self._grpc_targets = {  # before a new endpoint is used
+            url: target
+            for service in services.values()
+            for url, target in service.grpc_targets.items()
+        }
         for model in sorted(self._reported.keys() - services.keys()):
             listener(model, [])
             del self._reported[model]

@@ -524,7 +524,11 @@ def test_the_gateway_discovers_every_model_through_a_labelled_service(
     assert not of_kind(stack, "ConfigMap")
 
     source = EndpointSlices.__init__.__kwdefaults__
-    label, port_name = source["label"], source["port_name"]
+    label, port_name, grpc_port_name = (
+        source["label"],
+        source["port_name"],
+        source["grpc_port_name"],
+    )
     for model_deployment in models(stack):
         model = model_deployment["metadata"]["labels"][label]
         services = [
@@ -537,6 +541,10 @@ def test_the_gateway_discovers_every_model_through_a_labelled_service(
             assert selected(stack, service["spec"]["selector"]) == [model_deployment]
             ports = {p["name"]: p for p in service["spec"]["ports"]}
             assert ports[port_name]["targetPort"] in container_ports(model_deployment)
+            # The batches go over gRPC: the slices carry the port the pods serve it on.
+            grpc = ports[grpc_port_name]
+            assert grpc["appProtocol"] == "grpc"
+            assert grpc["targetPort"] in container_ports(model_deployment)
             # The autoscaler reads the same endpoints' metrics port.
             assert ports["metrics"]["targetPort"] == "metrics"
 
@@ -566,6 +574,7 @@ def test_model_servers_split_the_data_plane_from_metrics(stack: list[Resource]) 
         assert args[0] == "model-server"
         assert flag(args, "--model-repository") == "/models"
         assert flag(args, "--port") == str(port_number(deployment, "http")) == "8000"
+        assert flag(args, "--grpc-port") == str(port_number(deployment, "grpc")) == "8001"
         assert flag(args, "--control-port") == str(port_number(deployment, "metrics")) == "8002"
         # Model control only with its token (components/model-control): the pods listen on
         # every address.
@@ -718,6 +727,7 @@ def test_model_pods_take_data_from_gateways_and_scrapes_from_autoscaler_and_moni
     for deployment in models(stack):
         assert ingress_peers(stack, deployment) == {
             "http": [gateway],
+            "grpc": [gateway],
             "metrics": [autoscaler, monitoring],
         }
     # ...and the peers are the pods they name.

@@ -39,7 +39,12 @@ def test_every_model_of_the_group_has_a_service_selecting_only_the_group(
     assert args.models == ["digits", "mlp_wide"]
     assert args.memory_budget > 0
     source = EndpointSlices.__init__.__kwdefaults__
-    label, port_name = source["label"], source["port_name"]
+    label, port_name, grpc_port_name = (
+        source["label"],
+        source["port_name"],
+        source["grpc_port_name"],
+    )
+    assert args.grpc_port in container_ports(group)
     discovered = {
         service["metadata"]["labels"][label]: service
         for service in of_kind(stack, "Service")
@@ -50,6 +55,7 @@ def test_every_model_of_the_group_has_a_service_selecting_only_the_group(
         assert selected(stack, service["spec"]["selector"]) == [group], model
         ports = {p["name"]: p for p in service["spec"]["ports"]}
         assert ports[port_name]["targetPort"] in container_ports(group)
+        assert ports[grpc_port_name]["targetPort"] in container_ports(group)
         assert ports["metrics"]["targetPort"] == "metrics"
     # The one-model shape stays beside it, its Service selecting its own pods only.
     [mlp] = models(stack)

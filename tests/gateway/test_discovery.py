@@ -263,3 +263,84 @@ async def test_a_gateway_process_serves_a_discovered_pod_and_holds_requests_at_z
         log = (tmp_path / "gateway.log").read_text()
     assert "mlp: 1 ready endpoint(s) http://127.0.0.1:" in log
     assert {r.permission for r in fake.requests} == {LIST_SERVICES, LIST_SLICES}
+
+
+async def test_a_slice_with_a_grpc_port_gives_its_pods_the_grpc_hop(
+    fake: FakeKubernetes, source: EndpointSlices
+) -> None:
+    both = {"http": 8001, "grpc": 9001}
+    fake.set_slice("mlp-a", MLP, [("10.0.0.1", True), ("10.0.0.2", False)], ports=both)
+    fake.set_slice("mlp-b", MLP, [("fd00::1", True)], address_type="IPv6", ports=both)
+    fake.set_slice("mlp-c", MLP, [("10.0.0.5", True)], ports={"http": 8001})
+    listener = Listener()
+    await source.start(listener, CollectorRegistry())
+    assert listener.latest["mlp"] == [
+        "http://10.0.0.1:8001",
+        "http://10.0.0.5:8001",
+        "http://[fd00::1]:8001",
+    ]
+    assert source.grpc_target("http://10.0.0.1:8001") == "10.0.0.1:9001"
+    assert source.grpc_target("http://[fd00::1]:8001") == "[fd00::1]:9001"
+    assert source.grpc_target("http://10.0.0.5:8001") is None  # no grpc port: HTTP
+    assert source.grpc_target("http://10.0.0.2:8001") is None  # not ready
+
+    # A pod in two slices, one with the gRPC port, keeps it; a slice that loses the port
+    # takes its pods back to HTTP on the next listing.
+    fake.set_slice("mlp-d", MLP, [("10.0.0.1", True)], ports={"http": 8001})
+    fake.set_slice("mlp-a", MLP, [("10.0.0.1", True)], ports={"http": 8001})
+    await eventually(
+        lambda: source.grpc_target("http://10.0.0.1:8001") is None, 5.0, "gRPC port removed"
+    )
+    assert source.grpc_target("http://[fd00::1]:8001") == "[fd00::1]:9001"
+
+
+async def test_a_gateway_process_sends_batches_over_grpc_where_the_slice_has_the_port(
+    demo_repository: Path, tmp_path: Path
+) -> None:
+    http_port, grpc_port, port = free_port(), free_port(), free_port()
+    pod_log = tmp_path / "pod.log"
+    pod_args = [
+        "model-server",
+        f"--model-repository={demo_repository}",
+        "--model=mlp",
+        f"--port={http_port}",
+        f"--grpc-port={grpc_port}",
+        "--access-log",
+    ]
+    fake = FakeKubernetes()
+    fake.add_service(MLP, {"bazaar.dev/model": "mlp"}, namespace="ns")
+
+    def pod(ports: dict[str, int]) -> None:
+        fake.set_slice("mlp-x", MLP, [("127.0.0.1", True)], namespace="ns", ports=ports)
+
+    def pod_infers_over_http() -> int:
+        return pod_log.read_text().count('"POST /v2/models/mlp/versions/1/infer ')
+
+    pod({"http": http_port, "grpc": grpc_port})
+    url = f"http://127.0.0.1:{port}"
+    body = {
+        "inputs": [{"name": "input", "shape": [1, 256], "datatype": "FP32", "data": [0.5] * 256}]
+    }
+    pod_ready = f"http://127.0.0.1:{http_port}/v2/health/ready"
+    with bazaar_process(pod_args, pod_log, pod_ready):
+        async with serving(fake) as api, httpx.AsyncClient(base_url=url, timeout=30) as http:
+            args = [
+                "gateway",
+                "--kubernetes-namespace=ns",
+                f"--kubeconfig={_kubeconfig(tmp_path / 'kubeconfig', api)}",
+                f"--port={port}",
+            ]
+            ready = f"{url}/v2/models/mlp/ready"
+            async with _in_thread(bazaar_process(args, tmp_path / "gateway.log", ready)):
+                response = await http.post("/v2/models/mlp/infer", json=body)
+                assert response.status_code == 200, response.text
+                assert len(response.json()["outputs"][0]["data"]) == 10
+                assert pod_infers_over_http() == 0, "the batch went over HTTP, not gRPC"
+
+                pod({"http": http_port})  # the slice no longer lists gRPC: back to HTTP
+                deadline = time.monotonic() + 10
+                while pod_infers_over_http() == 0:
+                    assert time.monotonic() < deadline, "the gateway still calls over gRPC"
+                    response = await http.post("/v2/models/mlp/infer", json=body)
+                    assert response.status_code == 200, response.text
+                    await asyncio.sleep(0.05)
