@@ -5,7 +5,9 @@ gRPC) and plain HTTP at the gateway.
 MLServer has no ``/config`` route and no binary tensor extension. ``doubler`` declares its
 tensors in its model settings: the gateway learns it from the metadata alone, validates
 and batches its requests (the endpoints file gives ``max_batch_size``) and sends them as
-JSON. ``echo``'s runtime declares none: its requests pass through as sent.
+JSON. ``echo``'s runtime declares none: its requests pass through as sent. ``mlp`` has the
+demo mlp's tensors, for every tritonclient call (``tests/tritonclient_calls.py``) at the
+gateway: what MLServer lacks (config, statistics) the gateway answers of its own.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
 from tests.support import bazaar_process, free_port, models_ready
+from tests.tritonclient_calls import GRPC, HTTP, grpc_call, http_call
 from tests.upstreams.support import upstream_process, venv
 
 RUNTIMES = """
@@ -44,6 +47,13 @@ class Echo(MLModel):
             for t in payload.inputs
         ]
         return InferenceResponse(model_name=self.name, id=payload.id, outputs=outputs)
+
+
+class Head(MLModel):
+    async def predict(self, payload: InferenceRequest) -> InferenceResponse:
+        x = NumpyCodec.decode_input(payload.inputs[0])
+        y = NumpyCodec.encode_output("output", np.ascontiguousarray(x[:, :10]))
+        return InferenceResponse(model_name=self.name, outputs=[y])
 """
 
 
@@ -74,6 +84,11 @@ def serving(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str
     models = {
         "doubler": {"implementation": "runtimes.Doubler", **tensors},
         "echo": {"implementation": "runtimes.Echo"},
+        "mlp": {
+            "implementation": "runtimes.Head",
+            "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, 256]}],
+            "outputs": [{"name": "output", "datatype": "FP32", "shape": [-1, 10]}],
+        },
     }
     for name, model_settings in models.items():
         (root / name).mkdir()
@@ -86,6 +101,7 @@ def serving(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str
         "models:\n"
         f"  doubler: {{endpoints: [{upstream}], max_batch_size: 4}}\n"
         f"  echo: [{upstream}]\n"
+        f"  mlp: {{endpoints: [{upstream}], max_batch_size: 32}}\n"
     )
     gateway_port = free_port()
     url = f"http://127.0.0.1:{gateway_port}"
@@ -151,7 +167,7 @@ def test_tritonclient_grpc_at_the_gateway_in_front_of_mlserver(serving: tuple[st
         metadata = client.get_model_metadata("doubler", as_json=True)
         assert metadata["inputs"] == [{"name": "x", "datatype": "FP32", "shape": ["-1", "2"]}]
         index = client.get_model_repository_index(as_json=True)["models"]
-        assert {model["name"] for model in index} == {"doubler", "echo"}
+        assert {model["name"] for model in index} == {"doubler", "echo", "mlp"}
         tensor = triton_grpc.InferInput("x", [2, 2], "FP32")
         tensor.set_data_from_numpy(np.array([[1, 2], [3, 4]], dtype=np.float32))
         answer = client.infer("doubler", [tensor], request_id="7")
@@ -171,3 +187,17 @@ def test_tritonclient_grpc_at_the_gateway_in_front_of_mlserver(serving: tuple[st
         assert refused.value.status() == "StatusCode.INVALID_ARGUMENT"
     finally:
         client.close()
+
+
+@pytest.mark.parametrize("name", sorted(HTTP))
+def test_tritonclient_http_call_at_the_gateway_in_front_of_mlserver(
+    serving: tuple[str, str], name: str
+) -> None:
+    http_call(serving[0].removeprefix("http://"), name)
+
+
+@pytest.mark.parametrize("name", sorted(GRPC))
+def test_tritonclient_grpc_call_at_the_gateway_in_front_of_mlserver(
+    serving: tuple[str, str], name: str
+) -> None:
+    grpc_call(serving[1], name)

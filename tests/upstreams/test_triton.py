@@ -13,7 +13,9 @@ how Triton users run it anyway.
 dynamic batching), validated, batched and sent over gRPC (the endpoints file gives Triton's
 gRPC port: ``gateway.grpc_client``). ``echo`` is marked ``validate:
 false`` in the endpoints file: tritonclient's binary requests pass through to Triton as
-sent, and Triton's answer comes back as it sent it.
+sent, and Triton's answer comes back as it sent it. ``mlp`` has the demo mlp's tensors and
+batch limit, sent over binary HTTP, for every tritonclient call
+(``tests/tritonclient_calls.py``) at the gateway.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
 from tests.support import bazaar_process, free_port, models_ready
+from tests.tritonclient_calls import GRPC, HTTP, grpc_call, http_call
 from tests.upstreams.support import upstream_process, venv
 
 MODELS = {
@@ -75,6 +78,31 @@ class TritonPythonModel:
             pb_utils.InferenceResponse([pb_utils.get_input_tensor_by_name(request, "text")])
             for request in requests
         ]
+""",
+    ),
+    "mlp": (
+        """
+name: "mlp"
+backend: "python"
+max_batch_size: 32
+input [{ name: "input", data_type: TYPE_FP32, dims: [256] }]
+output [{ name: "output", data_type: TYPE_FP32, dims: [10] }]
+dynamic_batching { }
+instance_group [{ kind: KIND_CPU, count: 1 }]
+""",
+        """
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            x = pb_utils.get_input_tensor_by_name(request, "input").as_numpy()
+            head = pb_utils.Tensor("output", np.ascontiguousarray(x[:, :10]))
+            responses.append(pb_utils.InferenceResponse([head]))
+        return responses
 """,
     ),
 }
@@ -130,6 +158,7 @@ def serving(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str
         "models:\n"
         f"  doubler: [{{url: {upstream}, grpc: '127.0.0.1:{triton_grpc_port}'}}]\n"
         f"  echo: {{endpoints: [{upstream}], validate: false}}\n"
+        f"  mlp: [{upstream}]\n"
     )
     gateway_port = free_port()
     url = f"http://127.0.0.1:{gateway_port}"
@@ -209,3 +238,17 @@ def test_tritonclient_grpc_at_the_gateway_in_front_of_triton(serving: tuple[str,
         assert refused.value.status() == "StatusCode.INVALID_ARGUMENT"
     finally:
         client.close()
+
+
+@pytest.mark.parametrize("name", sorted(HTTP))
+def test_tritonclient_http_call_at_the_gateway_in_front_of_triton(
+    serving: tuple[str, str], name: str
+) -> None:
+    http_call(serving[0].removeprefix("http://"), name)
+
+
+@pytest.mark.parametrize("name", sorted(GRPC))
+def test_tritonclient_grpc_call_at_the_gateway_in_front_of_triton(
+    serving: tuple[str, str], name: str
+) -> None:
+    grpc_call(serving[1], name)
