@@ -16,7 +16,7 @@ from __future__ import annotations
 import base64
 import inspect
 import queue
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +44,18 @@ class Refused:
     call: Callable[[Client], Any]
     message: str
     """Part of the error's message: what is not implemented."""
+    status: str | None = None
+    """The error's status, where it is not the transport's for what is not implemented
+    (HTTP 400, gRPC UNIMPLEMENTED)."""
+
+
+@dataclass(frozen=True)
+class Agrees:
+    """An ``infer`` in another form, whose answer must agree with the plain ``infer``'s."""
+
+    call: Callable[[Client], Any]
+    check: Callable[[Any, np.ndarray], bool]
+    """The answer, and the plain answer's ``output``."""
 
 
 LOCAL = frozenset({"close", "plugin", "register_plugin", "unregister_plugin"})
@@ -54,9 +66,12 @@ STREAM = frozenset({"start_stream", "stop_stream"})
 """tritonclient.grpc's stream, opened and closed by the ``async_stream_infer`` case."""
 
 
-def _input(module: Any) -> Any:
-    tensor = module.InferInput("input", list(ROWS.shape), "FP32")
-    tensor.set_data_from_numpy(ROWS)
+def _input(module: Any, rows: np.ndarray = ROWS, binary: bool = True) -> Any:
+    tensor = module.InferInput("input", list(rows.shape), "FP32")
+    if module is triton_http:
+        tensor.set_data_from_numpy(rows, binary_data=binary)
+    else:
+        tensor.set_data_from_numpy(rows)
     return tensor
 
 
@@ -203,6 +218,91 @@ GRPC: dict[str, Works | Refused] = {
 }
 
 
+def _same(result: Any, plain: np.ndarray) -> bool:
+    return bool(np.allclose(result.as_numpy("output"), plain, rtol=1e-5, atol=1e-6))
+
+
+def _top_three(result: Any, plain: np.ndarray) -> bool:
+    """Triton's classification answer: each row's three best ``score:index``, best first."""
+    indices = [[int(answer.split(b":")[1]) for answer in row] for row in result.as_numpy("output")]
+    return indices == np.argsort(-plain, axis=1, kind="stable")[:, :3].tolist()
+
+
+def _in_shared_memory(module: Any) -> Any:
+    output = module.InferRequestedOutput("output")
+    output.set_shared_memory("region", 80)
+    return output
+
+
+WRONG_SHAPE = np.ones((2, 255), dtype=np.float32)
+
+HTTP_INFER: dict[str, Agrees | Refused] = {
+    "json": Agrees(
+        lambda c: c.infer(
+            MODEL,
+            [_input(triton_http, binary=False)],
+            outputs=[triton_http.InferRequestedOutput("output", binary_data=False)],
+        ),
+        _same,
+    ),
+    **{
+        algorithm: Agrees(
+            lambda c, algorithm=algorithm: c.infer(
+                MODEL,
+                [_input(triton_http)],
+                request_compression_algorithm=algorithm,
+                response_compression_algorithm=algorithm,
+            ),
+            _same,
+        )
+        for algorithm in ("gzip", "deflate")
+    },
+    "classification": Agrees(
+        lambda c: c.infer(
+            MODEL,
+            [_input(triton_http)],
+            outputs=[triton_http.InferRequestedOutput("output", class_count=3)],
+        ),
+        _top_three,
+    ),
+    "output_in_shared_memory": Refused(
+        lambda c: c.infer(MODEL, [_input(triton_http)], outputs=[_in_shared_memory(triton_http)]),
+        SHARED_MEMORY,
+    ),
+    "wrong_shape": Refused(
+        lambda c: c.infer(MODEL, [_input(triton_http, WRONG_SHAPE)]), "input 'input'"
+    ),
+}
+"""``infer`` in each form a v2 request may take: each agrees with the plain one, or is
+refused saying why (never silently ignored)."""
+
+GRPC_INFER: dict[str, Agrees | Refused] = {
+    "gzip": Agrees(
+        lambda c: c.infer(MODEL, [_input(triton_grpc)], compression_algorithm="gzip"), _same
+    ),
+    "classification": Agrees(
+        lambda c: c.infer(
+            MODEL,
+            [_input(triton_grpc)],
+            outputs=[triton_grpc.InferRequestedOutput("output", class_count=3)],
+        ),
+        _top_three,
+    ),
+    "output_in_shared_memory": Refused(
+        lambda c: c.infer(MODEL, [_input(triton_grpc)], outputs=[_in_shared_memory(triton_grpc)]),
+        SHARED_MEMORY,
+        "StatusCode.INVALID_ARGUMENT",
+    ),
+    "wrong_shape": Refused(
+        lambda c: c.infer(MODEL, [_input(triton_grpc, WRONG_SHAPE)]),
+        "input 'input'",
+        "StatusCode.INVALID_ARGUMENT",
+    ),
+}
+"""``HTTP_INFER``'s forms, as ``tritonclient.grpc`` sends them (its compression is gRPC's
+own; JSON is HTTP's)."""
+
+
 def public_calls(client_class: type) -> set[str]:
     return {
         name
@@ -211,29 +311,35 @@ def public_calls(client_class: type) -> set[str]:
     }
 
 
-def check_call(case: Works | Refused, client: Client, grpc_status: str) -> None:
+def check_call(case: Works | Agrees | Refused, client: Client, module: Any, status: str) -> None:
+    """Make the call with ``client`` (of tritonclient's ``module``) and check its answer, or
+    its refusal (with ``status`` unless the case names its own)."""
     if isinstance(case, Works):
         assert case.check(case.call(client))
+        return
+    if isinstance(case, Agrees):
+        plain = client.infer(MODEL, [_input(module)]).as_numpy("output")
+        assert case.check(case.call(client), plain)
         return
     with pytest.raises(InferenceServerException) as refused:
         case.call(client)
     assert case.message in refused.value.message()
-    assert refused.value.status() == grpc_status
+    assert refused.value.status() == (case.status or status)
 
 
-def http_call(target: str, name: str) -> None:
-    """Call ``name`` with ``tritonclient.http`` at ``target`` (``host:port``) and check it."""
+def http_call(target: str, name: str, table: Mapping[str, Works | Agrees | Refused] = HTTP) -> None:
+    """Call ``name`` of ``table`` with ``tritonclient.http`` at ``target`` (``host:port``)."""
     client = triton_http.InferenceServerClient(target)
     try:
-        check_call(HTTP[name], client, "400")
+        check_call(table[name], client, triton_http, "400")
     finally:
         client.close()
 
 
-def grpc_call(target: str, name: str) -> None:
-    """Call ``name`` with ``tritonclient.grpc`` at ``target`` (``host:port``) and check it."""
+def grpc_call(target: str, name: str, table: Mapping[str, Works | Agrees | Refused] = GRPC) -> None:
+    """Call ``name`` of ``table`` with ``tritonclient.grpc`` at ``target`` (``host:port``)."""
     client = triton_grpc.InferenceServerClient(target)
     try:
-        check_call(GRPC[name], client, "StatusCode.UNIMPLEMENTED")
+        check_call(table[name], client, triton_grpc, "StatusCode.UNIMPLEMENTED")
     finally:
         client.close()

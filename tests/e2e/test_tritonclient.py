@@ -18,8 +18,10 @@ import tritonclient.http as triton_http
 from tests.support import bazaar_process, free_port, models_ready
 from tests.tritonclient_calls import (
     GRPC,
+    GRPC_INFER,
     HTTP,
     HTTP_CODEC,
+    HTTP_INFER,
     LOCAL,
     MODEL,
     STREAM,
@@ -88,3 +90,13 @@ def test_http_call(server: Server, name: str) -> None:
 @pytest.mark.parametrize("name", sorted(GRPC))
 def test_grpc_call(server: Server, name: str) -> None:
     grpc_call(server.grpc, name)
+
+
+@pytest.mark.parametrize("form", sorted(HTTP_INFER))
+def test_http_infer(server: Server, form: str) -> None:
+    http_call(server.http, form, HTTP_INFER)
+
+
+@pytest.mark.parametrize("form", sorted(GRPC_INFER))
+def test_grpc_infer(server: Server, form: str) -> None:
+    grpc_call(server.grpc, form, GRPC_INFER)

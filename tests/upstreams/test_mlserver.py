@@ -23,7 +23,7 @@ import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
 from tests.support import bazaar_process, free_port, models_ready
-from tests.tritonclient_calls import GRPC, HTTP, grpc_call, http_call
+from tests.tritonclient_calls import GRPC, GRPC_INFER, HTTP, HTTP_INFER, grpc_call, http_call
 from tests.upstreams.support import upstream_process, venv
 
 RUNTIMES = """
@@ -201,3 +201,17 @@ def test_tritonclient_grpc_call_at_the_gateway_in_front_of_mlserver(
     serving: tuple[str, str], name: str
 ) -> None:
     grpc_call(serving[1], name)
+
+
+@pytest.mark.parametrize("form", sorted(HTTP_INFER))
+def test_tritonclient_http_infer_at_the_gateway_in_front_of_mlserver(
+    serving: tuple[str, str], form: str
+) -> None:
+    http_call(serving[0].removeprefix("http://"), form, HTTP_INFER)
+
+
+@pytest.mark.parametrize("form", sorted(GRPC_INFER))
+def test_tritonclient_grpc_infer_at_the_gateway_in_front_of_mlserver(
+    serving: tuple[str, str], form: str
+) -> None:
+    grpc_call(serving[1], form, GRPC_INFER)
