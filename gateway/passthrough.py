@@ -13,6 +13,11 @@ alone (the model's policy has ``max_batch_size`` 0).
 Priority and timeout are read from the request's ``parameters`` when its JSON header
 parses (a compressed body arrives here decoded, ``protocol.compression``);
 what the upstream makes of the rest is its business, and its 4xx is the client's answer.
+Two things in that header are not: a tensor asking for shared memory is refused by name
+(400), as for any model, since the gateway registers no regions and so lists no such
+extension; and an output asking for the classification extension is refused too, since
+the gateway, which lists it, cannot apply it to an answer it does not decode, and an
+upstream may ignore it silently (MLServer does: it would answer the raw scores).
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ from typing import Any
 import orjson
 
 from gateway.router import RawRequest
+from protocol.codec import refuse_shared_memory
+from protocol.errors import InvalidRequest
 from protocol.fastpath import Headers, header_length
 
 FORWARDED_HEADERS = (b"content-type", b"inference-header-content-length")
@@ -29,20 +36,39 @@ FORWARDED_HEADERS = (b"content-type", b"inference-header-content-length")
 
 
 def raw_request(body: bytes, headers: Headers) -> tuple[RawRequest, dict[str, Any]]:
-    """The request to forward, and its ``parameters`` (empty when they cannot be read)."""
+    """The request to forward, and its ``parameters`` (empty when they cannot be read);
+    ``InvalidRequest`` when it asks for shared memory or classification (see the module)."""
     forwarded = {
         name.decode("latin-1"): headers[name].decode("latin-1")
         for name in FORWARDED_HEADERS
         if name in headers
     }
-    return RawRequest(body, forwarded), _parameters(body, headers)
+    header = _header(body, headers)
+    for kind in ("input", "output"):
+        for tensor in _objects(header.get(f"{kind}s")):
+            what = f"{kind} '{tensor.get('name')}'"
+            parameters = tensor.get("parameters")
+            if isinstance(parameters, dict):
+                refuse_shared_memory(what, parameters)
+                if kind == "output" and parameters.get("classification"):
+                    raise InvalidRequest(
+                        f"{what}: parameters.classification asks for the classification "
+                        "extension, which the gateway cannot apply to a model whose requests "
+                        "it passes through as sent (it declares no tensors)"
+                    )
+    parameters = header.get("parameters")
+    return RawRequest(body, forwarded), parameters if isinstance(parameters, dict) else {}
 
 
-def _parameters(body: bytes, headers: Headers) -> dict[str, Any]:
+def _header(body: bytes, headers: Headers) -> dict[str, Any]:
+    """The request's JSON header; empty when it does not parse (the upstream's to refuse)."""
     length = header_length(headers)
     try:
         header = orjson.loads(body if length is None else body[:length])
     except orjson.JSONDecodeError:
         return {}
-    parameters = header.get("parameters") if isinstance(header, dict) else None
-    return parameters if isinstance(parameters, dict) else {}
+    return header if isinstance(header, dict) else {}
+
+
+def _objects(value: object) -> list[dict[str, Any]]:
+    return [item for item in value if isinstance(item, dict)] if isinstance(value, list) else []

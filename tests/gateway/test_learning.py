@@ -297,3 +297,48 @@ async def test_learning_starts_again_when_a_model_gets_endpoints_back() -> None:
         catalog.set_endpoints("m", [])
         await eventually(lambda: "m" not in catalog._learning, 5.0, "learning to stop")
         await learned(catalog, url)
+
+
+@pytest.mark.parametrize(
+    ("tensors", "extension"),
+    [
+        (
+            {"outputs": [{"name": "y", "parameters": {"classification": 2}}]},
+            "classification extension",
+        ),
+        (
+            {"outputs": [{"name": "y", "parameters": {"shared_memory_region": "r"}}]},
+            "shared memory extension",
+        ),
+        (
+            {"inputs": [{"name": "x", "parameters": {"shared_memory_byte_size": 8}}]},
+            "shared memory extension",
+        ),
+    ],
+    ids=["classification", "output-shared-memory", "input-shared-memory"],
+)
+async def test_a_request_passed_through_is_refused_what_the_gateway_cannot_honour(
+    tensors: dict[str, Any], extension: str
+) -> None:
+    """An upstream may ignore an extension silently (MLServer answers the raw scores to a
+    classification): the gateway, which cannot apply it to an answer it does not decode,
+    refuses it by name and sends nothing."""
+    upstream = FakeUpstream(UNDECLARED)
+    async with serve(upstream.app()) as url, gateway() as (http, catalog):
+        await learned(catalog, url)
+        body = {"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1.0]}]}
+        for binary in (False, True):
+            header = orjson.dumps({**body, **tensors})
+            headers = {"Content-Type": "application/json"}
+            if binary:
+                headers["Inference-Header-Content-Length"] = str(len(header))
+            response = await http.post(
+                "/v2/models/m/infer", content=header + b"\0" * binary, headers=headers
+            )
+            assert response.status_code == 400, response.text
+            assert extension in response.json()["error"]
+        # Asked for nothing (classification 0), the same request passes.
+        unasked = {"outputs": [{"name": "y", "parameters": {"classification": 0}}]}
+        response = await http.post("/v2/models/m/infer", json={**body, **unasked})
+        assert response.status_code == 200, response.text
+        assert len(upstream.received) == 1

@@ -157,6 +157,16 @@ def test_a_runtime_that_declares_no_tensors_is_passed_through(gateway: str) -> N
     assert answer["outputs"][0]["data"] == ["a", "b"]
     refused = httpx.post(f"{gateway}/v2/models/echo/infer", json={"inputs": "none"})
     assert refused.status_code == 400  # MLServer's refusal, the client's answer
+    # MLServer ignores the classification and shared memory parameters (it answers the
+    # tensor as if not asked): the gateway refuses them by name instead of passing them.
+    for parameters, extension in (
+        ({"classification": 1}, "classification extension"),
+        ({"shared_memory_region": "r", "shared_memory_byte_size": 8}, "shared memory extension"),
+    ):
+        asked = {**body, "outputs": [{"name": "text", "parameters": parameters}]}
+        refused = httpx.post(f"{gateway}/v2/models/echo/infer", json=asked)
+        assert refused.status_code == 400, refused.text
+        assert extension in refused.json()["error"]
 
 
 def test_tritonclient_grpc_at_the_gateway_in_front_of_mlserver(serving: tuple[str, str]) -> None:
