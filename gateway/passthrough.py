@@ -13,11 +13,12 @@ alone (the model's policy has ``max_batch_size`` 0).
 Priority and timeout are read from the request's ``parameters`` when its JSON header
 parses (a compressed body arrives here decoded, ``protocol.compression``);
 what the upstream makes of the rest is its business, and its 4xx is the client's answer.
-Two things in that header are not: a tensor asking for shared memory is refused by name
-(400), as for any model, since the gateway registers no regions and so lists no such
-extension; and an output asking for the classification extension is refused too, since
-the gateway, which lists it, cannot apply it to an answer it does not decode, and an
-upstream may ignore it silently (MLServer does: it would answer the raw scores).
+Three things in that header are not, each refused by name (400): a tensor asking for
+shared memory, and a request that is part of a sequence, as for any model, since the gateway
+registers no regions and routes each request to any endpoint; and an output asking for the
+classification extension, since the gateway, which lists it, cannot apply it to an answer
+it does not decode. An upstream may ignore any of them silently (MLServer does: it answers
+the raw tensor).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from typing import Any
 import orjson
 
 from gateway.router import RawRequest
-from protocol.codec import refuse_shared_memory
+from protocol.codec import refuse_sequence, refuse_shared_memory
 from protocol.errors import InvalidRequest
 from protocol.fastpath import Headers, header_length
 
@@ -37,7 +38,8 @@ FORWARDED_HEADERS = (b"content-type", b"inference-header-content-length")
 
 def raw_request(body: bytes, headers: Headers) -> tuple[RawRequest, dict[str, Any]]:
     """The request to forward, and its ``parameters`` (empty when they cannot be read);
-    ``InvalidRequest`` when it asks for shared memory or classification (see the module)."""
+    ``InvalidRequest`` when it asks for shared memory, a sequence or classification (see
+    the module)."""
     forwarded = {
         name.decode("latin-1"): headers[name].decode("latin-1")
         for name in FORWARDED_HEADERS
@@ -57,7 +59,9 @@ def raw_request(body: bytes, headers: Headers) -> tuple[RawRequest, dict[str, An
                         "it passes through as sent (it declares no tensors)"
                     )
     parameters = header.get("parameters")
-    return RawRequest(body, forwarded), parameters if isinstance(parameters, dict) else {}
+    parameters = parameters if isinstance(parameters, dict) else {}
+    refuse_sequence(parameters)
+    return RawRequest(body, forwarded), parameters
 
 
 def _header(body: bytes, headers: Headers) -> dict[str, Any]:

@@ -27,7 +27,7 @@ Decoded binary tensors are read-only views of the body, so the body stays alive 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -135,6 +135,7 @@ def decode_request(
                 f"request 'id' has {len(request_id)} characters, more than {MAX_ID_CHARS}"
             )
     parameters = _parameters("request", header.get("parameters", {}))
+    refuse_sequence(parameters)
     binary_output = _flag("request", parameters, "binary_data_output")
     expected = [spec.name for spec in metadata.inputs]
     wire = _wire_tensors("input", header.get("inputs", _MISSING), False, expected, metadata.name)
@@ -477,6 +478,19 @@ def refuse_shared_memory(what: str, parameters: Iterable[str]) -> None:
             raise InvalidRequest(
                 f"{what}: parameter '{key}' asks for the shared memory extension, "
                 "which this server does not implement"
+            )
+
+
+def refuse_sequence(parameters: Mapping[str, Any]) -> None:
+    """``InvalidRequest`` naming the extension if the request is part of a sequence
+    (``sequence_id``, ``sequence_start``, ``sequence_end``; tritonclient sends them for a
+    ``sequence_id`` other than 0): bazaar keeps no state between requests and batches any
+    requests together, so a stateful model would not get its sequence."""
+    for key in ("sequence_id", "sequence_start", "sequence_end"):
+        if parameters.get(key) not in (None, 0, "", False):
+            raise InvalidRequest(
+                f"parameter '{key}' asks for the sequence batching extension, which this "
+                "server does not implement"
             )
 
 

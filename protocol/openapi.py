@@ -193,7 +193,8 @@ in the same layout and with the same header.
 `Content-Encoding: gzip` or `deflate` bodies are decoded (the body limit holds for the
 decoded body); answers are compressed when `Accept-Encoding` accepts gzip or deflate. An
 output's `parameters.classification: k` answers its top k classes as BYTES
-`"score:index[:label]"` strings, as Triton does. `shared_memory_*` parameters are refused."""
+`"score:index[:label]"` strings, as Triton does. `shared_memory_*` parameters are refused,
+and so are `sequence_id`, `sequence_start` and `sequence_end` (no sequence batching)."""
 INFER_HEADERS = [
     {
         "name": HEADER_LENGTH,

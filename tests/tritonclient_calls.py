@@ -235,6 +235,7 @@ def _in_shared_memory(module: Any) -> Any:
 
 
 WRONG_SHAPE = np.ones((2, 255), dtype=np.float32)
+SEQUENCE = "sequence batching extension"
 
 HTTP_INFER: dict[str, Agrees | Refused] = {
     "json": Agrees(
@@ -272,6 +273,10 @@ HTTP_INFER: dict[str, Agrees | Refused] = {
     "wrong_shape": Refused(
         lambda c: c.infer(MODEL, [_input(triton_http, WRONG_SHAPE)]), "input 'input'"
     ),
+    "sequence": Refused(
+        lambda c: c.infer(MODEL, [_input(triton_http)], sequence_id=7, sequence_start=True),
+        SEQUENCE,
+    ),
 }
 """``infer`` in each form a v2 request may take: each agrees with the plain one, or is
 refused saying why (never silently ignored)."""
@@ -296,6 +301,11 @@ GRPC_INFER: dict[str, Agrees | Refused] = {
     "wrong_shape": Refused(
         lambda c: c.infer(MODEL, [_input(triton_grpc, WRONG_SHAPE)]),
         "input 'input'",
+        "StatusCode.INVALID_ARGUMENT",
+    ),
+    "sequence": Refused(
+        lambda c: c.infer(MODEL, [_input(triton_grpc)], sequence_id=7, sequence_start=True),
+        SEQUENCE,
         "StatusCode.INVALID_ARGUMENT",
     ),
 }

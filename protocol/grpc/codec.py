@@ -33,6 +33,7 @@ from protocol.codec import (
     InferenceResponse,
     WireTensor,
     check_inputs,
+    refuse_sequence,
     refuse_shared_memory,
     requested_outputs,
 )
@@ -72,6 +73,8 @@ _CONTENTS_FIELD = {
 
 def decode_request(message: ModelInferRequest, metadata: ModelMetadata) -> InferenceRequest:
     """Decode and validate a request for ``metadata``'s model; ``InvalidRequest`` on any fault."""
+    parameters = parameters_of(message.parameters)
+    refuse_sequence(parameters)
     raw = message.raw_input_contents
     if raw and len(raw) != len(message.inputs):
         raise InvalidRequest(
@@ -116,7 +119,7 @@ def decode_request(message: ModelInferRequest, metadata: ModelMetadata) -> Infer
         outputs.append({"name": output.name, "parameters": parameters_of(output.parameters)})
     return InferenceRequest(
         id=message.id or None,
-        parameters=parameters_of(message.parameters),
+        parameters=parameters,
         inputs=inputs,
         outputs=requested_outputs(outputs, metadata),
         binary_output=True,

@@ -314,8 +314,9 @@ async def test_learning_starts_again_when_a_model_gets_endpoints_back() -> None:
             {"inputs": [{"name": "x", "parameters": {"shared_memory_byte_size": 8}}]},
             "shared memory extension",
         ),
+        ({"parameters": {"sequence_id": 7, "sequence_start": True}}, "sequence batching"),
     ],
-    ids=["classification", "output-shared-memory", "input-shared-memory"],
+    ids=["classification", "output-shared-memory", "input-shared-memory", "sequence"],
 )
 async def test_a_request_passed_through_is_refused_what_the_gateway_cannot_honour(
     tensors: dict[str, Any], extension: str

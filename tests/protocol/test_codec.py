@@ -702,6 +702,29 @@ def test_tritonclient_reads_our_responses(datatype: str, binary: bool) -> None:
         assert_same(got, array)
 
 
+@pytest.mark.parametrize(
+    ("sequence", "refused"),
+    [
+        ({}, None),
+        ({"sequence_id": 7, "sequence_start": True}, "sequence_id"),
+        ({"sequence_id": "user-3"}, "sequence_id"),
+        ({"sequence_end": True}, None),  # without a sequence_id tritonclient sends none
+    ],
+)
+def test_a_request_in_a_sequence_is_refused_naming_the_extension(
+    sequence: dict[str, Any], refused: str | None
+) -> None:
+    """Before, the sequence was ignored: each request ran alone, batched with any other, and
+    a stateful model's client got answers with no error."""
+    tensor = triton.InferInput("x", [1, 3], "FP32").set_data_from_numpy(sample("FP32", (1, 3)))
+    body, header_length = triton.InferenceServerClient.generate_request_body([tensor], **sequence)
+    if refused is None:  # a sequence_id of 0, tritonclient's default, says no sequence
+        decode_request(body, header_length, one_tensor_model("FP32"))
+        return
+    with pytest.raises(InvalidRequest, match=f"'{refused}' asks for the sequence batching"):
+        decode_request(body, header_length, one_tensor_model("FP32"))
+
+
 def test_shared_memory_inputs_and_outputs_are_refused_by_name() -> None:
     """Before, both decoded: the input's data was missing (400 'neither'), the output's
     region was ignored and the client read a region nobody wrote."""
