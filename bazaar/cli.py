@@ -106,7 +106,8 @@ def parser() -> argparse.ArgumentParser:
         action="append",
         dest="models",
         metavar="NAME",
-        help="load only this model (repeatable; default: every model in the repository)",
+        help="load only this model (repeatable; NAME@VERSION: only that version of it; "
+        "default: every model in the repository)",
     )
     server.add_argument(
         "--enable-model-control",
@@ -799,6 +800,21 @@ def _freeze_startup_objects() -> None:
     gc.freeze()
 
 
+def _pinned_models(models: list[str] | None) -> tuple[list[str] | None, dict[str, int]]:
+    """``--model``'s names, and the version of each given as ``NAME@VERSION``."""
+    if models is None:
+        return None, {}
+    names, pinned = [], {}
+    for model in models:
+        name, at, version = model.partition("@")
+        if at:
+            if not version.isdigit() or int(version) < 1:
+                raise ConfigError("--model", model, "expected NAME or NAME@VERSION, VERSION >= 1")
+            pinned[name] = int(version)
+        names.append(name)
+    return names, pinned
+
+
 def _model_server(args: argparse.Namespace) -> int:
     control_keys = _control_keys(args)  # before the heavier imports: a mistake is told at once
     _trace("bazaar-model-server", args)
@@ -814,14 +830,15 @@ def _model_server(args: argparse.Namespace) -> int:
     from protocol.edge import uvicorn_options
     from protocol.metrics import process_registry
 
-    repository = ModelRepository(args.model_repository)
+    names, pinned = _pinned_models(args.models)
+    repository = ModelRepository(args.model_repository, pinned)
     limits = ModelLimits(
         max_batch_size=args.max_override_batch_size,
         max_threads=args.max_override_threads or cpu_count(),
         max_instances=args.max_override_instances,
         max_models=args.max_models,
     )
-    store = ModelStore(repository, args.models, args.device, limits, args.memory_budget)
+    store = ModelStore(repository, names, args.device, limits, args.memory_budget)
     edge = _edge_limits(args)
     grpc = GrpcListener(args.host, args.grpc_port, edge) if args.grpc_port else None
     app = create_app(

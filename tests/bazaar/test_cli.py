@@ -159,3 +159,11 @@ def test_a_rollout_peers_token_file_that_cannot_be_read_stops_the_gateway_at_sta
     options += ["--rollout-peers-token-file", str(missing)]
     assert main(["gateway", "--kubernetes-namespace", "ns", *options]) == 2
     assert f"{missing}: cannot read" in caplog.text
+
+
+@pytest.mark.parametrize("model", ["digits@x", "digits@0", "digits@"])
+def test_a_model_server_pinned_to_no_version_is_refused_at_start(
+    tmp_path: Path, model: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert main(["model-server", "--model-repository", str(tmp_path), "--model", model]) == 2
+    assert f"--model: {model}: expected NAME or NAME@VERSION, VERSION >= 1" in caplog.text
