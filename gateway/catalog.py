@@ -590,7 +590,8 @@ class ModelCatalog:
         """Per model, the samples the other gateways publish, when this one decides with
         peers (else none); None when one of them did not answer."""
         record, peers = self.rollout_record, self.rollout_peers
-        if record is None or peers is None or not self.rollouts or not record.deciding:
+        running = any(rollout.state == "running" for rollout in self.rollouts.values())
+        if record is None or peers is None or not running or not record.deciding:
             return {}
         return await peers.read(self.instance)
 
