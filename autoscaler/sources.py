@@ -27,18 +27,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import socket
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
 
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
 from autoscaler.loop import ScaleTarget
 from autoscaler.policy import Sample
+from protocol.replicas import replica_urls
 from protocol.support import ProblemLog
 
 log = logging.getLogger(__name__)
@@ -147,7 +146,8 @@ class GatewayStats:
         return await asyncio.shield(self._shared)
 
     async def _read_all(self) -> list[_Answer]:
-        replicas = [url for urls in await asyncio.gather(*map(_resolve, self.urls)) for url in urls]
+        resolved = await asyncio.gather(*map(replica_urls, self.urls))
+        replicas = [url for urls in resolved for url in urls]
         answers = await asyncio.gather(*(self._stats(url) for url in replicas))
         return list(zip(replicas, answers, strict=True))
 
@@ -197,27 +197,6 @@ def _advanced(previous: _Counters, counters: _Counters) -> bool:
         and counters.admitted_rows >= previous.admitted_rows
         and counters.completed_rows >= previous.completed_rows
     )
-
-
-async def _resolve(url: str) -> list[str]:
-    """One URL per address the host resolves to (every replica of a headless Service)."""
-    parts = urlsplit(url)
-    if parts.hostname is None:
-        return [url]
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    try:
-        infos = await asyncio.get_running_loop().getaddrinfo(
-            parts.hostname, port, type=socket.SOCK_STREAM
-        )
-    except OSError:
-        return [url]  # the request fails too, and says why
-    addresses = sorted({str(info[4][0]) for info in infos})
-    if len(addresses) <= 1:
-        return [url]
-    return [
-        f"{parts.scheme}://{f'[{address}]' if ':' in address else address}:{port}{parts.path}"
-        for address in addresses
-    ]
 
 
 class PodMetrics:

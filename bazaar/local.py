@@ -11,6 +11,12 @@ autoscaler sees it and starts a worker. With ``gateway_token`` (the gateway take
 the autoscaler presents it to read ``/stats``, on a session of its own: the workers never see
 it. Stopping ends the loop first, so nothing scales while the workers are being stopped.
 
+A model placed alone whose config serves several versions gets workers per version
+(``NAME@VERSION``, each serving that version only), and each version is a scale target of
+its own, sized on that version's queue and work in flight (the rows shadowed to it
+included) and its workers' load, as each version's Deployment is in Kubernetes: a
+candidate's workers follow its share of the traffic, not the model's.
+
 With ``worker_bytes``, small models share workers (``bazaar.placement``): each group of
 models is ``workers`` processes named ``shared-N``, and the gateway hears of each model with
 its group's workers, so it routes a model's batches only to workers that hold it. A model
@@ -38,6 +44,7 @@ from bazaar.supervisor import WorkerSupervisor
 from gateway.catalog import EndpointListener
 from models.repository import ModelRepository
 from protocol.auth import bearer
+from protocol.errors import ConfigError, ModelNotFound
 from protocol.support import cancel_and_wait
 
 log = logging.getLogger(__name__)
@@ -67,6 +74,12 @@ class LocalWorkers:
             shared = [group for group in placed if len(group) > 1]
             self.groups = {group[0]: group for group in placed if len(group) == 1}
             self.groups |= {f"shared-{n}": group for n, group in enumerate(shared, 1)}
+        for model in self.models:
+            if self.groups.get(model) == (model,):
+                versions = _served_versions(models, model)
+                if len(versions) > 1:
+                    del self.groups[model]
+                    self.groups |= {f"{model}@{v}": (f"{model}@{v}",) for v in versions}
         self.gateway_url = gateway_url
         self.workers = workers
         self.autoscale = autoscale
@@ -89,7 +102,8 @@ class LocalWorkers:
             scaler = LocalScaler(self.supervisor, dict.fromkeys(alone, self.autoscale))
             self._autoscaler = asyncio.create_task(self._run_autoscaler(scaler, registry))
             log.info(
-                "autoscaling each model between %d and %d workers",
+                "autoscaling each model (each version, where it has several) between %d and "
+                "%d workers",
                 self.autoscale.min_replicas,
                 self.autoscale.max_replicas,
             )
@@ -119,3 +133,13 @@ class LocalWorkers:
                 PodMetrics(session=session),
             )
             await Autoscaler(scaler, signals, AutoscalerMetrics(registry)).run()
+
+
+def _served_versions(repository: ModelRepository, model: str) -> list[int]:
+    """The versions the model's config serves; none known when it cannot be read (its
+    workers then say why, as they fail to load it)."""
+    try:
+        files = repository.versions(model, repository.load_config(model))
+    except (ConfigError, ModelNotFound):
+        return []
+    return [version.version for version in files]

@@ -1,8 +1,10 @@
 """The local scaler: ``bazaar serve``'s worker processes are its replicas.
 
 Each model's replicas are ``bazaar model-server --model NAME`` workers kept by the
-``WorkerSupervisor``; scaling asks it for a new count, which starts workers (they join the
-gateway once ready) or retires the newest (they leave the gateway first, then drain).
+``WorkerSupervisor``, or each version's (``NAME@VERSION``: a target of its own, sized on
+that version's demand and load, as a version's Deployment is in Kubernetes); scaling asks
+it for a new count, which starts workers (they join the gateway once ready) or retires the
+newest (they leave the gateway first, then drain).
 Workers that are starting count as starting replicas, so the policy does not ask twice for
 capacity that is already on its way.
 """
@@ -25,9 +27,10 @@ class LocalScaler:
 
     async def targets(self) -> list[ScaleTarget]:
         targets = []
-        for model, config in self.configs.items():
-            workers = self.supervisor.workers(model)
-            ready = self.supervisor.endpoints(model)
+        for name, config in self.configs.items():
+            workers = self.supervisor.workers(name)
+            ready = self.supervisor.endpoints(name)
+            model, _, version = name.partition("@")
             targets.append(
                 ScaleTarget(
                     model=model,
@@ -36,9 +39,10 @@ class LocalScaler:
                     ready_replicas=len(ready),
                     starting_replicas=max(0, workers - len(ready)),
                     pod_urls=tuple(ready),
+                    version=version or None,
                 )
             )
         return targets
 
     async def scale(self, model: str, replicas: int, reason: str) -> None:
-        await self.supervisor.scale(model, replicas)
+        await self.supervisor.scale(model, replicas)  # the target's name: model[@version]
