@@ -223,7 +223,8 @@ def parser() -> argparse.ArgumentParser:
         type=positive_int,
         metavar="BYTES",
         help="small models share workers: packed by estimated footprint into workers of at "
-        "most this much each; shared workers are not autoscaled (default: one worker per model)",
+        "most this much each; a group's workers are autoscaled on its models' demand summed "
+        "(default: one worker per model)",
     )
     serve.add_argument(
         "--hop",

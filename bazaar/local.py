@@ -14,9 +14,10 @@ it. Stopping ends the loop first, so nothing scales while the workers are being 
 With ``worker_bytes``, small models share workers (``bazaar.placement``): each group of
 models is ``workers`` processes named ``shared-N``, and the gateway hears of each model with
 its group's workers, so it routes a model's batches only to workers that hold it. A model
-placed alone keeps its own workers and its autoscaling; shared workers are not autoscaled:
-the loop scales one target on one model's signals, and a group would need the sum of its
-models' queues and the busy ratio of all its models (``autoscaler.sources``).
+placed alone keeps its own workers; a group's workers are autoscaled as one target, on the
+sum of its models' queues and work in flight and of their busy ratios in its workers
+(``autoscaler.sources``), so a group whose models all go idle scales to zero like a model,
+and the first request for any of them brings a worker back.
 """
 
 from __future__ import annotations
@@ -85,8 +86,9 @@ class LocalWorkers:
         for name, models in self.groups.items():
             await self.supervisor.scale(name, self.workers, models)
         if self.autoscale is not None:
-            alone = [name for name, models in self.groups.items() if models == (name,)]
-            scaler = LocalScaler(self.supervisor, dict.fromkeys(alone, self.autoscale))
+            shared = {name: models for name, models in self.groups.items() if models != (name,)}
+            configs = dict.fromkeys(self.groups, self.autoscale)
+            scaler = LocalScaler(self.supervisor, configs, shared)
             self._autoscaler = asyncio.create_task(self._run_autoscaler(scaler, registry))
             log.info(
                 "autoscaling each model between %d and %d workers",
