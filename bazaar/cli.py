@@ -227,6 +227,14 @@ def parser() -> argparse.ArgumentParser:
         "(default: one worker per model)",
     )
     serve.add_argument(
+        "--memory-budget",
+        type=positive_int,
+        metavar="BYTES",
+        help="each worker pages its models within this much (model-server --memory-budget): "
+        "with a larger --worker-memory, a worker serves more models than it holds at once "
+        "(default: every worker holds all its models)",
+    )
+    serve.add_argument(
         "--hop",
         choices=["grpc", "http"],
         default="grpc",
@@ -576,6 +584,7 @@ def _serve(args: argparse.Namespace) -> int:
         gateway_token=stats_token,
         worker_bytes=args.worker_memory,
         grpc_hop=args.hop == "grpc",
+        memory_budget=args.memory_budget,
     )
     main = run(
         source,

@@ -133,3 +133,42 @@ def test_a_shared_workers_group_is_autoscaled_on_its_models_demand_together(
         again = endpoints()
         assert again[0] == again[1] and len(again[0]) == 1
     assert "model shared-1: from_zero 0 -> 1" in log.read_text()
+
+
+def test_paging_workers_serve_more_models_than_they_hold(
+    demo_repository: Path, tmp_path: Path
+) -> None:
+    # Eight digits classifiers packed into one worker that holds about three at once.
+    names = [f"m{i}" for i in range(8)]
+    root = tmp_path / "repository"
+    for name in names:
+        shutil.copytree(demo_repository / "digits", root / name)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    args = ["serve", "--model-repository", str(root), "--port", str(port), "--grpc-port", "0"]
+    args += ["--no-autoscale", "--worker-memory", str(9 * SESSION_BYTES)]
+    args += ["--memory-budget", "4000000"]
+    body = {"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": [8] * 64}]}
+    with (
+        bazaar_process(args, tmp_path / "serve.log", models_ready(url, names)),
+        httpx.Client(base_url=url, timeout=30) as client,
+    ):
+        stats = client.get("/stats").json()["models"]
+        [worker] = {u for name in names for u in stats[name]["endpoint_urls"]}
+        held = [
+            e["name"]
+            for e in client.post(f"{worker}/v2/repository/index").json()
+            if e["state"] == "READY"
+        ]
+        for name in names:
+            answer = client.post(f"/v2/models/{name}/infer", json=body)
+            assert answer.status_code == 200, (name, answer.text)
+        exposition = client.get("/metrics/workers").text
+    assert 1 <= len(held) <= 3, held
+    samples = [
+        sample for family in text_string_to_metric_families(exposition) for sample in family.samples
+    ]
+    budgets = {s.value for s in samples if s.name == "bazaar_model_memory_budget_bytes"}
+    assert budgets == {4_000_000}
+    evictions = sum(s.value for s in samples if s.name == "bazaar_model_eviction_seconds_count")
+    assert evictions >= len(names) - 3  # the start-up sweep's, and the requests' page-ins
