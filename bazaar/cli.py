@@ -225,7 +225,16 @@ def parser() -> argparse.ArgumentParser:
         type=positive_int,
         metavar="BYTES",
         help="small models share workers: packed by estimated footprint into workers of at "
-        "most this much each; shared workers are not autoscaled (default: one worker per model)",
+        "most this much each; a group's workers are autoscaled on its models' demand summed "
+        "(default: one worker per model)",
+    )
+    serve.add_argument(
+        "--memory-budget",
+        type=positive_int,
+        metavar="BYTES",
+        help="each worker pages its models within this much (model-server --memory-budget): "
+        "with a larger --worker-memory, a worker serves more models than it holds at once "
+        "(default: every worker holds all its models)",
     )
     serve.add_argument(
         "--hop",
@@ -592,6 +601,7 @@ def _serve(args: argparse.Namespace) -> int:
         gateway_token=stats_token,
         worker_bytes=args.worker_memory,
         grpc_hop=args.hop == "grpc",
+        memory_budget=args.memory_budget,
     )
     main = run(
         source,

@@ -20,9 +20,12 @@ candidate's workers follow its share of the traffic, not the model's.
 With ``worker_bytes``, small models share workers (``bazaar.placement``): each group of
 models is ``workers`` processes named ``shared-N``, and the gateway hears of each model with
 its group's workers, so it routes a model's batches only to workers that hold it. A model
-placed alone keeps its own workers and its autoscaling; shared workers are not autoscaled:
-the loop scales one target on one model's signals, and a group would need the sum of its
-models' queues and the busy ratio of all its models (``autoscaler.sources``).
+placed alone keeps its own workers; a group's workers are autoscaled as one target, on the
+sum of its models' queues and work in flight and of their busy ratios in its workers
+(``autoscaler.sources``), so a group whose models all go idle scales to zero like a model,
+and the first request for any of them brings a worker back. With ``memory_budget`` each
+worker pages its models within it (``bazaar.supervisor``): packed with ``worker_bytes``
+larger than the budget, a worker serves more models than it holds at once.
 """
 
 from __future__ import annotations
@@ -62,6 +65,7 @@ class LocalWorkers:
         gateway_token: str | None = None,
         worker_bytes: int | None = None,
         grpc_hop: bool = False,
+        memory_budget: int | None = None,
     ) -> None:
         self.repository = repository
         models = ModelRepository(repository)
@@ -86,20 +90,27 @@ class LocalWorkers:
         self.log_level = log_level
         self.gateway_token = gateway_token
         self.grpc_hop = grpc_hop
+        self.memory_budget = memory_budget
+        """Each worker pages its models within this many bytes; None: it holds them all."""
         self.supervisor: WorkerSupervisor | None = None
         self._autoscaler: asyncio.Task[None] | None = None
 
     async def start(self, listener: EndpointListener, registry: CollectorRegistry) -> None:
         self.supervisor = WorkerSupervisor(
-            self.repository, listener, log_level=self.log_level, grpc_hop=self.grpc_hop
+            self.repository,
+            listener,
+            log_level=self.log_level,
+            grpc_hop=self.grpc_hop,
+            memory_budget_bytes=self.memory_budget,
         )
         for model in self.models:
             listener(model, [])  # known at once: requests wait for a worker instead of 404
         for name, models in self.groups.items():
             await self.supervisor.scale(name, self.workers, models)
         if self.autoscale is not None:
-            alone = [name for name, models in self.groups.items() if models == (name,)]
-            scaler = LocalScaler(self.supervisor, dict.fromkeys(alone, self.autoscale))
+            shared = {name: models for name, models in self.groups.items() if models != (name,)}
+            configs = dict.fromkeys(self.groups, self.autoscale)
+            scaler = LocalScaler(self.supervisor, configs, shared)
             self._autoscaler = asyncio.create_task(self._run_autoscaler(scaler, registry))
             log.info(
                 "autoscaling each model (each version, where it has several) between %d and "

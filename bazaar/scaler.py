@@ -6,7 +6,9 @@ that version's demand and load, as a version's Deployment is in Kubernetes); sca
 it for a new count, which starts workers (they join the gateway once ready) or retires the
 newest (they leave the gateway first, then drain).
 Workers that are starting count as starting replicas, so the policy does not ask twice for
-capacity that is already on its way.
+capacity that is already on its way. Workers shared by several models (``bazaar.placement``)
+are one target, named by their group, sized on those models' demand and load summed
+(``ScaleTarget.models``).
 """
 
 from __future__ import annotations
@@ -21,9 +23,16 @@ from bazaar.supervisor import WorkerSupervisor
 class LocalScaler:
     """Implements ``loop.Scaler`` over local worker processes."""
 
-    def __init__(self, supervisor: WorkerSupervisor, configs: Mapping[str, ScaleConfig]) -> None:
+    def __init__(
+        self,
+        supervisor: WorkerSupervisor,
+        configs: Mapping[str, ScaleConfig],
+        shared: Mapping[str, tuple[str, ...]] | None = None,
+    ) -> None:
         self.supervisor = supervisor
         self.configs = dict(configs)
+        self.shared = dict(shared or {})
+        """Each group of shared workers among ``configs``, and the models they serve."""
 
     async def targets(self) -> list[ScaleTarget]:
         targets = []
@@ -40,6 +49,7 @@ class LocalScaler:
                     starting_replicas=max(0, workers - len(ready)),
                     pod_urls=tuple(ready),
                     version=version or None,
+                    models=self.shared.get(name, ()),
                 )
             )
         return targets

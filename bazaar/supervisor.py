@@ -10,7 +10,9 @@ learns from them which version each serves. Each worker is kept by one task that
 start the process, poll ``/v2/health/ready`` every 50 ms until it answers 200 (the worker
 joins the endpoints), then wait for the process to exit. With ``grpc_hop`` each worker also
 serves gRPC on a second free port, which ``grpc_target`` tells the gateway's gRPC hop
-(``gateway.grpc_client``); a restart takes new ports for both.
+(``gateway.grpc_client``); a restart takes new ports for both. With ``memory_budget_bytes``
+each worker pages its models within that budget (``model-server --memory-budget``,
+``models.store``): a worker can serve more models than it holds.
 
 Under failure:
 
@@ -104,8 +106,12 @@ class WorkerSupervisor:
         max_restart_delay_s: float = 30.0,
         startup_timeout_s: float = 120.0,
         grpc_hop: bool = False,
+        memory_budget_bytes: int | None = None,
     ) -> None:
         self._repository = repository
+        self._memory_budget = (
+            () if memory_budget_bytes is None else ("--memory-budget", str(memory_budget_bytes))
+        )
         self._grpc_hop = grpc_hop
         self._listener = listener
         self._host = host
@@ -252,6 +258,7 @@ class WorkerSupervisor:
             "--port",
             str(port),
             *grpc_port,
+            *self._memory_budget,
             preexec_fn=_PREEXEC,
             # Out of the terminal's process group: Ctrl-C reaches the gateway only, which
             # drains through the workers before it stops them.

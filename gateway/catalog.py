@@ -35,7 +35,9 @@ What a pod serves can change under the gateway: the repository API unloads a mod
 reloads it with another config (``max_batch_size`` lowered, say) or other versions. So while
 a model is served, its watcher re-reads every discovered endpoint every ``refresh_s``, and
 at once when discovery adds an endpoint (``refresh``) or the model was just learned from one
-of several; ``gateway.readings.reconcile_versions`` decides what the readings mean.
+of several; ``gateway.readings.reconcile_versions`` decides what the readings mean. The same
+re-read tells which endpoints hold the model loaded (a pod paging models under a memory
+budget says so in its ready answer), which the pools prefer (``gateway.router``).
 
 A new endpoint joins the default version's pool at once (discovery counts it ready, and a
 model scaled to zero must not wait a re-read for its first pod), the other versions' when a
@@ -495,7 +497,8 @@ class ModelCatalog:
         per endpoint that could not be read."""
         versions = self.versions[model]
         urls = list(self._endpoints.get(model, []))
-        readings = await asyncio.gather(*(self._read(url, model, unread) for url in urls))
+        loaded: dict[str, bool] = {}
+        readings = await asyncio.gather(*(self._read(url, model, unread, loaded) for url in urls))
         by_url = dict(zip(urls, readings, strict=True))
         results = reconcile_versions(
             {version: served.metadata for version, served in versions.items()},
@@ -511,6 +514,8 @@ class ModelCatalog:
                     continue
                 served = self._serve_version(model, reading_of(by_url, version), [])
             self._apply(model, served, result)
+        for served in versions.values():
+            served.dispatcher.pool.set_loaded(loaded)
         self._choose_default(model)
         read = [r for r in by_url.values() if not isinstance(r, str) and r]
         if read:  # else nothing is known of the config now: it stays as it was
@@ -690,10 +695,14 @@ class ModelCatalog:
             dispatcher.pool.set_endpoints(result.urls)
 
     async def _read(
-        self, url: str, model: str, unread: dict[tuple[str, str], str]
+        self, url: str, model: str, unread: dict[tuple[str, str], str], loaded: dict[str, bool]
     ) -> EndpointReadings:
-        if not await self.client.ready(url, model):
+        """``url``'s readings of ``model``; ``loaded`` gets whether it holds the model loaded
+        (cache affinity, ``gateway.router``)."""
+        readiness = await self.client.readiness(url, model)
+        if not readiness.ready:
             return NOT_SERVING
+        loaded[url] = readiness.loaded
         settings = self.config.models.get(model, DEFAULT_MODEL_SETTINGS)
         try:
             return await read_model(self.client, url, model, settings, self.config)
