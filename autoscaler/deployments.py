@@ -15,6 +15,13 @@ that version's own queue and work in flight in the gateways (shadowed requests i
 the candidate computes them) and on its own busy ratio in the pods. A Deployment without
 the label serves the model, sized on all of its versions together.
 
+A model group (``deploy/overlays/model-group``: one Deployment labelled
+``bazaar.dev/group=<group>`` whose pods serve several models) is one target, named by the
+group: its models are those whose model Services select its pods (a selector its pod
+template's labels match), and it is sized on their queues and work in flight summed and on
+the sum of their busy ratios in its pods (``ScaleTarget.models``). A group that no model
+Service selects, or named as a model is, is skipped and logged.
+
 With a ``LeaderElection``, only the replica that holds the Lease scales: the others list no
 targets and patch nothing, so two autoscaler replicas never both scale (one takes over
 within the Lease's duration when the leader dies). ``listed_at`` is when the loop last asked
@@ -39,8 +46,8 @@ from autoscaler.annotations import scale_config
 from autoscaler.loop import ScalerError, ScaleTarget, target_name
 from cluster import deployments
 from cluster.api import Cluster, Forbidden, KubernetesError
-from cluster.deployments import VERSION_LABEL, ModelDeployment
-from cluster.endpoints import DISCOVERY_RBAC, model_endpoints
+from cluster.deployments import GROUP_LABEL, VERSION_LABEL, ModelDeployment
+from cluster.endpoints import DISCOVERY_RBAC, model_endpoints, model_selectors
 from cluster.lease import LEASE_RBAC, LeaderElection
 from protocol.errors import ConfigError
 from protocol.support import ProblemLog
@@ -84,6 +91,12 @@ class KubernetesScaler:
             return []  # another replica scales; this one forgets its models meanwhile
         try:
             listing = await deployments.model_deployments(self.cluster, self.label)
+            named = {deployment.name for deployment in listing}
+            groups = [
+                group
+                for group in await deployments.model_deployments(self.cluster, GROUP_LABEL)
+                if group.name not in named  # labelled with a model too: that model's
+            ]
         except Forbidden:
             return []
         except KubernetesError as exc:
@@ -106,13 +119,18 @@ class KubernetesScaler:
                 f"({VERSION_LABEL}); none of them is scaled until they do"
             )
         pod_urls = await self._pod_urls()
+        grouped = await self._group_models(groups, {d.model for d in scalable}, problems)
         targets = await asyncio.gather(
-            *(self._target(d, pod_urls.get(d.model, ()), problems) for d in scalable)
+            *(self._target(d, pod_urls.get(d.model, ()), problems) for d in scalable),
+            *(
+                self._target(group, _urls_of(models, pod_urls), problems, models)
+                for group, models in grouped
+            ),
         )
         self._problems.only(problems)
         self._deployments = {
             target_name(deployment.model, deployment.version): deployment.name
-            for deployment in scalable
+            for deployment in [*scalable, *(group for group, _ in grouped)]
         }
         return [target for target in targets if target is not None]
 
@@ -144,8 +162,51 @@ class KubernetesScaler:
             return {}
         return {model: tuple(urls) for model, urls in endpoints.items()}
 
+    async def _group_models(
+        self, groups: list[ModelDeployment], models: set[str], problems: dict[str, str]
+    ) -> list[tuple[ModelDeployment, tuple[str, ...]]]:
+        """Each group Deployment with the models whose Services select its pods; groups
+        without any, or named as a model is, are left out (and said so in ``problems``)."""
+        if not groups:
+            return []
+        try:
+            selectors = await model_selectors(self.cluster, self.label)
+        except Forbidden:
+            return []
+        except KubernetesError as exc:
+            log.warning("%s; the model groups are not scaled this tick", exc)
+            return []
+        grouped = []
+        where = f"in namespace {self.cluster.namespace}"
+        for group in groups:
+            labels = group.pod_labels.items()
+            served = tuple(
+                sorted(
+                    model
+                    for model, found in selectors.items()
+                    if any(selector.items() <= labels for selector in found)
+                )
+            )
+            if group.model in models:
+                problems[group.model] = (
+                    f"model group {group.model!r} (deployment {group.name}) is named as a "
+                    f"model is {where}; it is not scaled until it has a name of its own"
+                )
+            elif not served:
+                problems[group.model] = (
+                    f"model group {group.model!r} (deployment {group.name}): no Service "
+                    f"labelled {self.label} {where} selects its pods; it is not scaled"
+                )
+            else:
+                grouped.append((group, served))
+        return grouped
+
     async def _target(
-        self, deployment: ModelDeployment, pod_urls: tuple[str, ...], problems: dict[str, str]
+        self,
+        deployment: ModelDeployment,
+        pod_urls: tuple[str, ...],
+        problems: dict[str, str],
+        models: tuple[str, ...] = (),
     ) -> ScaleTarget | None:
         model = deployment.model
         where = f"deployment {self.cluster.namespace}/{deployment.name}"
@@ -171,4 +232,10 @@ class KubernetesScaler:
             starting_replicas=max(0, replicas - deployment.ready_replicas),
             pod_urls=pod_urls,
             version=deployment.version,
+            models=models,
         )
+
+
+def _urls_of(models: tuple[str, ...], pod_urls: dict[str, tuple[str, ...]]) -> tuple[str, ...]:
+    """The pods serving any of ``models``: a group's pods, each once."""
+    return tuple(sorted({url for model in models for url in pod_urls.get(model, ())}))

@@ -51,6 +51,9 @@ class ScaleTarget:
     version: str | None = None
     """The one version of the model these replicas serve, sized on that version's own
     demand and load; None: the model's, all versions together."""
+    models: tuple[str, ...] = ()
+    """The models these replicas serve together (a shared worker, a model group, named by
+    ``model``), sized on their demand and load summed; (): the one model ``model``."""
 
     @property
     def name(self) -> str:

@@ -11,10 +11,14 @@
   count for every version, since any of them may have to start to serve them.
 - ``PodMetrics``: capacity in use. Each ready pod's ``/metrics``: the model's busy ratio
   (the busiest of its versions in that pod, or the one version's) and the pod's mean GPU
-  utilisation, each averaged over the pods that reported it.
+  utilisation, each averaged over the pods that reported it. A pod serving a group of
+  models (a shared worker, a model group: ``read_group``) is as busy as its models together:
+  their busy ratios summed in the pod, then averaged over the pods.
 - ``PrometheusQuery``: GPU utilisation from DCGM through a Prometheus server's
   ``/api/v1/query`` (optional); when it answers it wins over the pods' NVML readings.
-- ``Signals`` puts the three together into the policy's ``Sample``.
+- ``Signals`` puts the three together into the policy's ``Sample``; for a target serving
+  several models (``ScaleTarget.models``), their demands summed: one sample for the replicas
+  they share.
 
 A source that cannot answer (connection refused, timeout, bad body) gives missing
 signals, None, never zero: a model whose gateways are all down has no known demand, which
@@ -27,18 +31,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import socket
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
 
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
 from autoscaler.loop import ScaleTarget
 from autoscaler.policy import Sample
+from protocol.replicas import replica_urls
 from protocol.support import ProblemLog
 
 log = logging.getLogger(__name__)
@@ -147,7 +150,8 @@ class GatewayStats:
         return await asyncio.shield(self._shared)
 
     async def _read_all(self) -> list[_Answer]:
-        replicas = [url for urls in await asyncio.gather(*map(_resolve, self.urls)) for url in urls]
+        resolved = await asyncio.gather(*map(replica_urls, self.urls))
+        replicas = [url for urls in resolved for url in urls]
         answers = await asyncio.gather(*(self._stats(url) for url in replicas))
         return list(zip(replicas, answers, strict=True))
 
@@ -199,27 +203,6 @@ def _advanced(previous: _Counters, counters: _Counters) -> bool:
     )
 
 
-async def _resolve(url: str) -> list[str]:
-    """One URL per address the host resolves to (every replica of a headless Service)."""
-    parts = urlsplit(url)
-    if parts.hostname is None:
-        return [url]
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    try:
-        infos = await asyncio.get_running_loop().getaddrinfo(
-            parts.hostname, port, type=socket.SOCK_STREAM
-        )
-    except OSError:
-        return [url]  # the request fails too, and says why
-    addresses = sorted({str(info[4][0]) for info in infos})
-    if len(addresses) <= 1:
-        return [url]
-    return [
-        f"{parts.scheme}://{f'[{address}]' if ':' in address else address}:{port}{parts.path}"
-        for address in addresses
-    ]
-
-
 class PodMetrics:
     def __init__(self, *, session: aiohttp.ClientSession, timeout_s: float = 1.0) -> None:
         self.session = session
@@ -227,13 +210,23 @@ class PodMetrics:
 
     async def read(self, model: str, pod_urls: Iterable[str], version: str | None = None) -> Load:
         """The load of ``model`` (or of one ``version`` of it) on the pods at ``pod_urls``."""
+        return await self._read((model,), pod_urls, version)
+
+    async def read_group(self, models: Sequence[str], pod_urls: Iterable[str]) -> Load:
+        """The load of the pods at ``pod_urls``, which serve ``models`` together: in each
+        pod, the models' busy ratios summed."""
+        return await self._read(models, pod_urls, None)
+
+    async def _read(
+        self, models: Sequence[str], pod_urls: Iterable[str], version: str | None
+    ) -> Load:
         texts = await asyncio.gather(*(self._scrape(url) for url in pod_urls))
         busy: list[float] = []
         gpu: list[float] = []
         for text in texts:
             if text is None:
                 continue
-            pod_busy, pod_gpu = _pod_load(text, model, version)
+            pod_busy, pod_gpu = _pod_load(text, models, version)
             if pod_busy is not None:
                 busy.append(pod_busy)
             if pod_gpu is not None:
@@ -251,24 +244,27 @@ class PodMetrics:
             return None
 
 
-def _pod_load(text: str, model: str, version: str | None) -> tuple[float | None, float | None]:
-    """The pod's busy ratio for ``model`` (its busiest version, or ``version``'s) and its
-    mean GPU use."""
-    busy: list[float] = []
+def _pod_load(
+    text: str, models: Sequence[str], version: str | None
+) -> tuple[float | None, float | None]:
+    """The pod's busy ratio for ``models`` (each one's busiest version, or ``version``'s,
+    summed over the models) and its mean GPU use."""
+    busy: dict[str, list[float]] = {}
     gpu: list[float] = []
     try:
         for family in text_string_to_metric_families(text):
             for sample in family.samples:
-                if sample.name == BUSY_RATIO and sample.labels.get("model") == model:
-                    if version is None or sample.labels.get("version") == version:
-                        busy.append(sample.value)
+                if sample.name == BUSY_RATIO and sample.labels.get("model") in models:
+                    of_version = version is None or sample.labels.get("version") == version
+                    if of_version and math.isfinite(sample.value):
+                        busy.setdefault(sample.labels["model"], []).append(sample.value)
                 elif sample.name == GPU_UTILIZATION:
                     gpu.append(sample.value)
     except ValueError as exc:
         log.debug("unreadable metrics text: %s", exc)
         return None, None
-    busy = [value for value in busy if math.isfinite(value)]
-    return (max(busy) if busy else None), _mean(gpu)
+    summed = sum(max(values) for values in busy.values()) if busy else None
+    return summed, _mean(gpu)
 
 
 class PrometheusQuery:
@@ -347,11 +343,19 @@ class Signals:
 
     async def read(self, target: ScaleTarget) -> Sample:
         now = self.clock()
-        demand, load, dcgm = await asyncio.gather(
-            self.gateway.read(target.model, target.version),
-            self.pods.read(target.model, target.pod_urls, target.version),
-            self._dcgm(target.model),
-        )
+        if target.models:
+            demands, load, dcgm = await asyncio.gather(
+                asyncio.gather(*(self.gateway.read(model) for model in target.models)),
+                self.pods.read_group(target.models, target.pod_urls),
+                self._dcgm(target.model),
+            )
+            demand = _summed(demands)
+        else:
+            demand, load, dcgm = await asyncio.gather(
+                self.gateway.read(target.model, target.version),
+                self.pods.read(target.model, target.pod_urls, target.version),
+                self._dcgm(target.model),
+            )
         return Sample(
             time_s=now,
             replicas=target.replicas,
@@ -367,3 +371,19 @@ class Signals:
 
     async def _dcgm(self, model: str) -> float | None:
         return None if self.gpu is None else await self.gpu.read(model)
+
+
+def _summed(demands: Sequence[Demand]) -> Demand:
+    """Several models' demand together: each signal summed over the models that have it,
+    None when none has."""
+
+    def total(values: Iterable[float | None]) -> float | None:
+        known = [value for value in values if value is not None]
+        return sum(known) if known else None
+
+    return Demand(
+        total(d.queued for d in demands),
+        total(d.inflight for d in demands),
+        total(d.arrival_rate for d in demands),
+        total(d.completion_rate for d in demands),
+    )

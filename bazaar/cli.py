@@ -36,6 +36,7 @@ from protocol.support import missing_extra
 
 if TYPE_CHECKING:
     from gateway.config import GatewayConfig
+    from gateway.rollout_peers import RolloutPeers
     from gateway.rollout_record import ServiceRolloutRecord
     from protocol.auth import KeyFile
     from protocol.tls import ServerTls
@@ -105,7 +106,8 @@ def parser() -> argparse.ArgumentParser:
         action="append",
         dest="models",
         metavar="NAME",
-        help="load only this model (repeatable; default: every model in the repository)",
+        help="load only this model (repeatable; NAME@VERSION: only that version of it; "
+        "default: every model in the repository)",
     )
     server.add_argument(
         "--enable-model-control",
@@ -223,7 +225,16 @@ def parser() -> argparse.ArgumentParser:
         type=positive_int,
         metavar="BYTES",
         help="small models share workers: packed by estimated footprint into workers of at "
-        "most this much each; shared workers are not autoscaled (default: one worker per model)",
+        "most this much each; a group's workers are autoscaled on its models' demand summed "
+        "(default: one worker per model)",
+    )
+    serve.add_argument(
+        "--memory-budget",
+        type=positive_int,
+        metavar="BYTES",
+        help="each worker pages its models within this much (model-server --memory-budget): "
+        "with a larger --worker-memory, a worker serves more models than it holds at once "
+        "(default: every worker holds all its models)",
     )
     serve.add_argument(
         "--hop",
@@ -264,6 +275,21 @@ def parser() -> argparse.ArgumentParser:
         "bazaar.dev/rollout annotation, decided by the holder of the Lease "
         "bazaar-gateway-rollouts, as ID (the pod's name); default: each gateway decides "
         "alone and a restart starts a rollout again",
+    )
+    gateway.add_argument(
+        "--rollout-peers",
+        action="append",
+        metavar="URL",
+        help="with --leader-election-id: the gateways whose /stats samples the deciding one "
+        "adds to its own (repeatable; a host name with several addresses, a headless "
+        "Service, counts as one gateway per address); default: it judges on its own",
+    )
+    gateway.add_argument(
+        "--rollout-peers-token-file",
+        type=Path,
+        metavar="FILE",
+        help="with --rollout-peers, for gateways started with --api-keys: the file holds a "
+        "token whose key has the stats scope (read at start)",
     )
     gateway.add_argument("--host", default="127.0.0.1")
     gateway.add_argument("--port", type=port, default=8000, help="HTTP (default %(default)s)")
@@ -575,6 +601,7 @@ def _serve(args: argparse.Namespace) -> int:
         gateway_token=stats_token,
         worker_bytes=args.worker_memory,
         grpc_hop=args.hop == "grpc",
+        memory_budget=args.memory_budget,
     )
     main = run(
         source,
@@ -603,6 +630,14 @@ def _gateway(args: argparse.Namespace) -> int:
     source: StaticEndpoints | EndpointSlices
     config = _gateway_config(args)
     record = None
+    peers: RolloutPeers | None = None
+    if args.rollout_peers is not None:
+        if args.leader_election_id is None:
+            log.error("--rollout-peers goes with --leader-election-id")
+            return 2
+        peers = _rollout_peers(args)
+        if peers is None:
+            return 2
     if args.endpoints is not None:
         if args.kubeconfig is not None or args.leader_election_id is not None:
             log.error("--kubeconfig and --leader-election-id go with --kubernetes-namespace")
@@ -632,6 +667,7 @@ def _gateway(args: argparse.Namespace) -> int:
         grpc_port=args.grpc_port or None,
         grpc_targets=source.grpc_target,
         rollout_record=record,
+        rollout_peers=peers,
     )
     _run_async(main)
     return 0
@@ -647,6 +683,29 @@ def _rollout_record(args: argparse.Namespace) -> ServiceRolloutRecord:
     cluster = Cluster(args.kubernetes_namespace, "gateway", logger, connect(args.kubeconfig))
     election = LeaderElection(cluster, LEASE_NAME, args.leader_election_id)
     return ServiceRolloutRecord(cluster, election)
+
+
+def _rollout_peers(args: argparse.Namespace) -> RolloutPeers | None:
+    """The gateways whose samples the deciding one sums, read with
+    ``--rollout-peers-token-file``'s token if given; None (said why) when it cannot be read."""
+    from gateway.rollout_peers import RolloutPeers
+    from protocol.auth import bearer, parse_token
+    from protocol.errors import ConfigError
+
+    headers: dict[str, str] = {}
+    if args.rollout_peers_token_file is not None:
+        where = str(args.rollout_peers_token_file)
+        try:
+            headers = bearer(
+                parse_token(args.rollout_peers_token_file.read_bytes(), where).decode()
+            )
+        except OSError as exc:
+            log.error("%s: cannot read: %s", where, exc.strerror)
+            return None
+        except ConfigError as exc:
+            log.error("%s", exc)
+            return None
+    return RolloutPeers(args.rollout_peers, headers)
 
 
 def _key_file(args: argparse.Namespace, stats_token: str | None = None) -> KeyFile | None:
@@ -749,6 +808,21 @@ def _freeze_startup_objects() -> None:
     gc.freeze()
 
 
+def _pinned_models(models: list[str] | None) -> tuple[list[str] | None, dict[str, int]]:
+    """``--model``'s names, and the version of each given as ``NAME@VERSION``."""
+    if models is None:
+        return None, {}
+    names, pinned = [], {}
+    for model in models:
+        name, at, version = model.partition("@")
+        if at:
+            if not version.isdigit() or int(version) < 1:
+                raise ConfigError("--model", model, "expected NAME or NAME@VERSION, VERSION >= 1")
+            pinned[name] = int(version)
+        names.append(name)
+    return names, pinned
+
+
 def _model_server(args: argparse.Namespace) -> int:
     control_keys = _control_keys(args)  # before the heavier imports: a mistake is told at once
     _trace("bazaar-model-server", args)
@@ -764,14 +838,15 @@ def _model_server(args: argparse.Namespace) -> int:
     from protocol.edge import uvicorn_options
     from protocol.metrics import process_registry
 
-    repository = ModelRepository(args.model_repository)
+    names, pinned = _pinned_models(args.models)
+    repository = ModelRepository(args.model_repository, pinned)
     limits = ModelLimits(
         max_batch_size=args.max_override_batch_size,
         max_threads=args.max_override_threads or cpu_count(),
         max_instances=args.max_override_instances,
         max_models=args.max_models,
     )
-    store = ModelStore(repository, args.models, args.device, limits, args.memory_budget)
+    store = ModelStore(repository, names, args.device, limits, args.memory_budget)
     edge = _edge_limits(args)
     grpc = GrpcListener(args.host, args.grpc_port, edge) if args.grpc_port else None
     app = create_app(

@@ -11,12 +11,21 @@ autoscaler sees it and starts a worker. With ``gateway_token`` (the gateway take
 the autoscaler presents it to read ``/stats``, on a session of its own: the workers never see
 it. Stopping ends the loop first, so nothing scales while the workers are being stopped.
 
+A model placed alone whose config serves several versions gets workers per version
+(``NAME@VERSION``, each serving that version only), and each version is a scale target of
+its own, sized on that version's queue and work in flight (the rows shadowed to it
+included) and its workers' load, as each version's Deployment is in Kubernetes: a
+candidate's workers follow its share of the traffic, not the model's.
+
 With ``worker_bytes``, small models share workers (``bazaar.placement``): each group of
 models is ``workers`` processes named ``shared-N``, and the gateway hears of each model with
 its group's workers, so it routes a model's batches only to workers that hold it. A model
-placed alone keeps its own workers and its autoscaling; shared workers are not autoscaled:
-the loop scales one target on one model's signals, and a group would need the sum of its
-models' queues and the busy ratio of all its models (``autoscaler.sources``).
+placed alone keeps its own workers; a group's workers are autoscaled as one target, on the
+sum of its models' queues and work in flight and of their busy ratios in its workers
+(``autoscaler.sources``), so a group whose models all go idle scales to zero like a model,
+and the first request for any of them brings a worker back. With ``memory_budget`` each
+worker pages its models within it (``bazaar.supervisor``): packed with ``worker_bytes``
+larger than the budget, a worker serves more models than it holds at once.
 """
 
 from __future__ import annotations
@@ -38,6 +47,7 @@ from bazaar.supervisor import WorkerSupervisor
 from gateway.catalog import EndpointListener
 from models.repository import ModelRepository
 from protocol.auth import bearer
+from protocol.errors import ConfigError, ModelNotFound
 from protocol.support import cancel_and_wait
 
 log = logging.getLogger(__name__)
@@ -55,6 +65,7 @@ class LocalWorkers:
         gateway_token: str | None = None,
         worker_bytes: int | None = None,
         grpc_hop: bool = False,
+        memory_budget: int | None = None,
     ) -> None:
         self.repository = repository
         models = ModelRepository(repository)
@@ -67,29 +78,43 @@ class LocalWorkers:
             shared = [group for group in placed if len(group) > 1]
             self.groups = {group[0]: group for group in placed if len(group) == 1}
             self.groups |= {f"shared-{n}": group for n, group in enumerate(shared, 1)}
+        for model in self.models:
+            if self.groups.get(model) == (model,):
+                versions = _served_versions(models, model)
+                if len(versions) > 1:
+                    del self.groups[model]
+                    self.groups |= {f"{model}@{v}": (f"{model}@{v}",) for v in versions}
         self.gateway_url = gateway_url
         self.workers = workers
         self.autoscale = autoscale
         self.log_level = log_level
         self.gateway_token = gateway_token
         self.grpc_hop = grpc_hop
+        self.memory_budget = memory_budget
+        """Each worker pages its models within this many bytes; None: it holds them all."""
         self.supervisor: WorkerSupervisor | None = None
         self._autoscaler: asyncio.Task[None] | None = None
 
     async def start(self, listener: EndpointListener, registry: CollectorRegistry) -> None:
         self.supervisor = WorkerSupervisor(
-            self.repository, listener, log_level=self.log_level, grpc_hop=self.grpc_hop
+            self.repository,
+            listener,
+            log_level=self.log_level,
+            grpc_hop=self.grpc_hop,
+            memory_budget_bytes=self.memory_budget,
         )
         for model in self.models:
             listener(model, [])  # known at once: requests wait for a worker instead of 404
         for name, models in self.groups.items():
             await self.supervisor.scale(name, self.workers, models)
         if self.autoscale is not None:
-            alone = [name for name, models in self.groups.items() if models == (name,)]
-            scaler = LocalScaler(self.supervisor, dict.fromkeys(alone, self.autoscale))
+            shared = {name: models for name, models in self.groups.items() if models != (name,)}
+            configs = dict.fromkeys(self.groups, self.autoscale)
+            scaler = LocalScaler(self.supervisor, configs, shared)
             self._autoscaler = asyncio.create_task(self._run_autoscaler(scaler, registry))
             log.info(
-                "autoscaling each model between %d and %d workers",
+                "autoscaling each model (each version, where it has several) between %d and "
+                "%d workers",
                 self.autoscale.min_replicas,
                 self.autoscale.max_replicas,
             )
@@ -119,3 +144,13 @@ class LocalWorkers:
                 PodMetrics(session=session),
             )
             await Autoscaler(scaler, signals, AutoscalerMetrics(registry)).run()
+
+
+def _served_versions(repository: ModelRepository, model: str) -> list[int]:
+    """The versions the model's config serves; none known when it cannot be read (its
+    workers then say why, as they fail to load it)."""
+    try:
+        files = repository.versions(model, repository.load_config(model))
+    except (ConfigError, ModelNotFound):
+        return []
+    return [version.version for version in files]

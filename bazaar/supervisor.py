@@ -2,13 +2,17 @@
 
 ``WorkerSupervisor`` runs ``bazaar model-server --model NAME`` child processes, each on a free
 loopback port, and tells the gateway through its listener which of them are ready. A worker
-serves one model, or a group of them (``scale(name, n, models)``, ``bazaar.placement``):
-then each of the group's models is told the group's ready workers, so the gateway sends a
-model's batches only to workers that hold it. Each worker is kept by one task that loops:
+serves one model, or a group of them (``scale(name, n, models)``, ``bazaar.placement``), or
+one version of a model (``NAME@VERSION``: its own workers, as a version has its own
+Deployment in Kubernetes). Each model is told the ready workers of every group that serves
+it (any version), so the gateway sends a model's batches only to workers that hold it and
+learns from them which version each serves. Each worker is kept by one task that loops:
 start the process, poll ``/v2/health/ready`` every 50 ms until it answers 200 (the worker
 joins the endpoints), then wait for the process to exit. With ``grpc_hop`` each worker also
 serves gRPC on a second free port, which ``grpc_target`` tells the gateway's gRPC hop
-(``gateway.grpc_client``); a restart takes new ports for both.
+(``gateway.grpc_client``); a restart takes new ports for both. With ``memory_budget_bytes``
+each worker pages its models within that budget (``model-server --memory-budget``,
+``models.store``): a worker can serve more models than it holds.
 
 Under failure:
 
@@ -102,8 +106,12 @@ class WorkerSupervisor:
         max_restart_delay_s: float = 30.0,
         startup_timeout_s: float = 120.0,
         grpc_hop: bool = False,
+        memory_budget_bytes: int | None = None,
     ) -> None:
         self._repository = repository
+        self._memory_budget = (
+            () if memory_budget_bytes is None else ("--memory-budget", str(memory_budget_bytes))
+        )
         self._grpc_hop = grpc_hop
         self._listener = listener
         self._host = host
@@ -250,6 +258,7 @@ class WorkerSupervisor:
             "--port",
             str(port),
             *grpc_port,
+            *self._memory_budget,
             preexec_fn=_PREEXEC,
             # Out of the terminal's process group: Ctrl-C reaches the gateway only, which
             # drains through the workers before it stops them.
@@ -282,14 +291,24 @@ class WorkerSupervisor:
         self._notify(worker.model)
         return f"exited with code {await process.wait()}"
 
-    def _notify(self, model: str) -> None:
-        urls = self.endpoints(model)
-        for name in self._groups.get(model, (model,)):
+    def _notify(self, group: str) -> None:
+        for served in self._groups.get(group, (group,)):
+            model = served.partition("@")[0]
             try:
-                self._listener(name, urls)
+                self._listener(model, self._serving(model))
             except Exception:
                 # A faulty listener must not end supervision (and leave its worker unwatched).
-                log.exception("endpoint listener failed for %s", name)
+                log.exception("endpoint listener failed for %s", model)
+
+    def _serving(self, model: str) -> list[str]:
+        """URLs of the ready workers of every group serving ``model`` (or a version of it)."""
+        return [
+            worker.url
+            for group, workers in self._workers.items()
+            if any(s.partition("@")[0] == model for s in self._groups.get(group, (group,)))
+            for worker in workers
+            if worker.ready
+        ]
 
 
 async def _until_ready(url: str, process: asyncio.subprocess.Process) -> None:

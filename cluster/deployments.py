@@ -14,15 +14,19 @@ grants it and a test holds the two together.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from kubernetes.client import AppsV1Api
+from kubernetes.client.models import V1Deployment
 
 from cluster.api import Cluster, Permission
 
 MERGE_PATCH = "application/merge-patch+json"
 VERSION_LABEL = "bazaar.dev/version"
 """The label whose value names the model version a Deployment's pods serve."""
+GROUP_LABEL = "bazaar.dev/group"
+"""The label whose value names a model group: one Deployment whose pods serve several
+models, each found through its own model Service selecting the group's pods."""
 
 LIST_DEPLOYMENTS = Permission("apps", "deployments", "list")
 GET_SCALE = Permission("apps", "deployments/scale", "get")
@@ -41,10 +45,13 @@ class ModelDeployment:
     """Its ``VERSION_LABEL``; None: it serves the model, whatever versions."""
     annotations: dict[str, str]
     ready_replicas: int
+    pod_labels: dict[str, str] = field(default_factory=dict)
+    """Its pod template's labels: what a Service selecting its pods matches."""
 
 
 async def model_deployments(cluster: Cluster, label: str) -> list[ModelDeployment]:
-    """The namespace's Deployments that carry ``label``, its value naming the model."""
+    """The namespace's Deployments that carry ``label``, its value naming the model (or,
+    with the group label, the model group)."""
     apps = AppsV1Api(cluster.client)
     listing = await cluster.call(
         LIST_DEPLOYMENTS,
@@ -66,9 +73,15 @@ async def model_deployments(cluster: Cluster, label: str) -> list[ModelDeploymen
                 version=labels.get(VERSION_LABEL) or None,
                 annotations=dict((metadata and metadata.annotations) or {}),
                 ready_replicas=(deployment.status and deployment.status.ready_replicas) or 0,
+                pod_labels=_pod_labels(deployment),
             )
         )
     return found
+
+
+def _pod_labels(deployment: V1Deployment) -> dict[str, str]:
+    template = deployment.spec and deployment.spec.template
+    return dict((template and template.metadata and template.metadata.labels) or {})
 
 
 async def replicas(cluster: Cluster, name: str) -> int:

@@ -130,3 +130,22 @@ def _port(endpoint_slice: V1EndpointSlice, name: str) -> int | None:
     """The number of the slice's port named ``name``, if it has one."""
     ports = [p.port for p in endpoint_slice.ports or [] if p.name == name]
     return int(ports[0]) if ports and ports[0] is not None else None
+
+
+async def model_selectors(cluster: Cluster, label: str) -> dict[str, list[dict[str, str]]]:
+    """Model → the pod selectors of its Services (one LIST, filtered by label on the
+    server): a Deployment whose pod labels a selector matches serves that model."""
+    core = CoreV1Api(cluster.client)
+    services = await cluster.call(
+        LIST_SERVICES,
+        lambda: core.list_namespaced_service(
+            cluster.namespace, label_selector=label, _request_timeout=cluster.request_timeout_s
+        ),
+    )
+    selectors: dict[str, list[dict[str, str]]] = {}
+    for service in services.items:
+        model = service.metadata and (service.metadata.labels or {}).get(label)
+        selector = service.spec and service.spec.selector
+        if model and selector:
+            selectors.setdefault(model, []).append(dict(selector))
+    return selectors

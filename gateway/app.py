@@ -16,7 +16,8 @@ quotas, admission and queue.
 Routes: ``/v2``, ``/v2/health/{live,ready}``, ``/v2/models/{m}[/versions/{v}]`` with
 ``/ready``, ``/config`` (Triton's, of what the gateway enforces), ``/stats`` (Triton's
 statistics, also ``/v2/models/stats``) and ``POST /infer``, ``POST /v2/repository/index``,
-``/metrics`` and ``/stats`` (queue depth and in-flight work per model, for the autoscaler).
+``/metrics`` and ``/stats`` (queue depth and in-flight work per model, for the autoscaler;
+rollouts' samples, for the gateway deciding them).
 """
 
 from __future__ import annotations
@@ -116,7 +117,7 @@ def routes(catalog: ModelCatalog) -> list[Route]:
         return json_response(catalog.index(await index_ready_only(request)))
 
     async def stats(request: Request) -> Response:
-        return json_response({"models": catalog.stats()})
+        return json_response({"instance": catalog.instance, "models": catalog.stats()})
 
     async def prometheus(request: Request) -> Response:
         return Response(generate_latest(catalog.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -17,7 +17,10 @@ the model's config (its highest version's); without one they go to the default v
 (``models``): the highest version that has endpoints, or the highest known while none has.
 A policy may also shadow requests to a candidate (``gateway.shadow``) and roll a candidate
 out in steps (``gateway.rollout``, judged every ``rollout_check_s``; with a
-``RolloutRecord``, by the gateway it names, the others following the progress it saves).
+``RolloutRecord``, by the gateway it names, the others following the progress it saves;
+with ``RolloutPeers`` too, on the sum of its own samples and the other gateways'). Each
+gateway publishes its samples in its ``/stats``, under an ``instance`` name of its own, by
+which the deciding one knows itself among the gateways it reads.
 
 A model whose metadata declares no tensors (common with custom MLServer runtimes), or that
 the endpoints file marks ``validate: false``, cannot be validated: its requests are passed
@@ -32,7 +35,9 @@ What a pod serves can change under the gateway: the repository API unloads a mod
 reloads it with another config (``max_batch_size`` lowered, say) or other versions. So while
 a model is served, its watcher re-reads every discovered endpoint every ``refresh_s``, and
 at once when discovery adds an endpoint (``refresh``) or the model was just learned from one
-of several; ``gateway.readings.reconcile_versions`` decides what the readings mean.
+of several; ``gateway.readings.reconcile_versions`` decides what the readings mean. The same
+re-read tells which endpoints hold the model loaded (a pod paging models under a memory
+budget says so in its ready answer), which the pools prefer (``gateway.router``).
 
 A new endpoint joins the default version's pool at once (discovery counts it ready, and a
 model scaled to zero must not wait a re-read for its first pod), the other versions' when a
@@ -46,6 +51,7 @@ import contextlib
 import dataclasses
 import logging
 import random
+import uuid
 from collections.abc import Mapping
 from typing import Any, Protocol
 
@@ -67,6 +73,7 @@ from gateway.readings import (
     reconcile_versions,
 )
 from gateway.rollout import Rollout, RolloutRecord, SavedRollout, rollout_weights
+from gateway.rollout_peers import RolloutPeers
 from gateway.router import EndpointPool
 from gateway.shadow import Shadow
 from protocol.errors import BazaarError, ModelNotFound, ModelNotReady
@@ -126,8 +133,11 @@ class ModelCatalog:
         max_learn_backoff_s: float = MAX_LEARN_BACKOFF_S,
         rollout_check_s: float = ROLLOUT_CHECK_S,
         rollout_record: RolloutRecord | None = None,
+        rollout_peers: RolloutPeers | None = None,
     ) -> None:
         self.client = client
+        self.instance = uuid.uuid4().hex
+        """This gateway's name in its ``/stats``, unique to the process."""
         self.metrics = metrics
         self.config = config
         self.refresh_s = refresh_s
@@ -168,6 +178,9 @@ class ModelCatalog:
         self.rollout_check_s = rollout_check_s
         self.rollout_record = rollout_record
         """Where rollouts' progress is kept and who decides; None: here, by this gateway."""
+        self.rollout_peers = rollout_peers
+        """With ``rollout_record``: the other gateways, whose samples the deciding one adds
+        to its own; None: it judges on its own."""
         self._loaded: dict[str, Rollout] = {}
         """Per model, the rollout last brought up to the record's saved progress."""
         self._saved: dict[str, SavedRollout] = {}
@@ -349,13 +362,20 @@ class ModelCatalog:
                     "inflight": shadow.inflight,
                     **shadow.stats.to_json(),
                 },
-                "rollout": rollout.to_json() if rollout is not None else None,
+                "rollout": None if rollout is None else self._rollout_stats(rollout, shadow),
                 "versions": of_versions,
             }
         return models
 
+    def _rollout_stats(self, rollout: Rollout, shadow: Shadow | None) -> dict[str, Any]:
+        """The rollout's state, and the counts of its step here (``Rollout.published``)."""
+        rows, agreed = _shadowed_to(rollout, shadow)
+        return {**rollout.to_json(), "sample": rollout.published(rows, agreed)}
+
     async def close(self) -> None:
         await cancel_and_wait(self._judging)
+        if self.rollout_peers is not None:
+            await self.rollout_peers.close()
         for shadow in [*self.shadows.values(), *self._retired]:
             await shadow.close()
         served = [s for versions in self.versions.values() for s in versions.values()]
@@ -477,7 +497,8 @@ class ModelCatalog:
         per endpoint that could not be read."""
         versions = self.versions[model]
         urls = list(self._endpoints.get(model, []))
-        readings = await asyncio.gather(*(self._read(url, model, unread) for url in urls))
+        loaded: dict[str, bool] = {}
+        readings = await asyncio.gather(*(self._read(url, model, unread, loaded) for url in urls))
         by_url = dict(zip(urls, readings, strict=True))
         results = reconcile_versions(
             {version: served.metadata for version, served in versions.items()},
@@ -493,6 +514,8 @@ class ModelCatalog:
                     continue
                 served = self._serve_version(model, reading_of(by_url, version), [])
             self._apply(model, served, result)
+        for served in versions.values():
+            served.dispatcher.pool.set_loaded(loaded)
         self._choose_default(model)
         read = [r for r in by_url.values() if not isinstance(r, str) and r]
         if read:  # else nothing is known of the config now: it stays as it was
@@ -548,17 +571,18 @@ class ModelCatalog:
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(self.rollout_check_s)
+            published = await self._peers_published()
             for model, rollout in list(self.rollouts.items()):
-                shadow = self.shadows.get(model)
-                rows = agreed = 0
-                if shadow is not None and shadow.policy.version == rollout.policy.version:
-                    rows, agreed = shadow.stats.rows, shadow.stats.agreed_rows
+                rows, agreed = _shadowed_to(rollout, self.shadows.get(model))
                 record, now = self.rollout_record, loop.time()
                 if record is not None and not await self._recorded(
                     record, model, rollout, now, rows, agreed
                 ):
                     continue  # another gateway decides, or the policy changed meanwhile
-                verdict = rollout.tick(now, rows, agreed)
+                if published is None:
+                    continue  # a gateway's samples are missing: no judgement on part of them
+                peers = rollout.peer_counts(published.get(model, []))
+                verdict = rollout.tick(now, rows, agreed, peers)
                 if verdict.action == "rollback" and verdict.reason is not None:
                     labels = (model, rollout.policy.version, verdict.reason)
                     self.metrics.rollbacks.labels(*labels).inc()
@@ -566,6 +590,15 @@ class ModelCatalog:
                     self._route(model)
                 if record is not None:
                     await self._save(record, model, rollout)
+
+    async def _peers_published(self) -> dict[str, list[Any]] | None:
+        """Per model, the samples the other gateways publish, when this one decides with
+        peers (else none); None when one of them did not answer."""
+        record, peers = self.rollout_record, self.rollout_peers
+        running = any(rollout.state == "running" for rollout in self.rollouts.values())
+        if record is None or peers is None or not running or not record.deciding:
+            return {}
+        return await peers.read(self.instance)
 
     async def _recorded(
         self,
@@ -662,10 +695,14 @@ class ModelCatalog:
             dispatcher.pool.set_endpoints(result.urls)
 
     async def _read(
-        self, url: str, model: str, unread: dict[tuple[str, str], str]
+        self, url: str, model: str, unread: dict[tuple[str, str], str], loaded: dict[str, bool]
     ) -> EndpointReadings:
-        if not await self.client.ready(url, model):
+        """``url``'s readings of ``model``; ``loaded`` gets whether it holds the model loaded
+        (cache affinity, ``gateway.router``)."""
+        readiness = await self.client.readiness(url, model)
+        if not readiness.ready:
             return NOT_SERVING
+        loaded[url] = readiness.loaded
         settings = self.config.models.get(model, DEFAULT_MODEL_SETTINGS)
         try:
             return await read_model(self.client, url, model, settings, self.config)
@@ -673,6 +710,13 @@ class ModelCatalog:
             problem = _problem(exc)
             unread[url, problem] = f"{model}: cannot read its metadata from {url}: {problem}"
             return UNREAD
+
+
+def _shadowed_to(rollout: Rollout, shadow: Shadow | None) -> tuple[int, int]:
+    """The rows shadowed to the rollout's candidate so far, and those agreeing."""
+    if shadow is None or shadow.policy.version != rollout.policy.version:
+        return 0, 0
+    return shadow.stats.rows, shadow.stats.agreed_rows
 
 
 def _stats(work: DispatcherStats, urls: list[str], ready: int) -> dict[str, Any]:

@@ -21,6 +21,7 @@ most ``MAX_ANSWER_BYTES``); its other answers mean the same as ``infer``'s, exce
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -41,6 +42,19 @@ POOLED_IDLE_S = 4.0
 """How long an idle connection to a pod is kept for the next call: under the pods' own
 keep-alive timeout (``EdgeLimits.keep_alive_timeout_s``, 5 s), so the gateway never sends a
 batch down a connection the pod is closing at that moment (the request would be lost, a 502)."""
+
+
+MAX_READY_BYTES = 4096
+"""The longest ready answer read."""
+
+
+@dataclass(frozen=True, slots=True)
+class Readiness:
+    """A pod's readiness answer for one model."""
+
+    ready: bool
+    loaded: bool = True
+    """It holds the model in memory: a batch computes without waiting for a page-in."""
 
 
 class HttpModelClient:
@@ -139,13 +153,29 @@ class HttpModelClient:
         return binary
 
     async def ready(self, url: str, model: str) -> bool:
+        return (await self.readiness(url, model)).ready
+
+    async def readiness(self, url: str, model: str) -> Readiness:
+        """Whether ``url`` serves ``model`` now, and holds it loaded: a pod that pages models
+        says ``"loaded": false`` in its ready answer when it would load it first; any other
+        server is taken to hold what it serves."""
         try:
             async with self._session.get(
                 f"{url}/v2/models/{model}/ready", timeout=aiohttp.ClientTimeout(total=2.0)
             ) as response:
-                return response.status == 200
+                if response.status != 200:
+                    return Readiness(ready=False)
+                # Ours is a few fields of JSON; anything longer, or unsized, is not read.
+                length = response.content_length
+                body = await response.read() if length and length <= MAX_READY_BYTES else b""
         except (TimeoutError, aiohttp.ClientError, OSError):
-            return False
+            return Readiness(ready=False)
+        try:
+            answer = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            answer = None  # Triton answers an empty body
+        loaded = answer.get("loaded") if isinstance(answer, dict) else None
+        return Readiness(ready=True, loaded=loaded is not False)
 
     async def get_json(self, url: str, path: str, *, optional: bool = False) -> Any:
         """A control-plane GET (metadata, config); ``UpstreamError`` unless 200 with JSON.

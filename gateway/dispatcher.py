@@ -496,7 +496,12 @@ class Dispatcher:
                     # Waiting for company must not outlast a member's deadline.
                     if now + TIMER_SLACK_S < leave_at < min(p.deadline for p in batch):
                         return leave_at
-            endpoint = self.pool.acquire(rows, idle_only=not grown)
+            # Full rounds queued for one endpoint: how readily a model spreads to pods that
+            # would have to load it first (``gateway.router``, cache affinity).
+            round_rows = (policy.max_batch_size or 1) * self.pool.max_batches_per_endpoint
+            endpoint = self.pool.acquire(
+                rows, idle_only=not grown, backlog_rounds=self._queue.rows / round_rows
+            )
             if endpoint is None:
                 return None
             self._take(len(batch))

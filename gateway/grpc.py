@@ -4,7 +4,9 @@
 tenants' quotas count both transports together) with the protobuf codec: the dispatcher's
 admission sees the call's deadline before the message is decoded, the request's timeout is
 the sooner of ``parameters.timeout`` and that deadline, and a call that is cancelled or runs
-out of time cancels its wait, which frees its place in the queue. Answers carry raw outputs.
+out of time cancels its wait, which frees its place in the queue. A request that names no
+version follows the model's traffic policy as over HTTP, its sticky key taken from the call's
+metadata of the sticky header's name. Answers carry raw outputs.
 Health, metadata, readiness, the config, the repository index and statistics read the catalog
 as the HTTP routes do.
 """
@@ -17,6 +19,7 @@ from gateway.catalog import ModelCatalog
 from gateway.inference import GatewayInference, model_config, statistics
 from protocol.codec import InferenceRequest
 from protocol.errors import DeadlineExceeded
+from protocol.fastpath import Headers
 from protocol.grpc import codec
 from protocol.grpc import grpc_service_pb2 as pb
 from protocol.schema import ModelMetadata
@@ -52,7 +55,11 @@ class GatewayGrpcBackend:
         return statistics(self.catalog, name, version)
 
     async def infer(
-        self, message: pb.ModelInferRequest, limit_s: float | None, tenant: str | None
+        self,
+        message: pb.ModelInferRequest,
+        limit_s: float | None,
+        tenant: str | None,
+        headers: Headers,
     ) -> pb.ModelInferResponse:
         if limit_s is not None and limit_s <= 0:
             raise DeadlineExceeded("the call's deadline passed before it reached the gateway")
@@ -61,5 +68,11 @@ class GatewayGrpcBackend:
             return codec.decode_request(message, metadata), limit_s
 
         return await self.inference.run(
-            message.model_name, message.model_version or None, tenant, limit_s, decode, codec.answer
+            message.model_name,
+            message.model_version or None,
+            tenant,
+            limit_s,
+            decode,
+            codec.answer,
+            headers=headers,
         )

@@ -24,28 +24,39 @@ outlives the process and one gateway decides: the one the record says is ``decid
 and saves each change; the others follow what is saved (``Rollout.follow``), so every
 gateway routes with the same weights and a restarted one resumes at the saved step. A step
 resumed or taken over starts its own clock and sample again: a restart costs the step time,
-never a judgement on too little evidence. A step's latencies are kept up to ``MAX_SAMPLES``
-(the latest), so a long step costs bounded memory.
+never a judgement on too little evidence.
+
+Each gateway sees only the requests sent to it, so the deciding one judges on the sum of
+every gateway's samples: each publishes its step's ``StepCounts`` (``Rollout.published``,
+in its ``/stats``), counts that add: requests, 5xx, shadowed and agreeing rows, and the
+latencies as a histogram over fixed buckets (``LATENCY_BUCKETS_S``, 5 % apart), so that the
+p99 of the sum is the p99 of every latency, not an average of p99s. The p99 taken is the
+upper bound of its bucket: never under the true one, at most 5 % over. Only samples of the
+same rollout at the same step are summed (``Rollout.peer_counts``): a gateway that has not
+yet followed a step publishes the previous one's, which no longer counts. A step's
+histogram is bounded (its buckets), so a long step costs bounded memory.
 """
 
 from __future__ import annotations
 
+import bisect
+import contextlib
 import dataclasses
 import logging
-from collections import deque
-from collections.abc import Collection
-from dataclasses import dataclass
+import math
+from collections import Counter
+from collections.abc import Collection, Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any, Protocol
-
-import numpy as np
 
 from protocol.metrics import outcome_of
 from protocol.traffic import RolloutPolicy, version_order
 
 log = logging.getLogger(__name__)
 
-MAX_SAMPLES = 10_000
-"""The most candidate latencies kept per step."""
+LATENCY_BUCKETS_S = tuple(1e-4 * 1.05**i for i in range(289))
+"""The upper bounds of the latency histogram's buckets, in seconds: 0.1 ms to 127 s, each 5 %
+above the one before (a latency above the last counts in the last)."""
 REASONS = ("latency", "errors", "agreement")
 """Why a rollout was rolled back: the label values of ``bazaar_gateway_rollbacks_total``."""
 STATES = ("running", "done", "rolled_back")
@@ -101,6 +112,69 @@ class RolloutRecord(Protocol):
     async def load(self, model: str) -> SavedRollout | None: ...
 
     async def save(self, model: str, saved: SavedRollout) -> bool: ...
+
+
+def latency_bucket(seconds: float) -> float:
+    """The upper bound of the bucket ``seconds`` falls in."""
+    index = bisect.bisect_left(LATENCY_BUCKETS_S, seconds)
+    return LATENCY_BUCKETS_S[min(index, len(LATENCY_BUCKETS_S) - 1)]
+
+
+@dataclass(frozen=True, slots=True)
+class StepCounts:
+    """What the candidate did during a step at one gateway, or at several summed (``+``)."""
+
+    requests: int = 0
+    errors: int = 0
+    """Of the requests, those answered 5xx."""
+    latency_s: Mapping[float, int] = field(default_factory=dict)
+    """The requests' latencies: count per bucket, by its upper bound (``LATENCY_BUCKETS_S``)."""
+    shadowed_rows: int = 0
+    agreed_rows: int = 0
+
+    def __add__(self, other: StepCounts) -> StepCounts:
+        return StepCounts(
+            self.requests + other.requests,
+            self.errors + other.errors,
+            dict(Counter(self.latency_s) + Counter(other.latency_s)),
+            self.shadowed_rows + other.shadowed_rows,
+            self.agreed_rows + other.agreed_rows,
+        )
+
+    @property
+    def p99_s(self) -> float | None:
+        """The upper bound of the bucket holding the 99th percentile latency."""
+        total = sum(self.latency_s.values())
+        if total == 0:
+            return None
+        rank, seen = math.ceil(0.99 * total), 0
+        for bound in sorted(self.latency_s):
+            seen += self.latency_s[bound]
+            if seen >= rank:
+                return bound
+        raise AssertionError("unreachable: the counts add up to the total")
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "requests": self.requests,
+            "errors": self.errors,
+            "latency_s": [[bound, count] for bound, count in sorted(self.latency_s.items())],
+            "shadowed_rows": self.shadowed_rows,
+            "agreed_rows": self.agreed_rows,
+        }
+
+    @classmethod
+    def from_json(cls, data: Any) -> StepCounts:
+        """``ValueError`` when ``data`` is not ``to_json``'s."""
+        try:
+            counts = [data[name] for name in ("requests", "errors", "shadowed_rows", "agreed_rows")]
+            latency = {float(bound): count for bound, count in data["latency_s"]}
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"not a step's counts: {exc!r}") from None
+        if not all(type(n) is int and n >= 0 for n in [*counts, *latency.values()]):
+            raise ValueError("not a step's counts: a count is not a natural number")
+        requests, errors, shadowed, agreed = counts
+        return cls(requests, errors, latency, shadowed, agreed)
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,7 +238,7 @@ class Rollout:
         """Why it was rolled back (one of ``REASONS``), with ``detail``."""
         self.detail = ""
         self._started = now
-        self._latencies: deque[float] = deque(maxlen=MAX_SAMPLES)
+        self._latency: Counter[float] = Counter()
         self._requests = 0
         self._errors = 0
         self._rows_at_start = (0, 0)
@@ -181,24 +255,58 @@ class Rollout:
         if version != self.policy.version or self.state != "running":
             return
         self._requests += 1
-        self._latencies.append(seconds)
+        self._latency[latency_bucket(seconds)] += 1
         if outcome_of(status) == "server_error":
             self._errors += 1
 
-    def tick(self, now: float, shadowed_rows: int, agreed_rows: int) -> Verdict:
-        """Judge the step (``shadowed_rows``, ``agreed_rows``: the shadow's totals so far)
-        and act on the verdict."""
-        if self.state != "running":
-            return Verdict("hold")
+    def counts(self, shadowed_rows: int, agreed_rows: int) -> StepCounts:
+        """This gateway's counts in the step (``shadowed_rows``, ``agreed_rows``: the
+        shadow's totals so far)."""
         rows0, agreed0 = self._rows_at_start
-        latencies = np.fromiter(self._latencies, dtype=np.float64)
-        sample = StepSample(
-            now - self._started,
+        return StepCounts(
             self._requests,
             self._errors,
-            float(np.percentile(latencies, 99)) if latencies.size else None,
+            dict(self._latency),
             shadowed_rows - rows0,
             agreed_rows - agreed0,
+        )
+
+    def published(self, shadowed_rows: int, agreed_rows: int) -> dict[str, Any] | None:
+        """What this gateway publishes for the deciding one to sum: its counts in the step,
+        with the rollout and step they belong to; None once the rollout is over."""
+        if self.state != "running":
+            return None
+        counts = self.counts(shadowed_rows, agreed_rows).to_json()
+        return {"policy": self.policy.to_json(), "step": self.step, **counts}
+
+    def peer_counts(self, published: Iterable[Any]) -> StepCounts:
+        """The sum of other gateways' ``published`` counts that are of this rollout at its
+        step (any other, or one that does not parse, is of no step judged here)."""
+        total = StepCounts()
+        for sample in published:
+            if not isinstance(sample, dict) or sample.get("policy") != self.policy.to_json():
+                continue
+            if sample.get("step") != self.step:
+                continue
+            with contextlib.suppress(ValueError):
+                total += StepCounts.from_json(sample)
+        return total
+
+    def tick(
+        self, now: float, shadowed_rows: int, agreed_rows: int, peers: StepCounts | None = None
+    ) -> Verdict:
+        """Judge the step on this gateway's counts (``shadowed_rows``, ``agreed_rows``: the
+        shadow's totals so far) and the other gateways' (``peers``), and act on the verdict."""
+        if self.state != "running":
+            return Verdict("hold")
+        counts = self.counts(shadowed_rows, agreed_rows) + (peers or StepCounts())
+        sample = StepSample(
+            now - self._started,
+            counts.requests,
+            counts.errors,
+            counts.p99_s,
+            counts.shadowed_rows,
+            counts.agreed_rows,
         )
         policy = self.policy
         if self.percent == 100.0:
@@ -233,7 +341,7 @@ class Rollout:
                     self.policy.steps[self.step],
                 )
             self._started = now
-            self._latencies.clear()
+            self._latency.clear()
             self._requests = self._errors = 0
             self._rows_at_start = (shadowed_rows, agreed_rows)
         return verdict
@@ -250,7 +358,7 @@ class Rollout:
         self.step, self.state = saved.step, saved.state
         self.reason, self.detail = saved.reason, saved.detail
         self._started = now
-        self._latencies.clear()
+        self._latency.clear()
         self._requests = self._errors = 0
         self._rows_at_start = (shadowed_rows, agreed_rows)
         log.info(

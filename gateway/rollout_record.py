@@ -5,15 +5,17 @@ any time. So the progress of a rollout (``gateway.rollout.SavedRollout``: which 
 step and state, why it was rolled back) is kept as JSON in the model Service's
 ``bazaar.dev/rollout`` annotation, beside the ``bazaar.dev/traffic`` policy it belongs to,
 and one gateway decides: the holder of the Lease ``bazaar-gateway-rollouts``
-(``cluster.lease``, client-go's algorithm). The holder judges on its own samples and saves
-each step it takes; the other gateways read the annotation at every judgement and follow it,
-so they route with the same weights within ``rollout_check_s`` of a step; a restarted
-gateway reads it before its first judgement and resumes at the saved step. When the holder
-dies another takes the Lease within its duration (15 s), resuming from the annotation.
+(``cluster.lease``, client-go's algorithm). The holder judges on its own samples, plus the
+other gateways' with ``gateway.rollout_peers``, and saves each step it takes; the other
+gateways read the annotation at every judgement and follow it, so they route with the same
+weights within ``rollout_check_s`` of a step; a restarted gateway reads it before its first
+judgement and resumes at the saved step. When the holder dies another takes the Lease
+within its duration (15 s), resuming from the annotation.
 
 Least privilege (``ROLLOUT_RBAC``): ``services: list`` (which the discovery already has) and
 ``patch`` (a merge patch of the one annotation), and ``leases: get, create`` and ``update``
-of its own Lease only.
+of its own Lease only. Reading the other gateways' samples needs nothing more (their
+addresses come from DNS, their samples from their ``/stats``).
 
 Failure modes: a read or write that fails (after the seam's retries) is logged once while it
 lasts, and the gateway goes on with what it has: a follower keeps its last step, the holder

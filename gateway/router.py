@@ -7,6 +7,18 @@ costs O(1) and stays within a small factor of the best choice; its failure mode 
 same as least-loaded's with stale counts, herding, which cannot happen here because the
 counts are the gateway's own, updated before the batch is sent.
 
+**Cache affinity.** A pod that pages models under a memory budget may serve a model it does
+not hold loaded (``Endpoint.cold``): a batch sent there waits for a page-in first. So the
+endpoints that hold the model come first, least outstanding work among them, and a cold one
+takes a batch only when no healthy endpoint holds the model (one must load it), or when the
+model is backlogged: every endpoint holding it is full and the queue holds another full
+round for each of them (``backlog_rounds``, which the dispatcher counts). That spreads a hot
+model to more pods and keeps a cool one where it is, so a few hot models do not end up
+loaded everywhere and evict the rest. What a pod holds is learned from its readiness
+answers, which the catalog re-reads every few seconds (``"loaded"``), and an endpoint that
+answers a batch holds the model from then on; between re-reads an eviction goes unseen, and
+costs a page-in, not an error.
+
 ``EndpointPool`` is one model's set of endpoints. ``acquire`` reserves a slot on the chosen
 endpoint; ``call`` sends the batch and releases it. A call lasts at most until the batch's
 deadline (its earliest member's), and never longer than ``call_timeout_s``; the pod is told
@@ -27,8 +39,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, overload
 
@@ -83,22 +96,52 @@ class Endpoint:
     """Consecutive failed calls."""
     ejected: bool = False
     removed: bool = False
+    cold: bool = False
+    """The pod does not hold the model loaded now: it pages models, and would load it first."""
 
 
 def choose_endpoint(
-    endpoints: Sequence[Endpoint], max_batches: int, rng: random.Random
+    endpoints: Sequence[Endpoint],
+    max_batches: int,
+    rng: random.Random,
+    backlog_rounds: float = math.inf,
 ) -> Endpoint | None:
-    """The healthy endpoint with room and the least rows in flight, or None."""
+    """The healthy endpoint with room and the least rows in flight, holding the model if
+    one with room does; or None.
+
+    A cold endpoint is chosen only when no healthy endpoint holds the model, or when
+    ``backlog_rounds`` (the queue's rows over what one endpoint's slots take) is at least
+    the number that do: each of them has a full round waiting. Its default, a retry's,
+    takes any endpoint with room.
+    """
     candidates = [
         e for e in endpoints if not e.ejected and not e.removed and e.inflight_batches < max_batches
     ]
     if not candidates:
         return None
     if len(candidates) > POWER_OF_TWO_ABOVE:
+        warm = [e for e in candidates if not e.cold]
+        if len(warm) > 1:
+            first, second = rng.sample(warm, 2)
+            return first if first.inflight_rows <= second.inflight_rows else second
+        if warm:
+            return warm[0]
+        if not _may_spread(endpoints, backlog_rounds):
+            return None
         first, second = rng.sample(candidates, 2)
         return first if first.inflight_rows <= second.inflight_rows else second
-    least = min(e.inflight_rows for e in candidates)
-    return rng.choice([e for e in candidates if e.inflight_rows == least])
+    # Warm before cold, then the least rows: one pass, as cheap as least rows alone.
+    least = min((e.cold, e.inflight_rows) for e in candidates)
+    if least[0] and not _may_spread(endpoints, backlog_rounds):
+        return None
+    return rng.choice([e for e in candidates if (e.cold, e.inflight_rows) == least])
+
+
+def _may_spread(endpoints: Sequence[Endpoint], backlog_rounds: float) -> bool:
+    """A cold endpoint may take a batch: no healthy endpoint holds the model, or each that
+    does has a full round waiting."""
+    holding = sum(1 for e in endpoints if not e.cold and not e.ejected and not e.removed)
+    return backlog_rounds >= holding
 
 
 class EndpointPool:
@@ -146,6 +189,18 @@ class EndpointPool:
         self.endpoints = [current.get(url) or Endpoint(url) for url in dict.fromkeys(urls)]
         self._notify()
 
+    def set_loaded(self, loaded: Mapping[str, bool]) -> None:
+        """Whether each endpoint named holds the model loaded now (its readiness answer);
+        one that just took the model in frees the batches that waited for it."""
+        warmed = False
+        for endpoint in self.endpoints:
+            held = loaded.get(endpoint.url)
+            if held is not None:
+                warmed |= endpoint.cold and held
+                endpoint.cold = not held
+        if warmed:
+            self._notify()
+
     @property
     def ready_endpoints(self) -> int:
         return sum(1 for e in self.endpoints if not e.ejected)
@@ -157,16 +212,23 @@ class EndpointPool:
         )
 
     def acquire(
-        self, rows: int, exclude: Endpoint | None = None, *, idle_only: bool = False
+        self,
+        rows: int,
+        exclude: Endpoint | None = None,
+        *,
+        idle_only: bool = False,
+        backlog_rounds: float = math.inf,
     ) -> Endpoint | None:
-        """Reserve a slot for a batch of ``rows``; None when every endpoint is full or down.
+        """Reserve a slot for a batch of ``rows``; None when every endpoint is full or down,
+        or every one with room is cold and the backlog does not call for it
+        (``choose_endpoint``).
 
         ``idle_only`` takes only an endpoint with nothing in flight: the extra slots are
         for batches worth queueing behind another at the pod.
         """
         candidates = [e for e in self.endpoints if e is not exclude]
         limit = 1 if idle_only else self.max_batches_per_endpoint
-        endpoint = choose_endpoint(candidates, limit, self._rng)
+        endpoint = choose_endpoint(candidates, limit, self._rng, backlog_rounds)
         if endpoint is not None:
             endpoint.inflight_batches += 1
             endpoint.inflight_rows += rows
@@ -283,6 +345,7 @@ class EndpointPool:
             raise
         else:
             endpoint.failures = 0
+            endpoint.cold = False  # it has the model loaded now
             return outputs
         finally:
             self._release(endpoint, rows)

@@ -5,7 +5,8 @@
 1. startup: the pods' client (over HTTP, or with ``grpc_targets`` batches over gRPC to the
    pods it knows: ``gateway.grpc_client``), the metrics registry (``protocol.metrics``),
    the catalog, the rollout record if any (``gateway.rollout_record``: it joins the
-   election), and the endpoint source (a static file, or the local supervisor that starts
+   election) with the peers whose samples it sums (``gateway.rollout_peers``), and the
+   endpoint source (a static file, or the local supervisor that starts
    model workers);
 2. serve HTTP, and with ``grpc_port`` Triton's gRPC API (``gateway.grpc``: the same
    dispatchers, quotas, keys and limits), until SIGINT or SIGTERM, behind the edge's limits
@@ -51,6 +52,7 @@ if TYPE_CHECKING:
     import grpc
 
     from gateway.grpc_client import GrpcTargets
+    from gateway.rollout_peers import RolloutPeers
     from gateway.rollout_record import ServiceRolloutRecord
 
 log = logging.getLogger(__name__)
@@ -71,8 +73,9 @@ async def run(
     extra_routes: Sequence[BaseRoute] = (),
     grpc_targets: GrpcTargets | None = None,
     rollout_record: ServiceRolloutRecord | None = None,
+    rollout_peers: RolloutPeers | None = None,
 ) -> None:
-    async with _gateway(source, config, grpc_targets, rollout_record) as catalog:
+    async with _gateway(source, config, grpc_targets, rollout_record, rollout_peers) as catalog:
         inference = GatewayInference(catalog)
         app = create_app(catalog, inference, extra_routes)
         if keys is not None:
@@ -141,6 +144,7 @@ async def _gateway(
     config: GatewayConfig,
     grpc_targets: GrpcTargets | None,
     rollout_record: ServiceRolloutRecord | None,
+    rollout_peers: RolloutPeers | None,
 ) -> AsyncIterator[ModelCatalog]:
     if grpc_targets is None:
         client = HttpModelClient()
@@ -149,7 +153,13 @@ async def _gateway(
 
         client = GrpcModelClient(grpc_targets)
     registry = process_registry("gateway")
-    catalog = ModelCatalog(client, GatewayMetrics(registry), config, rollout_record=rollout_record)
+    catalog = ModelCatalog(
+        client,
+        GatewayMetrics(registry),
+        config,
+        rollout_record=rollout_record,
+        rollout_peers=rollout_peers,
+    )
     try:
         if rollout_record is not None:
             await rollout_record.start()

@@ -11,13 +11,16 @@ three layouts, each started fresh, one after the other:
 - ``paged``: ``bazaar gateway --endpoints`` in front of one ``bazaar model-server
   --memory-budget`` pod holding about ``--resident`` models at once: the Kubernetes shape of
   a model group, and the one with cold models.
+- ``serve-paged``: ``bazaar serve --worker-memory --memory-budget``: the models packed into
+  about ``--paged-workers`` workers, which hold about ``--resident`` models between them.
 
 Per layout: one request to every model, each of which must be answered (a layout where
 one is not fails the run); the resident memory of every process of the layout together
 (gateway, workers or pod), after the Zipf run; the time from starting the processes until
 every model is ready at the gateway; of those first requests, the ones to the first
 ``--cold`` models (in ``paged``, models the pod has evicted, so the request waits for a
-load; elsewhere the first request through the gateway to a loaded model) and a second one
+load, as in ``serve-paged``; elsewhere the first request through the gateway to a loaded
+model) and a second one
 to each; and a closed loop of ``--connections`` clients for ``--duration`` seconds, each
 request for a model drawn from a Zipf distribution (rank ``k`` weighs ``1/k^s``, ``s`` =
 ``--zipf``), one row each: requests per second, p50 and p99 latency, and errors. Servers and
@@ -65,7 +68,7 @@ class Figures:
     rss_bytes: int
     ready_s: float
     first_ms: float
-    """Median latency of the first request to a model (cold in ``paged``)."""
+    """Median latency of the first request to a model (cold in the paged layouts)."""
     again_ms: float
     """Median latency of the second request to the same models."""
     rate: float
@@ -256,10 +259,17 @@ def measure(args: argparse.Namespace, layout: str, work: Path) -> Figures:
         else:
             if layout == "shared":
                 serve += ["--worker-memory", str(args.worker_memory)]
+            elif layout == "serve-paged":
+                # A model is estimated at a little under --footprint: this packs about
+                # count / --paged-workers models into each worker.
+                per_worker = -(-count // args.paged_workers)
+                serve += ["--worker-memory", str(per_worker * args.footprint)]
+                budget = args.resident * args.footprint // args.paged_workers
+                serve += ["--memory-budget", str(budget)]
             processes = [stack.enter_context(started(_bazaar(*serve), work / f"{layout}.log"))]
         wait_ready(url, models, processes)
         ready_s = time.monotonic() - began
-        # paged: the first models swept in were evicted by the last ones.
+        # paged, serve-paged: the first models swept in were evicted by the last ones.
         first_ms, again_ms = asyncio.run(first_requests(url, models, args.cold))
         rate, p50, p99, errors = asyncio.run(
             zipf_run(url, models, args.connections, args.duration, args.zipf, args.seed)
@@ -282,17 +292,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--per-model-models", type=int, default=20, metavar="N")
     parser.add_argument("--worker-memory", type=int, default=64_000_000, metavar="BYTES")
     parser.add_argument(
-        "--resident", type=int, default=50, metavar="N", help="paged: models held at once"
+        "--resident",
+        type=int,
+        default=50,
+        metavar="N",
+        help="paged, serve-paged: models held at once",
     )
     parser.add_argument(
         "--footprint", type=int, default=1_250_000, metavar="BYTES", help="paged: one model's"
+    )
+    parser.add_argument(
+        "--paged-workers", type=int, default=2, metavar="N", help="serve-paged: workers"
     )
     parser.add_argument("--cold", type=int, default=20, metavar="N")
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--duration", type=float, default=20.0, metavar="SECONDS")
     parser.add_argument("--zipf", type=float, default=1.1, metavar="S")
     parser.add_argument("--seed", type=int, default=15)
-    parser.add_argument("--layout", action="append", choices=["per-model", "shared", "paged"])
+    parser.add_argument(
+        "--layout", action="append", choices=["per-model", "shared", "paged", "serve-paged"]
+    )
     args = parser.parse_args(argv)
     print(
         "layout     models procs    RSS MB  ready s  first ms  again ms    req/s  p50 ms  p99 ms"
@@ -305,7 +324,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
             args.digits = demo / "digits"
         args.digits = args.digits.resolve()
-        for layout in args.layout or ["per-model", "shared", "paged"]:
+        for layout in args.layout or ["per-model", "shared", "paged", "serve-paged"]:
             f = measure(args, layout, Path(work))
             print(
                 f"{f.layout:10} {f.models:6d} {f.processes:5d} {f.rss_bytes / 1e6:9.0f} "

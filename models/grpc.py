@@ -13,6 +13,7 @@ from typing import Any
 
 from models.inference import PodInference
 from protocol.codec import InferenceRequest
+from protocol.fastpath import Headers
 from protocol.grpc import codec
 from protocol.grpc import grpc_service_pb2 as pb
 from protocol.modelconfig import triton_config
@@ -59,7 +60,11 @@ class PodGrpcBackend:
         return self.inference.statistics(name, version)
 
     async def infer(
-        self, message: pb.ModelInferRequest, limit_s: float | None, tenant: str | None
+        self,
+        message: pb.ModelInferRequest,
+        limit_s: float | None,
+        tenant: str | None,
+        headers: Headers,
     ) -> pb.ModelInferResponse:
         def decode(metadata: ModelMetadata) -> InferenceRequest:
             return codec.decode_request(message, metadata)

@@ -11,6 +11,11 @@ directory, symlinks resolved, stays under the root. Other entries of a model dir
 (``0``, ``v2``, ``README``, hidden files) are not versions and are ignored, so a model
 directory may hold notes or samples.
 
+A repository may pin a model to one of its versions (``pinned``; ``bazaar model-server
+--model NAME@VERSION``): its config's ``version_policy`` is then that version alone, so a
+worker of one version serves it whatever the config selects (``bazaar serve`` runs one set
+of workers per version, as Kubernetes runs one Deployment per version).
+
 Nothing is cached: every call reads the disk, so a version copied in is seen by the next load.
 A selected version whose ``model.onnx`` is missing is an error rather than skipped, so a
 half-copied version fails loudly instead of silently serving an older one. Whether the file
@@ -19,13 +24,14 @@ is a valid ONNX model is the runtime's concern.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from models.config import ModelConfig, load_config, parse_config
+from models.config import ModelConfig, VersionPolicy, load_config, parse_config
 from protocol.errors import ConfigError, ModelNotFound
 
 MODEL_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
@@ -79,10 +85,12 @@ class ModelRepository:
     root: Path
     """The repository directory, absolute with symlinks resolved."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, pinned: Mapping[str, int] | None = None) -> None:
         if not root.is_dir():
             raise ConfigError(str(root), None, "the model repository is not a directory")
         self.root = root.resolve()
+        self.pinned = dict(pinned or {})
+        """Per model pinned to one version, that version: the only one served."""
 
     def model_names(self) -> list[str]:
         """Every non-hidden directory under the root, sorted; ``model_dir`` judges the names."""
@@ -112,8 +120,15 @@ class ModelRepository:
         replacing the file)."""
         model_dir = self.model_dir(name)
         if overrides is None:
-            return load_config(model_dir / CONFIG_FILE)
-        return parse_config(overrides, f"load request for model '{name}'")
+            config = load_config(model_dir / CONFIG_FILE)
+        else:
+            config = parse_config(overrides, f"load request for model '{name}'")
+        version = self.pinned.get(name)
+        if version is None:
+            return config
+        return dataclasses.replace(
+            config, version_policy=VersionPolicy("specific", versions=(version,))
+        )
 
     def labels(self, name: str) -> tuple[str, ...]:
         """The model's class labels by index (line ``i`` of ``labels.txt``); none without it."""

@@ -6,6 +6,8 @@ in a worker thread, the codec encodes the answer. Models load in the background 
 start-up, so liveness answers at once and readiness turns true when every start-up model is
 in. A request's ``parameters.timeout`` (microseconds, as in Triton: how long it may wait)
 bounds its wait for a free instance; past it, the pod answers 504 and never computes it.
+A model's ready answer also says whether it is loaded now (``"loaded"``: paging under a
+memory budget, a ready model may be evicted), so gateways prefer the pods that hold it.
 
 Routes: ``/v2``, ``/v2/health/{live,ready}``, ``/v2/models/{m}[/versions/{v}]`` with
 ``/ready``, ``/config``, ``/stats`` (Triton's statistics, also ``/v2/models/stats``) and
@@ -133,7 +135,7 @@ def create_app(
     routes = [
         *server_routes(SERVER_NAME, EXTENSIONS, store.ready),
         *statistics_routes(inference.statistics),
-        *model_routes(inference.model_metadata, store.is_ready, model_config),
+        *model_routes(inference.model_metadata, store.is_ready, model_config, store.holds),
         Route("/metrics", prometheus),
         Route("/v2/repository/index", repository_index, methods=["POST"]),
         *shared_memory_routes(),

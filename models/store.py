@@ -261,6 +261,10 @@ class ModelStore:
             return False
         return True
 
+    def holds(self, name: str) -> bool:
+        """``name`` is loaded now: a request for it computes without waiting for a page-in."""
+        return name in self.models
+
     def ready(self) -> bool:
         """Start-up began and every start-up model not unloaded since is loaded (paging:
         has been in once, so it can be paged in again)."""

@@ -191,11 +191,14 @@ def model_routes(
     metadata: ModelView,
     ready: Callable[[str, str | None], bool],
     config: ModelView | None = None,
+    loaded: Callable[[str], bool] | None = None,
 ) -> list[Route]:
     """``/v2/models/{m}[/versions/{v}]`` and ``.../ready`` (and ``.../config``), both forms.
 
     ``ready`` raises ``ModelNotFound`` for a model or version the server does not know;
-    a known model that is not ready answers 503 with ``{"ready": false}``.
+    a known model that is not ready answers 503 with ``{"ready": false}``. With ``loaded``
+    (a server that pages models in and out) a ready answer also says whether the model is
+    in memory now, ``{"loaded": false}`` when its next request would wait for a load.
     """
 
     async def model_metadata(request: Request) -> Response:
@@ -204,6 +207,8 @@ def model_routes(
     async def model_ready(request: Request) -> Response:
         name, version = _model_path(request)
         ok = ready(name, version)
+        if ok and loaded is not None:
+            return json_response({"name": name, "ready": ok, "loaded": loaded(name)})
         return json_response({"name": name, "ready": ok}, 200 if ok else 503)
 
     async def model_config(request: Request) -> Response:

@@ -24,7 +24,10 @@ in the calling event loop (the one uvicorn serves HTTP in), behind the same edge
   number of streams per connection, keepalive pings answered and sent;
 - deadlines and cancellation: the backend is given the call's remaining time, and grpc.aio
   cancels the handler when the client cancels or its deadline passes, which cancels the
-  backend's wait (at the gateway, the request's place in the queue).
+  backend's wait (at the gateway, the request's place in the queue);
+- metadata: the backend is given the call's metadata as HTTP headers (``call_headers``), so
+  what a client sends as a header over HTTP (the gateway's sticky key) it can send as
+  metadata of the same name over gRPC.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from google.protobuf import json_format
 from protocol import __version__, tracing
 from protocol.auth import HEALTH, INFER, OPEN_BY_DEFAULT, STATS, KeyFile, presented_token
 from protocol.errors import BazaarError
+from protocol.fastpath import Headers
 from protocol.grpc import grpc_service_pb2 as pb
 from protocol.grpc.grpc_service_pb2_grpc import (
     GRPCInferenceServiceServicer,
@@ -105,9 +109,14 @@ class InferenceBackend(Protocol):
         ...
 
     async def infer(
-        self, message: pb.ModelInferRequest, limit_s: float | None, tenant: str | None
+        self,
+        message: pb.ModelInferRequest,
+        limit_s: float | None,
+        tenant: str | None,
+        headers: Headers,
     ) -> pb.ModelInferResponse:
-        """Serve one inference; ``limit_s`` is the time left until the call's deadline."""
+        """Serve one inference; ``limit_s`` is the time left until the call's deadline,
+        ``headers`` the call's metadata (``call_headers``)."""
         ...
 
 
@@ -228,12 +237,13 @@ class InferenceService(GRPCInferenceServiceServicer):
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ModelInferResponse:
         tenant = await self._authorize(context, INFER)
+        headers = call_headers(context)
         try:
             if tracing.TRACER is None:
-                return await self.backend.infer(request, context.time_remaining(), tenant)
+                return await self.backend.infer(request, context.time_remaining(), tenant, headers)
             metadata = dict(context.invocation_metadata() or ())
             with tracing.incoming(metadata.get("traceparent"), metadata.get("tracestate")):
-                return await self.backend.infer(request, context.time_remaining(), tenant)
+                return await self.backend.infer(request, context.time_remaining(), tenant, headers)
         except Exception as exc:
             await _abort(context, exc)
             raise  # unreachable: abort raises
@@ -255,13 +265,15 @@ class InferenceService(GRPCInferenceServiceServicer):
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> None:
         tenant = await self._authorize(context, INFER)
+        headers = call_headers(context)
         answers: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
         slots = asyncio.Semaphore(MAX_STREAM_IN_FLIGHT)
         running: set[asyncio.Task[None]] = set()
 
         async def serve(request: pb.ModelInferRequest) -> None:
             try:
-                response = await self.backend.infer(request, context.time_remaining(), tenant)
+                limit_s = context.time_remaining()
+                response = await self.backend.infer(request, limit_s, tenant, headers)
                 answer = pb.ModelStreamInferResponse(infer_response=response)
             except BazaarError as exc:
                 answer = _stream_error(request, exc.message)
@@ -334,6 +346,16 @@ def _stream_error(request: pb.ModelInferRequest, message: str) -> pb.ModelStream
         model_name=request.model_name, model_version=request.model_version, id=request.id
     )
     return pb.ModelStreamInferResponse(error_message=message, infer_response=response)
+
+
+def call_headers(context: grpc.aio.ServicerContext[Any, Any]) -> Headers:
+    """The call's metadata as HTTP headers: lower-case names (gRPC's already are) as bytes,
+    the last value of a name winning; binary (``-bin``) entries are no header, left out."""
+    return {
+        str(key).encode(): value.encode()
+        for key, value in context.invocation_metadata() or ()
+        if isinstance(value, str)
+    }
 
 
 def metadata_response(view: Mapping[str, Any]) -> pb.ModelMetadataResponse:

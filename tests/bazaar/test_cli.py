@@ -141,6 +141,7 @@ def test_an_unknown_scope_is_refused_at_start(capsys: pytest.CaptureFixture[str]
         (["--open-scopes", "metrics"], "--open-scopes: goes with --api-keys"),
         (["--ssl-client-cert", "required"], "go with --ssl-certfile"),
         (["--ssl-keyfile", "key.pem"], "go with --ssl-certfile"),
+        (["--rollout-peers", "http://g:8000"], "--rollout-peers goes with --leader-election-id"),
     ],
 )
 def test_options_without_the_one_they_complete_are_refused(
@@ -148,3 +149,21 @@ def test_options_without_the_one_they_complete_are_refused(
 ) -> None:
     assert main(["gateway", "--endpoints", "f", *options]) == 2
     assert words in caplog.text
+
+
+def test_a_rollout_peers_token_file_that_cannot_be_read_stops_the_gateway_at_start(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    missing = tmp_path / "token"
+    options = ["--leader-election-id", "me", "--rollout-peers", "http://g:8000"]
+    options += ["--rollout-peers-token-file", str(missing)]
+    assert main(["gateway", "--kubernetes-namespace", "ns", *options]) == 2
+    assert f"{missing}: cannot read" in caplog.text
+
+
+@pytest.mark.parametrize("model", ["digits@x", "digits@0", "digits@"])
+def test_a_model_server_pinned_to_no_version_is_refused_at_start(
+    tmp_path: Path, model: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert main(["model-server", "--model-repository", str(tmp_path), "--model", model]) == 2
+    assert f"--model: {model}: expected NAME or NAME@VERSION, VERSION >= 1" in caplog.text

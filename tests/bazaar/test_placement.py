@@ -12,7 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from bazaar.placement import SESSION_BYTES, estimated_bytes, place
 from models.repository import ModelRepository
-from tests.support import bazaar_process, free_port, models_ready
+from tests.support import bazaar_process, free_port, models_ready, wait_until
 
 DIGITS = ("a", "b", "c", "d")
 
@@ -95,3 +95,80 @@ def test_each_model_is_routed_only_to_the_workers_that_hold_it(
     assert set(served["shared-1/1"]) == {"a", "b"} and set(served["shared-2/1"]) == {"c", "d"}
     # Each worker holds exactly the models it was sent: a batch elsewhere could not be served.
     assert sorted(held) == [["a", "b"], ["c", "d"], ["mlp"]]
+
+
+def test_a_shared_workers_group_is_autoscaled_on_its_models_demand_together(
+    demo_repository: Path, tmp_path: Path
+) -> None:
+    # a and b share a worker. Idle, the group goes to zero as a model alone would; a request
+    # for either is held until the group's worker is back, which only the group's demand
+    # (a's queue counts for it) can ask for.
+    root = tmp_path / "repository"
+    for name in ("a", "b"):
+        shutil.copytree(demo_repository / "digits", root / name)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    args = ["serve", "--model-repository", str(root), "--port", str(port), "--grpc-port", "0"]
+    args += ["--worker-memory", str(3 * SESSION_BYTES), "--scale-to-zero-after", "2"]
+    args += ["--scale-down-window", "2"]
+    body = {"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": [8] * 64}]}
+
+    def endpoints() -> tuple[list[str], list[str]]:
+        stats = httpx.get(f"{url}/stats", timeout=5).json()["models"]
+        return stats["a"]["endpoint_urls"], stats["b"]["endpoint_urls"]
+
+    log = tmp_path / "serve.log"
+    # Ready is the gateway's own health: with two seconds to zero, a loaded machine may
+    # scale the group away before its worker is ready, and the request below must be held
+    # and answered either way.
+    with bazaar_process(args, log, f"{url}/v2/health/ready"):
+        wait_until(
+            lambda: "model shared-1: to_zero 1 -> 0" in log.read_text(),
+            60,
+            "the shared worker to scale to zero",
+        )
+        assert endpoints() == ([], [])
+        answer = httpx.post(f"{url}/v2/models/b/infer", json=body, timeout=60)
+        assert answer.status_code == 200, answer.text
+        again = endpoints()
+        assert again[0] == again[1] and len(again[0]) == 1
+    assert "model shared-1: from_zero 0 -> 1" in log.read_text()
+
+
+def test_paging_workers_serve_more_models_than_they_hold(
+    demo_repository: Path, tmp_path: Path
+) -> None:
+    # Eight digits classifiers packed into one worker that holds about three at once.
+    names = [f"m{i}" for i in range(8)]
+    root = tmp_path / "repository"
+    for name in names:
+        shutil.copytree(demo_repository / "digits", root / name)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    args = ["serve", "--model-repository", str(root), "--port", str(port), "--grpc-port", "0"]
+    args += ["--no-autoscale", "--worker-memory", str(9 * SESSION_BYTES)]
+    args += ["--memory-budget", "4000000"]
+    body = {"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": [8] * 64}]}
+    with (
+        bazaar_process(args, tmp_path / "serve.log", models_ready(url, names)),
+        httpx.Client(base_url=url, timeout=30) as client,
+    ):
+        stats = client.get("/stats").json()["models"]
+        [worker] = {u for name in names for u in stats[name]["endpoint_urls"]}
+        held = [
+            e["name"]
+            for e in client.post(f"{worker}/v2/repository/index").json()
+            if e["state"] == "READY"
+        ]
+        for name in names:
+            answer = client.post(f"/v2/models/{name}/infer", json=body)
+            assert answer.status_code == 200, (name, answer.text)
+        exposition = client.get("/metrics/workers").text
+    assert 1 <= len(held) <= 3, held
+    samples = [
+        sample for family in text_string_to_metric_families(exposition) for sample in family.samples
+    ]
+    budgets = {s.value for s in samples if s.name == "bazaar_model_memory_budget_bytes"}
+    assert budgets == {4_000_000}
+    evictions = sum(s.value for s in samples if s.name == "bazaar_model_eviction_seconds_count")
+    assert evictions >= len(names) - 3  # the start-up sweep's, and the requests' page-ins

@@ -21,6 +21,7 @@ import pytest
 from bazaar.supervisor import WorkerSupervisor
 from protocol.grpc import grpc_service_pb2 as pb
 from protocol.grpc.grpc_service_pb2_grpc import GRPCInferenceServiceStub
+from tests.gateway.scale import write_scale
 from tests.support import eventually
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="finds workers through /proc")
@@ -111,6 +112,34 @@ async def test_scaled_workers_become_ready_endpoints(
     async with httpx.AsyncClient(timeout=5) as client:
         for url in endpoints:
             assert (await client.get(f"{url}/v2/models/mlp/ready")).status_code == 200
+
+
+async def test_each_version_has_its_own_workers_and_the_model_hears_of_them_all(
+    tmp_path: Path, listener: Listener, supervisors: list[WorkerSupervisor]
+) -> None:
+    """``scale@1`` and ``scale@2`` are two groups of workers, each serving its version only
+    (``--model scale@V``); the gateway hears of ``scale`` with both groups' workers, and a
+    version scaled away leaves the other's in place."""
+    root = write_scale(tmp_path, [1, 2])
+    supervisor = WorkerSupervisor(root, listener, log_level="warning", startup_timeout_s=30)
+    supervisors.append(supervisor)
+    await supervisor.scale("scale@1", 1)
+    await supervisor.scale("scale@2", 2)
+    endpoints = await ready_endpoints(listener, "scale", 3)
+    assert [m for m, _ in listener.calls] == ["scale"] * len(listener.calls)
+    by_version = {v: supervisor.endpoints(f"scale@{v}") for v in "12"}
+    assert sorted(endpoints) == sorted(by_version["1"] + by_version["2"])
+    assert set(worker_pids("scale@2")) == set(by_version["2"])
+    async with httpx.AsyncClient(timeout=5) as client:
+        for version, urls in by_version.items():
+            other = "2" if version == "1" else "1"
+            for url in urls:
+                ready = await client.get(f"{url}/v2/models/scale/versions/{version}/ready")
+                assert ready.status_code == 200
+                unserved = await client.get(f"{url}/v2/models/scale/versions/{other}/ready")
+                assert unserved.status_code == 404
+    await supervisor.scale("scale@2", 0)
+    assert listener.latest("scale") == by_version["1"]
 
 
 async def test_with_the_grpc_hop_each_worker_serves_grpc_where_grpc_target_says(

@@ -27,16 +27,22 @@ from typing import Any, ClassVar
 import pytest
 import yaml
 from kubernetes import client
+from starlette.applications import Starlette
+from starlette.responses import JSONResponse
+from starlette.routing import Route
 
 from autoscaler.deployments import REQUIRED_RBAC as AUTOSCALER_RBAC
 from autoscaler.deployments import KubernetesScaler
 from cluster.api import Cluster, Permission
 from cluster.lease import LeaderElection
 from gateway.discovery import REQUIRED_RBAC as DISCOVERY_RBAC
+from gateway.rollout import Rollout, StepCounts, latency_bucket
+from gateway.rollout_peers import RolloutPeers
 from gateway.rollout_record import LEASE_NAME as GATEWAY_LEASE
-from gateway.rollout_record import ROLLOUT_RBAC
+from gateway.rollout_record import ROLLOUT_ANNOTATION, ROLLOUT_RBAC, ServiceRolloutRecord
+from protocol.traffic import RolloutPolicy
 from tests.controlplane.controlplane import ControlPlane, FakeNode, close_api_client, wait_for
-from tests.support import free_port
+from tests.support import free_port, serve
 
 ROOT = Path(__file__).resolve().parents[2]
 NAMESPACE = "bazaar"
@@ -227,6 +233,46 @@ async def test_two_candidates_on_a_real_lease_have_one_leader(
     finally:
         for c in clusters:
             c.close()
+
+
+async def test_the_deciding_gateway_sums_its_peers_and_saves_with_its_own_token_alone(
+    control_plane: ControlPlane, deployed: client.ApiClient
+) -> None:
+    """With the gateway's real token, the whole of a decision on every gateway's samples:
+    the rollouts' Lease, the peers' samples (DNS and their /stats: no Kubernetes call, so
+    the Role the matrix above holds exact covers it) and the saved step."""
+    token = control_plane.service_account_token(NAMESPACE, "bazaar-gateway", create=False)
+    cluster = Cluster(
+        NAMESPACE, "gateway", logging.getLogger("rollout"), control_plane.api_client(token)
+    )
+    record = ServiceRolloutRecord(cluster, LeaderElection(cluster, GATEWAY_LEASE, "decider"))
+    policy = RolloutPolicy("2", (10.0, 100.0), step_s=0.0, min_requests=10)
+    rollout = Rollout("mlp", policy, now=0.0)
+    counts = StepCounts(requests=10, latency_s={latency_bucket(0.01): 10})
+    sample = {"policy": policy.to_json(), "step": 0, **counts.to_json()}
+
+    def stats(instance: str) -> Starlette:
+        body = {"instance": instance, "models": {"mlp": {"rollout": {"sample": sample}}}}
+        return Starlette(routes=[Route("/stats", lambda _: JSONResponse(body))])
+
+    peers = RolloutPeers([])
+    try:
+        assert await record.election.try_acquire_or_renew()
+        async with serve(stats("decider")) as own, serve(stats("other")) as other:
+            peers.urls = [own, other]  # the decider is among them, as in a headless Service
+            published = await peers.read("decider")
+        assert published == {"mlp": [sample]}
+        assert rollout.tick(1.0, 0, 0, rollout.peer_counts(published["mlp"])).action == "advance"
+        assert await record.save("mlp", rollout.saved())
+        assert await record.load("mlp") == rollout.saved()
+    finally:
+        await peers.close()
+        await record.election.release()
+        cluster.close()
+        annotations = {"metadata": {"annotations": {ROLLOUT_ANNOTATION: None}}}
+        client.CoreV1Api(deployed).patch_namespaced_service(
+            "bazaar-model-mlp", NAMESPACE, annotations
+        )
 
 
 class BusyGateway(BaseHTTPRequestHandler):

@@ -928,14 +928,14 @@ def test_api_keys_from_secrets_for_the_gateway_and_the_autoscaler() -> None:
     gateway = find(resources, "Deployment", "bazaar-gateway")
     assert secret_behind(gateway, "--api-keys") == ("bazaar-api-keys", "keys.json")
     autoscaler = find(resources, "Deployment", "bazaar-autoscaler")
-    assert secret_behind(autoscaler, "--gateway-token-file") == (
-        "bazaar-autoscaler-gateway-token",
-        "token",
-    )
+    stats_token = ("bazaar-autoscaler-gateway-token", "token")
+    assert secret_behind(autoscaler, "--gateway-token-file") == stats_token
+    # The gateway deciding rollouts reads the others' /stats with the same token.
+    assert secret_behind(gateway, "--rollout-peers-token-file") == stats_token
     base = render("overlays/cpu")
-    for name in ("bazaar-gateway", "bazaar-autoscaler"):  # appended to, not restated
+    for name, added in (("bazaar-gateway", 2), ("bazaar-autoscaler", 1)):  # appended to
         before = only_container(find(base, "Deployment", name))["args"]
-        assert only_container(find(resources, "Deployment", name))["args"][:-1] == before
+        assert only_container(find(resources, "Deployment", name))["args"][:-added] == before
 
 
 def test_model_control_takes_its_token_from_a_secret_on_either_overlay() -> None:

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import pytest
 
+from autoscaler.annotations import scale_config
 from bazaar.cli import parser as bazaar_parser
+from cluster.deployments import GROUP_LABEL
 from gateway.discovery import EndpointSlices
 from tests.deploy.test_manifests import (
     MODEL_LABEL,
@@ -62,10 +64,13 @@ def test_every_model_of_the_group_has_a_service_selecting_only_the_group(
     assert selected(stack, discovered["mlp"]["spec"]["selector"]) == [mlp]
 
 
-def test_the_group_is_sized_here_and_drained_one_pod_at_a_time(stack: list[Resource]) -> None:
+def test_the_group_is_autoscaled_and_drained_one_pod_at_a_time(stack: list[Resource]) -> None:
     group = find(stack, "Deployment", GROUP)
-    assert MODEL_LABEL not in group["metadata"]["labels"]  # the autoscaler leaves it alone
-    assert group["spec"]["replicas"] == 2
+    assert MODEL_LABEL not in group["metadata"]["labels"]  # a group, not a model
+    assert group["metadata"]["labels"][GROUP_LABEL] == "small"
+    assert "replicas" not in group["spec"]  # the autoscaler's to set
+    config = scale_config(group["metadata"]["annotations"], GROUP)
+    assert (config.min_replicas, config.max_replicas) == (2, 8)
     [budget] = [
         b
         for b in of_kind(stack, "PodDisruptionBudget")

@@ -260,7 +260,11 @@ def idle(gateway: Gateway, **counted: int) -> dict[str, object]:
 
 async def test_stats_count_admitted_and_completed_work_per_model(gateway: Gateway) -> None:
     before = (await gateway.http.get("/stats")).json()
-    assert before == {"models": {"digits": idle(gateway), "mlp": idle(gateway)}}
+    instance = gateway.catalog.instance  # the gateway's name among its peers
+    assert before == {
+        "instance": instance,
+        "models": {"digits": idle(gateway), "mlp": idle(gateway)},
+    }
     for _ in range(3):
         answer = await gateway.http.post("/v2/models/mlp/infer", json=json_body(mlp_rows(2)))
         assert answer.status_code == 200
@@ -268,7 +272,10 @@ async def test_stats_count_admitted_and_completed_work_per_model(gateway: Gatewa
     await asyncio.sleep(0)  # one loop turn: the last batch's task is reaped (see the next test)
     after = (await gateway.http.get("/stats")).json()
     counted = {"admitted": 3, "admitted_rows": 6, "completed_rows": 6}
-    assert after == {"models": {"digits": idle(gateway), "mlp": idle(gateway, **counted)}}
+    assert after == {
+        "instance": instance,
+        "models": {"digits": idle(gateway), "mlp": idle(gateway, **counted)},
+    }
 
 
 async def test_stats_show_no_batch_in_flight_once_its_answer_is_back(gateway: Gateway) -> None:

@@ -106,3 +106,33 @@ async def test_an_idle_pod_connection_is_not_reused_once_the_pod_may_be_closing_
         finally:
             await client.close()
     assert len(connections) == 2
+
+
+async def test_readiness_says_whether_a_pod_holds_the_model_loaded() -> None:
+    answers = {
+        "paged-out": lambda: web.json_response({"ready": True, "loaded": False}),
+        "paged-in": lambda: web.json_response({"ready": True, "loaded": True}),
+        "triton": lambda: web.Response(status=200),  # empty: taken to hold what it serves
+        "unready": lambda: web.json_response({"ready": False}, status=503),
+    }
+
+    async def ready(request: web.Request) -> web.Response:
+        return answers[request.match_info["model"]]()
+
+    app = web.Application()
+    app.router.add_get("/v2/models/{model}/ready", ready)
+    async with TestServer(app, host="127.0.0.1") as server:
+        client = HttpModelClient()
+        try:
+            url = str(server.make_url("")).rstrip("/")
+            seen = {model: await client.readiness(url, model) for model in answers}
+            ready_at_all = await client.ready(url, "paged-out")
+        finally:
+            await client.close()
+    assert {model: (r.ready, r.loaded) for model, r in seen.items()} == {
+        "paged-out": (True, False),
+        "paged-in": (True, True),
+        "triton": (True, True),
+        "unready": (False, True),
+    }
+    assert ready_at_all

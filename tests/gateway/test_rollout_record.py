@@ -21,16 +21,21 @@ from gateway.client import HttpModelClient
 from gateway.config import GatewayConfig
 from gateway.metrics import GatewayMetrics
 from gateway.rollout import SavedRollout
+from gateway.rollout_peers import RolloutPeers
 from gateway.rollout_record import (
     LEASE_NAME,
     ROLLOUT_ANNOTATION,
     ROLLOUT_RBAC,
     ServiceRolloutRecord,
 )
+from protocol.traffic import TrafficPolicy
 from tests.cluster.fake_kubernetes import FakeKubernetes, cluster_at, serving
 from tests.gateway.scale import answered, body
 from tests.gateway.test_rollout import rollout_policy
-from tests.support import eventually
+from tests.gateway.test_shadow import pick_body, pick_pod
+from tests.support import eventually, free_port, serve
+
+__all__ = ["pick_pod"]  # a fixture, used by name
 
 POLICY = rollout_policy({"steps": [10, 50, 100], "step_s": 0, "min_requests": 10})
 SERVICE = ("default", "bazaar-model-scale")
@@ -82,6 +87,146 @@ async def gateway(
         await catalog.close()
         await record.stop()
         await client.close()
+
+
+@contextlib.asynccontextmanager
+async def served_gateway(
+    url: str, identity: str
+) -> AsyncIterator[tuple[httpx.AsyncClient, ModelCatalog, ServiceRolloutRecord]]:
+    """``gateway``, served by a real uvicorn on a free port (its peers read its ``/stats``
+    over HTTP); the client is bound to it."""
+    async with gateway(url, identity) as (_, catalog, record), serve(create_app(catalog)) as base:
+        http = httpx.AsyncClient(base_url=base, timeout=60)
+        try:
+            yield http, catalog, record
+        finally:
+            await http.aclose()
+
+
+@contextlib.asynccontextmanager
+async def deciding_and_other(
+    url: str, model: str, pods: list[str], policy: TrafficPolicy
+) -> AsyncIterator[tuple[httpx.AsyncClient, ModelCatalog, httpx.AsyncClient, ModelCatalog]]:
+    """Two served gateways routing ``model``: the first holds the Lease and reads the
+    samples of both (itself included, as a headless Service lists it), the second follows."""
+    async with served_gateway(url, "decider") as (decider_http, decider, deciding):
+        await eventually(lambda: deciding.deciding, 10, "the first gateway to hold the lease")
+        async with served_gateway(url, "other") as (other_http, other, _):
+            urls = [str(decider_http.base_url), str(other_http.base_url)]
+            decider.rollout_peers = RolloutPeers(urls)
+            for catalog in (decider, other):
+                catalog.set_endpoints(model, pods, policy)
+            await eventually(
+                lambda: all("2" in c.versions.get(model, {}) for c in (decider, other)),
+                10,
+                "both gateways to serve the candidate",
+            )
+            await eventually(
+                lambda: model in decider.rollouts and model in other.rollouts, 10, "rollouts"
+            )
+            yield decider_http, decider, other_http, other
+
+
+async def test_the_deciding_gateway_advances_on_good_samples_summed_over_both(
+    api: tuple[FakeKubernetes, str], scale_pods: list[str]
+) -> None:
+    """Each gateway answers 6 of the 10 candidate requests a step needs: only their sum
+    advances the step (judged on its own samples, the decider held for ever)."""
+    _, url = api
+    async with deciding_and_other(url, "scale", scale_pods, POLICY) as (
+        decider_http,
+        decider,
+        other_http,
+        other,
+    ):
+
+        async def send(http: httpx.AsyncClient) -> None:
+            path = "/v2/models/scale/versions/2/infer"
+            answers = await asyncio.gather(*(http.post(path, json=body(1.0)) for _ in range(6)))
+            assert all(answered(a) for a in answers)
+
+        await send(decider_http)
+        assert decider.rollouts["scale"].step == 0  # 6 of 10 are not enough to say
+        await send(other_http)
+        await eventually(lambda: decider.rollouts["scale"].step == 1, 10, "the step summed")
+        await eventually(lambda: other.rollouts["scale"].step == 1, 10, "the other to follow")
+        published = (await other_http.get("/stats")).json()["models"]["scale"]["rollout"]
+        assert (published["sample"]["step"], published["sample"]["requests"]) == (1, 0)
+
+
+async def test_the_deciding_gateway_rolls_back_on_bad_samples_that_only_the_other_saw(
+    api: tuple[FakeKubernetes, str], pick_pod: str
+) -> None:
+    """The decider's own samples are good and too few to judge; the rows that disagree all
+    arrive at the other gateway, and the decider rolls the candidate back for them."""
+    fake, url = api
+    fake.add_service("bazaar-model-pick", {"bazaar.dev/model": "pick"})
+    policy = rollout_policy(
+        {"steps": [1, 100], "step_s": 0, "min_requests": 10, "min_agreement": 0.95},
+        shadow=True,
+    )
+    async with deciding_and_other(url, "pick", [pick_pod], policy) as (
+        decider_http,
+        decider,
+        other_http,
+        other,
+    ):
+
+        async def send(http: httpx.AsyncClient, path: str, leads: list[float]) -> None:
+            answers = await asyncio.gather(*(http.post(path, json=pick_body(x)) for x in leads))
+            assert all(a.status_code == 200 for a in answers)
+
+        # 5 candidate requests and 5 agreeing rows at the decider: it holds.
+        await send(decider_http, "/v2/models/pick/versions/2/infer", [2.0] * 5)
+        await send(decider_http, "/v2/models/pick/infer", [2.0] * 5)
+        # At the other: 10 candidate requests, then 10 rows that disagree and 20 that agree.
+        await send(other_http, "/v2/models/pick/versions/2/infer", [2.0] * 10)
+        await send(other_http, "/v2/models/pick/infer", [0.5] * 10)
+        await send(other_http, "/v2/models/pick/infer", [2.0] * 20)
+        rollout = decider.rollouts["pick"]
+        await eventually(lambda: rollout.state == "rolled_back", 10, "the rollback")
+        assert (rollout.step, rollout.reason) == (0, "agreement")
+        assert "agreement" in rollout.detail
+        await eventually(
+            lambda: other.rollouts["pick"].state == "rolled_back", 10, "the other to follow"
+        )
+        stats = (await decider_http.get("/stats")).json()["models"]["pick"]["rollout"]
+        assert (stats["state"], stats["reason"], stats["sample"]) == (
+            "rolled_back",
+            "agreement",
+            None,
+        )
+
+
+async def test_a_peer_that_does_not_answer_holds_the_judgement(
+    api: tuple[FakeKubernetes, str], scale_pods: list[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A gateway whose samples are missing may hold the candidate's failures: the decider
+    does not judge on the rest, and says so once."""
+    _, url = api
+
+    def peers_logged() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.name == "gateway.rollout_peers"]
+
+    async with served_gateway(url, "decider") as (http, catalog, record):
+        await eventually(lambda: record.deciding, 10, "the gateway to hold the lease")
+        catalog.rollout_peers = RolloutPeers(
+            [str(http.base_url), f"http://127.0.0.1:{free_port()}"]
+        )
+        catalog.set_endpoints("scale", scale_pods, POLICY)
+        await eventually(lambda: "2" in catalog.versions.get("scale", {}), 10, "the candidate")
+        await eventually(lambda: "scale" in catalog.rollouts, 10, "the rollout to start")
+        with caplog.at_level(logging.WARNING, "gateway.rollout_peers"):
+            answers = await asyncio.gather(
+                *(http.post("/v2/models/scale/versions/2/infer", json=body(1.0)) for _ in range(20))
+            )
+            assert all(answered(a) for a in answers)
+            await eventually(lambda: bool(peers_logged()), 10, "the missing peer logged")
+            stats = (await http.get("/stats")).json()["models"]["scale"]["rollout"]
+            assert stats["sample"]["requests"] == 20  # enough to advance, but held
+            assert catalog.rollouts["scale"].step == 0
+        [message] = peers_logged()
+        assert "no rollout samples, rollouts hold meanwhile" in message
 
 
 def saved(fake: FakeKubernetes) -> SavedRollout | None:

@@ -120,6 +120,81 @@ def test_large_pools_sample_two_and_keep_the_less_loaded() -> None:
     assert picks["http://pod-8"] == pytest.approx(100, rel=0.4)  # sampling, not a full scan
 
 
+# -- cache affinity --------------------------------------------------------------------------
+
+
+def test_an_endpoint_holding_the_model_wins_over_a_less_loaded_cold_one() -> None:
+    held, cold = loaded(9, 0)
+    cold.cold = True
+    rng = random.Random(0)
+    assert {choose_endpoint([held, cold], 2, rng, backlog_rounds=0) for _ in range(50)} == {held}
+
+
+def test_a_cold_endpoint_waits_until_each_holding_one_has_a_full_round_queued() -> None:
+    first, second, cold = loaded(8, 8, 0)
+    first.inflight_batches = second.inflight_batches = 2
+    cold.cold = True
+    rng = random.Random(0)
+    assert choose_endpoint([first, second, cold], 2, rng, backlog_rounds=1.5) is None
+    assert choose_endpoint([first, second, cold], 2, rng, backlog_rounds=2) is cold
+    # A retry (no backlog said) takes any endpoint with room.
+    assert choose_endpoint([first, second, cold], 2, rng) is cold
+
+
+def test_with_no_healthy_endpoint_holding_the_model_a_cold_one_loads_it() -> None:
+    ejected, busy, idle = loaded(0, 5, 1)
+    ejected.ejected = True  # it holds the model, but takes no batches
+    busy.cold = idle.cold = True
+    rng = random.Random(0)
+    assert choose_endpoint([ejected, busy, idle], 2, rng, backlog_rounds=0) is idle
+
+
+def test_large_pools_sample_among_the_endpoints_holding_the_model() -> None:
+    endpoints = loaded(*[0] * 12)
+    for endpoint in endpoints[2:]:
+        endpoint.cold = True
+    rng = random.Random(0)
+    picks = {pick_with(endpoints, rng, 0) for _ in range(200)}
+    assert picks == {"http://pod-0", "http://pod-1"}
+    endpoints[1].cold = True
+    assert {pick_with(endpoints, rng, 0) for _ in range(50)} == {"http://pod-0"}
+    endpoints[0].inflight_batches = 2
+    assert choose_endpoint(endpoints, 2, rng, backlog_rounds=0.5) is None
+    assert pick_with(endpoints, rng, 1) != "http://pod-0"
+
+
+def pick_with(endpoints: list[Endpoint], rng: random.Random, backlog_rounds: float) -> str:
+    chosen = choose_endpoint(endpoints, 2, rng, backlog_rounds)
+    assert chosen is not None
+    return chosen.url
+
+
+async def test_an_endpoint_that_answers_a_batch_holds_the_model_from_then_on(
+    make: MakePool,
+) -> None:
+    pods = FakePods()
+    pool = make(pods, endpoints=2)
+    pool.set_loaded({"http://pod-0": True, "http://pod-1": False})
+    assert [e.cold for e in pool.endpoints] == [False, True]
+    pool.endpoints[0].ejected = True  # nobody healthy holds it: the cold one must load it
+    assert (await send(pool, 1.0)).tolist() == [[2.0]]
+    assert urls(pods) == ["http://pod-1"]
+    assert [e.cold for e in pool.endpoints] == [False, False]
+
+
+async def test_an_endpoint_taking_the_model_in_frees_batches_waiting_for_it(
+    make: MakePool,
+) -> None:
+    pool = make(FakePods(), endpoints=2)
+    woken: list[int] = []
+    pool.on_capacity(lambda: woken.append(1))
+    pool.set_loaded({"http://pod-0": True, "http://pod-1": False})
+    assert woken == []
+    pool.set_loaded({"http://pod-1": True, "http://elsewhere": False})
+    assert woken == [1]
+    assert [e.cold for e in pool.endpoints] == [False, False]
+
+
 # -- the in-flight cap -----------------------------------------------------------------------
 
 

@@ -14,20 +14,27 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
+import tritonclient.grpc as triton_grpc
+import tritonclient.grpc.aio as triton_aio
 import yaml
 from prometheus_client import CollectorRegistry
 
-from gateway.app import create_app
+from gateway.app import EXTENSIONS, SERVER_NAME, create_app
 from gateway.catalog import ModelCatalog
 from gateway.client import HttpModelClient
 from gateway.config import GatewayConfig
 from gateway.discovery import TRAFFIC_ANNOTATION, EndpointSlices, StaticEndpoints
+from gateway.grpc import GatewayGrpcBackend
+from gateway.inference import GatewayInference
 from gateway.metrics import GatewayMetrics
 from protocol.errors import ConfigError
+from protocol.grpc.service import InferenceService, grpc_server
+from protocol.limits import EdgeLimits
 from protocol.traffic import TrafficPolicy, choose_version, parse_traffic, split_of
 from tests.cluster.fake_kubernetes import FakeKubernetes, cluster_at, serving
-from tests.gateway.scale import answered, body, model_server, pod_url, write_scale
+from tests.gateway.scale import WIDTH, answered, body, model_server, pod_url, write_scale
 from tests.gateway.test_discovery import Listener
 from tests.support import eventually
 
@@ -164,6 +171,43 @@ async def test_the_endpoints_file_splits_90_10_sticks_by_header_and_changes_whil
             assert await versions_of(http, 20) == {"2": 20}
         finally:
             await source.stop()
+
+
+async def test_over_grpc_a_sticky_key_in_the_metadata_always_lands_on_one_version(
+    scale_pods: list[str],
+) -> None:
+    """``tritonclient.grpc`` sends its ``headers`` as the call's metadata: the sticky header's
+    name there is the key, as the header is over HTTP, and a request without it is drawn."""
+    inputs = triton_grpc.InferInput("x", [1, WIDTH], "FP32")
+    inputs.set_data_from_numpy(np.ones((1, WIDTH), dtype=np.float32))
+
+    async def versions(
+        client: triton_aio.InferenceServerClient, n: int, user: str | None
+    ) -> set[str]:
+        headers = None if user is None else {"x-user": user}  # gRPC's names are lower-case
+        answers = await asyncio.gather(
+            *(client.infer("scale", [inputs], headers=headers) for _ in range(n))
+        )
+        for answer in answers:  # the version named is the one that computed it
+            assert answer.as_numpy("y")[0, 0] == float(answer.get_response().model_version)
+        return {answer.get_response().model_version for answer in answers}
+
+    async with gateway() as (_, catalog):
+        catalog.set_endpoints("scale", scale_pods, policy({"1": 50, "2": 50}, "X-User"))
+        await eventually(lambda: "2" in catalog.versions.get("scale", {}), 10, "version 2")
+        backend = GatewayGrpcBackend(GatewayInference(catalog), SERVER_NAME, EXTENSIONS)
+        server, port = grpc_server(InferenceService(backend), "127.0.0.1", 0, EdgeLimits())
+        await server.start()
+        client = triton_aio.InferenceServerClient(f"127.0.0.1:{port}")
+        try:
+            landed = {}
+            for user in ("ada", "bob", "cy", "dee", "eve", "fay", "gus", "hal"):
+                [landed[user]] = await versions(client, 20, user)
+            assert set(landed.values()) == {"1", "2"}, landed  # the keys spread over both
+            assert await versions(client, 40, None) == {"1", "2"}
+        finally:
+            await client.close()
+            await server.stop(None)
 
 
 @pytest.fixture(scope="module")

@@ -134,7 +134,7 @@ async def test_grpc_routes_by_model_version(
     for version, expected in (("1", 3.0), ("2", 6.0), ("", 6.0)):
         message = codec.encode_request("scale", x, {})
         message.model_version = version
-        response = await backend.infer(message, None, None)
+        response = await backend.infer(message, None, None, {})
         assert isinstance(response, pb.ModelInferResponse)
         assert response.model_version == (version or "2")
         assert codec.decode_response(response)["y"][0, 0] == expected

@@ -59,6 +59,7 @@ def test_model_metadata_describes_the_demo_models(model_server: str) -> None:
     assert httpx.get(f"{model_server}/v2/models/mlp_wide/ready").json() == {
         "name": "mlp_wide",
         "ready": True,
+        "loaded": True,
     }
 
 

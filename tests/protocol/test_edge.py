@@ -16,7 +16,7 @@ import uvicorn
 from starlette.applications import Starlette
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from protocol.edge import MIN_IDLE_TO_CLOSE_S, connection_cap, uvicorn_options
+from protocol.edge import MIN_IDLE_TO_CLOSE_S, EdgeProtocol, connection_cap, uvicorn_options
 from protocol.errors import ConfigError
 from protocol.fastpath import Answer, Headers, with_infer_route
 from protocol.limits import EdgeLimits
@@ -50,9 +50,15 @@ async def app(scope: Scope, receive: Receive, send: Send) -> None:
 @contextlib.contextmanager
 def edge_server(limits: EdgeLimits, served: ASGIApp = app) -> Iterator[int]:
     """A uvicorn server with ``limits`` in a thread of its own; yields its port."""
-    port = free_port()
+    with running_edge_server(limits, served) as server:
+        yield server.config.port
+
+
+@contextlib.contextmanager
+def running_edge_server(limits: EdgeLimits, served: ASGIApp = app) -> Iterator[uvicorn.Server]:
+    """``edge_server``, yielding the server itself."""
     config = uvicorn.Config(
-        served, host="127.0.0.1", port=port, log_level="warning", lifespan="off",
+        served, host="127.0.0.1", port=free_port(), log_level="warning", lifespan="off",
         **uvicorn_options(limits),
     )  # fmt: skip
     server = uvicorn.Server(config)
@@ -60,7 +66,7 @@ def edge_server(limits: EdgeLimits, served: ASGIApp = app) -> Iterator[int]:
     thread.start()
     wait_until(lambda: server.started, 10, "the edge server to start")
     try:
-        yield port
+        yield server
     finally:
         RELEASE.set()
         server.should_exit = True
@@ -240,6 +246,25 @@ def test_a_body_that_keeps_its_pace_is_served_past_the_timeout() -> None:
 def test_a_connection_that_sends_nothing_is_closed_after_the_keep_alive_timeout() -> None:
     with edge_server(EdgeLimits(keep_alive_timeout_s=0.3)) as port, connect(port) as sock:
         assert closed(sock, 3)
+
+
+def test_a_connection_costs_no_http_protocol_until_it_sends() -> None:
+    # An idle flood (connections that never send) paid uvicorn's protocol for each: half of
+    # the server's CPU per connection, and the benchmark's worst p99 under hostile clients.
+    with running_edge_server(EdgeLimits(keep_alive_timeout_s=60)) as server:
+        port, connections = server.config.port, server.server_state.connections
+        idle = [connect(port) for _ in range(20)]
+        try:
+            wait_until(lambda: len(connections) == 20, 5, "the server to accept all 20")
+            assert not any(isinstance(c, EdgeProtocol) for c in list(connections))
+            idle[0].sendall(b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 3\r\n\r\nabc")
+            status, _, body = read_response(idle[0])
+            assert (status, json.loads(body)) == (200, {"size": 3})
+            assert sum(isinstance(c, EdgeProtocol) for c in list(connections)) == 1
+        finally:
+            for sock in idle:
+                sock.close()
+        wait_until(lambda: not connections, 5, "every closed connection to leave the server")
 
 
 def test_at_the_connection_cap_the_idlest_connections_make_room() -> None:
