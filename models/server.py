@@ -61,8 +61,10 @@ from protocol.support import cancel_and_wait
 log = logging.getLogger(__name__)
 
 SERVER_NAME = "bazaar-model-server"
-EXTENSIONS = ["binary_tensor_data", "classification", "model_repository", "statistics"]
-"""What the HTTP and gRPC APIs implement."""
+EXTENSIONS = ["binary_tensor_data", "classification", "statistics"]
+"""What the HTTP and gRPC APIs implement. ``model_repository`` (load and unload) is added over
+HTTP with model control only: without it, and over gRPC always, load and unload are refused
+and the repository index alone is served, as at the gateway."""
 GRPC_DRAIN_S = 60
 """At shutdown, how long gRPC calls in flight may take to finish (the gateway's call timeout)."""
 
@@ -133,7 +135,11 @@ def create_app(
                 await asyncio.to_thread(store.close)
 
     routes = [
-        *server_routes(SERVER_NAME, EXTENSIONS, store.ready),
+        *server_routes(
+            SERVER_NAME,
+            sorted([*EXTENSIONS, "model_repository"]) if model_control else EXTENSIONS,
+            store.ready,
+        ),
         *statistics_routes(inference.statistics),
         *model_routes(inference.model_metadata, store.is_ready, model_config, store.holds),
         Route("/metrics", prometheus),

@@ -38,12 +38,7 @@ def test_health_and_server_metadata(model_server: str) -> None:
     assert httpx.get(f"{model_server}/v2/health/live").json() == {"live": True}
     assert httpx.get(f"{model_server}/v2/health/ready").json() == {"ready": True}
     metadata = httpx.get(f"{model_server}/v2").json()
-    assert set(metadata["extensions"]) == {
-        "binary_tensor_data",
-        "classification",
-        "model_repository",
-        "statistics",
-    }
+    assert set(metadata["extensions"]) == {"binary_tensor_data", "classification", "statistics"}
 
 
 def test_model_metadata_describes_the_demo_models(model_server: str) -> None:
@@ -256,6 +251,7 @@ def _samples(text: str) -> dict[str, float]:
 
 
 def test_repository_index_unload_and_load(own_server: str) -> None:
+    assert "model_repository" in httpx.get(f"{own_server}/v2").json()["extensions"]
     index = httpx.post(f"{own_server}/v2/repository/index").json()
     assert {(e["name"], e["state"]) for e in index} >= {("digits", "READY"), ("mlp", "READY")}
 
@@ -405,6 +401,7 @@ def test_model_control_is_off_unless_enabled(model_server: str) -> None:
         response = httpx.post(f"{model_server}/v2/repository/models/digits/{action}")
         assert response.status_code == 400
         assert "model control is off" in response.json()["error"]
+    assert "model_repository" not in httpx.get(f"{model_server}/v2").json()["extensions"]
     assert httpx.get(f"{model_server}/v2/models/digits/ready").status_code == 200
     assert httpx.post(f"{model_server}/v2/repository/index").status_code == 200
 
