@@ -207,11 +207,15 @@ class EndpointSlices:
         self._failing.ok(
             "list", f"listing the model endpoints in namespace {namespace} works again"
         )
-        self._grpc_targets = {  # before a new endpoint is used
-            url: target
-            for service in services.values()
-            for url, target in service.grpc_targets.items()
-        }
+        before, targets = (
+            self._grpc_targets,
+            {
+                url: target
+                for service in services.values()
+                for url, target in service.grpc_targets.items()
+            },
+        )
+        self._grpc_targets = targets  # before a new endpoint is used
         for model in sorted(self._reported.keys() - services.keys()):
             listener(model, [])
             del self._reported[model]
@@ -219,9 +223,16 @@ class EndpointSlices:
             urls = service.urls
             traffic = self._traffic(model, service.annotation)
             reported = self._reported.get(model)
+            if (
+                reported is None
+                or reported[0] != urls
+                or any(before.get(url) != targets.get(url) for url in urls)
+            ):
+                described = [
+                    f"{url} (gRPC {targets[url]})" if url in targets else url for url in urls
+                ]
+                log.info("%s: %d ready endpoint(s) %s", model, len(urls), " ".join(described))
             if reported != (urls, traffic):
-                if reported is None or reported[0] != urls:
-                    log.info("%s: %d ready endpoint(s) %s", model, len(urls), " ".join(urls))
                 listener(model, urls, traffic)
                 self._reported[model] = (urls, traffic)
         return self.resync_s

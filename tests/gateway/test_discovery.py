@@ -266,19 +266,21 @@ async def test_a_gateway_process_serves_a_discovered_pod_and_holds_requests_at_z
 
 
 async def test_a_slice_with_a_grpc_port_gives_its_pods_the_grpc_hop(
-    fake: FakeKubernetes, source: EndpointSlices
+    fake: FakeKubernetes, source: EndpointSlices, caplog: pytest.LogCaptureFixture
 ) -> None:
     both = {"http": 8001, "grpc": 9001}
     fake.set_slice("mlp-a", MLP, [("10.0.0.1", True), ("10.0.0.2", False)], ports=both)
     fake.set_slice("mlp-b", MLP, [("fd00::1", True)], address_type="IPv6", ports=both)
     fake.set_slice("mlp-c", MLP, [("10.0.0.5", True)], ports={"http": 8001})
     listener = Listener()
-    await source.start(listener, CollectorRegistry())
+    with caplog.at_level(logging.INFO, logger="gateway.discovery"):
+        await source.start(listener, CollectorRegistry())
     assert listener.latest["mlp"] == [
         "http://10.0.0.1:8001",
         "http://10.0.0.5:8001",
         "http://[fd00::1]:8001",
     ]
+    assert "mlp: 3 ready endpoint(s) http://10.0.0.1:8001 (gRPC 10.0.0.1:9001) " in caplog.text
     assert source.grpc_target("http://10.0.0.1:8001") == "10.0.0.1:9001"
     assert source.grpc_target("http://[fd00::1]:8001") == "[fd00::1]:9001"
     assert source.grpc_target("http://10.0.0.5:8001") is None  # no grpc port: HTTP
@@ -287,11 +289,15 @@ async def test_a_slice_with_a_grpc_port_gives_its_pods_the_grpc_hop(
     # A pod in two slices, one with the gRPC port, keeps it; a slice that loses the port
     # takes its pods back to HTTP on the next listing.
     fake.set_slice("mlp-d", MLP, [("10.0.0.1", True)], ports={"http": 8001})
-    fake.set_slice("mlp-a", MLP, [("10.0.0.1", True)], ports={"http": 8001})
-    await eventually(
-        lambda: source.grpc_target("http://10.0.0.1:8001") is None, 5.0, "gRPC port removed"
-    )
+    with caplog.at_level(logging.INFO, logger="gateway.discovery"):
+        fake.set_slice("mlp-a", MLP, [("10.0.0.1", True)], ports={"http": 8001})
+        await eventually(
+            lambda: source.grpc_target("http://10.0.0.1:8001") is None, 5.0, "gRPC port removed"
+        )
     assert source.grpc_target("http://[fd00::1]:8001") == "[fd00::1]:9001"
+    # The hop changed, the URLs did not: said in the log, not reported to the catalog.
+    assert "mlp: 3 ready endpoint(s) http://10.0.0.1:8001 http://10.0.0.5:8001 " in caplog.text
+    assert [urls for model, urls in listener.calls if model == "mlp"] == [listener.latest["mlp"]]
 
 
 async def test_a_gateway_process_sends_batches_over_grpc_where_the_slice_has_the_port(
