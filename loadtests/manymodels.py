@@ -314,7 +314,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     print(
-        "layout     models procs    RSS MB  ready s  first ms  again ms    req/s  p50 ms  p99 ms"
+        "layout      models procs    RSS MB  ready s  first ms  again ms    req/s  p50 ms  p99 ms"
         "  errors"
     )
     with tempfile.TemporaryDirectory(prefix="manymodels-") as work:
@@ -327,7 +327,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for layout in args.layout or ["per-model", "shared", "paged", "serve-paged"]:
             f = measure(args, layout, Path(work))
             print(
-                f"{f.layout:10} {f.models:6d} {f.processes:5d} {f.rss_bytes / 1e6:9.0f} "
+                f"{f.layout:11} {f.models:6d} {f.processes:5d} {f.rss_bytes / 1e6:9.0f} "
                 f"{f.ready_s:8.1f} {f.first_ms:9.1f} {f.again_ms:9.1f} {f.rate:8.0f} "
                 f"{f.p50_ms:7.1f} {f.p99_ms:7.1f} {f.errors:7d}",
                 flush=True,
