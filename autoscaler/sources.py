@@ -217,6 +217,18 @@ class PodMetrics:
         pod, the models' busy ratios summed."""
         return await self._read(models, pod_urls, None)
 
+    async def busy_by_model(self, pod_urls: Iterable[str]) -> dict[str, float]:
+        """Each model's busy ratio on the pods at ``pod_urls`` (its busiest version in a
+        pod, averaged over the pods that report it): one scrape of each pod for them all."""
+        texts = await asyncio.gather(*(self._scrape(url) for url in pod_urls))
+        ratios: dict[str, list[float]] = {}
+        for text in texts:
+            if text is None:
+                continue
+            for model, ratio in _busy_by_model(text).items():
+                ratios.setdefault(model, []).append(ratio)
+        return {model: sum(values) / len(values) for model, values in ratios.items()}
+
     async def _read(
         self, models: Sequence[str], pod_urls: Iterable[str], version: str | None
     ) -> Load:
@@ -265,6 +277,21 @@ def _pod_load(
         return None, None
     summed = sum(max(values) for values in busy.values()) if busy else None
     return summed, _mean(gpu)
+
+
+def _busy_by_model(text: str) -> dict[str, float]:
+    """The pod's busy ratio per model, each its busiest version's."""
+    busy: dict[str, float] = {}
+    try:
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                model = sample.labels.get("model")
+                if sample.name == BUSY_RATIO and model and math.isfinite(sample.value):
+                    busy[model] = max(busy.get(model, 0.0), sample.value)
+    except ValueError as exc:
+        log.debug("unreadable metrics text: %s", exc)
+        return {}
+    return busy
 
 
 class PrometheusQuery:

@@ -23,7 +23,11 @@ its group's workers, so it routes a model's batches only to workers that hold it
 placed alone keeps its own workers; a group's workers are autoscaled as one target, on the
 sum of its models' queues and work in flight and of their busy ratios in its workers
 (``autoscaler.sources``), so a group whose models all go idle scales to zero like a model,
-and the first request for any of them brings a worker back. With ``memory_budget`` each
+and the first request for any of them brings a worker back. Every ``LOAD_CHECK_S`` the shared
+workers' busy ratios are read per model, and a model busy for half its workers' time or more
+(``bazaar.placement.busy_alone``) moves to workers of its own: they start, it is routed to
+them alone once one is ready, and from then on it is its own autoscaling target; the shared
+workers keep it loaded until they restart. With ``memory_budget`` each
 worker pages its models within it (``bazaar.supervisor``): packed with ``worker_bytes``
 larger than the budget, a worker serves more models than it holds at once.
 """
@@ -41,7 +45,7 @@ from autoscaler.loop import Autoscaler
 from autoscaler.metrics import AutoscalerMetrics
 from autoscaler.policy import ScaleConfig
 from autoscaler.sources import GatewayStats, PodMetrics, Signals
-from bazaar.placement import estimated_bytes, place
+from bazaar.placement import busy_alone, estimated_bytes, place
 from bazaar.scaler import LocalScaler
 from bazaar.supervisor import WorkerSupervisor
 from gateway.catalog import EndpointListener
@@ -51,6 +55,9 @@ from protocol.errors import ConfigError, ModelNotFound
 from protocol.support import cancel_and_wait
 
 log = logging.getLogger(__name__)
+
+LOAD_CHECK_S = 5.0
+"""How often the shared workers' load is read for placement by load."""
 
 
 class LocalWorkers:
@@ -94,6 +101,8 @@ class LocalWorkers:
         """Each worker pages its models within this many bytes; None: it holds them all."""
         self.supervisor: WorkerSupervisor | None = None
         self._autoscaler: asyncio.Task[None] | None = None
+        self._scaler: LocalScaler | None = None
+        self._placing: asyncio.Task[None] | None = None
 
     async def start(self, listener: EndpointListener, registry: CollectorRegistry) -> None:
         self.supervisor = WorkerSupervisor(
@@ -110,7 +119,7 @@ class LocalWorkers:
         if self.autoscale is not None:
             shared = {name: models for name, models in self.groups.items() if models != (name,)}
             configs = dict.fromkeys(self.groups, self.autoscale)
-            scaler = LocalScaler(self.supervisor, configs, shared)
+            scaler = self._scaler = LocalScaler(self.supervisor, configs, shared)
             self._autoscaler = asyncio.create_task(self._run_autoscaler(scaler, registry))
             log.info(
                 "autoscaling each model (each version, where it has several) between %d and "
@@ -118,6 +127,9 @@ class LocalWorkers:
                 self.autoscale.min_replicas,
                 self.autoscale.max_replicas,
             )
+
+        if any(len(models) > 1 for models in self.groups.values()):
+            self._placing = asyncio.create_task(self._place_by_load(), name="place-by-load")
 
     def worker_urls(self) -> dict[str, str]:
         """``MODEL/N`` -> URL of every running worker (``WorkerSupervisor.worker_urls``)."""
@@ -129,9 +141,44 @@ class LocalWorkers:
         return None if self.supervisor is None else self.supervisor.grpc_target(url)
 
     async def stop(self) -> None:
-        await cancel_and_wait(self._autoscaler)
+        await cancel_and_wait(self._autoscaler, self._placing)
         if self.supervisor is not None:
             await self.supervisor.stop()
+
+    async def _place_by_load(self) -> None:
+        """Move every busy shared model to workers of its own, checking every
+        ``LOAD_CHECK_S`` until cancelled."""
+        assert self.supervisor is not None
+        async with aiohttp.ClientSession() as session:
+            pods = PodMetrics(session=session)
+            while True:
+                await asyncio.sleep(LOAD_CHECK_S)
+                for group, models in list(self.groups.items()):
+                    if len(models) < 2:
+                        continue
+                    busy = await pods.busy_by_model(self.supervisor.endpoints(group))
+                    for model in busy_alone(models, busy):
+                        log.info(
+                            "%s is busy for %.0f %% of the %s workers' time: it gets workers of "
+                            "its own",
+                            model,
+                            100 * busy[model],
+                            group,
+                        )
+                        await self._alone(group, model)
+
+    async def _alone(self, group: str, model: str) -> None:
+        """Start ``model``'s own workers and take it out of ``group``: the group's workers
+        no longer tell the gateway of it, its own do once ready."""
+        assert self.supervisor is not None
+        remaining = tuple(name for name in self.groups[group] if name != model)
+        self.groups[group] = remaining
+        self.groups[model] = (model,)
+        await self.supervisor.scale(group, self.supervisor.workers(group), remaining)
+        await self.supervisor.scale(model, self.workers, (model,))
+        if self._scaler is not None and self.autoscale is not None:
+            self._scaler.shared[group] = remaining
+            self._scaler.configs[model] = self.autoscale
 
     async def _run_autoscaler(self, scaler: LocalScaler, registry: CollectorRegistry) -> None:
         headers = {} if self.gateway_token is None else bearer(self.gateway_token)

@@ -13,6 +13,8 @@ three layouts, each started fresh, one after the other:
   a model group, and the one with cold models.
 - ``serve-paged``: ``bazaar serve --worker-memory --memory-budget``: the models packed into
   about ``--paged-workers`` workers, which hold about ``--resident`` models between them.
+- ``paged-pods``: as ``paged``, with two pods that each serve every model and hold half of
+  ``--resident``: where the gateway's cache affinity decides how often models page in.
 
 Per layout: one request to every model, each of which must be answered (a layout where
 one is not fails the run); the resident memory of every process of the layout together
@@ -23,7 +25,8 @@ load, as in ``serve-paged``; elsewhere the first request through the gateway to 
 model) and a second one
 to each; and a closed loop of ``--connections`` clients for ``--duration`` seconds, each
 request for a model drawn from a Zipf distribution (rank ``k`` weighs ``1/k^s``, ``s`` =
-``--zipf``), one row each: requests per second, p50 and p99 latency, and errors. Servers and
+``--zipf``), one row each: requests per second, p50 and p99 latency, errors, and the model
+loads the workers or pods made during it (``bazaar_model_load_seconds_count``). Servers and
 generator share the machine's cores; the figures compare layouts on one machine, not
 machines.
 """
@@ -49,6 +52,7 @@ from pathlib import Path
 
 import aiohttp
 import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
 
 from loadtests.procs import children, http_get, rss_bytes
 from loadtests.wrk import BenchError
@@ -75,6 +79,8 @@ class Figures:
     p50_ms: float
     p99_ms: float
     errors: int
+    loads: int
+    """Models loaded (paged in) during the Zipf run, over every worker or pod."""
 
 
 def build_repository(digits: Path, root: Path, count: int) -> list[str]:
@@ -201,6 +207,18 @@ async def zipf_run(
     return len(latencies) / elapsed, float(p50), float(p99), errors
 
 
+def model_loads(urls: Sequence[str]) -> int:
+    """Model loads so far, summed over the ``/metrics`` expositions at ``urls``."""
+    loads = 0.0
+    for url in urls:
+        text = http_get(url, timeout_s=10.0).decode()
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == "bazaar_model_load_seconds_count":
+                    loads += sample.value
+    return int(loads)
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -221,26 +239,32 @@ def measure(args: argparse.Namespace, layout: str, work: Path) -> Figures:
     serve += ["--no-autoscale"]
     with contextlib.ExitStack() as stack:
         began = time.monotonic()
-        if layout == "paged":
-            pod_port = _free_port()
-            budget = args.resident * args.footprint
-            pod = stack.enter_context(
-                started(
-                    _bazaar(
-                        "model-server",
-                        "--model-repository",
-                        str(root),
-                        "--port",
-                        str(pod_port),
-                        "--memory-budget",
-                        str(budget),
-                    ),
-                    work / "paged-pod.log",
+        if layout in ("paged", "paged-pods"):
+            count_pods = 1 if layout == "paged" else 2
+            budget = args.resident * args.footprint // count_pods
+            pods, pod_urls = [], []
+            for index in range(count_pods):
+                pod_port = _free_port()
+                pods.append(
+                    stack.enter_context(
+                        started(
+                            _bazaar(
+                                "model-server",
+                                "--model-repository",
+                                str(root),
+                                "--port",
+                                str(pod_port),
+                                "--memory-budget",
+                                str(budget),
+                            ),
+                            work / f"{layout}-pod{index}.log",
+                        )
+                    )
                 )
-            )
-            endpoints = work / "endpoints.yaml"
-            pod_url = f"http://127.0.0.1:{pod_port}"
-            endpoints.write_text(json.dumps({"models": {m: [pod_url] for m in models}}))
+                pod_urls.append(f"http://127.0.0.1:{pod_port}")
+            endpoints = work / f"{layout}-endpoints.yaml"
+            endpoints.write_text(json.dumps({"models": {m: pod_urls for m in models}}))
+            metrics = [f"{url}/metrics" for url in pod_urls]
             gateway = stack.enter_context(
                 started(
                     _bazaar(
@@ -252,10 +276,10 @@ def measure(args: argparse.Namespace, layout: str, work: Path) -> Figures:
                         "--grpc-port",
                         "0",
                     ),
-                    work / "paged-gateway.log",
+                    work / f"{layout}-gateway.log",
                 )
             )
-            processes = [pod, gateway]
+            processes = [*pods, gateway]
         else:
             if layout == "shared":
                 serve += ["--worker-memory", str(args.worker_memory)]
@@ -267,16 +291,30 @@ def measure(args: argparse.Namespace, layout: str, work: Path) -> Figures:
                 budget = args.resident * args.footprint // args.paged_workers
                 serve += ["--memory-budget", str(budget)]
             processes = [stack.enter_context(started(_bazaar(*serve), work / f"{layout}.log"))]
+            metrics = [f"{url}/metrics/workers"]
         wait_ready(url, models, processes)
         ready_s = time.monotonic() - began
-        # paged, serve-paged: the first models swept in were evicted by the last ones.
+        # The paged layouts: the first models swept in were evicted by the last ones.
         first_ms, again_ms = asyncio.run(first_requests(url, models, args.cold))
+        loads_before = model_loads(metrics)
         rate, p50, p99, errors = asyncio.run(
             zipf_run(url, models, args.connections, args.duration, args.zipf, args.seed)
         )
+        loads = model_loads(metrics) - loads_before
         count_processes, rss = tree_rss([p.pid for p in processes])
     return Figures(
-        layout, count, count_processes, rss, ready_s, first_ms, again_ms, rate, p50, p99, errors
+        layout,
+        count,
+        count_processes,
+        rss,
+        ready_s,
+        first_ms,
+        again_ms,
+        rate,
+        p50,
+        p99,
+        errors,
+        loads,
     )
 
 
@@ -296,7 +334,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         type=int,
         default=50,
         metavar="N",
-        help="paged, serve-paged: models held at once",
+        help="paged, serve-paged, paged-pods: models held at once",
     )
     parser.add_argument(
         "--footprint", type=int, default=1_250_000, metavar="BYTES", help="paged: one model's"
@@ -310,12 +348,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--zipf", type=float, default=1.1, metavar="S")
     parser.add_argument("--seed", type=int, default=15)
     parser.add_argument(
-        "--layout", action="append", choices=["per-model", "shared", "paged", "serve-paged"]
+        "--layout",
+        action="append",
+        choices=["per-model", "shared", "paged", "serve-paged", "paged-pods"],
     )
     args = parser.parse_args(argv)
     print(
-        "layout     models procs    RSS MB  ready s  first ms  again ms    req/s  p50 ms  p99 ms"
-        "  errors"
+        "layout      models procs    RSS MB  ready s  first ms  again ms    req/s  p50 ms  p99 ms"
+        "  errors   loads"
     )
     with tempfile.TemporaryDirectory(prefix="manymodels-") as work:
         if args.digits is None:
@@ -324,12 +364,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
             args.digits = demo / "digits"
         args.digits = args.digits.resolve()
-        for layout in args.layout or ["per-model", "shared", "paged", "serve-paged"]:
+        layouts = ["per-model", "shared", "paged", "serve-paged", "paged-pods"]
+        for layout in args.layout or layouts:
             f = measure(args, layout, Path(work))
             print(
-                f"{f.layout:10} {f.models:6d} {f.processes:5d} {f.rss_bytes / 1e6:9.0f} "
+                f"{f.layout:11} {f.models:6d} {f.processes:5d} {f.rss_bytes / 1e6:9.0f} "
                 f"{f.ready_s:8.1f} {f.first_ms:9.1f} {f.again_ms:9.1f} {f.rate:8.0f} "
-                f"{f.p50_ms:7.1f} {f.p99_ms:7.1f} {f.errors:7d}",
+                f"{f.p50_ms:7.1f} {f.p99_ms:7.1f} {f.errors:7d} {f.loads:7d}",
                 flush=True,
             )
     return 0

@@ -144,3 +144,13 @@ async def test_a_groups_pods_are_as_busy_as_their_models_together() -> None:
     assert load.busy_ratio == pytest.approx(((0.6 + 1.0) + (0.2 + 1.0)) / 2)
     assert alone.busy_ratio == pytest.approx((0.6 + 0.2) / 2)
     assert none.busy_ratio is None
+
+
+async def test_each_models_busy_ratio_from_one_scrape_of_each_pod() -> None:
+    async with (
+        aiohttp.ClientSession() as session,
+        serve(pod_app({"1": 0.1, "2": 0.6})) as pod_a,
+        serve(pod_app({"1": 0.2})) as pod_b,
+    ):
+        busy = await PodMetrics(session=session).busy_by_model([pod_a, pod_b, dead_url()])
+    assert busy == {"mlp": pytest.approx((0.6 + 0.2) / 2), "other": 1.0}

@@ -1,17 +1,22 @@
-"""Small models share ``bazaar serve`` workers, and the gateway routes each model only to the
-workers that hold it."""
+"""Small models share ``bazaar serve`` workers, the gateway routes each model only to the
+workers that hold it, and a busy model moves to a worker of its own."""
 
 from __future__ import annotations
 
 import shutil
+import threading
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
-from bazaar.placement import SESSION_BYTES, estimated_bytes, place
+from bazaar.placement import SESSION_BYTES, busy_alone, estimated_bytes, place
 from models.repository import ModelRepository
+from protocol.codec import InferenceRequest, encode_request
+from tests.models.test_paging import SLOW_WIDTH, _slow
 from tests.support import bazaar_process, free_port, models_ready, wait_until
 
 DIGITS = ("a", "b", "c", "d")
@@ -172,3 +177,64 @@ def test_paging_workers_serve_more_models_than_they_hold(
     assert budgets == {4_000_000}
     evictions = sum(s.value for s in samples if s.name == "bazaar_model_eviction_seconds_count")
     assert evictions >= len(names) - 3  # the start-up sweep's, and the requests' page-ins
+
+
+def test_a_busy_model_of_a_shared_worker_moves_to_a_worker_of_its_own(
+    demo_repository: Path, tmp_path: Path
+) -> None:
+    root = tmp_path / "repository"
+    shutil.copytree(demo_repository / "digits", root / "digits")
+    _slow(root, "slow", 64)  # 4 MB of weights: it shares a worker of 8 MB with digits
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    args = ["serve", "--model-repository", str(root), "--port", str(port), "--grpc-port", "0"]
+    args += ["--no-autoscale", "--worker-memory", "8000000"]
+    rows = np.ones((64, SLOW_WIDTH), dtype=np.float32)
+    body, header_length = encode_request(
+        InferenceRequest(None, {}, {"input": rows}, None, binary_output=True)
+    )
+    headers = {"Inference-Header-Content-Length": str(header_length)}
+    statuses: list[int] = []
+    stop = threading.Event()
+
+    def client() -> None:
+        with httpx.Client(timeout=60) as http:
+            while not stop.is_set():
+                answer = http.post(f"{url}/v2/models/slow/infer", content=body, headers=headers)
+                statuses.append(answer.status_code)
+
+    def endpoints(model: str) -> list[str]:
+        stats = httpx.get(f"{url}/stats", timeout=5).json()["models"]
+        return list(stats[model]["endpoint_urls"])
+
+    log = tmp_path / "serve.log"
+    with bazaar_process(args, log, models_ready(url, ["digits", "slow"])):
+        shared = endpoints("digits")
+        assert endpoints("slow") == shared and len(shared) == 1
+        with ThreadPoolExecutor(3) as pool:
+            clients = [pool.submit(client) for _ in range(3)]
+            try:
+                wait_until(lambda: endpoints("slow") not in ([], shared), 120, "slow's own worker")
+            finally:
+                stop.set()
+            for future in clients:
+                future.result(timeout=120)
+        assert endpoints("digits") == shared  # the others stay where they were
+        digits = {
+            "inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": [8] * 64}]
+        }
+        assert (
+            httpx.post(f"{url}/v2/models/digits/infer", json=digits, timeout=30).status_code == 200
+        )
+    assert statuses and set(statuses) == {200}, {s: statuses.count(s) for s in set(statuses)}
+    assert "slow is busy for" in log.read_text()
+
+
+def test_a_model_busy_for_half_its_shared_workers_time_goes_alone() -> None:
+    group = ("a", "b", "c")
+    assert busy_alone(group, {"a": 0.1, "b": 0.2}) == []
+    assert busy_alone(group, {"a": 0.5, "b": 0.2}) == ["a"]
+    assert busy_alone(group, {"a": 0.6, "b": 0.9, "c": 0.1}) == ["b", "a"]
+    # The group keeps one model, the least busy.
+    assert busy_alone(group, {"a": 0.6, "b": 0.9, "c": 0.7}) == ["b", "c"]
+    assert busy_alone(("a",), {"a": 1.0}) == []

@@ -336,3 +336,51 @@ def test_the_autoscaler_process_scales_the_model_through_the_real_controller(
     client.AppsV1Api(deployed).patch_namespaced_deployment_scale(
         MODEL, NAMESPACE, {"spec": {"replicas": 1}}
     )
+
+
+async def test_the_scaler_sizes_the_model_group_as_one_target_with_its_own_token(
+    control_plane: ControlPlane, deployed: client.ApiClient
+) -> None:
+    # The model-group overlay's own objects (its Deployment and the Services of its models)
+    # beside the CPU overlay's: the group is one target, and its /scale is the autoscaler's.
+    cpu = {(doc["kind"], doc["metadata"]["name"]) for doc in rendered("overlays/cpu")}
+    group = [
+        doc
+        for doc in rendered("overlays/model-group")
+        if (doc["kind"], doc["metadata"]["name"]) not in cpu and doc["kind"] != "Namespace"
+    ]
+    assert {doc["kind"] for doc in group} >= {"Deployment", "Service"}
+    apply(control_plane, group)
+    token = control_plane.service_account_token(NAMESPACE, "bazaar-autoscaler", create=False)
+    log = logging.getLogger("autoscaler.deployments")
+    scaler = KubernetesScaler(
+        Cluster(NAMESPACE, "autoscaler", log, control_plane.api_client(token))
+    )
+    try:
+        targets = {target.name: target for target in await scaler.targets()}
+        assert set(targets) == {"mlp", "small"}
+        small = targets["small"]
+        assert small.models == ("digits", "mlp_wide")
+        assert (small.config.min_replicas, small.config.max_replicas) == (2, 8)
+        await scaler.scale("small", 3, "test")
+        scale = client.AppsV1Api(deployed).read_namespaced_deployment_scale(
+            "bazaar-model-group-small", NAMESPACE
+        )
+        assert scale.spec.replicas == 3
+    finally:
+        scaler.close()
+        delete(control_plane, group)
+
+
+def delete(control_plane: ControlPlane, documents: list[dict[str, Any]]) -> None:
+    """``kubectl delete`` of what ``apply`` applied of ``documents``."""
+    served = [
+        doc for doc in documents if (doc["apiVersion"], doc["kind"]) not in NOT_SERVED_BY_1_20
+    ]
+    subprocess.run(
+        ["kubectl", "--kubeconfig", str(control_plane.kubeconfig), "delete", "-f", "-"],
+        input=yaml.safe_dump_all(served),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
