@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import dataclasses
 import datetime
-import itertools
 import json
 import re
 import shutil
@@ -39,7 +38,7 @@ from autoscaler.policy import ScaleConfig
 from autoscaler.simulation import report
 from autoscaler.simulation.benchmark import Bazaar
 from autoscaler.simulation.simulator import SimConfig, simulate
-from autoscaler.simulation.traces import Trace, TraceError, from_rates, load
+from autoscaler.simulation.traces import Trace, TraceError, compressed, load
 from bazaar.replay import MAX_CONNECTIONS, REQUEST_PATH
 from gateway.config import GatewayConfig
 from gateway.dispatcher import DEFAULT_MAX_QUEUE_SIZE
@@ -66,7 +65,7 @@ def replay(args: argparse.Namespace) -> int:
     from bazaar.cli import _demo_repository
 
     try:
-        trace = compress(load(args.trace, args.seed), args.duration_s, args.peak_rps, args.seed)
+        trace = compressed(load(args.trace, args.seed), args.duration_s, args.seed, args.peak_rps)
     except TraceError as exc:
         print(f"bazaar replay: {exc}", file=sys.stderr)
         return 2
@@ -134,15 +133,6 @@ def replay(args: argparse.Namespace) -> int:
     plot(out / "replay.png", trace, real, simulated, args.slo_ms)
     print(f"\nwrote {out / 'replay.json'} and {out / 'replay.png'}")
     return 0
-
-
-def compress(trace: Trace, duration_s: int, peak_rps: float, seed: int) -> Trace:
-    """``trace`` in ``duration_s`` seconds, each the mean of its share of the original,
-    scaled so that its busiest second is ``peak_rps``; arrivals drawn anew with ``seed``."""
-    edges = np.linspace(0, trace.duration_s, duration_s + 1).round().astype(int)
-    rates = np.array([trace.rate_per_s[a:b].mean() for a, b in itertools.pairwise(edges)])
-    rates *= peak_rps / rates.max()
-    return from_rates(f"{trace.name}-replay", rates, seed, min_replicas=trace.min_replicas)
 
 
 def accelerator_repository(

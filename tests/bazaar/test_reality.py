@@ -7,20 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from autoscaler.simulation.traces import builtin
-from bazaar.reality import accelerator_repository, cold_starts, compress, replica_seconds
+from bazaar.reality import accelerator_repository, cold_starts, replica_seconds
 from models.config import load_config
 from models.repository import ModelRepository
-
-
-def test_a_trace_compressed_keeps_its_shape_at_the_peak_asked_for() -> None:
-    step = builtin("step", 1)  # 300 s at 200, 600 s at 1600, 300 s at 200 req/s
-    replay = compress(step, 120, 150.0, 1)
-    assert replay.duration_s == 120
-    assert replay.rate_per_s.tolist() == [18.75] * 30 + [150.0] * 60 + [18.75] * 30
-    # Arrivals drawn from it: about its mean rate over its length.
-    assert len(replay.arrivals_ms) == pytest.approx(replay.rate_per_s.sum(), rel=0.05)
-    assert replay.arrivals_ms.max() < 120_000
 
 
 def test_cold_starts_are_read_from_the_supervisors_log() -> None:
