@@ -25,6 +25,7 @@ TARGET_QUEUE = PREFIX + "target-queue-per-replica"
 TARGET_UTILIZATION = PREFIX + "target-utilization"
 SCALE_TO_ZERO_AFTER = PREFIX + "scale-to-zero-after"
 SIGNAL_DELAY = PREFIX + "signal-delay"
+LATENCY_OBJECTIVE = PREFIX + "latency-objective"
 KNOWN = (
     MIN_REPLICAS,
     MAX_REPLICAS,
@@ -32,6 +33,7 @@ KNOWN = (
     TARGET_UTILIZATION,
     SCALE_TO_ZERO_AFTER,
     SIGNAL_DELAY,
+    LATENCY_OBJECTIVE,
 )
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
@@ -54,6 +56,8 @@ def scale_config(annotations: Mapping[str, str], where: str) -> ScaleConfig:
     to_zero_after_s = values.duration(SCALE_TO_ZERO_AFTER)
     # How far the signals may lag (a Prometheus scrape plus query lag, say).
     signal_delay_s = values.duration(SIGNAL_DELAY)
+    # The model's own objective: the policy's headroom is what keeps it.
+    latency_objective_s = values.duration(LATENCY_OBJECTIVE)
     if max_replicas < min_replicas:
         raise values.error(MAX_REPLICAS, f"must be >= {MIN_REPLICAS} ({min_replicas})")
     if min_replicas == 0 and to_zero_after_s is None:
@@ -65,6 +69,9 @@ def scale_config(annotations: Mapping[str, str], where: str) -> ScaleConfig:
         target_utilization=target_utilization,
         scale_to_zero_after_s=to_zero_after_s,
         signal_delay_s=defaults.signal_delay_s if signal_delay_s is None else signal_delay_s,
+        latency_slo_s=defaults.latency_slo_s
+        if latency_objective_s is None
+        else latency_objective_s,
     )
 
 

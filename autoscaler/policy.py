@@ -172,7 +172,7 @@ class ScaleConfig:
     """Scale down only to the highest serving need seen over this window, seconds. The window
     doubles (up to ``max_scale_down_window_s``) each time demand comes back within five windows
     of a scale-down, and returns to this value when it does not."""
-    max_scale_down_window_s: float = 960.0
+    max_scale_down_window_s: float = 720.0
     """Longest the scale-down window grows to under recurring bursts, seconds."""
     max_scale_up_rate: float = 10.0
     """At most this many times the current replicas (or +4) per step."""

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from autoscaler.command import add_parser as add_autoscaler_parser
 from autoscaler.simulation.command import add_parser as add_simulate_parser
 from bazaar.replay import add_parser as add_replay_parser
+from bazaar.trace_load import add_trace_options
 from loadtests.command import add_bench_parser, add_loadtest_parser
 from protocol import __version__, logs
 from protocol.arguments import (
@@ -308,7 +309,7 @@ def parser() -> argparse.ArgumentParser:
     add_autoscaler_parser(commands)
     add_simulate_parser(commands)
     add_replay_parser(commands)
-    add_loadtest_parser(commands)
+    add_trace_options(add_loadtest_parser(commands))
     add_bench_parser(commands)
 
     models = commands.add_parser("models", help="model repository tools")

@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import dataclasses
 import datetime
-import itertools
 import json
 import re
 import shutil
@@ -39,7 +38,7 @@ from autoscaler.policy import ScaleConfig
 from autoscaler.simulation import report
 from autoscaler.simulation.benchmark import Bazaar
 from autoscaler.simulation.simulator import SimConfig, simulate
-from autoscaler.simulation.traces import Trace, TraceError, from_rates, load
+from autoscaler.simulation.traces import Trace, TraceError, compressed, load
 from bazaar.replay import MAX_CONNECTIONS, REQUEST_PATH
 from gateway.config import GatewayConfig
 from gateway.dispatcher import DEFAULT_MAX_QUEUE_SIZE
@@ -60,13 +59,18 @@ class RealRun:
     """(seconds since the load started, replicas asked for, ready), once a second."""
     batch_s: float
     """Mean executing time of a batch at the workers."""
+    hop_s: float
+    """Mean time of a batch's pod call at the gateway beyond the workers' mean compute: the
+    hop to the worker and back, encoding and decoding, on this machine under the run's load
+    (and the wait of a second, full batch behind the first at a worker, which the simulator
+    models itself: small unless the workers saturate)."""
 
 
 def replay(args: argparse.Namespace) -> int:
     from bazaar.cli import _demo_repository
 
     try:
-        trace = compress(load(args.trace, args.seed), args.duration_s, args.peak_rps, args.seed)
+        trace = compressed(load(args.trace, args.seed), args.duration_s, args.seed, args.peak_rps)
     except TraceError as exc:
         print(f"bazaar replay: {exc}", file=sys.stderr)
         return 2
@@ -98,6 +102,7 @@ def replay(args: argparse.Namespace) -> int:
         batches_per_replica=GatewayConfig().max_batches_per_endpoint,
         batch_base_ms=round(real.batch_s * 1000),
         batch_row_ms=0,
+        hop_ms=round(real.hop_s * 1000),
         queue_bound=DEFAULT_MAX_QUEUE_SIZE,
         queue_timeout_s=30,
         metrics="direct",
@@ -111,6 +116,7 @@ def replay(args: argparse.Namespace) -> int:
     ]
     measured = {
         "batch_ms": round(real.batch_s * 1000, 1),
+        "hop_ms": round(real.hop_s * 1000, 1),
         "capacity_rps": round(args.max_batch_size / real.batch_s, 1),
         "cold_start_s": round(cold_start_s, 1),
         "cold_starts_s": [round(start, 1) for start in starts],
@@ -134,15 +140,6 @@ def replay(args: argparse.Namespace) -> int:
     plot(out / "replay.png", trace, real, simulated, args.slo_ms)
     print(f"\nwrote {out / 'replay.json'} and {out / 'replay.png'}")
     return 0
-
-
-def compress(trace: Trace, duration_s: int, peak_rps: float, seed: int) -> Trace:
-    """``trace`` in ``duration_s`` seconds, each the mean of its share of the original,
-    scaled so that its busiest second is ``peak_rps``; arrivals drawn anew with ``seed``."""
-    edges = np.linspace(0, trace.duration_s, duration_s + 1).round().astype(int)
-    rates = np.array([trace.rate_per_s[a:b].mean() for a, b in itertools.pairwise(edges)])
-    rates *= peak_rps / rates.max()
-    return from_rates(f"{trace.name}-replay", rates, seed, min_replicas=trace.min_replicas)
 
 
 def accelerator_repository(
@@ -200,8 +197,8 @@ async def _real_run(server: subprocess.Popen[bytes], port: int, trace: Trace) ->
         tally = await trace_loop("127.0.0.1", port, one_row_request(), due_s, MAX_CONNECTIONS)
         stop.set()
         await watcher
-        batch_s = await _batch_seconds(session, url)
-    return RealRun(tally, samples, batch_s)
+        batch_s, hop_s = await batch_and_hop_seconds(session, url)
+    return RealRun(tally, samples, batch_s, hop_s)
 
 
 async def _ready(session: aiohttp.ClientSession, url: str, server: subprocess.Popen[bytes]) -> None:
@@ -238,12 +235,18 @@ async def _watch(
             await asyncio.wait_for(stop.wait(), SAMPLE_S)
 
 
-async def _batch_seconds(session: aiohttp.ClientSession, url: str) -> float:
-    """Mean executing time of a batch in the workers still running at the end (the gateway's
-    pod call time would count the wait of a second batch sent behind the first)."""
+async def batch_and_hop_seconds(session: aiohttp.ClientSession, url: str) -> tuple[float, float]:
+    """Mean executing time of a batch in the workers still running at the end, and how much
+    longer the gateway's pod calls took on average (:attr:`RealRun.hop_s`)."""
     async with session.get(f"{url}/metrics/workers") as response:
-        gauges = _gauges(await response.text(), "mlp")
-    return gauges["bazaar_model_compute_seconds_sum"] / gauges["bazaar_model_compute_seconds_count"]
+        workers = _gauges(await response.text(), "mlp")
+    async with session.get(f"{url}/metrics") as response:
+        gateway = _gauges(await response.text(), "mlp")
+    batch_s = (
+        workers["bazaar_model_compute_seconds_sum"] / workers["bazaar_model_compute_seconds_count"]
+    )
+    pod_s = gateway["bazaar_gateway_pod_seconds_sum"] / gateway["bazaar_gateway_pod_seconds_count"]
+    return batch_s, pod_s - batch_s
 
 
 def _gauges(text: str, model: str) -> dict[str, float]:

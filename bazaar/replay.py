@@ -11,10 +11,12 @@ checks it against the real thing on this machine:
 3. ``bazaar serve`` runs it with its local autoscaler, 1 to ``--max-workers`` workers; the
    arrivals are sent open loop (``loadtests.loadgen.trace_loop``, one-row requests) while the
    gateway's ``/metrics`` is read every second for the replicas asked for and ready;
-4. from that run: the batch time (the workers' compute seconds per batch) and the cold start
-   (the mean time from a worker's start to its readiness, from the supervisor's log);
+4. from that run: the batch time (the workers' compute seconds per batch), the hop (the
+   gateway's mean pod call less that: the path outside the batch, during which its rows are
+   in flight and the worker computes the next batch) and the cold start (the mean time from a
+   worker's start to its readiness, from the supervisor's log);
 5. the same arrivals through the simulator, with bazaar's policy in the ``ScaleConfig``
-   ``bazaar serve`` builds, the measured batch time and cold start, the gateway's queue bound,
+   ``bazaar serve`` builds, the measured batch time, hop and cold start, the gateway's queue bound,
    queue time and batches per pod (two: one computing, one waiting at the pod), and direct
    signals with 1 s rates, as the local autoscaler reads them;
 6. both, side by side: replica-seconds, SLO attainment, p50 and p99, with ``replay.json`` and

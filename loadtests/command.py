@@ -11,13 +11,14 @@ and become one frozen ``LoadTestConfig``.
 from __future__ import annotations
 
 import argparse
+import itertools
 import re
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from loadtests.shapes import SCENARIOS
+from loadtests.shapes import SCENARIOS, TRACE
 from protocol.support import missing_extra
 
 BENCH_MODELS = ("digits", "mlp", "mlp_wide")
@@ -65,9 +66,23 @@ def add_loadtest_parser(subparsers: Any) -> argparse.ArgumentParser:
         description=f"Scenarios — {scenarios}. Exit status: 0 SLO met, 1 missed, 2 run failed.",
     )
     parser.add_argument("--host", default="http://127.0.0.1:8000", help="default %(default)s")
-    parser.add_argument("--scenario", choices=list(SCENARIOS), default="steady")
     parser.add_argument(
-        "--duration", type=parse_duration, default=30.0, help="e.g. 30s, 2m (default 30s)"
+        "--scenario",
+        choices=list(SCENARIOS),
+        help="default: trace with --schedule, else steady",
+    )
+    parser.add_argument(
+        "--duration",
+        type=parse_duration,
+        default=30.0,
+        help="e.g. 30s, 2m (default 30s; a schedule lasts until its last due time)",
+    )
+    parser.add_argument(
+        "--schedule",
+        type=Path,
+        metavar="FILE",
+        help="open loop at these due times: seconds from the start, one a line, in order "
+        "(the trace scenario; `bazaar loadtest --trace` writes one from a workload trace)",
     )
     parser.add_argument(
         "--users",
@@ -190,14 +205,23 @@ def run_loadtest(args: argparse.Namespace) -> int:
     if not all(p.isdigit() for p in priorities):
         print(f"loadtest: --priorities {args.priorities!r}: expected integers like 1,2")
         return 2
+    scenario = args.scenario or (TRACE if args.schedule else "steady")
+    if (scenario == TRACE) != (args.schedule is not None):
+        print("loadtest: --schedule FILE goes with the trace scenario, and it needs one")
+        return 2
+    duration_s = args.duration
+    if args.schedule is not None:
+        try:
+            duration_s = schedule_duration_s(args.schedule)
+        except (OSError, ValueError) as exc:
+            print(f"loadtest: --schedule {args.schedule}: {exc}")
+            return 2
     # Absolute here, where the path enters: Locust runs in another working directory.
-    results = (
-        args.results or Path("results", "loadtest", f"{_stamp()}-{args.scenario}")
-    ).absolute()
+    results = (args.results or Path("results", "loadtest", f"{stamp()}-{scenario}")).absolute()
     config = LoadTestConfig(
         host=args.host,
-        scenario=args.scenario,
-        duration_s=args.duration,
+        scenario=scenario,
+        duration_s=duration_s,
         users=args.users,
         arrival_rate=args.rate,
         models=args.models,
@@ -209,9 +233,20 @@ def run_loadtest(args: argparse.Namespace) -> int:
         rows=args.rows,
         wrong_shape_ratio=args.wrong_shape_ratio,
         max_outstanding=args.max_outstanding,
+        schedule=args.schedule.absolute() if args.schedule else None,
     )
     return run(config)
 
 
-def _stamp() -> str:
+def schedule_duration_s(schedule: Path) -> float:
+    """How long a schedule file runs: to the end of the second of its last due time. Raises
+    ValueError when its lines are not due times in order."""
+    due = [float(line) for line in schedule.read_text().split()]
+    if not due or due[0] < 0 or any(b < a for a, b in itertools.pairwise(due)):
+        raise ValueError("expected due times in seconds, at least one, from 0, in order")
+    return float(int(due[-1]) + 1)
+
+
+def stamp() -> str:
+    """The time now, as a results folder's name begins."""
     return time.strftime("%Y%m%d-%H%M%S")

@@ -27,11 +27,17 @@ Load shape: one ``ScenarioShape`` plays ``loadtests.shapes``. Closed-loop scenar
 ``InferenceUser``: each sends a request, waits for the answer, sends the next. The open-loop
 scenario runs ``OpenLoopUser`` schedule keepers that share ``--arrival-rate`` between them:
 each fires a request every ``users / rate`` seconds in a greenlet of its own and never waits
-for the answer, so a slow server cannot slow the offered load down. Outstanding requests per
-keeper are bounded (``--max-outstanding`` shared out); a request due while the bound is
-reached is not sent and counts as ``missed schedule`` — it is load the server was offered and
-did not get, and it counts against the error rate. A keeper that wakes late sends what fell due
-at once, so the arrival count holds even when the generator itself lags.
+for the answer, so a slow server cannot slow the offered load down. The trace scenario runs
+``TraceUser`` keepers that take the due times of ``--schedule-file`` in turn from one shared
+iterator (gevent switches only where a keeper sleeps, so each due time is taken once): a
+keeper sleeps until its request falls due and fires it the same way. The schedule is the
+whole test's, so the trace scenario runs in one process, as ``bazaar loadtest`` runs it.
+Outstanding requests per keeper are bounded (``--max-outstanding`` shared out); a request due
+while the bound is reached is not sent and counts as ``missed schedule`` — it is load the
+server was offered and did not get, and it counts against the error rate. A keeper that wakes
+late sends what fell due at once, so the arrival count holds even when the generator itself
+lags. Open-loop sends are counted per second of the test (``sent_per_s`` in the tally), so the
+rate that left can be set against the rate that was due.
 """
 
 from __future__ import annotations
@@ -41,7 +47,7 @@ import logging
 import random
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,7 +61,7 @@ from locust.env import Environment
 from locust.runners import MasterRunner, WorkerRunner
 
 from loadtests.payloads import ModelSpec, Payload, build_payload
-from loadtests.shapes import OPEN_LOOP, SCENARIOS, users_at
+from loadtests.shapes import OPEN_LOOP, SCENARIOS, TRACE, users_at
 from loadtests.target import fetch_spec, ready_models
 from loadtests.verdict import classify, latency_bucket
 
@@ -82,6 +88,9 @@ class Tally:
         """``model/outcome`` -> requests; ``model/missed_schedule`` for open-loop misses."""
         self.ok_ms: Counter[str] = Counter()
         """Rounded milliseconds (as a string: it crosses msgpack) -> successful requests."""
+        self.sent_per_s: Counter[str] = Counter()
+        """Open loop: whole seconds since the test started (a string, as above) -> requests
+        sent in that second."""
         self.started: float | None = None
         self.stopped: float | None = None
 
@@ -92,14 +101,20 @@ class Tally:
 
     def drain(self) -> dict[str, Any]:
         """What a worker reports to the master: the counts since its last report."""
-        report = {"outcomes": dict(self.outcomes), "ok_ms": dict(self.ok_ms)}
+        report = {
+            "outcomes": dict(self.outcomes),
+            "ok_ms": dict(self.ok_ms),
+            "sent_per_s": dict(self.sent_per_s),
+        }
         self.outcomes.clear()
         self.ok_ms.clear()
+        self.sent_per_s.clear()
         return report
 
     def merge(self, report: dict[str, Any]) -> None:
         self.outcomes.update(report["outcomes"])
         self.ok_ms.update(report["ok_ms"])
+        self.sent_per_s.update(report["sent_per_s"])
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -107,6 +122,7 @@ class Tally:
             "stopped": self.stopped,
             "outcomes": dict(sorted(self.outcomes.items())),
             "ok_ms": dict(sorted(self.ok_ms.items(), key=lambda item: int(item[0]))),
+            "sent_per_s": dict(sorted(self.sent_per_s.items(), key=lambda item: int(item[0]))),
         }
 
 
@@ -182,6 +198,10 @@ def parse_mix(mix: str) -> tuple[list[str], list[float]]:
 
 TALLY = Tally()
 WORKLOAD: Workload | None = None
+SCHEDULE: Iterator[float] = iter(())
+"""The trace scenario's due times, seconds after ``started``, taken in turn by its keepers."""
+started = time.monotonic()
+"""When the test started (reset by ``test_start``): the open loops' time zero."""
 _first_failures: set[str] = set()
 
 
@@ -224,18 +244,39 @@ class InferenceUser(FastHttpUser):
         send(self.client, self.rng)
 
 
-class OpenLoopUser(FastHttpUser):
-    """Open loop: one schedule keeper, firing its share of the arrival rate on time."""
+class ScheduleKeeper(FastHttpUser):
+    """Open loop: fires each request when it falls due, in a greenlet of its own."""
 
+    abstract = True
     wait_time = constant(0)
 
     def on_start(self) -> None:
-        options = self.environment.parsed_options
         self.rng = random.Random()
+        self.outstanding = gevent.pool.Pool(self.concurrency)
+
+    def fire(self) -> None:
+        """The request now due: sent without waiting for it, or missed at the bound."""
+        if self.outstanding.full():
+            assert WORKLOAD is not None
+            model = self.rng.choices(WORKLOAD.models, WORKLOAD.weights)[0]
+            TALLY.outcomes[f"{model}/missed_schedule"] += 1
+            return
+        TALLY.sent_per_s[str(int(time.monotonic() - started))] += 1
+        self.outstanding.spawn(send, self.client, self.rng)
+
+    def on_stop(self) -> None:
+        self.outstanding.join(timeout=STOP_GRACE_S)
+
+
+class OpenLoopUser(ScheduleKeeper):
+    """Open loop: one schedule keeper, firing its share of the arrival rate on time."""
+
+    def on_start(self) -> None:
+        super().on_start()
+        options = self.environment.parsed_options
         self.interval_s = options.peak_users / options.arrival_rate
         # A random phase, so keepers do not fire in lockstep.
         self.next_at = time.monotonic() + self.rng.random() * self.interval_s
-        self.outstanding = gevent.pool.Pool(self.concurrency)
 
     @task
     def keep_schedule(self) -> None:
@@ -243,15 +284,23 @@ class OpenLoopUser(FastHttpUser):
         if delay > 0:
             gevent.sleep(delay)
         self.next_at += self.interval_s
-        if self.outstanding.full():
-            assert WORKLOAD is not None
-            model = self.rng.choices(WORKLOAD.models, WORKLOAD.weights)[0]
-            TALLY.outcomes[f"{model}/missed_schedule"] += 1
-            return
-        self.outstanding.spawn(send, self.client, self.rng)
+        self.fire()
 
-    def on_stop(self) -> None:
-        self.outstanding.join(timeout=STOP_GRACE_S)
+
+class TraceUser(ScheduleKeeper):
+    """Open loop on a schedule: one keeper of the shared due times of ``--schedule-file``."""
+
+    @task
+    def keep_schedule(self) -> None:
+        due_s = next(SCHEDULE, None)
+        if due_s is None:
+            # Every due time is taken; the shape ends the test at the schedule's end.
+            gevent.sleep(TIMELINE_INTERVAL_S)
+            return
+        delay = started + due_s - time.monotonic()
+        if delay > 0:
+            gevent.sleep(delay)
+        self.fire()
 
 
 class ScenarioShape(LoadTestShape):
@@ -274,7 +323,9 @@ class ScenarioShape(LoadTestShape):
         users = users_at(options.scenario, elapsed_s, options.scenario_duration, options.peak_users)
         if users is None:
             return None
-        user_class = OpenLoopUser if options.scenario == OPEN_LOOP else InferenceUser
+        user_class = {OPEN_LOOP: OpenLoopUser, TRACE: TraceUser}.get(
+            options.scenario, InferenceUser
+        )
         # Fast enough that every scenario's steps (the spike above all) are steep.
         return users, float(max(100, users)), [user_class]
 
@@ -293,6 +344,11 @@ def _arguments(parser: Any) -> None:
     )
     group.add_argument(
         "--arrival-rate", type=float, default=50.0, help="requests/s (open loop only)"
+    )
+    group.add_argument(
+        "--schedule-file",
+        default="",
+        help="the trace scenario's due times: seconds from the start, one a line, in order",
     )
     group.add_argument(
         "--max-outstanding",
@@ -316,10 +372,10 @@ def _arguments(parser: Any) -> None:
 
 def _init(environment: Environment, **_: Any) -> None:
     options = environment.parsed_options
-    if options is not None and options.scenario == OPEN_LOOP:
+    if options is not None and options.scenario in (OPEN_LOOP, TRACE):
         # The HTTP client's connection pool must not hold back what the schedule sends.
         keepers = max(1, options.peak_users)
-        OpenLoopUser.concurrency = max(1, options.max_outstanding // keepers)
+        ScheduleKeeper.concurrency = max(1, options.max_outstanding // keepers)
     if isinstance(environment.runner, WorkerRunner):
         _on(
             environment.events.report_to_master,
@@ -356,8 +412,9 @@ _timeline: gevent.Greenlet | None = None
 
 
 def _start(environment: Environment, **_: Any) -> None:
-    global WORKLOAD, _timeline
+    global WORKLOAD, SCHEDULE, _timeline, started
     TALLY.started = time.time()
+    started = time.monotonic()
     options = environment.parsed_options
     assert options is not None and environment.host is not None
     if options.timeline_file and not isinstance(environment.runner, WorkerRunner):
@@ -369,6 +426,9 @@ def _start(environment: Environment, **_: Any) -> None:
         models = parse_mix(mix)[0]
         specs = {model: fetch_spec(environment.host, model) for model in models}
         WORKLOAD = Workload(options, mix, specs, random.Random())
+        if options.scenario == TRACE:
+            lines = Path(options.schedule_file).read_text().split()
+            SCHEDULE = iter([float(line) for line in lines])
     except Exception as exc:
         logger.error("cannot build the workload against %s: %s", environment.host, exc)
         environment.process_exit_code = 2

@@ -71,6 +71,12 @@ def verdict_page(summary: Mapping[str, Any], plot_png: bytes | None) -> str:
 
 
 def _offered(summary: Mapping[str, Any]) -> str:
+    if "offered_per_s" in summary:
+        due = summary["offered_per_s"]
+        return (
+            f"a schedule of {sum(due)} requests over {len(due)} s (peak {max(due, default=0)} "
+            f"req/s) on {summary['model_mix']}"
+        )
     if summary["arrival_rate"] is not None:
         return (
             f"{summary['arrival_rate']:g} req/s for {summary['duration_s']:g} s "

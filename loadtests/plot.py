@@ -3,7 +3,8 @@
 Panels share the time axis (seconds since the start):
 
 1. load: the offered load (users for a closed loop, on the right axis; the arrival rate for
-   the open loop) against the throughput that came back (successes and failures per second);
+   the open loop, or the requests due each second of a trace's schedule) against the
+   throughput that came back (successes and failures per second);
 2. latency: p50 and p99 over Locust's last-10-second window, with the SLO's p99 as a line and
    the first moment p99 went over it marked on every panel;
 3. only when the target is bazaar: the gateway's queue depth and ready endpoints (replicas)
@@ -86,9 +87,10 @@ def plot_run(
     timeline: Sequence[TimelinePoint],
     samples: Sequence[MetricsSample],
     slo_p99_ms: float,
-    arrival_rate: float | None,
+    arrival_rate: float | Sequence[float] | None,
 ) -> None:
-    """Draw the run to ``path``; ``arrival_rate`` is the open loop's offered rate, else None."""
+    """Draw the run to ``path``; ``arrival_rate`` is the open loop's offered rate (constant, or
+    per second from the start), else None."""
     draw_run(title, timeline, samples, slo_p99_ms, arrival_rate).savefig(path, dpi=100)
 
 
@@ -97,7 +99,7 @@ def draw_run(
     timeline: Sequence[TimelinePoint],
     samples: Sequence[MetricsSample],
     slo_p99_ms: float,
-    arrival_rate: float | None,
+    arrival_rate: float | Sequence[float] | None,
 ) -> Figure:
     start = timeline[0].t if timeline else samples[0].t if samples else 0.0
     panels = 3 if samples else 2
@@ -109,8 +111,17 @@ def draw_run(
     flow = rates(timeline)
     load.plot([t - start for t, _, _ in flow], [ok for _, ok, _ in flow], label="successes/s")
     load.plot([t - start for t, _, _ in flow], [bad for _, _, bad in flow], label="failures/s")
-    if arrival_rate is not None:
+    if isinstance(arrival_rate, float | int):
         load.axhline(arrival_rate, linestyle="--", color="black", label="offered (arrivals/s)")
+    elif arrival_rate is not None:
+        load.step(
+            range(len(arrival_rate)),
+            arrival_rate,
+            where="post",
+            linestyle="--",
+            color="black",
+            label="offered (arrivals/s)",
+        )
     load.set_ylabel("requests/s")
     load.set_ylim(bottom=0)
     if arrival_rate is None:

@@ -36,7 +36,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from loadtests.page import verdict_page
 from loadtests.plot import MetricsSample, TimelinePoint, plot_run
-from loadtests.shapes import OPEN_LOOP
+from loadtests.shapes import OPEN_LOOP, TRACE
 from loadtests.target import TargetError, ready_models
 from loadtests.verdict import OUTCOMES, RunResult, Slo, judge, outcome_line, verdict_table
 
@@ -83,10 +83,27 @@ class LoadTestConfig:
     """Fraction of requests sent with a wrong shape (to see the 400 path counted)."""
     max_outstanding: int = 1000
     """Open loop: requests in flight at most before a due one counts as missed."""
+    schedule: Path | None = None
+    """The trace scenario's due times (seconds from the start, one a line, in order);
+    absolute, as ``results``."""
 
     def __post_init__(self) -> None:
         if not self.results.is_absolute():
             raise ValueError(f"results must be an absolute path, got {self.results}")
+        if (self.schedule is not None) != (self.scenario == TRACE):
+            raise ValueError("a schedule is the trace scenario's, and it needs one")
+        if self.schedule is not None and not self.schedule.is_absolute():
+            raise ValueError(f"schedule must be an absolute path, got {self.schedule}")
+
+
+def offered_per_s(schedule: Path) -> list[int]:
+    """Requests due in each whole second of a schedule file."""
+    counts: list[int] = []
+    for line in schedule.read_text().split():
+        second = int(float(line))
+        counts += [0] * (second + 1 - len(counts))
+        counts[second] += 1
+    return counts
 
 
 def run(config: LoadTestConfig, out: TextIO | None = None) -> int:
@@ -120,13 +137,15 @@ def _run(config: LoadTestConfig, out: TextIO) -> int:
         stale.unlink(missing_ok=True)
     before = scrape(host)
     open_loop = config.scenario == OPEN_LOOP
-    offered = (
+    load = (
         f"{config.arrival_rate:g} req/s from {config.users} keepers"
         if open_loop
+        else f"the schedule {config.schedule.name} from {config.users} keepers"
+        if config.schedule is not None
         else f"up to {config.users} users"
     )
     print(
-        f"loadtest: {config.scenario}, {config.duration_s:g} s, {offered}, {mix} at {host}",
+        f"loadtest: {config.scenario}, {config.duration_s:g} s, {load}, {mix} at {host}",
         file=out,
     )
     command = _locust_command(config, host, mix, tally_path, timeline_path)
@@ -150,11 +169,18 @@ def _run(config: LoadTestConfig, out: TextIO) -> int:
         tail = files["log"].read_text(errors="replace")[-3000:]
         raise LoadTestError(f"locust exited with {process.returncode}; {files['log']}:\n{tail}")
     after = scrape(host)
-    result = RunResult.from_tally(json.loads(tally_path.read_text()))
+    tally = json.loads(tally_path.read_text())
+    result = RunResult.from_tally(tally)
     checks = judge(result, config.slo)
     passed = all(check.passed for check in checks)
     gateway = _gateway_counts(before, after, mix)
     summary = _summary(config, host, mix, result, checks, passed, gateway, files)
+    offered: float | list[int] | None = config.arrival_rate if open_loop else None
+    if config.schedule is not None:
+        offered = offered_per_s(config.schedule)
+        sent = {int(second): count for second, count in tally["sent_per_s"].items()}
+        summary["offered_per_s"] = offered
+        summary["sent_per_s"] = [sent.get(second, 0) for second in range(max(sent, default=-1) + 1)]
     files["summary"].write_text(json.dumps(summary, indent=2) + "\n")
     plot_run(
         files["plot"],
@@ -162,7 +188,7 @@ def _run(config: LoadTestConfig, out: TextIO) -> int:
         timeline,
         samples,
         config.slo.p99_ms,
-        config.arrival_rate if open_loop else None,
+        offered,
     )
     files["verdict"].write_text(verdict_page(summary, files["plot"].read_bytes()))
     _print_report(result, checks, passed, gateway, files, out)
@@ -226,6 +252,7 @@ def _locust_command(
         "--scenario-duration", str(config.duration_s),
         "--peak-users", str(config.users),
         "--arrival-rate", str(config.arrival_rate),
+        "--schedule-file", str(config.schedule or ""),
         "--max-outstanding", str(config.max_outstanding),
         "--model-mix", mix,
         "--binary-ratio", str(config.binary_ratio),

@@ -14,6 +14,9 @@ computes, as the gateway pipelines full batches up to ``max_batches_per_endpoint
 wait at the replica, in flight, and run back to back; a batch that could still grow waits for an
 idle replica. A removed replica that holds batches drains (finishes them, takes nothing
 new); pending and loading replicas are cancelled first, then idle ready ones, newest first.
+A batch is answered ``hop_ms`` after its compute ends (the gateway→pod round trip, encoding
+and decoding: 0 in the benchmark, measured by ``bazaar replay``): its rows stay in flight and
+its batch slot stays taken until then, while the replica already computes the next batch.
 
 Every second the simulator records what the gateway and the pods would export (queued and
 in-flight rows, admitted and completed counters, each ready replica's busy ratio over that second)
@@ -91,6 +94,9 @@ class SimConfig:
     """Fixed cost of a batch."""
     batch_row_ms: int = 5
     """Cost per row of a batch."""
+    hop_ms: int = 0
+    """Time from a batch's compute ending to its answer at the gateway, which the replica
+    spends on the next batch: the real path outside the compute (0: the benchmark's model)."""
     queue_bound: int = 20_000
     """Requests the gateway holds; arrivals beyond it are rejected."""
     queue_timeout_s: int = 30
@@ -178,7 +184,7 @@ class _Replica:
         self.busy_ms = 0
         """Milliseconds of every batch it started, including the one running."""
         self.busy_until_ms = 0
-        """When its last batch ends."""
+        """When its last batch's compute ends (its answer comes ``hop_ms`` later)."""
         self.busy_mark_ms = 0
         """Start of the second its busy ratio is measured over."""
 
@@ -360,13 +366,14 @@ class _Simulation(Generic[StateT]):
             if replica is None:
                 break  # a batch that could grow waits for an idle replica
             start_ms = max(t_ms, replica.busy_until_ms)  # after the batches it holds
-            done_ms = start_ms + config.batch_base_ms + config.batch_row_ms * rows
+            computed_ms = start_ms + config.batch_base_ms + config.batch_row_ms * rows
+            done_ms = computed_ms + config.hop_ms
             self.finished_ms.extend([done_ms] * rows)
             head += rows
             self.inflight_rows += rows
             replica.batches.append(rows)
-            replica.busy_until_ms = done_ms
-            replica.busy_ms += done_ms - start_ms
+            replica.busy_until_ms = computed_ms
+            replica.busy_ms += computed_ms - start_ms
             self.push(done_ms, _BATCH_DONE, replica)
         self.queue_head = head
         # An idle replica takes the next arrival the moment it comes.

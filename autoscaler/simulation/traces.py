@@ -25,6 +25,7 @@ as long as the one before it), so per-minute counts and epoch timestamps need no
 from __future__ import annotations
 
 import csv
+import itertools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,6 +101,22 @@ def from_rates(
     return Trace(
         name, rate_per_s, poisson_arrivals(rate_per_s, rng), min_replicas, step_at_s, step_rate
     )
+
+
+def compressed(trace: Trace, duration_s: int, seed: int, peak_rps: float | None = None) -> Trace:
+    """``trace`` in ``duration_s`` seconds, each the mean of its share of the original (so the
+    rate at each moment is the original's at the same point of the trace), scaled so that its
+    busiest second is ``peak_rps`` when one is given; arrivals drawn anew with ``seed``."""
+    if not 0 < duration_s <= trace.duration_s:
+        raise TraceError(
+            f"{trace.name} lasts {trace.duration_s} s: it compresses to 1 to that many seconds, "
+            f"not {duration_s}"
+        )
+    edges = np.linspace(0, trace.duration_s, duration_s + 1).round().astype(int)
+    rates = np.array([trace.rate_per_s[a:b].mean() for a, b in itertools.pairwise(edges)])
+    if peak_rps is not None:
+        rates *= peak_rps / rates.max()
+    return from_rates(f"{trace.name}-compressed", rates, seed, min_replicas=trace.min_replicas)
 
 
 def builtin(name: str, seed: int) -> Trace:

@@ -39,6 +39,8 @@ WHERE = "deployment ns/bazaar-model-mlp"
             ScaleConfig(scale_to_zero_after_s=90.0),
         ),
         ({"bazaar.dev/signal-delay": "45s"}, ScaleConfig(signal_delay_s=45.0)),
+        ({"bazaar.dev/latency-objective": "200ms"}, ScaleConfig(latency_slo_s=0.2)),
+        ({"bazaar.dev/latency-objective": "2"}, ScaleConfig(latency_slo_s=2.0)),
     ],
 )
 def test_good_annotations(annotations: dict[str, str], expected: ScaleConfig) -> None:
@@ -109,7 +111,12 @@ def test_good_annotations(annotations: dict[str, str], expected: ScaleConfig) ->
             "bazaar.dev/max-replica: unknown annotation; known: bazaar.dev/min-replicas, "
             "bazaar.dev/max-replicas, bazaar.dev/target-queue-per-replica, "
             "bazaar.dev/target-utilization, bazaar.dev/scale-to-zero-after, "
-            "bazaar.dev/signal-delay",
+            "bazaar.dev/signal-delay, bazaar.dev/latency-objective",
+        ),
+        (
+            {"bazaar.dev/latency-objective": "0ms"},
+            'bazaar.dev/latency-objective: must be a duration > 0 like "300", "300s", "5m" or '
+            "\"1h30m\", got '0ms'",
         ),
     ],
 )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
 
 import aiohttp
 import pytest
@@ -13,7 +14,7 @@ from prometheus_client import CollectorRegistry
 from autoscaler.deployments import REQUIRED_RBAC, KubernetesScaler
 from autoscaler.loop import Autoscaler, ScalerError, ScaleTarget
 from autoscaler.metrics import AutoscalerMetrics
-from autoscaler.policy import Decision, PolicyState, Sample, ScaleConfig
+from autoscaler.policy import Decision, PolicyState, Sample, ScaleConfig, decide
 from autoscaler.sources import GatewayStats, PodMetrics, Signals
 from cluster.lease import LeaderElection
 from tests.autoscaler.test_sources import FakeGateway
@@ -168,6 +169,29 @@ async def test_bad_annotations_skip_the_model_and_are_logged_once(
         "deployment default/bazaar-model-wide: bazaar.dev/max-replicas: "
         "must be an integer >= 1, got 'ten'"
     )
+
+
+async def test_each_model_keeps_its_own_latency_objective(
+    scaler: KubernetesScaler, fake: FakeKubernetes
+) -> None:
+    fake.add_deployment(
+        "bazaar-model-chat", "chat", annotations={"bazaar.dev/latency-objective": "150ms"}
+    )
+    targets = by_model(await scaler.targets())
+    assert targets["chat"].config == ScaleConfig(latency_slo_s=0.15)
+    assert targets["digits"].config.latency_slo_s == 0.5
+    # The same 1580 rows/s on 10 replicas of 160 rows/s: the tighter objective, more headroom.
+    busy = Sample(0.0, 10, 10, 0, 0.0, 16.0, 1580.0, 1580.0, 1.0, 1.0)
+    sized = {
+        model: decide(
+            busy,
+            PolicyState(),
+            replace(targets[model].config, max_replicas=64, replica_throughput_rps=160.0),
+            0.0,
+        ).replicas
+        for model in ("chat", "digits")
+    }
+    assert sized == {"chat": 11, "digits": 10}
 
 
 async def test_a_model_on_two_deployments_is_not_scaled(

@@ -331,6 +331,27 @@ def test_a_surge_after_a_scale_down_doubles_the_window() -> None:
     assert up.state.down_window_s == 240.0
 
 
+def test_the_window_doubles_up_to_twelve_minutes() -> None:
+    rates = [1600.0] * 200 + [200.0] * 250 + [1600.0] * 30
+    steps = [(float(t), sample(replicas=12, rate=r, done=r)) for t, r in enumerate(rates)]
+    state, decisions = PolicyState(), []
+    for now, seen in steps:
+        replicas = decisions[-1].replicas if decisions else seen.replicas
+        seen = replace(seen, time_s=now, replicas=replicas, ready_replicas=replicas)
+        before = state
+        decisions.append(decide(seen, state, CONFIG, now))
+        state = decisions[-1].state
+        if "window now" in decisions[-1].reason:
+            break
+    assert state.down_window_s == 240.0
+    # The same surge after a window of 480 s (two releases judged premature before): 720, the
+    # longest; after 720, 720 still.
+    for held, doubled in ((480.0, 720.0), (720.0, 720.0)):
+        again = decide(seen, replace(before, down_window_s=held), CONFIG, now)
+        assert again.state.down_window_s == doubled
+        assert f"scale-down window now {doubled:.0f} s" in again.reason
+
+
 def test_a_rise_the_forecast_follows_keeps_the_window() -> None:
     decisions = _down_then_back([200.0 + 5.0 * t for t in range(120)])
     ups = [d for d in decisions[450:] if d.code in ("scale_up", "panic_scale_up")]

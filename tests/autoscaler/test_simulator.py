@@ -200,6 +200,27 @@ def test_a_replica_holding_two_batches_takes_a_full_one_while_it_computes() -> N
     assert simulate(trace, Fixed(1), config, initial=1).finished_ms.tolist() == [100, 200, 200, 300]
 
 
+def test_an_answer_comes_a_hop_after_the_compute_and_the_replica_computes_meanwhile() -> None:
+    """The real path outside the batch (``bazaar replay`` measured 60 ms on its 200 ms
+    batches) keeps rows in flight and the batch slot taken, not the replica's compute."""
+    trace = traces.Trace("three", np.array([3.0, 0.0]), np.array([0, 0, 0], dtype=np.int64))
+    for depth, answered in ((1, [150, 300, 450]), (2, [150, 250, 350])):
+        config = SimConfig(
+            batch_base_ms=100, batch_row_ms=0, max_batch=1, batches_per_replica=depth, hop_ms=50
+        )
+        run = simulate(trace, Fixed(1), config, initial=1)
+        # One slot: each batch waits for the last one's answer. Two: the second computes
+        # while the first's answer travels, the third takes the slot that answer frees, and
+        # the replica computes back to back.
+        assert run.finished_ms.tolist() == answered, depth
+    # Computed by 100 ms, answered at 1050 ms: at 1 s both rows are still in flight.
+    trace = traces.Trace("two", np.array([2.0, 0.0]), np.array([0, 0], dtype=np.int64))
+    policy = Seen([])
+    config = SimConfig(batch_base_ms=100, batch_row_ms=0, max_batch=1, hop_ms=950)
+    assert simulate(trace, policy, config, initial=2).finished_ms.tolist() == [1050, 1050]
+    assert policy.signals[0] == (0.0, 2.0)
+
+
 def test_a_draining_replica_finishes_every_batch_it_holds() -> None:
     trace = traces.Trace("four", np.array([4.0, 0.0, 0.0]), np.array([0, 1, 2, 3], dtype=np.int64))
     config = SimConfig(batch_base_ms=800, batch_row_ms=0, max_batch=1, batches_per_replica=2)

@@ -116,3 +116,28 @@ def test_heavy_tail_spikes_are_mostly_small_and_sometimes_huge() -> None:
     heights = rates[starts] - 150.0
     assert len(heights) >= 8
     assert np.median(heights) < 400.0 < 1000.0 < heights.max()
+
+
+def test_a_trace_compressed_keeps_its_shape_at_the_peak_asked_for() -> None:
+    step = traces.builtin("step", 1)  # 300 s at 200, 600 s at 1600, 300 s at 200 req/s
+    replay = traces.compressed(step, 120, 1, peak_rps=150.0)
+    assert replay.duration_s == 120
+    assert replay.rate_per_s.tolist() == [18.75] * 30 + [150.0] * 60 + [18.75] * 30
+    # Arrivals drawn from it: about its mean rate over its length.
+    assert len(replay.arrivals_ms) == pytest.approx(replay.rate_per_s.sum(), rel=0.05)
+    assert replay.arrivals_ms.max() < 120_000
+
+
+def test_a_trace_compressed_without_a_peak_keeps_its_rates_and_floor() -> None:
+    drop = traces.builtin("drop", 1)  # 600 s at 400, 600 s at nothing, 600 s at 400 req/s
+    fast = traces.compressed(drop, 90, 2)
+    assert fast.rate_per_s.tolist() == [400.0] * 30 + [0.0] * 30 + [400.0] * 30
+    assert fast.min_replicas == 0
+
+
+@pytest.mark.parametrize("duration_s", [0, 1201])
+def test_a_trace_compresses_only_to_a_length_it_has(duration_s: int) -> None:
+    with pytest.raises(
+        traces.TraceError, match="lasts 1200 s: it compresses to 1 to that many seconds"
+    ):
+        traces.compressed(traces.builtin("step", 1), duration_s, 1)

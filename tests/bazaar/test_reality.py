@@ -5,22 +5,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import aiohttp
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 
-from autoscaler.simulation.traces import builtin
-from bazaar.reality import accelerator_repository, cold_starts, compress, replica_seconds
+from bazaar.reality import (
+    accelerator_repository,
+    batch_and_hop_seconds,
+    cold_starts,
+    replica_seconds,
+)
 from models.config import load_config
 from models.repository import ModelRepository
-
-
-def test_a_trace_compressed_keeps_its_shape_at_the_peak_asked_for() -> None:
-    step = builtin("step", 1)  # 300 s at 200, 600 s at 1600, 300 s at 200 req/s
-    replay = compress(step, 120, 150.0, 1)
-    assert replay.duration_s == 120
-    assert replay.rate_per_s.tolist() == [18.75] * 30 + [150.0] * 60 + [18.75] * 30
-    # Arrivals drawn from it: about its mean rate over its length.
-    assert len(replay.arrivals_ms) == pytest.approx(replay.rate_per_s.sum(), rel=0.05)
-    assert replay.arrivals_ms.max() < 120_000
 
 
 def test_cold_starts_are_read_from_the_supervisors_log() -> None:
@@ -54,3 +51,30 @@ def test_the_accelerator_repository_holds_mlp_alone_with_its_batch_time(
     assert config.dynamic_batching == original.dynamic_batching
     model = Path("mlp", "1", "model.onnx")
     assert (root / model).read_bytes() == (demo_repository / model).read_bytes()
+
+
+async def test_the_hop_is_the_gateways_mean_pod_call_less_the_workers_mean_compute() -> None:
+    """Against a stand-in for ``bazaar serve``'s two metrics pages; another model's series
+    must not count."""
+    pages = {
+        "/metrics": "# TYPE bazaar_gateway_pod_seconds histogram\n"
+        'bazaar_gateway_pod_seconds_sum{model="mlp",version=""} 26.0\n'
+        'bazaar_gateway_pod_seconds_count{model="mlp",version=""} 100.0\n'
+        'bazaar_gateway_pod_seconds_sum{model="other",version=""} 900.0\n'
+        'bazaar_gateway_pod_seconds_count{model="other",version=""} 1.0\n',
+        "/metrics/workers": "# TYPE bazaar_model_compute_seconds histogram\n"
+        'bazaar_model_compute_seconds_sum{model="mlp"} 10.0\n'
+        'bazaar_model_compute_seconds_count{model="mlp"} 50.0\n'
+        'bazaar_model_compute_seconds_sum{model="other"} 1.0\n'
+        'bazaar_model_compute_seconds_count{model="other"} 1.0\n',
+    }
+
+    async def page(request: web.Request) -> web.Response:
+        return web.Response(text=pages[request.path])
+
+    app = web.Application()
+    for path in pages:
+        app.router.add_get(path, page)
+    async with TestServer(app, host="127.0.0.1") as server, aiohttp.ClientSession() as session:
+        batch_s, hop_s = await batch_and_hop_seconds(session, str(server.make_url("")).rstrip("/"))
+    assert (batch_s, hop_s) == pytest.approx((0.2, 0.06))

@@ -27,9 +27,9 @@ from typing import Any, ClassVar
 import httpx
 import pytest
 
-from loadtests.command import add_loadtest_parser
+from loadtests.command import add_loadtest_parser, schedule_duration_s
 from loadtests.payloads import ModelSpec, build_payload
-from loadtests.runner import ROOT, scrape
+from loadtests.runner import ROOT, offered_per_s, scrape
 from tests.support import bazaar_process, free_port, models_ready
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -168,6 +168,35 @@ def test_the_open_loop_offers_its_rate(
     requests = summary_of(tmp_path)["requests"]
     # 100/s for 3 s, give or take the keepers' start-up and the last tick.
     assert 240 <= requests["due"] <= 320, requests
+
+
+def test_a_schedule_runs_to_the_end_of_its_last_second_and_counts_each_seconds_due(
+    tmp_path: Path,
+) -> None:
+    schedule = tmp_path / "schedule.txt"
+    schedule.write_text("0.010\n0.500\n2.000\n2.999\n")
+    assert schedule_duration_s(schedule) == 3.0
+    assert offered_per_s(schedule) == [2, 0, 2]
+
+
+@pytest.mark.parametrize("text", ["", "1.5\n0.5\n", "-1\n", "soon\n"])
+def test_a_schedule_that_is_not_due_times_in_order_is_refused(
+    text: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    schedule = tmp_path / "schedule.txt"
+    schedule.write_text(text)
+    assert loadtest("--schedule", str(schedule), "--results", str(tmp_path)) == 2
+    assert f"--schedule {schedule}:" in capsys.readouterr().out
+
+
+def test_the_trace_scenario_needs_a_schedule_and_a_schedule_the_trace_scenario(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    schedule = tmp_path / "schedule.txt"
+    schedule.write_text("0.5\n")
+    assert loadtest("--scenario", "trace", "--results", str(tmp_path)) == 2
+    assert loadtest("--scenario", "open", "--schedule", str(schedule)) == 2
+    assert capsys.readouterr().out.count("goes with the trace scenario") == 2
 
 
 @pytest.fixture(scope="module")

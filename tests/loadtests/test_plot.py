@@ -49,3 +49,12 @@ def test_every_legend_lies_outside_the_panels() -> None:
             box = legend.get_window_extent(renderer)
             assert not any(box.overlaps(panel) for panel in panels), box
             assert box.x1 <= figure.bbox.x1  # and inside the picture
+
+
+def test_a_schedules_offered_load_is_drawn_second_by_second() -> None:
+    timeline, samples = a_run()
+    figure = draw_run("run", timeline, samples, slo_p99_ms=50.0, arrival_rate=[25, 25, 100, 25])
+    (offered,) = [
+        line for line in figure.axes[0].get_lines() if line.get_label() == "offered (arrivals/s)"
+    ]
+    assert list(offered.get_ydata()) == [25, 25, 100, 25]
