@@ -133,30 +133,7 @@ HANDLE = base64.b64encode(b"cudaIpcMemHandle")
 """A CUDA IPC handle as the clients take it, serialised."""
 NO_LOAD = "not load or unload models"
 
-HTTP: dict[str, Works | Refused] = {
-    "is_server_live": Works(lambda c: c.is_server_live(), lambda r: r is True),
-    "is_server_ready": Works(lambda c: c.is_server_ready(), lambda r: r is True),
-    "is_model_ready": Works(lambda c: c.is_model_ready(MODEL), lambda r: r is True),
-    "get_server_metadata": Works(
-        lambda c: c.get_server_metadata(), lambda r: _lists_what_answers(r["extensions"])
-    ),
-    "get_model_metadata": Works(
-        lambda c: c.get_model_metadata(MODEL), lambda r: r["name"] == MODEL
-    ),
-    "get_model_config": Works(
-        lambda c: c.get_model_config(MODEL), lambda r: r["max_batch_size"] == 32
-    ),
-    "get_model_repository_index": Works(
-        lambda c: c.get_model_repository_index(), lambda r: MODEL in {m["name"] for m in r}
-    ),
-    "get_inference_statistics": Works(
-        lambda c: c.get_inference_statistics(MODEL),
-        lambda r: [s["name"] for s in r["model_stats"]] == [MODEL],
-    ),
-    "infer": Works(lambda c: c.infer(MODEL, [_input(triton_http)]), _output_shape),
-    "async_infer": Works(_http_async, _output_shape),
-    "load_model": Refused(lambda c: c.load_model(MODEL), NO_LOAD),
-    "unload_model": Refused(lambda c: c.unload_model(MODEL), NO_LOAD),
+REFUSED_BY_BOTH: dict[str, Works | Refused] = {
     "get_system_shared_memory_status": Refused(
         lambda c: c.get_system_shared_memory_status(), SHARED_MEMORY
     ),
@@ -185,6 +162,34 @@ HTTP: dict[str, Works | Refused] = {
         lambda c: c.update_log_settings({"log_verbose_level": 1}), "logging extension"
     ),
 }
+"""The calls both clients offer alike and every server refuses alike."""
+
+HTTP: dict[str, Works | Refused] = {
+    "is_server_live": Works(lambda c: c.is_server_live(), lambda r: r is True),
+    "is_server_ready": Works(lambda c: c.is_server_ready(), lambda r: r is True),
+    "is_model_ready": Works(lambda c: c.is_model_ready(MODEL), lambda r: r is True),
+    "get_server_metadata": Works(
+        lambda c: c.get_server_metadata(), lambda r: _lists_what_answers(r["extensions"])
+    ),
+    "get_model_metadata": Works(
+        lambda c: c.get_model_metadata(MODEL), lambda r: r["name"] == MODEL
+    ),
+    "get_model_config": Works(
+        lambda c: c.get_model_config(MODEL), lambda r: r["max_batch_size"] == 32
+    ),
+    "get_model_repository_index": Works(
+        lambda c: c.get_model_repository_index(), lambda r: MODEL in {m["name"] for m in r}
+    ),
+    "get_inference_statistics": Works(
+        lambda c: c.get_inference_statistics(MODEL),
+        lambda r: [s["name"] for s in r["model_stats"]] == [MODEL],
+    ),
+    "infer": Works(lambda c: c.infer(MODEL, [_input(triton_http)]), _output_shape),
+    "async_infer": Works(_http_async, _output_shape),
+    "load_model": Refused(lambda c: c.load_model(MODEL), NO_LOAD),
+    "unload_model": Refused(lambda c: c.unload_model(MODEL), NO_LOAD),
+    **REFUSED_BY_BOTH,
+}
 
 GRPC: dict[str, Works | Refused] = {
     "is_server_live": Works(lambda c: c.is_server_live(), lambda r: r is True),
@@ -209,33 +214,7 @@ GRPC: dict[str, Works | Refused] = {
     "async_stream_infer": Works(_grpc_stream, _output_shape),
     "load_model": Refused(lambda c: c.load_model(MODEL), "loading models over gRPC"),
     "unload_model": Refused(lambda c: c.unload_model(MODEL), "unloading models over gRPC"),
-    "get_system_shared_memory_status": Refused(
-        lambda c: c.get_system_shared_memory_status(), SHARED_MEMORY
-    ),
-    "register_system_shared_memory": Refused(
-        lambda c: c.register_system_shared_memory("r", "/key", 8), SHARED_MEMORY
-    ),
-    "unregister_system_shared_memory": Refused(
-        lambda c: c.unregister_system_shared_memory("r"), SHARED_MEMORY
-    ),
-    "get_cuda_shared_memory_status": Refused(
-        lambda c: c.get_cuda_shared_memory_status(), SHARED_MEMORY
-    ),
-    "register_cuda_shared_memory": Refused(
-        lambda c: c.register_cuda_shared_memory("r", HANDLE, 0, 8), SHARED_MEMORY
-    ),
-    "unregister_cuda_shared_memory": Refused(
-        lambda c: c.unregister_cuda_shared_memory("r"), SHARED_MEMORY
-    ),
-    "get_trace_settings": Refused(lambda c: c.get_trace_settings(MODEL), "trace extension"),
-    "update_trace_settings": Refused(
-        lambda c: c.update_trace_settings(settings={"trace_level": ["TIMESTAMPS"]}),
-        "trace extension",
-    ),
-    "get_log_settings": Refused(lambda c: c.get_log_settings(), "logging extension"),
-    "update_log_settings": Refused(
-        lambda c: c.update_log_settings({"log_verbose_level": 1}), "logging extension"
-    ),
+    **REFUSED_BY_BOTH,
 }
 
 

@@ -185,6 +185,22 @@ async def test_stop_returns_promptly_with_a_call_in_flight(
     fake.released.set()
 
 
+ONE_ROW = {
+    "inputs": [{"name": "input", "shape": [1, 256], "datatype": "FP32", "data": [0.5] * 256}]
+}
+"""One row for ``mlp``."""
+
+
+def _gateway_args(tmp_path: Path, api: str, port: int) -> list[str]:
+    """``bazaar gateway`` discovering namespace ``ns`` through the fake API at ``api``."""
+    return [
+        "gateway",
+        "--kubernetes-namespace=ns",
+        f"--kubeconfig={_kubeconfig(tmp_path / 'kubeconfig', api)}",
+        f"--port={port}",
+    ]
+
+
 def _kubeconfig(path: Path, server: str) -> Path:
     path.write_text(
         yaml.safe_dump(
@@ -231,19 +247,11 @@ async def test_a_gateway_process_serves_a_discovered_pod_and_holds_requests_at_z
     pod(True)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    body = {
-        "inputs": [{"name": "input", "shape": [1, 256], "datatype": "FP32", "data": [0.5] * 256}]
-    }
     async with serving(fake) as api, httpx.AsyncClient(base_url=url, timeout=30) as http:
-        args = [
-            "gateway",
-            "--kubernetes-namespace=ns",
-            f"--kubeconfig={_kubeconfig(tmp_path / 'kubeconfig', api)}",
-            f"--port={port}",
-        ]
+        args = _gateway_args(tmp_path, api, port)
         ready = f"{url}/v2/models/mlp/ready"
         async with _in_thread(bazaar_process(args, tmp_path / "gateway.log", ready)):
-            response = await http.post("/v2/models/mlp/infer", json=body)
+            response = await http.post("/v2/models/mlp/infer", json=ONE_ROW)
             assert response.status_code == 200, response.text
             assert len(response.json()["outputs"][0]["data"]) == 10
 
@@ -252,7 +260,7 @@ async def test_a_gateway_process_serves_a_discovered_pod_and_holds_requests_at_z
             while _endpoints(await http.get("/stats")) != 0:
                 assert time.monotonic() < deadline, "the gateway still lists the pod"
                 await asyncio.sleep(0.05)
-            held = asyncio.create_task(http.post("/v2/models/mlp/infer", json=body))
+            held = asyncio.create_task(http.post("/v2/models/mlp/infer", json=ONE_ROW))
             await asyncio.sleep(0.5)
             assert not held.done(), "a request for a model at zero must wait, not fail"
             assert (await http.get("/stats")).json()["models"]["mlp"]["queued"] == 1
@@ -324,21 +332,13 @@ async def test_a_gateway_process_sends_batches_over_grpc_where_the_slice_has_the
 
     pod({"http": http_port, "grpc": grpc_port})
     url = f"http://127.0.0.1:{port}"
-    body = {
-        "inputs": [{"name": "input", "shape": [1, 256], "datatype": "FP32", "data": [0.5] * 256}]
-    }
     pod_ready = f"http://127.0.0.1:{http_port}/v2/health/ready"
     with bazaar_process(pod_args, pod_log, pod_ready):
         async with serving(fake) as api, httpx.AsyncClient(base_url=url, timeout=30) as http:
-            args = [
-                "gateway",
-                "--kubernetes-namespace=ns",
-                f"--kubeconfig={_kubeconfig(tmp_path / 'kubeconfig', api)}",
-                f"--port={port}",
-            ]
+            args = _gateway_args(tmp_path, api, port)
             ready = f"{url}/v2/models/mlp/ready"
             async with _in_thread(bazaar_process(args, tmp_path / "gateway.log", ready)):
-                response = await http.post("/v2/models/mlp/infer", json=body)
+                response = await http.post("/v2/models/mlp/infer", json=ONE_ROW)
                 assert response.status_code == 200, response.text
                 assert len(response.json()["outputs"][0]["data"]) == 10
                 assert pod_infers_over_http() == 0, "the batch went over HTTP, not gRPC"
@@ -347,6 +347,6 @@ async def test_a_gateway_process_sends_batches_over_grpc_where_the_slice_has_the
                 deadline = time.monotonic() + 10
                 while pod_infers_over_http() == 0:
                     assert time.monotonic() < deadline, "the gateway still calls over gRPC"
-                    response = await http.post("/v2/models/mlp/infer", json=body)
+                    response = await http.post("/v2/models/mlp/infer", json=ONE_ROW)
                     assert response.status_code == 200, response.text
                     await asyncio.sleep(0.05)
