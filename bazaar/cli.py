@@ -239,10 +239,10 @@ def parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--hop",
-        choices=["grpc", "http"],
-        default="grpc",
-        help="how the gateway sends batches to the workers: gRPC (each worker serves it on a "
-        "second port) or binary HTTP (default %(default)s, the faster: BENCHMARKS.md)",
+        choices=["http", "grpc"],
+        default="http",
+        help="how the gateway sends batches to the workers: binary HTTP or gRPC (each worker "
+        "serves it on a second port) (default %(default)s, the faster: BENCHMARKS.md)",
     )
     _gateway_options(serve)
     serve.set_defaults(run=_serve)
@@ -262,6 +262,14 @@ def parser() -> argparse.ArgumentParser:
         metavar="NS",
         help="discover the ready pods of the Services labelled bazaar.dev/model in NS "
         "through their EndpointSlices",
+    )
+    gateway.add_argument(
+        "--hop",
+        choices=["http", "grpc"],
+        default="http",
+        help="with --kubernetes-namespace: how batches reach the pods, binary HTTP or gRPC to "
+        "the port named grpc of their EndpointSlices (default %(default)s, the faster: "
+        "BENCHMARKS.md); an endpoints file names a gRPC address per endpoint instead",
     )
     gateway.add_argument(
         "--kubeconfig",
@@ -643,8 +651,15 @@ def _gateway(args: argparse.Namespace) -> int:
         if args.kubeconfig is not None or args.leader_election_id is not None:
             log.error("--kubeconfig and --leader-election-id go with --kubernetes-namespace")
             return 2
+        if args.hop != "http":
+            log.error(
+                "--hop goes with --kubernetes-namespace: an endpoints file gives an "
+                "endpoint's gRPC address (grpc:) where its batches go over gRPC"
+            )
+            return 2
         source = StaticEndpoints(args.endpoints)
         config = dataclasses.replace(config, models=source.settings)
+        slices_over_http = False
     else:
         from cluster.api import Cluster, connect
 
@@ -653,6 +668,7 @@ def _gateway(args: argparse.Namespace) -> int:
             args.kubernetes_namespace, "gateway", logging.getLogger("gateway.discovery"), client
         )
         source = EndpointSlices(cluster)
+        slices_over_http = args.hop == "http"
         if args.leader_election_id is not None:
             record = _rollout_record(args)
     main = run(
@@ -666,7 +682,7 @@ def _gateway(args: argparse.Namespace) -> int:
         open_scopes=_open_scopes(args),
         tls=tls,
         grpc_port=args.grpc_port or None,
-        grpc_targets=source.grpc_target,
+        grpc_targets=None if slices_over_http else source.grpc_target,
         rollout_record=record,
         rollout_peers=peers,
     )

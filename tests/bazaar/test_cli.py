@@ -55,6 +55,12 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     assert capsys.readouterr().out == f"bazaar {__version__}\n"
 
 
+@pytest.mark.parametrize("command", [["serve"], ["gateway", "--kubernetes-namespace", "ns"]])
+def test_batches_go_to_pods_over_binary_http_unless_told(command: list[str]) -> None:
+    # Through a gateway on a quiet machine the HTTP hop carried 1.3-1.6x the gRPC hop's calls.
+    assert parser().parse_args(command).hop == "http"
+
+
 def test_the_gateway_options_default_to_the_gateway_config() -> None:
     defaults = GatewayConfig()
     args = parser().parse_args(["gateway", "--endpoints", "file.yaml"])
@@ -142,6 +148,7 @@ def test_an_unknown_scope_is_refused_at_start(capsys: pytest.CaptureFixture[str]
         (["--ssl-client-cert", "required"], "go with --ssl-certfile"),
         (["--ssl-keyfile", "key.pem"], "go with --ssl-certfile"),
         (["--rollout-peers", "http://g:8000"], "--rollout-peers goes with --leader-election-id"),
+        (["--hop", "grpc"], "--hop goes with --kubernetes-namespace"),
     ],
 )
 def test_options_without_the_one_they_complete_are_refused(

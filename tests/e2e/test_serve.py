@@ -265,11 +265,13 @@ def _worker_args(pid: int, model: str) -> list[list[str]]:
     ]
 
 
-def test_the_gateway_sends_batches_over_grpc_by_default(
+def test_the_gateway_sends_batches_over_binary_http_by_default(
     serve: tuple[str, int], small_repository: Path
 ) -> None:
     url, pid = serve
-    assert all("--grpc-port" in args for args in _worker_args(pid, "mlp"))
+    assert _worker_args(pid, "mlp") and all(
+        "--grpc-port" not in args for args in _worker_args(pid, "mlp")
+    )
     rows = np.random.default_rng(5).random((3, 256), dtype=np.float32)
     client = triton.InferenceServerClient(url.removeprefix("http://"))
     tensor = triton.InferInput("input", [3, 256], "FP32")
@@ -279,14 +281,14 @@ def test_the_gateway_sends_batches_over_grpc_by_default(
     np.testing.assert_allclose(answer, _mlp_expected(small_repository, rows), rtol=1e-5, atol=1e-5)
 
 
-def test_hop_http_sends_batches_over_http(small_repository: Path, tmp_path: Path) -> None:
+def test_hop_grpc_sends_batches_over_grpc(small_repository: Path, tmp_path: Path) -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     args = ["serve", "--model-repository", str(small_repository), "--port", str(port)]
-    args += ["--hop", "http", "--no-autoscale"]
+    args += ["--hop", "grpc", "--no-autoscale"]
     with bazaar_process(args, tmp_path / "serve.log", models_ready(url, ["digits", "mlp"])) as p:
         assert _worker_args(p.pid, "mlp") and all(
-            "--grpc-port" not in args for args in _worker_args(p.pid, "mlp")
+            "--grpc-port" in args for args in _worker_args(p.pid, "mlp")
         )
         rows = np.random.default_rng(6).random((2, 256), dtype=np.float32)
         body = {"inputs": [{"name": "input", "shape": [2, 256], "datatype": "FP32"}]}

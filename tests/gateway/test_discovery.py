@@ -335,7 +335,7 @@ async def test_a_gateway_process_sends_batches_over_grpc_where_the_slice_has_the
     pod_ready = f"http://127.0.0.1:{http_port}/v2/health/ready"
     with bazaar_process(pod_args, pod_log, pod_ready):
         async with serving(fake) as api, httpx.AsyncClient(base_url=url, timeout=30) as http:
-            args = _gateway_args(tmp_path, api, port)
+            args = [*_gateway_args(tmp_path, api, port), "--hop=grpc"]
             ready = f"{url}/v2/models/mlp/ready"
             async with _in_thread(bazaar_process(args, tmp_path / "gateway.log", ready)):
                 response = await http.post("/v2/models/mlp/infer", json=ONE_ROW)
