@@ -241,8 +241,7 @@ class InferenceService(GRPCInferenceServiceServicer):
         try:
             if tracing.TRACER is None:
                 return await self.backend.infer(request, context.time_remaining(), tenant, headers)
-            metadata = dict(context.invocation_metadata() or ())
-            with tracing.incoming(metadata.get("traceparent"), metadata.get("tracestate")):
+            with tracing.incoming(headers.get(b"traceparent"), headers.get(b"tracestate")):
                 return await self.backend.infer(request, context.time_remaining(), tenant, headers)
         except Exception as exc:
             await _abort(context, exc)
