@@ -545,6 +545,14 @@ def _edge_options(parser: argparse.ArgumentParser) -> None:
             "open connections; at the cap a new one closes the longest idle",
         ),
         (
+            "--oversize-answer-delay",
+            non_negative_float,
+            "SECONDS",
+            EDGE.oversize_answer_delay_s,
+            "how long the answer to an oversized request (413, 414, 431) waits, unread; "
+            "0 answers at once",
+        ),
+        (
             "--max-concurrent-requests",
             positive_int,
             "N",
@@ -569,6 +577,7 @@ def _edge_limits(args: argparse.Namespace) -> EdgeLimits:
         body_min_rate=args.body_min_rate,
         keep_alive_timeout_s=args.keep_alive_timeout,
         max_connections=args.max_connections,
+        oversize_answer_delay_s=args.oversize_answer_delay,
         max_concurrent_requests=args.max_concurrent_requests,
     )
 

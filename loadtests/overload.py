@@ -34,6 +34,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import time
 from collections import Counter
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -45,7 +46,14 @@ from prometheus_client.parser import text_string_to_metric_families
 from loadtests import hostile
 from loadtests.loadgen import Request, Tally, closed_loop, open_loop, stop_after
 from loadtests.payloads import ModelSpec, TensorSpec, build_payload
-from loadtests.procs import PinnedServer, children, http_get, peak_rss_bytes, reset_peak_rss
+from loadtests.procs import (
+    PinnedServer,
+    children,
+    cpu_seconds,
+    http_get,
+    peak_rss_bytes,
+    reset_peak_rss,
+)
 from loadtests.report import CLOSED_LOOP, NORMAL, OPEN_LOOP, LoadPoint
 from loadtests.wrk import BenchError
 from protocol.edge import connection_cap
@@ -111,25 +119,34 @@ def attack_connections(fd_limit: int) -> dict[str, int]:
 
 
 class _Meter:
-    """Reads the gateway's shed counter and the processes' peak RSS around a point."""
+    """Reads the gateway's shed counter and the processes' peak RSS and CPU around a point."""
 
     def __init__(self, base: str, pid: int) -> None:
         self.base = base
         self.pid = pid
         self.shed: dict[str, float] = {}
         self.workers: list[int] = []
+        self.started = 0.0
+        self.cpu: dict[int, float] = {}
 
     async def start(self) -> None:
         self.shed = shed_by_stage(await self._metrics(), MODEL)
         self.workers = children(self.pid)
         for pid in (self.pid, *self.workers):
             reset_peak_rss(pid)
+        self.started = time.monotonic()
+        self.cpu = {pid: cpu_seconds(pid) for pid in (self.pid, *self.workers)}
 
     async def point(
         self, scenario: str, load: str, tally: Tally, capacity: float, attack: str = ""
     ) -> LoadPoint:
         gateway_peak = peak_rss_bytes(self.pid)
         workers_peak = sum(peak_rss_bytes(pid) for pid in self.workers)
+        elapsed = time.monotonic() - self.started
+
+        def cpu(pid: int) -> float:
+            return (cpu_seconds(pid) - self.cpu[pid]) / elapsed
+
         shed = shed_by_stage(await self._metrics(), MODEL)
 
         def delta(stage: str) -> float | None:
@@ -152,6 +169,8 @@ class _Meter:
             shed_after_decode=delta("after_decode"),
             gateway_peak_bytes=gateway_peak,
             workers_peak_bytes=workers_peak,
+            gateway_cpu=cpu(self.pid),
+            workers_cpu=sum(cpu(pid) for pid in self.workers),
             attack=attack,
         )
 

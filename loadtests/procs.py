@@ -49,6 +49,12 @@ def peak_rss_bytes(pid: int) -> int:
     return _status_kib(pid, "VmHWM") * 1024
 
 
+def cpu_seconds(pid: int) -> float:
+    """The CPU time ``pid`` has used so far, user and system."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def rss_bytes(pid: int) -> int:
     return _status_kib(pid, "VmRSS") * 1024
 

@@ -59,6 +59,9 @@ class LoadPoint:
     gateway_peak_bytes: int
     workers_peak_bytes: int
     """The sum of the workers' peaks."""
+    gateway_cpu: float
+    workers_cpu: float
+    """The share of a core each used over the point, attack and ramp included."""
     attack: str = ""
     """How the gateway ended the hostile clients' connections, e.g. ``408 x1000``."""
 
@@ -232,7 +235,7 @@ def load_table(points: Sequence[LoadPoint]) -> str:
             "scenario", "load", "sent", "answered", "lost", "missed", "not connected",
             "goodput/s",
             "x capacity", "p99 ms", "shed before / after decode", "gateway MB", "workers MB",
-            "hostile connections ended",
+            "gateway / workers CPU %", "hostile connections ended",
         ],
         [
             [
@@ -249,6 +252,7 @@ def load_table(points: Sequence[LoadPoint]) -> str:
                 f"{shed(point.shed_before_decode)} / {shed(point.shed_after_decode)}",
                 f"{point.gateway_peak_bytes / 2**20:.0f}",
                 f"{point.workers_peak_bytes / 2**20:.0f}",
+                f"{point.gateway_cpu * 100:.0f} / {point.workers_cpu * 100:.0f}",
                 point.attack,
             ]
             for point in points

@@ -47,6 +47,9 @@ async def app(scope: Scope, receive: Receive, send: Send) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+EMPTY_BODY = [(b"content-length", b"0")]
+
+
 @contextlib.contextmanager
 def edge_server(limits: EdgeLimits, served: ASGIApp = app) -> Iterator[int]:
     """A uvicorn server with ``limits`` in a thread of its own; yields its port."""
@@ -119,7 +122,8 @@ def get(port: int, path: str = "/") -> int:
 
 
 def test_a_header_section_over_the_limit_is_answered_431_as_it_streams() -> None:
-    with edge_server(EdgeLimits(max_header_bytes=4096)) as port, connect(port) as sock:
+    limits = EdgeLimits(max_header_bytes=4096, oversize_answer_delay_s=0)
+    with edge_server(limits) as port, connect(port) as sock:
         sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: ")
         sent = 0
         while not ready(sock):
@@ -133,6 +137,27 @@ def test_a_header_section_over_the_limit_is_answered_431_as_it_streams() -> None
         assert (
             json.loads(body)["error"] == "request headers are larger than the limit of 4096 bytes"
         )
+
+
+def test_a_client_that_sends_oversized_requests_in_a_loop_gets_one_answer_per_delay() -> None:
+    """Each oversized request's answer waits the delay, its connection unread: a client that
+    streams huge headers and reconnects as soon as it is refused (two did so 740 times a
+    second without the delay) is held to one refusal per delay."""
+    delay_s, window_s = 0.25, 1.5
+    limits = EdgeLimits(max_header_bytes=4096, oversize_answer_delay_s=delay_s)
+    waits: list[float] = []
+    with edge_server(limits) as port:
+        started = time.monotonic()
+        while time.monotonic() - started < window_s:
+            with connect(port) as sock:
+                sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 8192)
+                sent = time.monotonic()
+                status, _, _ = read_response(sock)
+                waits.append(time.monotonic() - sent)
+            assert status == 431
+        assert get(port) == 200  # a request within the limits is answered at once
+    assert min(waits) >= delay_s
+    assert len(waits) <= window_s / delay_s + 1
 
 
 def ready(sock: socket.socket) -> bool:
@@ -192,7 +217,8 @@ def test_a_body_at_the_route_limit_is_served() -> None:
 
 
 def test_a_chunked_body_is_refused_413_as_soon_as_it_passes_the_limit() -> None:
-    with edge_server(EdgeLimits(max_body_bytes=100_000)) as port, connect(port) as sock:
+    limits = EdgeLimits(max_body_bytes=100_000, oversize_answer_delay_s=0)
+    with edge_server(limits) as port, connect(port) as sock:
         sock.sendall(b"POST /any HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
         sent = 0
         while not ready(sock):
@@ -241,6 +267,30 @@ def test_a_body_that_keeps_its_pace_is_served_past_the_timeout() -> None:
             time.sleep(0.05)
         status, _, body = read_response(sock)
     assert (status, json.loads(body)) == (200, {"size": 600})
+
+
+def test_a_body_that_arrives_in_pieces_wakes_the_app_once() -> None:
+    """The app wakes for the whole body, not for every read (uvicorn's way): a body trickled a
+    byte at a time costs the server a read per byte, not also a task switch."""
+    messages: list[bytes] = []
+
+    async def counting(scope: Scope, receive: Receive, send: Send) -> None:
+        more = True
+        while more:
+            message = await receive()
+            messages.append(message.get("body", b""))
+            more = message.get("more_body", False)
+        await send({"type": "http.response.start", "status": 200, "headers": EMPTY_BODY})
+        await send({"type": "http.response.body", "body": b""})
+
+    with edge_server(EdgeLimits(), counting) as port, connect(port) as sock:
+        sock.sendall(b"POST /any HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\n")
+        for byte in b"abcde":
+            sock.sendall(bytes([byte]))
+            time.sleep(0.02)  # each byte its own read
+        status, _, _ = read_response(sock)
+    assert status == 200
+    assert messages == [b"abcde"]
 
 
 def test_a_connection_that_sends_nothing_is_closed_after_the_keep_alive_timeout() -> None:
