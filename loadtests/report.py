@@ -159,11 +159,10 @@ def judge_overload(points: Sequence[LoadPoint]) -> list[Target]:
                 ratio >= MIN_GOODPUT_AT_2048,
             )
         )
-    unloaded = next((p for p in points if p.scenario == NORMAL), None)
-    attacked = [p for p in points if p.scenario.startswith(f"{NORMAL} + ")]
-    if unloaded is not None and attacked:
-        name = "normal traffic p99 under hostile clients vs unloaded"
-        worst = max(attacked, key=lambda p: math.inf if p.p99_ms is None else p.p99_ms)
+    pairs = _attacked_after_unloaded(points)
+    if pairs:
+        name = "normal traffic p99 under hostile clients vs unloaded just before"
+        unloaded, worst = max(pairs, key=_p99_ratio)
         if unloaded.p99_ms is None or worst.p99_ms is None:
             targets.append(Target(name, "no 200s", f"<= {MAX_P99_UNDER_ATTACK:.2f}x", False))
         else:
@@ -182,6 +181,25 @@ def judge_overload(points: Sequence[LoadPoint]) -> list[Target]:
             Target("requests lost (sent - answered), every point", str(lost), "0", lost == 0)
         )
     return targets
+
+
+def _attacked_after_unloaded(points: Sequence[LoadPoint]) -> list[tuple[LoadPoint, LoadPoint]]:
+    """Each point under an attack, with the unloaded point measured last before it."""
+    pairs = []
+    unloaded = None
+    for point in points:
+        if point.scenario == NORMAL:
+            unloaded = point
+        elif point.scenario.startswith(f"{NORMAL} + ") and unloaded is not None:
+            pairs.append((unloaded, point))
+    return pairs
+
+
+def _p99_ratio(pair: tuple[LoadPoint, LoadPoint]) -> float:
+    unloaded, attacked = pair
+    if unloaded.p99_ms is None or attacked.p99_ms is None:
+        return math.inf
+    return attacked.p99_ms / unloaded.p99_ms
 
 
 def _ratio(name: str, ours: HttpPoint | None, theirs: HttpPoint | None, at_least: float) -> Target:

@@ -245,6 +245,31 @@ def test_a_slow_header_section_is_answered_408() -> None:
         assert 0.5 <= time.monotonic() - started < 3
 
 
+def test_slow_clients_that_came_together_are_not_all_timed_out_at_once() -> None:
+    """Each header timer fires between the timeout and 1.5 times it, at random: slow clients
+    that connected together are refused, and come back, spread out, not in one instant."""
+    timeout_s = 0.4
+    with edge_server(EdgeLimits(header_timeout_s=timeout_s)) as port:
+        socks = [connect(port) for _ in range(20)]
+        sent = {}
+        for sock in socks:
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")
+            sent[sock] = time.monotonic()
+        waits = []
+        pending = set(socks)
+        while pending:
+            readable, _, _ = select.select(list(pending), [], [], 5)
+            assert readable, "slow clients were never timed out"
+            for sock in readable:
+                waits.append(time.monotonic() - sent[sock])
+                pending.discard(sock)
+        for sock in socks:
+            assert read_response(sock)[0] == 408
+            sock.close()
+    assert min(waits) >= timeout_s
+    assert max(waits) - min(waits) > timeout_s / 8
+
+
 def test_a_slow_body_is_answered_408() -> None:
     limits = EdgeLimits(body_timeout_s=0.5, body_min_rate=1000)
     with edge_server(limits) as port, connect(port) as sock:
