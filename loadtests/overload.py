@@ -12,8 +12,9 @@ keeps a Python generator well ahead of the gateway. In order:
 2. overload (``--scenarios overload``): closed loops at 512 and 2,048 connections, then an
    open loop at ``OPEN_LOOP_LOAD`` times capacity on at most ``MAX_OPEN_CONNECTIONS``;
 3. hostile (``--scenarios hostile``): for each attack in turn, normal traffic (an open loop
-   at ``NORMAL_LOAD`` of capacity) alone (unloaded), then again under the attack, the attack
-   started ``ATTACK_RAMP_S`` before the traffic and stopped after it. Each attacked point is
+   at ``NORMAL_LOAD`` of capacity) alone (unloaded); then the attack alone, after a ramp of
+   ``ATTACK_RAMP_S``, for what it costs the gateway's CPU by itself; then normal traffic
+   again under the attack, which is stopped after it. Each attacked point is
    judged against the unloaded point just before it: on this machine the unloaded p99 alone
    varies up to 4x from one point to the next, and one baseline for all would make every
    ratio carry its luck. The attack runs in a process
@@ -243,14 +244,17 @@ async def _measure(
             await meter.start()
             tally = await opened(rate)
             report(await meter.point(NORMAL, f"{rate:.0f} req/s", tally, capacity))
-            say(f"hostile: normal traffic under {kind} ({connections} connections)")
-            await meter.start()
+            say(f"hostile: {kind} ({connections} connections) alone, then with normal traffic")
             attacker = await _start_attack(kind, port, connections)
             try:
                 ramp_s = ATTACK_RAMP_S
                 if kind == "idle":
                     ramp_s += connections / hostile.IDLE_REOPEN_PER_S
                 await asyncio.sleep(ramp_s)
+                await meter.start()
+                await asyncio.sleep(duration_s)
+                report(await meter.point(f"{kind} alone", "no traffic", Tally(), capacity))
+                await meter.start()
                 tally = await opened(rate)
                 attacker.send_signal(signal.SIGTERM)
                 output, _ = await attacker.communicate()

@@ -35,7 +35,8 @@ class LoadPoint:
     (``loadtests.loadgen``)."""
 
     scenario: str
-    """``closed loop``, ``open loop``, ``normal traffic`` or ``normal traffic + ATTACK``."""
+    """``closed loop``, ``open loop``, ``normal traffic``, ``normal traffic + ATTACK`` or
+    ``ATTACK alone``."""
     load: str
     """``c=2048`` for a closed loop, ``1455 req/s`` for an open loop."""
     sent: int
@@ -61,7 +62,7 @@ class LoadPoint:
     """The sum of the workers' peaks."""
     gateway_cpu: float
     workers_cpu: float
-    """The share of a core each used over the point, attack and ramp included."""
+    """The share of a core each used over the point."""
     attack: str = ""
     """How the gateway ended the hostile clients' connections, e.g. ``408 x1000``."""
 
