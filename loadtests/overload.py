@@ -14,12 +14,12 @@ keeps a Python generator well ahead of the gateway. In order:
 3. hostile (``--scenarios hostile``): for each attack in turn, normal traffic (an open loop
    at ``NORMAL_LOAD`` of capacity) alone (unloaded); then the attack alone, after a ramp of
    ``ATTACK_RAMP_S``, for what it costs the gateway's CPU by itself; then normal traffic
-   again under the attack, which is stopped after it. Each attacked point is
-   judged against the unloaded point just before it: on this machine the unloaded p99 alone
-   varies up to 4x from one point to the next, and one baseline for all would make every
-   ratio carry its luck. The attack runs in a process
-   of its own at the lowest priority (``python -m loadtests.hostile``), on the same core:
-   it gets the core whenever the generator does not need it, and never delays it.
+   again under the attack, which is stopped after it. Each attacked point is judged
+   against the unloaded point just before it: on this machine the unloaded p99 alone varied
+   2.6x between consecutive 8 s windows and 5x within one run, and one baseline for all
+   would make every ratio carry its luck. The attack runs in a process of its own at the
+   lowest priority (``python -m loadtests.hostile``), on the same core: it gets the core
+   whenever the generator does not need it, and never delays it.
 
 Each point accounts for every request (sent, answered by status, lost), and reads around
 itself the gateway's shed counter by stage (``bazaar_gateway_shed_requests_total``) and
