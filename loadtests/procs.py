@@ -55,6 +55,11 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def open_fds(pid: int) -> int:
+    """The file descriptors ``pid`` holds open (its sockets among them)."""
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
 def rss_bytes(pid: int) -> int:
     return _status_kib(pid, "VmRSS") * 1024
 
