@@ -11,13 +11,16 @@ import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import numpy as np
 import uvicorn
 from starlette.types import ASGIApp
 
 from loadtests.loadgen import DRAIN_S, Request, Tally, closed_loop
+from protocol.codec import InferenceRequest, encode_request
 from protocol.support import free_port
 
 
@@ -29,6 +32,40 @@ def wait_until(condition: Callable[[], bool], timeout_s: float, what: str) -> No
             return
         time.sleep(0.05)
     raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+def post_until(
+    url: str,
+    rows: np.ndarray,
+    clients: int,
+    condition: Callable[[], bool],
+    timeout_s: float,
+    what: str,
+) -> list[int]:
+    """``clients`` threads post ``rows`` (input ``input``, binary) to the inference ``url``,
+    each again as soon as it is answered, until ``condition`` holds (as ``wait_until``);
+    the statuses they were answered."""
+    body, header_length = encode_request(
+        InferenceRequest(None, {}, {"input": rows}, None, binary_output=True)
+    )
+    headers = {"Inference-Header-Content-Length": str(header_length)}
+    statuses: list[int] = []
+    stop = threading.Event()
+
+    def client() -> None:
+        with httpx.Client(timeout=60) as http:
+            while not stop.is_set():
+                statuses.append(http.post(url, content=body, headers=headers).status_code)
+
+    with ThreadPoolExecutor(clients) as pool:
+        running = [pool.submit(client) for _ in range(clients)]
+        try:
+            wait_until(condition, timeout_s, what)
+        finally:
+            stop.set()
+        for future in running:
+            future.result(timeout=120)
+    return statuses
 
 
 async def eventually(condition: Callable[[], bool], timeout_s: float, what: str) -> None:

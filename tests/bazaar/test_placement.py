@@ -4,9 +4,7 @@ workers that hold it, and a busy model moves to a worker of its own."""
 from __future__ import annotations
 
 import shutil
-import threading
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -15,9 +13,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from bazaar.placement import SESSION_BYTES, busy_alone, estimated_bytes, place
 from models.repository import ModelRepository
-from protocol.codec import InferenceRequest, encode_request
 from tests.models.test_paging import SLOW_WIDTH, _slow
-from tests.support import bazaar_process, free_port, models_ready, wait_until
+from tests.support import bazaar_process, free_port, models_ready, post_until, wait_until
 
 DIGITS = ("a", "b", "c", "d")
 
@@ -189,19 +186,6 @@ def test_a_busy_model_of_a_shared_worker_moves_to_a_worker_of_its_own(
     url = f"http://127.0.0.1:{port}"
     args = ["serve", "--model-repository", str(root), "--port", str(port), "--grpc-port", "0"]
     args += ["--no-autoscale", "--worker-memory", "8000000"]
-    rows = np.ones((64, SLOW_WIDTH), dtype=np.float32)
-    body, header_length = encode_request(
-        InferenceRequest(None, {}, {"input": rows}, None, binary_output=True)
-    )
-    headers = {"Inference-Header-Content-Length": str(header_length)}
-    statuses: list[int] = []
-    stop = threading.Event()
-
-    def client() -> None:
-        with httpx.Client(timeout=60) as http:
-            while not stop.is_set():
-                answer = http.post(f"{url}/v2/models/slow/infer", content=body, headers=headers)
-                statuses.append(answer.status_code)
 
     def endpoints(model: str) -> list[str]:
         stats = httpx.get(f"{url}/stats", timeout=5).json()["models"]
@@ -211,14 +195,14 @@ def test_a_busy_model_of_a_shared_worker_moves_to_a_worker_of_its_own(
     with bazaar_process(args, log, models_ready(url, ["digits", "slow"])):
         shared = endpoints("digits")
         assert endpoints("slow") == shared and len(shared) == 1
-        with ThreadPoolExecutor(3) as pool:
-            clients = [pool.submit(client) for _ in range(3)]
-            try:
-                wait_until(lambda: endpoints("slow") not in ([], shared), 120, "slow's own worker")
-            finally:
-                stop.set()
-            for future in clients:
-                future.result(timeout=120)
+        statuses = post_until(
+            f"{url}/v2/models/slow/infer",
+            np.ones((64, SLOW_WIDTH), dtype=np.float32),
+            3,
+            lambda: endpoints("slow") not in ([], shared),
+            120,
+            "slow's own worker",
+        )
         assert endpoints("digits") == shared  # the others stay where they were
         digits = {
             "inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": [8] * 64}]

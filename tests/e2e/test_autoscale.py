@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from protocol.codec import InferenceRequest, encode_request
-from tests.support import bazaar_process, free_port, models_ready, wait_until
+from tests.support import bazaar_process, free_port, models_ready, post_until, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -47,34 +47,16 @@ def test_a_burst_adds_workers_and_the_quiet_after_it_removes_them(
         "--scale-down-window",
         "5",
     )
-    rows = np.random.default_rng(1).standard_normal((32, 1024), dtype=np.float32)
-    body, header_length = encode_request(
-        InferenceRequest(
-            id=None, parameters={}, inputs={"input": rows}, outputs=None, binary_output=True
-        )
-    )
-    headers = {"Inference-Header-Content-Length": str(header_length)}
-    statuses: list[int] = []
-    stop = threading.Event()
-
-    def client() -> None:
-        with httpx.Client(timeout=60) as http:
-            while not stop.is_set():
-                response = http.post(
-                    f"{url}/v2/models/mlp_wide/infer", content=body, headers=headers
-                )
-                statuses.append(response.status_code)
-
     with bazaar_process(args, tmp_path / "serve.log", models_ready(url, ["mlp_wide"])):
         assert _workers(url) == (1, 1)
-        with ThreadPoolExecutor(12) as pool:
-            clients = [pool.submit(client) for _ in range(12)]
-            try:
-                wait_until(lambda: _workers(url)[1] >= 2, 90, "a second worker under the burst")
-            finally:
-                stop.set()
-            for future in clients:
-                future.result(timeout=120)
+        statuses = post_until(
+            f"{url}/v2/models/mlp_wide/infer",
+            np.random.default_rng(1).standard_normal((32, 1024), dtype=np.float32),
+            12,
+            lambda: _workers(url)[1] >= 2,
+            90,
+            "a second worker under the burst",
+        )
         wait_until(lambda: _workers(url) == (1, 1), 90, "back to one worker after the window")
         log = (tmp_path / "serve.log").read_text()
     assert statuses and set(statuses) == {200}, {s: statuses.count(s) for s in set(statuses)}
