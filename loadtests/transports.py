@@ -211,7 +211,12 @@ def main() -> None:
     )
     parser.add_argument("--calls", type=int, default=2000, help="calls per round (2000)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds per transport (3)")
-    parser.add_argument("--logs", type=Path, default=Path(), help="serve logs go here (.)")
+    parser.add_argument(
+        "--logs",
+        type=Path,
+        default=Path(tempfile.gettempdir()),
+        help="serve logs go here (default: the system's temporary directory, not the checkout)",
+    )
     args = parser.parse_args()
     repository = args.repository.absolute()
     with (

@@ -106,6 +106,8 @@ def test_every_server_takes_the_client_limits(command: list[str]) -> None:
     assert _edge_limits(parser().parse_args(command)) == EdgeLimits()
     limits = _edge_limits(parser().parse_args([*command, "--header-timeout", "0.5"]))
     assert limits.header_timeout_s == 0.5
+    limits = _edge_limits(parser().parse_args([*command, "--oversize-answer-delay", "0"]))
+    assert limits.oversize_answer_delay_s == 0
 
 
 def test_the_gateway_config_carries_the_client_limits() -> None:

@@ -404,6 +404,9 @@ def test_limits_refuse_zero_and_negative_values() -> None:
         EdgeLimits(header_timeout_s=0)
     with pytest.raises(ConfigError, match="max_connections"):
         EdgeLimits(max_connections=-1)
+    assert EdgeLimits(oversize_answer_delay_s=0).oversize_answer_delay_s == 0  # at once
+    with pytest.raises(ConfigError, match="oversize_answer_delay_s: must be a number >= 0"):
+        EdgeLimits(oversize_answer_delay_s=-1)
 
 
 def test_a_client_that_disconnects_cancels_its_inference_handler() -> None:
