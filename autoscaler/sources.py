@@ -261,37 +261,35 @@ def _pod_load(
 ) -> tuple[float | None, float | None]:
     """The pod's busy ratio for ``models`` (each one's busiest version, or ``version``'s,
     summed over the models) and its mean GPU use."""
-    busy: dict[str, list[float]] = {}
-    gpu: list[float] = []
-    try:
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                if sample.name == BUSY_RATIO and sample.labels.get("model") in models:
-                    of_version = version is None or sample.labels.get("version") == version
-                    if of_version and math.isfinite(sample.value):
-                        busy.setdefault(sample.labels["model"], []).append(sample.value)
-                elif sample.name == GPU_UTILIZATION:
-                    gpu.append(sample.value)
-    except ValueError as exc:
-        log.debug("unreadable metrics text: %s", exc)
-        return None, None
-    summed = sum(max(values) for values in busy.values()) if busy else None
-    return summed, _mean(gpu)
+    busy, gpu = _pod_samples(text, version)
+    found = [busy[model] for model in models if model in busy]
+    return (sum(found) if found else None), _mean(gpu)
 
 
 def _busy_by_model(text: str) -> dict[str, float]:
     """The pod's busy ratio per model, each its busiest version's."""
+    return _pod_samples(text, None)[0]
+
+
+def _pod_samples(text: str, version: str | None) -> tuple[dict[str, float], list[float]]:
+    """Each model's busy ratio in the pod's metrics (its busiest version's, or
+    ``version``'s) and each GPU's use; nothing from unreadable text."""
     busy: dict[str, float] = {}
+    gpu: list[float] = []
     try:
         for family in text_string_to_metric_families(text):
             for sample in family.samples:
                 model = sample.labels.get("model")
-                if sample.name == BUSY_RATIO and model and math.isfinite(sample.value):
-                    busy[model] = max(busy.get(model, 0.0), sample.value)
+                if sample.name == BUSY_RATIO and model:
+                    of_version = version is None or sample.labels.get("version") == version
+                    if of_version and math.isfinite(sample.value):
+                        busy[model] = max(busy.get(model, sample.value), sample.value)
+                elif sample.name == GPU_UTILIZATION:
+                    gpu.append(sample.value)
     except ValueError as exc:
         log.debug("unreadable metrics text: %s", exc)
-        return {}
-    return busy
+        return {}, []
+    return busy, gpu
 
 
 class PrometheusQuery:
