@@ -26,10 +26,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from autoscaler.simulation.catalog import TRACES
-from loadtests.command import run_loadtest, stamp
+from loadtests.command import results_folder, run_loadtest
 from loadtests.shapes import TRACE
 
 SCHEDULE_FILE = "schedule.txt"
@@ -83,9 +82,7 @@ def run(args: argparse.Namespace) -> int:
     except TraceError as exc:
         print(f"loadtest: {exc}", file=sys.stderr)
         return 2
-    results: Path = (
-        args.results or Path("results", "loadtest", f"{stamp()}-trace-{trace.name}")
-    ).absolute()
+    results = results_folder(args.results, f"trace-{trace.name}")
     results.mkdir(parents=True, exist_ok=True)
     schedule = results / SCHEDULE_FILE
     schedule.write_text("".join(f"{ms / 1000:.3f}\n" for ms in played.arrivals_ms.tolist()))

@@ -216,8 +216,7 @@ def run_loadtest(args: argparse.Namespace) -> int:
         except (OSError, ValueError) as exc:
             print(f"loadtest: --schedule {args.schedule}: {exc}")
             return 2
-    # Absolute here, where the path enters: Locust runs in another working directory.
-    results = (args.results or Path("results", "loadtest", f"{stamp()}-{scenario}")).absolute()
+    results = results_folder(args.results, scenario)
     config = LoadTestConfig(
         host=args.host,
         scenario=scenario,
@@ -247,6 +246,9 @@ def schedule_duration_s(schedule: Path) -> float:
     return float(int(due[-1]) + 1)
 
 
-def stamp() -> str:
-    """The time now, as a results folder's name begins."""
-    return time.strftime("%Y%m%d-%H%M%S")
+def results_folder(given: Path | None, name: str) -> Path:
+    """``--results``, or ``results/loadtest/TIME-NAME``; absolute, since Locust runs in
+    another working directory."""
+    return (
+        given or Path("results", "loadtest", f"{time.strftime('%Y%m%d-%H%M%S')}-{name}")
+    ).absolute()
