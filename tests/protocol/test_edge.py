@@ -48,6 +48,9 @@ async def app(scope: Scope, receive: Receive, send: Send) -> None:
 
 
 EMPTY_BODY = [(b"content-length", b"0")]
+TIMER_GRAIN_S = 0.002
+"""How early against ``time.monotonic`` a server timer may fire: uvloop's clock counts whole
+milliseconds (one suite run saw a 0.25 s wait end after 0.24995 s)."""
 
 
 @contextlib.contextmanager
@@ -156,7 +159,7 @@ def test_a_client_that_sends_oversized_requests_in_a_loop_gets_one_answer_per_de
                 waits.append(time.monotonic() - sent)
             assert status == 431
         assert get(port) == 200  # a request within the limits is answered at once
-    assert min(waits) >= delay_s
+    assert min(waits) >= delay_s - TIMER_GRAIN_S
     assert len(waits) <= window_s / delay_s + 1
 
 
@@ -266,7 +269,7 @@ def test_slow_clients_that_came_together_are_not_all_timed_out_at_once() -> None
         for sock in socks:
             assert read_response(sock)[0] == 408
             sock.close()
-    assert min(waits) >= timeout_s
+    assert min(waits) >= timeout_s - TIMER_GRAIN_S
     assert max(waits) - min(waits) > timeout_s / 8
 
 
