@@ -365,7 +365,7 @@ def run(args: argparse.Namespace) -> int:
             if overload:
                 results.overload = run_overload(
                     args.out, repository, overload, args.duration, WARMUP_S, SERVER_CORE,
-                    READY_DEADLINE_S, fd_limit, say,
+                    CLIENT_CORE, READY_DEADLINE_S, fd_limit, say,
                 )  # fmt: skip
         except BenchError as exc:
             print(f"benchmark invalid: {exc}", file=sys.stderr)

@@ -55,6 +55,16 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def steal_seconds(core: int) -> float:
+    """The time the hypervisor has taken from ``core`` so far (``steal`` in ``/proc/stat``): on
+    a virtual machine, time in which nothing on that core could run."""
+    prefix = f"cpu{core} "
+    for line in Path("/proc/stat").read_text().splitlines():
+        if line.startswith(prefix):
+            return int(line.split()[8]) / os.sysconf("SC_CLK_TCK")
+    raise BenchError(f"/proc/stat has no cpu{core}")
+
+
 def open_fds(pid: int) -> int:
     """The file descriptors ``pid`` holds open (its sockets among them)."""
     return len(os.listdir(f"/proc/{pid}/fd"))

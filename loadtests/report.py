@@ -8,6 +8,7 @@ never PASS.
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -63,6 +64,10 @@ class LoadPoint:
     gateway_cpu: float
     workers_cpu: float
     """The share of a core each used over the point."""
+    server_steal: float
+    client_steal: float
+    """The share of the servers' core and of the generator's the hypervisor took over the
+    point: time nothing there could run, which the requests waited through."""
     attack: str = ""
     """How the gateway ended the hostile clients' connections, e.g. ``408 x1000``."""
 
@@ -160,22 +165,23 @@ def judge_overload(points: Sequence[LoadPoint]) -> list[Target]:
                 ratio >= MIN_GOODPUT_AT_2048,
             )
         )
-    pairs = _attacked_after_unloaded(points)
-    if pairs:
-        name = "normal traffic p99 under hostile clients vs unloaded just before"
-        unloaded, worst = max(pairs, key=_p99_ratio)
-        if unloaded.p99_ms is None or worst.p99_ms is None:
-            targets.append(Target(name, "no 200s", f"<= {MAX_P99_UNDER_ATTACK:.2f}x", False))
-        else:
-            ratio = worst.p99_ms / unloaded.p99_ms
-            targets.append(
-                Target(
-                    f"{name} (worst: {worst.scenario.removeprefix(f'{NORMAL} + ')})",
-                    f"{worst.p99_ms:.1f} / {unloaded.p99_ms:.1f} ms = {ratio:.2f}x",
-                    f"<= {MAX_P99_UNDER_ATTACK:.2f}x",
-                    ratio <= MAX_P99_UNDER_ATTACK,
-                )
+    rounds = _rounds_by_attack(points)
+    if rounds:
+        ratios = {
+            attack: statistics.median(map(_p99_ratio, each)) for attack, each in rounds.items()
+        }
+        attack = max(ratios, key=ratios.__getitem__)
+        each = ", ".join(_p99_pair(pair) for pair in rounds[attack])
+        median = ratios[attack]
+        targets.append(
+            Target(
+                "normal traffic p99 under hostile clients vs unloaded just before, median of "
+                f"each attack's rounds (worst: {attack})",
+                f"{'no 200s' if math.isinf(median) else f'{median:.2f}x'} ({each})",
+                f"<= {MAX_P99_UNDER_ATTACK:.2f}x",
+                median <= MAX_P99_UNDER_ATTACK,
             )
+        )
     if points:
         lost = sum(p.lost for p in points)
         targets.append(
@@ -184,16 +190,17 @@ def judge_overload(points: Sequence[LoadPoint]) -> list[Target]:
     return targets
 
 
-def _attacked_after_unloaded(points: Sequence[LoadPoint]) -> list[tuple[LoadPoint, LoadPoint]]:
-    """Each point under an attack, with the unloaded point measured last before it."""
-    pairs = []
+def _rounds_by_attack(points: Sequence[LoadPoint]) -> dict[str, list[tuple[LoadPoint, LoadPoint]]]:
+    """Per attack, each point under it with the unloaded point measured last before it."""
+    rounds: dict[str, list[tuple[LoadPoint, LoadPoint]]] = {}
     unloaded = None
     for point in points:
         if point.scenario == NORMAL:
             unloaded = point
         elif point.scenario.startswith(f"{NORMAL} + ") and unloaded is not None:
-            pairs.append((unloaded, point))
-    return pairs
+            attack = point.scenario.removeprefix(f"{NORMAL} + ")
+            rounds.setdefault(attack, []).append((unloaded, point))
+    return rounds
 
 
 def _p99_ratio(pair: tuple[LoadPoint, LoadPoint]) -> float:
@@ -201,6 +208,13 @@ def _p99_ratio(pair: tuple[LoadPoint, LoadPoint]) -> float:
     if unloaded.p99_ms is None or attacked.p99_ms is None:
         return math.inf
     return attacked.p99_ms / unloaded.p99_ms
+
+
+def _p99_pair(pair: tuple[LoadPoint, LoadPoint]) -> str:
+    def ms(point: LoadPoint) -> str:
+        return "-" if point.p99_ms is None else f"{point.p99_ms:.1f}"
+
+    return f"{ms(pair[1])} / {ms(pair[0])} ms"
 
 
 def _ratio(name: str, ours: HttpPoint | None, theirs: HttpPoint | None, at_least: float) -> Target:
@@ -254,7 +268,8 @@ def load_table(points: Sequence[LoadPoint]) -> str:
             "scenario", "load", "sent", "answered", "lost", "missed", "not connected",
             "goodput/s",
             "x capacity", "p99 ms", "shed before / after decode", "gateway MB", "workers MB",
-            "gateway / workers CPU %", "hostile connections ended",
+            "gateway / workers CPU %", "steal % server / client core",
+            "hostile connections ended",
         ],
         [
             [
@@ -272,6 +287,7 @@ def load_table(points: Sequence[LoadPoint]) -> str:
                 f"{point.gateway_peak_bytes / 2**20:.0f}",
                 f"{point.workers_peak_bytes / 2**20:.0f}",
                 f"{point.gateway_cpu * 100:.0f} / {point.workers_cpu * 100:.0f}",
+                f"{point.server_steal * 100:.1f} / {point.client_steal * 100:.1f}",
                 point.attack,
             ]
             for point in points

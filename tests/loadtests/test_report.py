@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
-from loadtests.report import NORMAL, LoadPoint, judge_overload
+from loadtests.report import NORMAL, LoadPoint, judge_overload, load_table
 
 
-def point(scenario: str, p99_ms: float, lost: int = 0) -> LoadPoint:
+def point(scenario: str, p99_ms: float | None, lost: int = 0) -> LoadPoint:
     return LoadPoint(
         scenario=scenario, load="300 req/s", sent=100, statuses={200: 100 - lost}, lost=lost,
         missed=0, not_connected=0, goodput=300.0, capacity=600.0, p99_ms=p99_ms,
         shed_before_decode=0, shed_after_decode=0, gateway_peak_bytes=0, workers_peak_bytes=0,
-        gateway_cpu=0.5, workers_cpu=0.4,
+        gateway_cpu=0.5, workers_cpu=0.4, server_steal=0.031, client_steal=0.0,
     )  # fmt: skip
+
+
+def rounds(attack: str, *pairs: tuple[float, float | None]) -> list[LoadPoint]:
+    """Rounds of (unloaded p99, attacked p99)."""
+    points = []
+    for unloaded, attacked in pairs:
+        points += [point(NORMAL, unloaded), point(f"{NORMAL} + {attack}", attacked)]
+    return points
 
 
 def test_each_attack_is_judged_against_the_unloaded_point_just_before_it() -> None:
@@ -22,13 +30,44 @@ def test_each_attack_is_judged_against_the_unloaded_point_just_before_it() -> No
         point(f"{NORMAL} + slow-body", 60.0),  # 1.5x: the largest p99 but not the worst ratio
     ]
     p99, lost = judge_overload(points)
-    assert p99.measured == "25.0 / 10.0 ms = 2.50x"
+    assert p99.measured == "2.50x (25.0 / 10.0 ms)"
     assert "worst: idle" in p99.name
     assert not p99.passed
     assert lost.passed
 
 
 def test_attacks_within_twice_their_baselines_pass() -> None:
-    points = [point(NORMAL, 10.0), point(f"{NORMAL} + idle", 20.0)]
-    p99, _ = judge_overload(points)
+    p99, _ = judge_overload(rounds("idle", (10.0, 20.0)))
     assert p99.passed
+
+
+def test_an_attack_is_judged_by_the_median_of_its_rounds() -> None:
+    one_unlucky_round = rounds("idle", (10.0, 15.0), (10.0, 80.0), (12.0, 18.0))
+    p99, _ = judge_overload(one_unlucky_round)
+    assert p99.measured == "1.50x (15.0 / 10.0 ms, 80.0 / 10.0 ms, 18.0 / 12.0 ms)"
+    assert p99.passed
+
+    two_bad_rounds = rounds("idle", (10.0, 25.0), (10.0, 80.0), (12.0, 18.0))
+    p99, _ = judge_overload(two_bad_rounds)
+    assert p99.measured.startswith("2.50x")
+    assert not p99.passed
+
+
+def test_the_worst_attack_is_the_one_with_the_worst_median() -> None:
+    points = rounds("slow-body", (10.0, 90.0), (10.0, 11.0), (10.0, 12.0))  # one spike: 1.2x
+    points += rounds("idle", (10.0, 19.0), (10.0, 19.0), (10.0, 19.0))  # 1.9x every round
+    p99, _ = judge_overload(points)
+    assert "worst: idle" in p99.name
+    assert p99.measured.startswith("1.90x")
+    assert p99.passed
+
+
+def test_an_attacked_round_without_any_200_fails() -> None:
+    p99, _ = judge_overload(rounds("idle", (10.0, None), (10.0, None), (10.0, 11.0)))
+    assert p99.measured == "no 200s (- / 10.0 ms, - / 10.0 ms, 11.0 / 10.0 ms)"
+    assert not p99.passed
+
+
+def test_each_point_shows_the_hypervisors_steal_from_both_cores() -> None:
+    row = load_table([point(NORMAL, 10.0)]).splitlines()[2]
+    assert "| 3.1 / 0.0 |" in row
