@@ -27,8 +27,9 @@ keeps a Python generator well ahead of the gateway. In order:
 Each point accounts for every request (sent, answered by status, lost), and reads around
 itself the gateway's shed counter by stage (``bazaar_gateway_shed_requests_total``), the
 peak RSS of the gateway and its workers (high-water marks reset at its start), their CPU,
-and the hypervisor's steal from both cores. A lost request does not invalidate a point,
-unlike a wrk error: it is what the point found, and a target says so.
+the servers' core's use by anything, and the hypervisor's steal from both cores. A lost
+request does not invalidate a point, unlike a wrk error: it is what the point found, and a
+target says so.
 """
 
 from __future__ import annotations
@@ -54,14 +55,15 @@ from loadtests import hostile
 from loadtests.loadgen import Request, Tally, closed_loop, open_loop, stop_after
 from loadtests.payloads import ModelSpec, TensorSpec, build_payload
 from loadtests.procs import (
+    CoreTimes,
     PinnedServer,
     children,
+    core_times,
     cpu_seconds,
     http_get,
     open_fds,
     peak_rss_bytes,
     reset_peak_rss,
-    steal_seconds,
 )
 from loadtests.report import CLOSED_LOOP, NORMAL, OPEN_LOOP, LoadPoint
 from loadtests.wrk import BenchError
@@ -139,8 +141,8 @@ def attack_connections(fd_limit: int) -> dict[str, int]:
 
 
 class _Meter:
-    """Reads the gateway's shed counter, the processes' peak RSS and CPU, and the hypervisor's
-    steal from the servers' core and the generator's, around a point."""
+    """Reads the gateway's shed counter, the processes' peak RSS and CPU, the servers' core's
+    use and the hypervisor's steal from it and from the generator's, around a point."""
 
     def __init__(self, base: str, pid: int, server_core: int, client_core: int) -> None:
         self.base = base
@@ -150,7 +152,7 @@ class _Meter:
         self.workers: list[int] = []
         self.started = 0.0
         self.cpu: dict[int, float] = {}
-        self.steal: dict[int, float] = {}
+        self.times: dict[int, CoreTimes] = {}
 
     async def start(self) -> None:
         self.shed = shed_by_stage(await self._metrics(), MODEL)
@@ -159,7 +161,7 @@ class _Meter:
             reset_peak_rss(pid)
         self.started = time.monotonic()
         self.cpu = {pid: cpu_seconds(pid) for pid in (self.pid, *self.workers)}
-        self.steal = {core: steal_seconds(core) for core in self.cores}
+        self.times = {core: core_times(core) for core in self.cores}
 
     async def point(
         self, scenario: str, load: str, tally: Tally, capacity: float, attack: str = ""
@@ -171,8 +173,11 @@ class _Meter:
         def cpu(pid: int) -> float:
             return (cpu_seconds(pid) - self.cpu[pid]) / elapsed
 
+        times = {core: core_times(core) for core in self.cores}
+        server_core, client_core = self.cores
+
         def steal(core: int) -> float:
-            return (steal_seconds(core) - self.steal[core]) / elapsed
+            return (times[core].steal - self.times[core].steal) / elapsed
 
         shed = shed_by_stage(await self._metrics(), MODEL)
 
@@ -198,8 +203,9 @@ class _Meter:
             workers_peak_bytes=workers_peak,
             gateway_cpu=cpu(self.pid),
             workers_cpu=sum(cpu(pid) for pid in self.workers),
-            server_steal=steal(self.cores[0]),
-            client_steal=steal(self.cores[1]),
+            server_core_busy=(times[server_core].busy - self.times[server_core].busy) / elapsed,
+            server_steal=steal(server_core),
+            client_steal=steal(client_core),
             attack=attack,
         )
 

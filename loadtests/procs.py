@@ -20,6 +20,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
@@ -55,13 +56,24 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def steal_seconds(core: int) -> float:
-    """The time the hypervisor has taken from ``core`` so far (``steal`` in ``/proc/stat``): on
-    a virtual machine, time in which nothing on that core could run."""
+@dataclass(frozen=True, slots=True)
+class CoreTimes:
+    """What one core has spent its time on so far, in seconds (``/proc/stat``)."""
+
+    busy: float
+    """Running anything: processes, the kernel, interrupts (on loopback, the kernel's work for
+    both ends of a connection lands on whichever core sends)."""
+    steal: float
+    """Taken by the hypervisor: on a virtual machine, time in which nothing on the core ran."""
+
+
+def core_times(core: int) -> CoreTimes:
     prefix = f"cpu{core} "
     for line in Path("/proc/stat").read_text().splitlines():
         if line.startswith(prefix):
-            return int(line.split()[8]) / os.sysconf("SC_CLK_TCK")
+            user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, line.split()[1:9])
+            tick = os.sysconf("SC_CLK_TCK")
+            return CoreTimes((user + nice + system + irq + softirq) / tick, steal / tick)
     raise BenchError(f"/proc/stat has no cpu{core}")
 
 

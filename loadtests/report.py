@@ -64,6 +64,9 @@ class LoadPoint:
     gateway_cpu: float
     workers_cpu: float
     """The share of a core each used over the point."""
+    server_core_busy: float
+    """The share of the servers' core in use over the point by anything: the servers, and the
+    kernel's network work there, some of it for the clients' end of loopback connections."""
     server_steal: float
     client_steal: float
     """The share of the servers' core and of the generator's the hypervisor took over the
@@ -268,7 +271,7 @@ def load_table(points: Sequence[LoadPoint]) -> str:
             "scenario", "load", "sent", "answered", "lost", "missed", "not connected",
             "goodput/s",
             "x capacity", "p99 ms", "shed before / after decode", "gateway MB", "workers MB",
-            "gateway / workers CPU %", "steal % server / client core",
+            "gateway / workers CPU %", "server core busy %", "steal % server / client core",
             "hostile connections ended",
         ],
         [
@@ -287,6 +290,7 @@ def load_table(points: Sequence[LoadPoint]) -> str:
                 f"{point.gateway_peak_bytes / 2**20:.0f}",
                 f"{point.workers_peak_bytes / 2**20:.0f}",
                 f"{point.gateway_cpu * 100:.0f} / {point.workers_cpu * 100:.0f}",
+                f"{point.server_core_busy * 100:.0f}",
                 f"{point.server_steal * 100:.1f} / {point.client_steal * 100:.1f}",
                 point.attack,
             ]

@@ -6,17 +6,20 @@ import os
 
 import pytest
 
-from loadtests.procs import steal_seconds
+from loadtests.procs import core_times
 from loadtests.wrk import BenchError
 
 
-def test_the_hypervisors_steal_is_read_per_core_and_only_grows() -> None:
+def test_a_cores_times_are_read_from_proc_stat_and_only_grow() -> None:
     core = min(os.sched_getaffinity(0))
-    first = steal_seconds(core)
-    assert 0.0 <= first <= steal_seconds(core)
+    first = core_times(core)
+    sum(range(1_000_000))  # some time on this core to count
+    second = core_times(core)
+    assert 0.0 <= first.busy <= second.busy
+    assert 0.0 <= first.steal <= second.steal
 
 
 def test_a_core_the_machine_lacks_is_named_in_the_error() -> None:
     missing = (os.cpu_count() or 1) + 1000
     with pytest.raises(BenchError, match=f"cpu{missing}"):
-        steal_seconds(missing)
+        core_times(missing)

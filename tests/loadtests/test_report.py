@@ -10,7 +10,8 @@ def point(scenario: str, p99_ms: float | None, lost: int = 0) -> LoadPoint:
         scenario=scenario, load="300 req/s", sent=100, statuses={200: 100 - lost}, lost=lost,
         missed=0, not_connected=0, goodput=300.0, capacity=600.0, p99_ms=p99_ms,
         shed_before_decode=0, shed_after_decode=0, gateway_peak_bytes=0, workers_peak_bytes=0,
-        gateway_cpu=0.5, workers_cpu=0.4, server_steal=0.031, client_steal=0.0,
+        gateway_cpu=0.5, workers_cpu=0.4, server_core_busy=0.97, server_steal=0.031,
+        client_steal=0.0,
     )  # fmt: skip
 
 
@@ -68,6 +69,6 @@ def test_an_attacked_round_without_any_200_fails() -> None:
     assert not p99.passed
 
 
-def test_each_point_shows_the_hypervisors_steal_from_both_cores() -> None:
+def test_each_point_shows_its_cores_use_and_the_hypervisors_steal() -> None:
     row = load_table([point(NORMAL, 10.0)]).splitlines()[2]
-    assert "| 3.1 / 0.0 |" in row
+    assert "| 50 / 40 | 97 | 3.1 / 0.0 |" in row
