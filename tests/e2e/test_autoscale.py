@@ -38,12 +38,14 @@ def _serve(repository: Path, *options: str) -> tuple[str, list[str]]:
 def test_a_burst_adds_workers_and_the_quiet_after_it_removes_them(
     wide_repository: Path, tmp_path: Path
 ) -> None:
+    # At most two workers: the way back down is then one step, and each step waits for the
+    # ready count to have held longer than the signals may lag (about 17 s, docs/autoscaling.md).
     url, args = _serve(
         wide_repository,
         "--workers-per-model",
         "1",
         "--max-workers-per-model",
-        "3",
+        "2",
         "--scale-down-window",
         "5",
     )
