@@ -14,7 +14,7 @@ def test_every_layout_reports_a_row_without_errors(demo_repository: Path, tmp_pa
     command += [str(demo_repository / "digits"), "--models", "6", "--per-model-models", "2"]
     # One paging worker, and 5 models held between two pods: a budget of fewer would not
     # hold the first model a process loads (it carries ONNX Runtime's one-time allocations).
-    command += ["--resident", "5", "--paged-workers", "1", "--cold", "2", "--duration", "1"]
+    command += ["--resident", "5", "--paged-workers", "1", "--cold", "2", "--duration", "0.5"]
     run = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert run.returncode == 0, run.stderr
     rows = [line.split() for line in run.stdout.splitlines()[1:]]
