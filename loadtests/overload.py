@@ -85,7 +85,7 @@ NORMAL_LOAD = 0.25
 """Normal traffic's rate beside the hostile clients, as a fraction of capacity. An open
 loop's batches are smaller than the closed loop's, so each request costs more: at half the
 capacity the servers' core was 96-99 % busy (saturated, where any attack's CPU is paid in
-queueing), at a quarter 65-70 %, about where an autoscaler targeting 0.7 would hold a pod."""
+queueing), at a quarter 64-84 %, about where an autoscaler targeting 0.7 would hold a pod."""
 ROUNDS = 3
 """Rounds of (normal traffic alone, normal traffic under the attack) per attack; each attack
 is judged by the median of its rounds' p99 ratios, since a single window's p99 on a shared
