@@ -31,7 +31,8 @@ for every read as in uvicorn, so that a trickled body costs a read per piece, no
 task switch.
 
 Timeouts: a connection is idle from its opening and from the end of each response, and is
-closed after ``keep_alive_timeout_s`` (uvicorn arms this only after a response). A request
+closed after ``keep_alive_timeout_s`` (uvicorn arms this only after a response; a connection
+that has sent nothing yet is closed by its server's ``sweep``, every ``SWEEP_S``). A request
 whose head or body is still incomplete when a read ends gets one timer; when it fires, the
 head must be complete (``header_timeout_s`` from its first read) and the body must have
 reached its pace (``body_timeout_s`` plus one second per ``body_min_rate`` bytes), else 408.
@@ -41,10 +42,11 @@ not blamed. Each timer first fires at a random point between its timeout and
 otherwise be refused and come back all in one instant (normal traffic's p99 went to 3.1x
 unloaded at that instant, under ``loadtests.hostile``'s slowloris).
 
-Connections: a new connection is a ``FreshConnection`` (a timer and a place under the cap)
-until its first bytes, when it becomes an ``EdgeProtocol``: an idle flood's connections
-never pay for uvicorn's protocol. Measured with connections opened and closed by a client
-that sends nothing, server CPU per connection: 68-70 µs before, 28-38 µs after; a
+Connections: a new connection is a ``FreshConnection`` (a place under the cap and in the
+idle list, no timer of its own) until its first bytes, when it becomes an ``EdgeProtocol``:
+an idle flood's connections never pay for uvicorn's protocol, nor for a timer each. Measured
+with connections opened and closed by a client that sends nothing, server CPU per
+connection: 68-70 µs with uvicorn's protocol, 28-38 µs with a fresh connection's; a
 connection that sends one request pays for the switch within the noise (217-287 µs before,
 250-293 after; a loaded machine, ``/v2/health/live`` of ``bazaar serve``). Idle connections
 are kept in one ``OrderedDict`` per server, idlest first, so that at ``max_connections`` a new
@@ -65,6 +67,7 @@ from __future__ import annotations
 
 import asyncio
 import http
+import itertools
 import logging
 import random
 import resource
@@ -99,6 +102,10 @@ left without listening on ``receive`` (a second task per request, which costs th
 
 OVERSIZE = frozenset((413, 414, 431))
 """Refusals of a request larger than a limit: their answers wait ``oversize_answer_delay_s``."""
+
+SWEEP_S = 0.25
+"""How often a server closes its connections idle for the keep-alive timeout that have no
+timer of their own (those that have sent nothing yet): one timer per server, not one each."""
 
 TIMEOUT_SPREAD = 1.5
 """A header or body timer first fires between its timeout and this many times it."""
@@ -135,7 +142,7 @@ def edge_protocol(limits: EdgeLimits) -> type[FreshConnection]:
     ServerEdgeProtocol.idle = OrderedDict()
 
     class ServerFreshConnection(FreshConnection):
-        pass
+        __slots__ = ()
 
     ServerFreshConnection.edge = ServerEdgeProtocol
     return ServerFreshConnection
@@ -192,6 +199,8 @@ class EdgeProtocol(HttpToolsProtocol):
     """The server's idle connections, idlest first, with when each became idle. Ordered, not
     a dict: connections leave it mostly from the front, and a dict's first item is found by
     stepping over every removed one (10 µs per new connection at the cap, 0.9 here)."""
+    sweeping: ClassVar[asyncio.AbstractEventLoop | None] = None
+    """The loop on which ``sweep`` will next look at ``idle``; None while nothing is idle."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -421,13 +430,18 @@ class FreshConnection(asyncio.Protocol):
     control, loggers and addresses) and a connection that never sends (an idle flood) would
     pay it for nothing."""
 
+    # Slots, and no timer of its own (``sweep``): what the collector tracks per connection
+    # is what an idle flood of 10,000 connections makes it walk, 10 objects with a dict and a
+    # timer, 6 now (this, its arguments, and uvloop's transport, weak reference, buffer and
+    # bound data_received).
+    __slots__ = ("connections", "transport", "uvicorn_arguments")
+
     edge: ClassVar[type[EdgeProtocol]] = EdgeProtocol
 
     def __init__(self, **uvicorn_arguments: Any) -> None:
         self.uvicorn_arguments = uvicorn_arguments
         self.connections: set[Any] = uvicorn_arguments["server_state"].connections
         self.transport: asyncio.Transport
-        self._timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast("asyncio.Transport", transport)
@@ -439,7 +453,9 @@ class FreshConnection(asyncio.Protocol):
             transport.close()
             return
         edge.idle[self] = loop.time()
-        self._timer = loop.call_later(edge.limits.keep_alive_timeout_s, transport.close)
+        if edge.sweeping is not loop:
+            edge.sweeping = loop
+            loop.call_later(SWEEP_S, sweep, edge, loop)
 
     def data_received(self, data: bytes) -> None:
         self._leave()
@@ -458,9 +474,20 @@ class FreshConnection(asyncio.Protocol):
     def _leave(self) -> None:
         self.connections.discard(self)
         self.edge.idle.pop(self, None)
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+
+
+def sweep(edge: type[EdgeProtocol], loop: asyncio.AbstractEventLoop) -> None:
+    """Close the server's connections idle for its keep-alive timeout, and come back in
+    ``SWEEP_S`` while any connection is idle."""
+    idle, before = edge.idle, loop.time() - edge.limits.keep_alive_timeout_s
+    expired = [c for c, _ in itertools.takewhile(lambda item: item[1] <= before, idle.items())]
+    for connection in expired:
+        del idle[connection]
+        connection.transport.close()
+    if idle:
+        loop.call_later(SWEEP_S, sweep, edge, loop)
+    else:
+        edge.sweeping = None
 
 
 def spread(timeout_s: float) -> float:
