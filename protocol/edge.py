@@ -425,7 +425,8 @@ class EdgeProtocol(HttpToolsProtocol):
 
 class FreshConnection(asyncio.Protocol):
     """A connection that has sent nothing yet. It holds its place under the connection cap
-    and its keep-alive timeout, and becomes the server's ``EdgeProtocol`` at its first bytes:
+    and in the server's idle list (``sweep`` closes it after the keep-alive timeout), and
+    becomes the server's ``EdgeProtocol`` at its first bytes:
     uvicorn's protocol costs about half of a gateway's CPU per connection (its parser, flow
     control, loggers and addresses) and a connection that never sends (an idle flood) would
     pay it for nothing."""
