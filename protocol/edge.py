@@ -104,8 +104,9 @@ OVERSIZE = frozenset((413, 414, 431))
 """Refusals of a request larger than a limit: their answers wait ``oversize_answer_delay_s``."""
 
 SWEEP_S = 0.25
-"""How often a server closes its connections idle for the keep-alive timeout that have no
-timer of their own (those that have sent nothing yet): one timer per server, not one each."""
+"""How often a server closes its connections idle past the keep-alive timeout: those that
+have sent nothing have no timer of their own (one timer per server, not one each); the others
+also have uvicorn's, and whichever comes first closes them."""
 
 TIMEOUT_SPREAD = 1.5
 """A header or body timer first fires between its timeout and this many times it."""
