@@ -309,7 +309,7 @@ LAYERS = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "bazaa
 
 class LayerCache:
     """Docker's build cache for the replay: the image root after each builder ``RUN``, kept
-    under the digest of the interpreter and of every instruction before it, with the bytes
+    under the digest of the interpreter, the root, and every instruction before it, with the bytes
     each ``COPY`` brought in. While each ``RUN`` finds its layer, nothing runs; at the first
     that does not, the last layer found is restored and the steps since run, as do all after
     it. So the locked install (45-54 s of this module's 55) runs again only when a lock, the
@@ -317,7 +317,8 @@ class LayerCache:
 
     def __init__(self, interpreter: str, root: Path) -> None:
         self.root = root
-        self.digest = hashlib.sha256(interpreter.encode())
+        # The root too: a layer's venv names its own path, valid nowhere else.
+        self.digest = hashlib.sha256(f"{interpreter}\0{root}".encode())
         self.found: Path | None = None
         self.pending: list[Callable[[], object]] = []
         self.building = False
