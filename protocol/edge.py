@@ -440,18 +440,27 @@ class FreshConnection(asyncio.Protocol):
     control, loggers and addresses) and a connection that never sends (an idle flood) would
     pay it for nothing."""
 
-    # Slots, and no timer of its own (``sweep``): what the collector tracks per connection
-    # is what an idle flood of 10,000 connections makes it walk, 10 objects with a dict and a
-    # timer, 6 now (this, its arguments, and uvloop's transport, weak reference, buffer and
-    # bound data_received).
-    __slots__ = ("connections", "transport", "uvicorn_arguments")
+    # Slots, no timer of its own (``sweep``) and no arguments of its own: what the collector
+    # tracks per connection is what an idle flood of 10,000 connections makes it walk, 10
+    # objects with a dict, a timer and uvicorn's arguments, 5 now (this, and uvloop's
+    # transport, weak reference, buffer and bound data_received).
+    __slots__ = ("transport",)
 
     edge: ClassVar[type[EdgeProtocol]] = EdgeProtocol
+    uvicorn_arguments: ClassVar[dict[str, Any]] = {}
+    """What uvicorn gives each new connection (its config, the server's state, the lifespan's
+    state): the same for every connection of a server, so held by the server's class, from
+    its first connection."""
 
     def __init__(self, **uvicorn_arguments: Any) -> None:
-        self.uvicorn_arguments = uvicorn_arguments
-        self.connections: set[Any] = uvicorn_arguments["server_state"].connections
+        cls = type(self)
+        if cls.uvicorn_arguments.get("server_state") is not uvicorn_arguments["server_state"]:
+            cls.uvicorn_arguments = uvicorn_arguments
         self.transport: asyncio.Transport
+
+    @property
+    def connections(self) -> set[Any]:
+        return cast("set[Any]", self.uvicorn_arguments["server_state"].connections)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast("asyncio.Transport", transport)
