@@ -151,6 +151,15 @@ MIN_GOODPUT_AT_2048 = 0.8
 """Of capacity, at 2,048 connections."""
 MAX_P99_UNDER_ATTACK = 2.0
 """Normal traffic's p99 under any attack, against the same traffic unloaded."""
+ROUNDS = 3
+"""Rounds of (normal traffic alone, normal traffic under the attack) that judge an attack, by
+the median of their p99 ratios: a single window's p99 on a shared virtual machine carries
+the luck of the window."""
+MAX_ROUND_STEAL = 0.05
+"""A round counts only if, in both its points, the hypervisor took at most this share of
+the servers' core and of the generator's: past it the round measures the host, not the
+gateway (in a run with 11-43 % steal on the servers' core the unloaded p99s were 29 to 221
+ms, against 7 to 9 ms in quiet runs)."""
 
 
 def judge_overload(points: Sequence[LoadPoint]) -> list[Target]:
@@ -170,27 +179,44 @@ def judge_overload(points: Sequence[LoadPoint]) -> list[Target]:
         )
     rounds = _rounds_by_attack(points)
     if rounds:
-        ratios = {
-            attack: statistics.median(map(_p99_ratio, each)) for attack, each in rounds.items()
-        }
-        attack = max(ratios, key=ratios.__getitem__)
-        each = ", ".join(_p99_pair(pair) for pair in rounds[attack])
-        median = ratios[attack]
-        targets.append(
-            Target(
-                "normal traffic p99 under hostile clients vs unloaded just before, median of "
-                f"each attack's rounds (worst: {attack})",
-                f"{'no 200s' if math.isinf(median) else f'{median:.2f}x'} ({each})",
-                f"<= {MAX_P99_UNDER_ATTACK:.2f}x",
-                median <= MAX_P99_UNDER_ATTACK,
-            )
-        )
+        targets.append(_judge_attacks(rounds))
     if points:
         lost = sum(p.lost for p in points)
         targets.append(
             Target("requests lost (sent - answered), every point", str(lost), "0", lost == 0)
         )
     return targets
+
+
+def _judge_attacks(rounds: dict[str, list[tuple[LoadPoint, LoadPoint]]]) -> Target:
+    """The worst attack's median ratio over its counted rounds (``ROUNDS`` of them, the
+    first with little steal); not judged while any attack has fewer."""
+    name = "normal traffic p99 under hostile clients vs unloaded just before, median of each "
+    required = f"<= {MAX_P99_UNDER_ATTACK:.2f}x"
+    counted = {attack: [p for p in each if steady(p)][:ROUNDS] for attack, each in rounds.items()}
+    short = {attack: len(each) for attack, each in counted.items() if len(each) < ROUNDS}
+    if short:
+        few = ", ".join(f"{attack} {n} of {ROUNDS}" for attack, n in short.items())
+        measured = f"not judged: rounds with steal <= {MAX_ROUND_STEAL:.0%}: {few}"
+        return Target(f"{name}attack's rounds", measured, required, None)
+    ratios = {attack: statistics.median(map(_p99_ratio, each)) for attack, each in counted.items()}
+    attack = max(ratios, key=ratios.__getitem__)
+    each = ", ".join(_p99_pair(pair) for pair in counted[attack])
+    aside = sum(not steady(pair) for pair in rounds[attack])
+    if aside:
+        each += f"; {aside} more set aside for steal"
+    median = ratios[attack]
+    return Target(
+        f"{name}attack's rounds (worst: {attack})",
+        f"{'no 200s' if math.isinf(median) else f'{median:.2f}x'} ({each})",
+        required,
+        median <= MAX_P99_UNDER_ATTACK,
+    )
+
+
+def steady(pair: tuple[LoadPoint, LoadPoint]) -> bool:
+    """Whether a round counts: the hypervisor took little of either core in both its points."""
+    return all(max(p.server_steal, p.client_steal) <= MAX_ROUND_STEAL for p in pair)
 
 
 def _rounds_by_attack(points: Sequence[LoadPoint]) -> dict[str, list[tuple[LoadPoint, LoadPoint]]]:
