@@ -107,9 +107,9 @@ SWEEP_S = 0.02
 """How often a server closes its connections idle past the keep-alive timeout: those that
 have sent nothing have no timer of their own (one timer per server, not one each); the others
 also have uvicorn's, and whichever comes first closes them. Often, so that each sweep has few
-to close: a close costs the server's core about 55 µs, the kernel's part included, and under
-an idle flood's 2,000 connections a second a sweep every 0.25 s closed 300 to 700 at once and
-held the event loop 35 to 85 ms."""
+to close: a connection accepted and closed costs the server's core about 55 µs, the kernel's
+part included, and under an idle flood's 2,000 connections a second a sweep every 0.25 s
+closed 300 to 700 at once and held the event loop 35 to 85 ms."""
 
 SWEEP_BATCH = 32
 """The most connections one sweep closes (under 2 ms of the loop). When more are due, the next
