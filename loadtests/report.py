@@ -156,10 +156,11 @@ ROUNDS = 3
 the median of their p99 ratios: a single window's p99 on a shared virtual machine carries
 the luck of the window."""
 MAX_ROUND_STEAL = 0.05
-"""A round counts only if, in both its points, the hypervisor took at most this share of
-the servers' core and of the generator's: past it the round measures the host, not the
-gateway (in a run with 11-43 % steal on the servers' core the unloaded p99s were 29 to 221
-ms, against 7 to 9 ms in quiet runs)."""
+"""Two points are compared only if, in both, the hypervisor took at most this share of the
+servers' core and of the generator's (a hostile round, and goodput at 2,048 connections
+against capacity): past it they measure the host, not the gateway (in a run with 11-43 %
+steal on the servers' core the unloaded p99s were 29 to 221 ms, against 7 to 9 ms in quiet
+runs)."""
 
 
 def judge_overload(points: Sequence[LoadPoint]) -> list[Target]:
@@ -167,14 +168,19 @@ def judge_overload(points: Sequence[LoadPoint]) -> list[Target]:
     hostile clients against unloaded, and no request lost anywhere."""
     targets = []
     crowd = next((p for p in points if p.scenario == CLOSED_LOOP and p.load == "c=2048"), None)
+    capacity = next((p for p in points if p.scenario == CLOSED_LOOP and p.load == "c=64"), None)
     if crowd is not None:
         ratio = crowd.goodput / crowd.capacity if crowd.capacity else 0.0
+        measured = f"{crowd.goodput:.0f} / {crowd.capacity:.0f} = {ratio:.2f}x"
+        judged = capacity is None or steady((capacity, crowd))
+        if not judged:
+            measured = f"not judged: steal over {MAX_ROUND_STEAL:.0%} ({measured})"
         targets.append(
             Target(
                 "goodput at c=2048 vs capacity (closed loop c=64)",
-                f"{crowd.goodput:.0f} / {crowd.capacity:.0f} = {ratio:.2f}x",
+                measured,
                 f">= {MIN_GOODPUT_AT_2048:.2f}x",
-                ratio >= MIN_GOODPUT_AT_2048,
+                ratio >= MIN_GOODPUT_AT_2048 if judged else None,
             )
         )
     rounds = _rounds_by_attack(points)
@@ -215,7 +221,7 @@ def _judge_attacks(rounds: dict[str, list[tuple[LoadPoint, LoadPoint]]]) -> Targ
 
 
 def steady(pair: tuple[LoadPoint, LoadPoint]) -> bool:
-    """Whether a round counts: the hypervisor took little of either core in both its points."""
+    """Whether two points compared count: the hypervisor took little of either core in both."""
     return all(max(p.server_steal, p.client_steal) <= MAX_ROUND_STEAL for p in pair)
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from loadtests.report import NORMAL, LoadPoint, judge_overload, load_table
+import dataclasses
+
+from loadtests.report import CLOSED_LOOP, NORMAL, LoadPoint, judge_overload, load_table
 
 
 def point(scenario: str, p99_ms: float | None, lost: int = 0, steal: float = 0.031) -> LoadPoint:
@@ -88,6 +90,19 @@ def test_an_attack_with_too_few_rounds_without_steal_is_not_judged() -> None:
     assert p99.passed is None
     assert p99.verdict == "n/a"
     assert lost.passed
+
+
+def test_goodput_under_a_crowd_is_not_judged_on_points_the_hypervisor_took() -> None:
+    def closed(load: str, goodput: float, steal: float) -> LoadPoint:
+        return dataclasses.replace(
+            point(CLOSED_LOOP, 100.0, steal=steal), load=load, goodput=goodput, capacity=600.0
+        )
+
+    quiet = judge_overload([closed("c=64", 600.0, 0.01), closed("c=2048", 420.0, 0.01)])[0]
+    assert (quiet.measured, quiet.passed) == ("420 / 600 = 0.70x", False)
+    crowded = judge_overload([closed("c=64", 600.0, 0.01), closed("c=2048", 420.0, 0.09)])[0]
+    assert crowded.measured == "not judged: steal over 5% (420 / 600 = 0.70x)"
+    assert crowded.passed is None
 
 
 def test_an_attacked_round_without_any_200_fails() -> None:
