@@ -1,16 +1,14 @@
 """The HTTP edge: the limits and timeouts a client meets before the app sees its request.
 
-``uvicorn_options(limits)`` gives a ``uvicorn.Config`` everything below. What enforces what:
-
-- uvicorn: the keep-alive timeout (``timeout_keep_alive``, armed after each response).
-- ``EdgeProtocol``, a subclass of uvicorn's httptools protocol, everything else, because
-  neither uvicorn nor httptools offers it: httptools has no header size limit (it joins a
-  header value by concatenation, so a 100 MB header held the event loop for 20 s), uvicorn
-  has no header or body read timeout, never times out a connection that sends nothing, has
-  no connection cap, and its ``limit_concurrency`` counts idle connections as load and
-  answers in plain text (so it is left off). h11 is not used: its
-  ``h11_max_incomplete_event_size`` is its only limit, it would need the same subclass for
-  the rest, and it parses at about half httptools' speed.
+``uvicorn_options(limits)`` gives a ``uvicorn.Config`` everything below, all of it enforced
+by ``EdgeProtocol``, a subclass of uvicorn's httptools protocol (and ``FreshConnection``
+before a connection's first bytes), because neither uvicorn nor httptools offers it:
+httptools has no header size limit (it joins a header value by concatenation, so a 100 MB
+header held the event loop for 20 s), uvicorn has no header or body read timeout, never
+times out a connection that sends nothing, has no connection cap, and its
+``limit_concurrency`` counts idle connections as load and answers in plain text (so it is
+left off). h11 is not used: its ``h11_max_incomplete_event_size`` is its only limit, it
+would need the same subclass for the rest, and it parses at about half httptools' speed.
 
 Per connection, as bytes arrive: the bytes of the request head are counted per read (an
 upper bound: a read that starts a request may end the previous one), header fields and URL
@@ -31,16 +29,17 @@ for every read as in uvicorn, so that a trickled body costs a read per piece, no
 task switch.
 
 Timeouts: a connection is idle from its opening and from the end of each response, and is
-closed after ``keep_alive_timeout_s`` (uvicorn arms this only after a response; a connection
-that has sent nothing yet is closed by its server's ``sweep``, every ``SWEEP_S``, a few at a
-time). A request whose head or body is still incomplete when a read ends gets one timer;
-when it fires, the head must be complete (``header_timeout_s`` from its first read) and the
-body must have reached its pace (``body_timeout_s`` plus one second per ``body_min_rate``
-bytes), else 408. While uvicorn has paused reading because the app has not taken the body
-yet, the client is not blamed. Each timer first fires at a random point between its timeout
-and ``TIMEOUT_SPREAD`` times it: a thousand slow clients that connected together would
-otherwise be refused and come back all in one instant (normal traffic's p99 went to 3.1x
-unloaded at that instant, under ``loadtests.hostile``'s slowloris).
+closed after ``keep_alive_timeout_s`` by its server's ``sweep``, every ``SWEEP_S``, a few at
+a time (uvicorn's keep-alive timer, one per connection armed at each response and cancelled
+at the next request, is not used). A request whose head or body is still incomplete when a
+read ends gets one timer; when it fires, the head must be complete (``header_timeout_s``
+from its first read) and the body must have reached its pace (``body_timeout_s`` plus one
+second per ``body_min_rate`` bytes), else 408. While uvicorn has paused reading because the
+app has not taken the body yet, the client is not blamed. Each timer first fires at a random
+point between its timeout and ``TIMEOUT_SPREAD`` times it: a thousand slow clients that
+connected together would otherwise be refused and come back all in one instant (normal
+traffic's p99 went to 3.1x unloaded at that instant, under ``loadtests.hostile``'s
+slowloris).
 
 Connections: a new connection is a ``FreshConnection`` (a place under the cap and in the
 idle list, no timer of its own) until its first bytes, when it becomes an ``EdgeProtocol``:
@@ -104,12 +103,11 @@ OVERSIZE = frozenset((413, 414, 431))
 """Refusals of a request larger than a limit: their answers wait ``oversize_answer_delay_s``."""
 
 SWEEP_S = 0.02
-"""How often a server closes its connections idle past the keep-alive timeout: those that
-have sent nothing have no timer of their own (one timer per server, not one each); the others
-also have uvicorn's, and whichever comes first closes them. Often, so that each sweep has few
-to close: a connection accepted and closed costs the server's core about 55 µs, the kernel's
-part included, and under an idle flood's 2,000 connections a second a sweep every 0.25 s
-closed 300 to 700 at once and held the event loop 35 to 85 ms."""
+"""How often a server closes its connections idle past the keep-alive timeout (one timer per
+server, not one per connection). Often, so that each sweep has few to close: a connection
+accepted and closed costs the server's core about 55 µs, the kernel's part included, and
+under an idle flood's 2,000 connections a second a sweep every 0.25 s closed 300 to 700 at
+once and held the event loop 35 to 85 ms."""
 
 SWEEP_BATCH = 32
 """The most connections one sweep closes (under 2 ms of the loop). When more are due, the next
@@ -127,7 +125,6 @@ def uvicorn_options(limits: EdgeLimits) -> dict[str, Any]:
     """``uvicorn.Config`` keyword arguments enforcing ``limits`` (one call per server)."""
     return {
         "http": edge_protocol(limits),
-        "timeout_keep_alive": limits.keep_alive_timeout_s,
         "limit_concurrency": None,
     }
 
@@ -284,9 +281,17 @@ class EdgeProtocol(HttpToolsProtocol):
             self._become_idle()
 
     def on_response_complete(self) -> None:
-        super().on_response_complete()
-        if self.timeout_keep_alive_task is not None:
-            self.idle[self] = self.loop.time()
+        # uvicorn's, but an idle connection joins the idle list instead of getting a keep-alive
+        # timer of its own: ``sweep`` closes it, as it closes fresh ones.
+        self.server_state.total_requests += 1
+        if self.transport.is_closing():
+            return
+        self.flow.resume_reading()
+        if self.pipeline:
+            cycle, app = self.pipeline.pop()
+            self._start_asgi_task(cycle, app)
+        else:
+            self._become_idle()
 
     # Parser callbacks
 
@@ -357,10 +362,7 @@ class EdgeProtocol(HttpToolsProtocol):
 
     def _become_idle(self) -> None:
         self.idle[self] = self.loop.time()
-        if self.timeout_keep_alive_task is None:
-            self.timeout_keep_alive_task = self.loop.call_later(
-                self.timeout_keep_alive, self.timeout_keep_alive_handler
-            )
+        sweep_soon(type(self), self.loop)
 
     def _arm(self, delay_s: float) -> None:
         self._timer = self.loop.call_later(delay_s, self._deadline_passed)
@@ -472,9 +474,7 @@ class FreshConnection(asyncio.Protocol):
             transport.close()
             return
         edge.idle[self] = loop.time()
-        if edge.sweeping is not loop:
-            edge.sweeping = loop
-            loop.call_later(SWEEP_S, sweep, edge, loop)
+        sweep_soon(edge, loop)
 
     def data_received(self, data: bytes) -> None:
         self._leave()
@@ -493,6 +493,13 @@ class FreshConnection(asyncio.Protocol):
     def _leave(self) -> None:
         self.connections.discard(self)
         self.edge.idle.pop(self, None)
+
+
+def sweep_soon(edge: type[EdgeProtocol], loop: asyncio.AbstractEventLoop) -> None:
+    """Have the server's ``sweep`` look at its idle list, unless it is already due to."""
+    if edge.sweeping is not loop:
+        edge.sweeping = loop
+        loop.call_later(SWEEP_S, sweep, edge, loop)
 
 
 def sweep(edge: type[EdgeProtocol], loop: asyncio.AbstractEventLoop) -> None:

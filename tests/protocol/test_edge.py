@@ -334,6 +334,30 @@ def test_a_connection_that_sends_nothing_is_closed_after_the_keep_alive_timeout(
         assert closed(sock, 3)
 
 
+def test_a_connection_idle_after_its_response_is_closed_after_the_keep_alive_timeout() -> None:
+    with edge_server(EdgeLimits(keep_alive_timeout_s=0.3)) as port, connect(port) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert read_response(sock)[0] == 200
+        assert closed(sock, 3)
+
+
+def test_a_connection_idle_between_requests_holds_no_timer() -> None:
+    # The sweep closes every connection idle past the keep-alive timeout; uvicorn's own timer
+    # on top of it cost each response a timer armed and each next request one cancelled.
+    count = 50
+    with running_edge_server(EdgeLimits(keep_alive_timeout_s=60)) as server:
+        clients = [connect(server.config.port) for _ in range(count)]
+        try:
+            for sock in clients:
+                sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                assert read_response(sock)[0] == 200
+            timers = sum(type(o).__name__ == "TimerHandle" for o in gc.get_objects())
+        finally:
+            for sock in clients:
+                sock.close()
+    assert timers < count / 2, f"{timers} timers for {count} idle connections"
+
+
 def test_a_connection_costs_no_http_protocol_until_it_sends() -> None:
     # An idle flood (connections that never send) paid uvicorn's protocol for each: half of
     # the server's CPU per connection, and the benchmark's worst p99 under hostile clients.
